@@ -1,0 +1,93 @@
+"""`ModuleMatcher`: decides which modules of a model get an adapter.
+
+Rules (FQN = the name `model.named_modules()` gives, e.g.
+`model.layers.0.self_attn.q_proj`):
+
+- A plain name matches the full FQN or any dotted suffix of it: `q_proj` and
+  `self_attn.q_proj` both match `model.layers.0.self_attn.q_proj`, `proj` does not.
+- A pattern with glob wildcards (`*`, `?`, `[...]`) matches the whole FQN:
+  `*_proj`, `*.layers.[0-3].*`. A pattern written as a regular expression
+  (`.*fc.*`, anything with `.*`, `.+`, `^`, `$`, `|`, `(`, `\\`) is also tried as
+  a full-match regex, so the regex-style patterns of NeMo recipes keep working.
+- `exclude_modules` (same syntax) always wins over a target.
+- `match_all_linear` takes every linear layer except the output head(s).
+- Only linear layers (`nn.Linear` and its subclasses, bitsandbytes' included)
+  are adapted. A plain name that lands on another kind of module is an error;
+  a wildcard pattern simply skips non-linear modules.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+_GLOB_CHARS = set("*?[")
+_REGEX_MARKERS = (".*", ".+", "\\", "^", "$", "|", "(")
+
+
+class ModuleMatcher:
+    """Selects modules by FQN; see the module docstring for the rules.
+
+    Args:
+        target_modules: names or patterns to adapt.
+        exclude_modules: names or patterns never adapted (wins over targets).
+        match_all_linear: select every linear layer except `head_names`.
+        head_names: FQNs of the model's output head(s), skipped by `match_all_linear`.
+    """
+
+    def __init__(
+        self,
+        target_modules: Iterable[str] = (),
+        exclude_modules: Iterable[str] = (),
+        match_all_linear: bool = False,
+        head_names: Iterable[str] = (),
+    ):
+        self.target_modules = list(target_modules)
+        self.exclude_modules = list(exclude_modules)
+        self.match_all_linear = match_all_linear
+        self.head_names = set(head_names)
+
+    def match(self, module: nn.Module, name: str) -> bool:
+        """True if `module` (at FQN `name`) should get an adapter.
+
+        Raises:
+            ValueError: a plain target name selects a module that is not linear.
+        """
+        if any(name_matches(pattern, name) for pattern in self.exclude_modules):
+            return False
+        if self.match_all_linear:
+            return isinstance(module, nn.Linear) and name not in self.head_names
+        for pattern in self.target_modules:
+            if not name_matches(pattern, name):
+                continue
+            if isinstance(module, nn.Linear):
+                return True
+            if is_plain_name(pattern):
+                raise ValueError(
+                    f"target_modules entry {pattern!r} selects {name!r}, a {type(module).__name__}, "
+                    "which is not a linear layer; only nn.Linear (and bitsandbytes Linear4bit) can be adapted. "
+                    "Name its linear children instead (e.g. 'q_proj') or add it to exclude_modules"
+                )
+        return False
+
+
+def is_plain_name(pattern: str) -> bool:
+    """A pattern with no glob or regex syntax: matched as a FQN or dotted FQN suffix."""
+    return not (_GLOB_CHARS & set(pattern)) and not any(m in pattern for m in _REGEX_MARKERS)
+
+
+def name_matches(pattern: str, fqn: str) -> bool:
+    """Whether one target/exclude entry selects the module named `fqn`."""
+    if is_plain_name(pattern):
+        return fqn == pattern or fqn.endswith("." + pattern)
+    if fnmatch.fnmatchcase(fqn, pattern):
+        return True
+    if any(m in pattern for m in _REGEX_MARKERS):
+        try:
+            return re.fullmatch(pattern, fqn) is not None
+        except re.error:
+            return False
+    return False
