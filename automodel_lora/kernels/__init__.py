@@ -1,0 +1,14 @@
+"""LoRA kernels: ``lora_linear`` (dense frozen base + adapter) and ``lora_add`` (adapter on a
+caller-computed base output).  Triton on CUDA (and on the CPU under ``TRITON_INTERPRET=1``),
+pure PyTorch otherwise; both behind one autograd.Function built on torch custom ops."""
+
+from .lora import (
+    HAS_TRITON,
+    dropout_keep_mask,
+    get_base_gemm,
+    lora_add,
+    lora_linear,
+    set_base_gemm,
+)
+
+__all__ = ["lora_linear", "lora_add", "dropout_keep_mask", "set_base_gemm", "get_base_gemm", "HAS_TRITON"]

@@ -1,0 +1,313 @@
+"""LoRA linear as two torch custom ops (forward, backward) inside one autograd.Function.
+
+    lora_linear: y = x W^T + b + s * (drop(x) A^T) B^T          (dropout_position="pre")
+                 y = x W^T + b + drop(s * (x A^T) B^T)           (dropout_position="post")
+    lora_add:    y = base_out + <the same low-rank term>          (base computed by the caller)
+
+Shapes: x ``(..., K)``, weight ``(N, K)``, bias ``(N,)``, lora_A ``(r, K)``, lora_B ``(N, r)``.
+Compute runs in x.dtype with fp32 accumulation; adapter gradients come back in the
+adapters' dtype (fp32 master weights work).  Saved for backward: x and ``xa = drop(x) A^T``
+``(M, r)`` only; the dropout mask is regenerated from a Philox seed.
+
+Backends (chosen per call inside the custom op, so torch.compile sees one opaque op):
+  * CUDA + triton, or CPU with ``TRITON_INTERPRET=1`` at import: the Triton kernels of
+    ``triton_lora``; the base GEMM is cuBLAS with the low-rank term written first and
+    accumulated through the GEMM's beta=1 epilogue (``t.addmm_(x, W^T)``), or the Triton
+    GEMM with the low-rank term as an extra K step (``set_base_gemm("triton")``).
+  * otherwise: the pure-PyTorch reference math below (same autograd.Function).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:  # triton is optional: without it the reference path runs everywhere
+    from . import triton_lora as _tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    _tl = None
+    HAS_TRITON = False
+
+# Base GEMM for the fused path: "cublas" (low-rank term pre-written, added through the
+# GEMM's beta=1 epilogue) or "triton" (_gemm_lora_kernel, low-rank term as extra K step).
+# Default chosen by measurement on H100: see benchmarks/NOTES.md.
+_BASE_GEMM = os.environ.get("AUTOMODEL_LORA_BASE_GEMM", "cublas")
+
+
+def set_base_gemm(kind: str) -> None:
+    """Select the base GEMM of the kernel path: ``"cublas"`` or ``"triton"``.
+
+    Raises:
+        ValueError: for any other value.
+    """
+    global _BASE_GEMM
+    if kind not in ("cublas", "triton"):
+        raise ValueError(f"base gemm must be 'cublas' or 'triton', got {kind!r}")
+    _BASE_GEMM = kind
+
+
+def get_base_gemm() -> str:
+    return _BASE_GEMM
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
+
+
+# ----------------------------------------------------------------------------------------
+# dropout keep-masks
+# ----------------------------------------------------------------------------------------
+def _ref_keep(seed: torch.Tensor, M: int, D: int, p: float, device) -> torch.Tensor:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed.item()))
+    return torch.rand((M, D), generator=g, device=device) >= p
+
+
+def dropout_keep_mask(seed: torch.Tensor, M: int, D: int, p: float, device) -> torch.Tensor:
+    """The ``(M, D)`` bool keep-mask the active backend derives from ``seed`` (tests, debugging)."""
+    device = torch.device(device)
+    if HAS_TRITON and (device.type == "cuda" or (_INTERPRET and device.type == "cpu")):
+        return _tl.keep_mask(seed.to(device), M, D, p, device)
+    return _ref_keep(seed, M, D, p, device)
+
+
+# ----------------------------------------------------------------------------------------
+# pure-PyTorch reference math (CPU path; also the semantics the kernels implement)
+# ----------------------------------------------------------------------------------------
+def _ref_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
+    cdt = x.dtype
+    A_c, B_c = A.to(cdt), B.to(cdt)
+    M, K = x.shape
+    xd = x
+    if p > 0.0 and not post:
+        xd = x * _ref_keep(seed, M, K, p, x.device).to(cdt) / (1.0 - p)
+    xa = xd @ A_c.t()
+    lr = (xa @ B_c.t()) * scale
+    if p > 0.0 and post:
+        lr = lr * _ref_keep(seed, M, lr.shape[1], p, x.device).to(cdt) / (1.0 - p)
+    base = F.linear(x, weight, bias) if base_out is None else base_out
+    return base + lr, xa
+
+
+def _ref_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, need_dB):
+    cdt = x.dtype
+    A_c, B_c = A.to(cdt), B.to(cdt)
+    M, K = x.shape
+    N = dy.shape[1]
+    dyd = dy
+    if p > 0.0 and post:
+        dyd = dy * _ref_keep(seed, M, N, p, x.device).to(cdt) / (1.0 - p)
+    keep_pre = None
+    if p > 0.0 and not post and (need_dx or need_dA):
+        keep_pre = _ref_keep(seed, M, K, p, x.device).to(cdt) / (1.0 - p)
+    dx = dA = dB = None
+    dyB = dyd @ B_c if (need_dx or need_dA) else None
+    if need_dx:
+        lr = (dyB @ A_c) * scale
+        if keep_pre is not None:
+            lr = lr * keep_pre
+        dx = lr if weight is None else dy @ weight.to(cdt) + lr
+    if need_dA:
+        xd = x if keep_pre is None else x * keep_pre
+        dA = ((dyB.t().float() @ xd.float()) * scale).to(A.dtype)
+    if need_dB:
+        dB = ((dyd.t().float() @ xa.float()) * scale).to(B.dtype)
+    return dx, dA, dB
+
+
+# ----------------------------------------------------------------------------------------
+# Triton path
+# ----------------------------------------------------------------------------------------
+def _tri_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
+    cdt = x.dtype
+    A_c, B_c = A.to(cdt), B.to(cdt)
+    xa = _tl.proj(x, A_c.t(), seed=None if post else seed, p=0.0 if post else p)  # (M, r)
+    if base_out is not None:  # lora_add: one pass writing base_out + low-rank term
+        y = _tl.expand(xa, B_c.t(), scale, add=base_out, seed=seed if post else None, p=p if post else 0.0,
+                       out_dtype=base_out.dtype)
+        return y, xa
+    w = weight if weight.dtype == cdt else weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    if _BASE_GEMM == "triton" and not (post and p > 0.0):
+        y = _tl.gemm_lora(x, w.t(), xa, B_c.t(), scale, bias=b)
+    else:
+        y = _tl.expand(xa, B_c.t(), scale, bias=b, seed=seed if post else None, p=p if post else 0.0)
+        y.addmm_(x, w.t())  # cuBLAS, low-rank term accumulated through beta=1
+    return y, xa
+
+
+def _tri_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, need_dB):
+    cdt = x.dtype
+    A_c, B_c = A.to(cdt), B.to(cdt)
+    pre_drop = p > 0.0 and not post
+    post_drop = p > 0.0 and post
+    dx = dA = dB = None
+    dyB = None
+    if need_dx or need_dA:
+        dyB = _tl.proj(dy, B_c, seed=seed if post_drop else None, p=p if post_drop else 0.0)  # (M, r)
+    if need_dx:
+        if weight is None:
+            dx = _tl.expand(dyB, A_c, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
+        else:
+            w = weight if weight.dtype == cdt else weight.to(cdt)
+            if _BASE_GEMM == "triton" and not pre_drop:
+                dx = _tl.gemm_lora(dy, w, dyB, A_c, scale)
+            else:
+                dx = _tl.expand(dyB, A_c, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
+                dx.addmm_(dy, w)
+    if need_dA:
+        dA = _tl.tn(dyB, x, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0, out_dtype=A.dtype)
+    if need_dB:
+        dB = _tl.tn(xa, dy, scale, seed=seed if post_drop else None, p=p if post_drop else 0.0,
+                    transpose_out=True, out_dtype=B.dtype)
+    return dx, dA, dB
+
+
+# ----------------------------------------------------------------------------------------
+# custom ops (opaque to torch.compile; fake impls give shapes)
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("automodel_lora::lora_fwd", mutates_args=())
+def _lora_fwd_op(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    base_out: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scale: float, p: float, post: bool, seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.shape[0] == 0:
+        N = lora_B.shape[0]
+        dt = base_out.dtype if base_out is not None else x.dtype
+        return x.new_empty((0, N), dtype=dt), x.new_empty((0, lora_A.shape[0]))
+    fn = _tri_fwd if _use_triton(x) else _ref_fwd
+    return fn(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
+
+
+@_lora_fwd_op.register_fake
+def _(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed):
+    M = x.shape[0]
+    dt = base_out.dtype if base_out is not None else x.dtype
+    return x.new_empty((M, lora_B.shape[0]), dtype=dt), x.new_empty((M, lora_A.shape[0]))
+
+
+@torch.library.custom_op("automodel_lora::lora_bwd", mutates_args=())
+def _lora_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
+    lora_B: torch.Tensor, xa: torch.Tensor, scale: float, p: float, post: bool,
+    seed: Optional[torch.Tensor], need_dx: bool, need_dA: bool, need_dB: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, K = x.shape
+    if M == 0:
+        dx, dA, dB = x.new_zeros((0, K)), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    else:
+        fn = _tri_bwd if _use_triton(x) else _ref_bwd
+        dx, dA, dB = fn(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB)
+    return (dx if need_dx else x.new_empty((0,)), dA if need_dA else x.new_empty((0,)),
+            dB if need_dB else x.new_empty((0,)))
+
+
+@_lora_bwd_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+            torch.empty_like(lora_A) if need_dA else x.new_empty((0,)),
+            torch.empty_like(lora_B) if need_dB else x.new_empty((0,)))
+
+
+# ----------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------
+def _check(x, lora_A, lora_B, dropout_p, dropout_position):
+    if dropout_position not in ("pre", "post"):
+        raise ValueError(f"dropout_position must be 'pre' or 'post', got {dropout_position!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    K = x.shape[-1]
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must be (r, {K}), got {tuple(lora_A.shape)}")
+    if lora_B.dim() != 2 or lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(f"lora_B must be (N, {lora_A.shape[0]}), got {tuple(lora_B.shape)}")
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """x: (M, K) 2-D; base given either as (weight, bias) or as base_out (M, N)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, base_out, lora_A, lora_B, scale, p, post):
+        seed = None
+        if p > 0.0:
+            seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
+        y, xa = _lora_fwd_op(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        ctx.scale, ctx.p, ctx.post = scale, p, post
+        ctx.has_base_out = base_out is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        need_dx, need_dA, need_dB = nig[0], nig[4], nig[5]
+        dx = dA = dB = None
+        if need_dx or need_dA or need_dB:
+            dx, dA, dB = _lora_bwd_op(
+                dy, x, None if ctx.has_base_out else weight, lora_A, lora_B, xa,
+                ctx.scale, ctx.p, ctx.post, seed, need_dx, need_dA, need_dB,
+            )
+        d_base = dy if (ctx.has_base_out and nig[3]) else None
+        return (dx if need_dx else None), None, None, d_base, \
+            (dA if need_dA else None), (dB if need_dB else None), None, None, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scale: float, dropout_p: float = 0.0,
+                dropout_position: str = "post") -> torch.Tensor:
+    """Adapted linear layer with a frozen dense base.
+
+    Args:
+        x: ``(..., K)`` activations (fp32/fp16/bf16; any strides).
+        weight: ``(N, K)`` frozen base weight, x's dtype; gets no gradient.
+        bias: ``(N,)`` frozen bias or None.
+        lora_A: ``(r, K)``; lora_B: ``(N, r)``; may be fp32 while x is bf16/fp16.
+        scale: LoRA scale ``alpha / r``.
+        dropout_p: inverted-dropout probability (pass 0.0 in eval mode).
+        dropout_position: ``"pre"`` (on x before A) or ``"post"`` (on the low-rank term).
+
+    Returns:
+        ``(..., N)`` in x.dtype.
+
+    Raises:
+        ValueError: on bad shapes, dropout_p outside [0, 1) or an unknown dropout_position.
+    """
+    _check(x, lora_A, lora_B, dropout_p, dropout_position)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be (N, {x.shape[-1]}), got {tuple(weight.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _LoRAFunction.apply(x2, weight, bias, None, lora_A, lora_B, float(scale), float(dropout_p),
+                            dropout_position == "post")
+    return y.reshape(*lead, weight.shape[0])
+
+
+def lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+             scale: float, dropout_p: float = 0.0, dropout_position: str = "post") -> torch.Tensor:
+    """``base_out + low-rank term`` for bases the kernels cannot fuse (4-bit, other subclasses).
+
+    Args:
+        base_out: ``(..., N)`` output of the caller's base layer (its autograd adds its own dx).
+        x: ``(..., K)``; lora_A ``(r, K)``; lora_B ``(N, r)``; scale, dropout as in :func:`lora_linear`.
+
+    Returns:
+        ``(..., N)`` in base_out's dtype; d(base_out) = dy, dx only from the adapter path.
+    """
+    _check(x, lora_A, lora_B, dropout_p, dropout_position)
+    N = lora_B.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    b2 = base_out.reshape(-1, N)
+    y = _LoRAFunction.apply(x2, None, None, b2, lora_A, lora_B, float(scale), float(dropout_p),
+                            dropout_position == "post")
+    return y.reshape(*lead, N)

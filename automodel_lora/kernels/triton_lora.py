@@ -1,0 +1,468 @@
+"""Triton kernels for LoRA: skinny projections, fused low-rank expand, split-M
+weight gradients and a base GEMM with the low-rank term as an extra K step.
+
+Notation (all 2-D after flattening the leading dims): ``x: (M, K)``,
+``W: (N, K)``, ``A: (r, K)``, ``B: (N, r)``, ``s`` the LoRA scale.
+
+    xa  = drop_pre(x) @ A^T                      (M, r)    _proj_kernel
+    y   = x @ W^T + b + drop_post(s * xa @ B^T)  (M, N)    _expand_kernel + cuBLAS addmm_ (beta=1)
+                                                           or _gemm_lora_kernel (one Triton GEMM)
+    dyB = drop_post(dy) @ B                      (M, r)    _proj_kernel
+    dx  = dy @ W + drop_pre(s * dyB @ A)         (M, K)    _expand_kernel + addmm_ or _gemm_lora_kernel
+    dA  = s * dyB^T @ drop_pre(x)                (r, K)    _tn_kernel (split-M fp32 partials)
+    dB  = s * drop_post(dy)^T @ xa               (N, r)    _tn_kernel
+
+Every kernel reads its big operand (``x`` or ``dy``) once, accumulates in fp32
+and takes arbitrary 2-D strides with int64 row offsets (``M * K`` may pass
+2**31).  Dropout is inverted dropout with a Philox mask ``keep = rand(seed, m *
+D + d) >= p`` over the logical ``(M, D)`` index space of the masked tensor, so
+backward regenerates exactly the forward mask from ``seed`` (nothing stored).
+
+This module imports triton at import time; ``automodel_lora.kernels.lora``
+imports it lazily so the pure-PyTorch path works without triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# --------------------------------------------------------------------------------------
+# Block-size choices.  Bandwidth-bound kernels (_proj, _tn) are autotuned on the GPU,
+# keyed on the shapes; the configs are small sets around what a streaming kernel on an
+# H100 needs (>= 32 KB in flight per SM: 3-4 stages of a (64, 128..256) bf16 tile).
+# Under the interpreter a fixed small config runs (autotune would time numpy code).
+# --------------------------------------------------------------------------------------
+
+_MAX_BR = 64  # rank block; ranks > 64 add a grid dim over rank blocks (x re-read r/64 times)
+
+
+def _rank_block(r: int) -> int:
+    return min(_MAX_BR, max(16, triton.next_power_of_2(r)))
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    # fp32 operands: full-precision dot (tf32 would be ~3e-4 off the fp32 reference).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _keep_mask(seed_ptr, rows64, cols, D, p):
+    """Philox keep-mask for elements (rows64[:, None], cols[None, :]) of an (M, D) tensor."""
+    seed = tl.load(seed_ptr)
+    offs = rows64[:, None] * D + cols[None, :].to(tl.int64)
+    return tl.rand(seed, offs) >= p
+
+
+# --------------------------------------------------------------------------------------
+# C[M, R] = drop(X)[M, K] @ Y[K, R]          (xa = x A^T, dyB = dy B)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _proj_kernel(
+    x_ptr, y_ptr, c_ptr, seed_ptr,
+    M, K, R,
+    sxm, sxk, syk, syr, scm, scr,
+    p, inv_keep,
+    DROP: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rr = pid_r * BR + tl.arange(0, BR)
+    rk = tl.arange(0, BK)
+    rm64 = rm.to(tl.int64)
+    m_ok = rm < M
+    r_ok = rr < R
+    x_ptrs = x_ptr + rm64[:, None] * sxm + rk[None, :] * sxk
+    y_ptrs = y_ptr + rk[:, None] * syk + rr[None, :] * syr
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            xt = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            yt = tl.load(y_ptrs, mask=r_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + rk) < K
+            xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            yt = tl.load(y_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if DROP:
+            keep = _keep_mask(seed_ptr, rm64, k0 + rk, K, p)
+            xt = tl.where(keep, xt, 0.0)
+        acc = tl.dot(xt, yt, acc, input_precision=DOT_PREC)
+        x_ptrs += BK * sxk
+        y_ptrs += BK * syk
+    if DROP:
+        acc = acc * inv_keep
+    c_ptrs = c_ptr + rm64[:, None] * scm + rr[None, :] * scr
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# C[M, N] = (ADD ? Cin : 0) + (bias) + drop(scale * P[M, R] @ Q[R, N])
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _expand_kernel(
+    p_ptr, q_ptr, bias_ptr, cin_ptr, c_ptr, seed_ptr,
+    M, N, R,
+    spm, spr, sqr, sqn, scim, scin, scm, scn,
+    scale, p, inv_keep,
+    HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, DROP: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rr = tl.arange(0, BR)
+    rm64 = rm.to(tl.int64)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        r_ok = (r0 + rr) < R
+        pt = tl.load(p_ptr + rm64[:, None] * spm + (r0 + rr)[None, :] * spr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        qt = tl.load(q_ptr + (r0 + rr)[:, None] * sqr + rn[None, :] * sqn,
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(pt, qt, acc, input_precision=DOT_PREC)
+    acc = acc * scale
+    if DROP:
+        keep = _keep_mask(seed_ptr, rm64, rn, N, p)
+        acc = tl.where(keep, acc * inv_keep, 0.0)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_ADD:
+        acc += tl.load(cin_ptr + rm64[:, None] * scim + rn[None, :] * scin, mask=mask, other=0.0).to(tl.float32)
+    tl.store(c_ptr + rm64[:, None] * scm + rn[None, :] * scn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Out[s, R, D] = scale * P[m_s, R]^T @ drop(X)[m_s, D]   (split-M fp32 partials)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _tn_kernel(
+    p_ptr, x_ptr, o_ptr, seed_ptr,
+    M, D, R, rows_per_split,
+    spm, spr, sxm, sxd, sos, sor, sod,
+    scale, p,
+    DROP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rd = pid_d * BD + tl.arange(0, BD)
+    rr = pid_r * BR + tl.arange(0, BR)
+    rb = tl.arange(0, BM)
+    d_ok = rd < D
+    r_ok = rr < R
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((BR, BD), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BM):
+        rm = m0 + rb
+        rm64 = rm.to(tl.int64)
+        m_ok = rm < m_end
+        pt = tl.load(p_ptr + rm64[:, None] * spm + rr[None, :] * spr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        if EVEN_D:
+            xt = tl.load(x_ptr + rm64[:, None] * sxm + rd[None, :] * sxd, mask=m_ok[:, None], other=0.0)
+        else:
+            xt = tl.load(x_ptr + rm64[:, None] * sxm + rd[None, :] * sxd,
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if DROP:
+            keep = _keep_mask(seed_ptr, rm64, rd, D, p)
+            xt = tl.where(keep, xt, 0.0)
+        acc = tl.dot(tl.trans(pt), xt, acc, input_precision=DOT_PREC)
+    acc = acc * scale
+    o_ptrs = o_ptr + pid_s.to(tl.int64) * sos + rr[:, None].to(tl.int64) * sor + rd[None, :].to(tl.int64) * sod
+    tl.store(o_ptrs, acc, mask=r_ok[:, None] & d_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# C[M, N] = X[M, K] @ Y[K, N] + P[M, R] @ (scale * Q[R, N]) + bias   (one Triton GEMM; the
+# low-rank term is an extra K step over [P | Q], so it costs no pass over C)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _gemm_lora_kernel(
+    x_ptr, y_ptr, p_ptr, q_ptr, bias_ptr, c_ptr,
+    M, N, K, R,
+    sxm, sxk, syk, syn, spm, spr, sqr, sqn, scm, scn,
+    scale,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % num_in_group) % group_size)
+    pid_n = (pid % num_in_group) // group_size
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    # wrap rows/cols for the loads (no masks in the main loop); the store is masked
+    rm_l = (rm % M).to(tl.int64)
+    rn_l = (rn % N).to(tl.int64)
+    x_ptrs = x_ptr + rm_l[:, None] * sxm + rk[None, :] * sxk
+    y_ptrs = y_ptr + rk[:, None] * syk + rn_l[None, :] * syn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            yt = tl.load(y_ptrs)
+        else:
+            k_ok = (k0 + rk) < K
+            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            yt = tl.load(y_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(xt, yt, acc, input_precision=DOT_PREC)
+        x_ptrs += BK * sxk
+        y_ptrs += BK * syk
+    if HAS_LORA:
+        rr = tl.arange(0, BR)
+        for r0 in range(0, R, BR):
+            r_ok = (r0 + rr) < R
+            pt = tl.load(p_ptr + rm_l[:, None] * spm + (r0 + rr)[None, :] * spr, mask=r_ok[None, :], other=0.0)
+            qt = tl.load(q_ptr + (r0 + rr)[:, None] * sqr + rn_l[None, :] * sqn, mask=r_ok[:, None], other=0.0)
+            qt = (qt.to(tl.float32) * scale).to(pt.dtype)
+            acc = tl.dot(pt, qt, acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_l).to(tl.float32)[None, :]
+    rm64 = rm.to(tl.int64)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(c_ptr + rm64[:, None] * scm + rn[None, :].to(tl.int64) * scn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# keep-mask materialisation (tests and the reference only; the kernels never store it)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _mask_kernel(seed_ptr, o_ptr, M, D, p, BM: tl.constexpr, BD: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rd = tl.program_id(1) * BD + tl.arange(0, BD)
+    rm64 = rm.to(tl.int64)
+    keep = _keep_mask(seed_ptr, rm64, rd, D, p)
+    mask = (rm < M)[:, None] & (rd < D)[None, :]
+    tl.store(o_ptr + rm64[:, None] * D + rd[None, :], keep.to(tl.int8), mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Autotuned wrappers (GPU only)
+# --------------------------------------------------------------------------------------
+def _cfgs(space):
+    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in space]
+
+
+_proj_tuned = triton.autotune(
+    configs=_cfgs([
+        (dict(BM=64, BK=128), 4, 4),
+        (dict(BM=64, BK=256), 4, 3),
+        (dict(BM=64, BK=256), 8, 4),
+        (dict(BM=32, BK=256), 4, 4),
+        (dict(BM=128, BK=128), 8, 4),
+        (dict(BM=128, BK=64), 4, 5),
+        (dict(BM=32, BK=512), 8, 3),
+    ]),
+    key=["M", "K", "R", "DROP"],
+)(_proj_kernel)
+
+_expand_tuned = triton.autotune(
+    configs=_cfgs([
+        (dict(BM=128, BN=128), 4, 2),
+        (dict(BM=128, BN=128), 8, 2),
+        (dict(BM=64, BN=256), 8, 2),
+        (dict(BM=128, BN=256), 8, 2),
+        (dict(BM=64, BN=128), 4, 2),
+    ]),
+    key=["M", "N", "R", "DROP", "HAS_ADD"],
+)(_expand_kernel)
+
+_tn_tuned = triton.autotune(
+    configs=_cfgs([
+        (dict(BM=64, BD=128), 4, 4),
+        (dict(BM=128, BD=128), 8, 3),
+        (dict(BM=64, BD=256), 8, 4),
+        (dict(BM=32, BD=256), 4, 4),
+        (dict(BM=128, BD=64), 4, 4),
+        (dict(BM=64, BD=64), 4, 5),
+    ]),
+    key=["M", "D", "R", "DROP"],
+)(_tn_kernel)
+
+_gemm_tuned = triton.autotune(
+    configs=_cfgs([
+        (dict(BM=128, BN=256, BK=64, GROUP_M=8), 8, 3),
+        (dict(BM=128, BN=256, BK=64, GROUP_M=8), 8, 4),
+        (dict(BM=256, BN=128, BK=64, GROUP_M=8), 8, 3),
+        (dict(BM=128, BN=128, BK=64, GROUP_M=8), 8, 4),
+        (dict(BM=128, BN=128, BK=64, GROUP_M=8), 4, 4),
+        (dict(BM=128, BN=256, BK=32, GROUP_M=8), 8, 4),
+    ]),
+    key=["M", "N", "K", "R", "HAS_LORA"],
+)(_gemm_lora_kernel)
+
+# rows per split of the tn kernel are a multiple of every BM above
+_TN_ROW_QUANT = 128
+
+
+def _launch(tuned, raw, grid, fixed, *args, **kw):
+    if INTERPRET:
+        raw[grid(fixed)](*args, **kw, **fixed)
+    else:
+        tuned[grid](*args, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+def _seed_ptr(seed, device):
+    return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def proj(x: torch.Tensor, y: torch.Tensor, *, seed=None, p: float = 0.0) -> torch.Tensor:
+    """``drop(x) @ y`` with x ``(M, K)`` any strides, y ``(K, R)`` any strides -> ``(M, R)`` in x.dtype."""
+    M, K = x.shape
+    R = y.shape[1]
+    out = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    if M == 0 or R == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    drop = p > 0.0
+    BR = _rank_block(R)
+    fixed = dict(BM=16, BK=32)
+    even_k = K % (fixed["BK"] if INTERPRET else 512) == 0  # every BK in the configs divides 512
+    _launch(
+        _proj_tuned, _proj_kernel,
+        lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(R, BR)), fixed,
+        x, y, out, _seed_ptr(seed, x.device),
+        M, K, R,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
+        float(p), 1.0 / (1.0 - p) if drop else 1.0,
+        DROP=drop, EVEN_K=even_k, DOT_PREC=_dot_prec(x.dtype), BR=BR,
+    )
+    return out
+
+
+def expand(pm: torch.Tensor, q: torch.Tensor, scale: float, *, bias=None, add=None, seed=None,
+           p: float = 0.0, out_dtype=None) -> torch.Tensor:
+    """``add + bias + drop(scale * pm @ q)``: pm ``(M, R)``, q ``(R, N)`` any strides -> ``(M, N)``."""
+    M, R = pm.shape
+    N = q.shape[1]
+    out = torch.empty((M, N), device=pm.device, dtype=out_dtype or pm.dtype)
+    if M == 0 or N == 0:
+        return out
+    drop = p > 0.0
+    BR = _rank_block(R)
+    cin = add if add is not None else out
+    _launch(
+        _expand_tuned, _expand_kernel,
+        lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"])), dict(BM=16, BN=32),
+        pm, q, bias if bias is not None else out, cin, out, _seed_ptr(seed, pm.device),
+        M, N, R,
+        pm.stride(0), pm.stride(1), q.stride(0), q.stride(1), cin.stride(0), cin.stride(1),
+        out.stride(0), out.stride(1),
+        float(scale), float(p), 1.0 / (1.0 - p) if drop else 1.0,
+        HAS_BIAS=bias is not None, HAS_ADD=add is not None, DROP=drop, DOT_PREC=_dot_prec(pm.dtype), BR=BR,
+    )
+    return out
+
+
+def _num_splits(M: int, D: int, R: int, BR: int, n_sm: int) -> int:
+    blocks = triton.cdiv(D, 128) * triton.cdiv(R, BR)
+    s = max(1, (2 * n_sm) // max(blocks, 1))
+    s = min(s, max(1, M // 512), 32)
+    return s
+
+
+_N_SM = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _N_SM:
+        _N_SM[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _N_SM[idx]
+
+
+def tn(pm: torch.Tensor, x: torch.Tensor, scale: float, *, seed=None, p: float = 0.0,
+       transpose_out: bool = False, out_dtype=torch.float32) -> torch.Tensor:
+    """``scale * pm^T @ drop(x)``: pm ``(M, R)``, x ``(M, D)`` -> ``(R, D)`` (or ``(D, R)`` if transpose_out).
+
+    fp32 accumulation; split-M partials in fp32 summed at the end (deterministic).
+    """
+    M, R = pm.shape
+    D = x.shape[1]
+    shape = (D, R) if transpose_out else (R, D)
+    if M == 0 or D == 0 or R == 0:
+        return torch.zeros(shape, device=x.device, dtype=out_dtype)
+    drop = p > 0.0
+    BR = _rank_block(R)
+    S = 1 if INTERPRET and M < 64 else _num_splits(M, D, R, BR, _sm_count(x.device))
+    rows = triton.cdiv(triton.cdiv(M, S), _TN_ROW_QUANT) * _TN_ROW_QUANT
+    S = triton.cdiv(M, rows)
+    part = torch.empty((S,) + shape, device=x.device, dtype=torch.float32)
+    if transpose_out:
+        sos, sor, sod = part.stride(0), part.stride(2), part.stride(1)
+    else:
+        sos, sor, sod = part.stride(0), part.stride(1), part.stride(2)
+    fixed = dict(BM=16, BD=32)
+    even_d = D % (fixed["BD"] if INTERPRET else 256) == 0
+    _launch(
+        _tn_tuned, _tn_kernel,
+        lambda meta: (triton.cdiv(D, meta["BD"]), triton.cdiv(R, BR), S), fixed,
+        pm, x, part, _seed_ptr(seed, x.device),
+        M, D, R, rows,
+        pm.stride(0), pm.stride(1), x.stride(0), x.stride(1), sos, sor, sod,
+        float(scale), float(p),
+        DROP=drop, EVEN_D=even_d, DOT_PREC=_dot_prec(x.dtype), BR=BR,
+    )
+    out = part[0] if S == 1 else part.sum(0)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 1.0, bias=None) -> torch.Tensor:
+    """``x @ y + pm @ (scale * q) + bias`` in one Triton GEMM; x ``(M, K)``, y ``(K, N)``, pm ``(M, R)``, q ``(R, N)``."""
+    M, K = x.shape
+    N = y.shape[1]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return out
+    has_lora = pm is not None and pm.shape[1] > 0
+    R = pm.shape[1] if has_lora else 0
+    fixed = dict(BM=16, BN=32, BK=32, GROUP_M=4)
+    even_k = K % (fixed["BK"] if INTERPRET else 64) == 0
+    _launch(
+        _gemm_tuned, _gemm_lora_kernel,
+        lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),), fixed,
+        x, y, pm if has_lora else x, q if has_lora else y, bias if bias is not None else out, out,
+        M, N, K, R,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        pm.stride(0) if has_lora else 0, pm.stride(1) if has_lora else 0,
+        q.stride(0) if has_lora else 0, q.stride(1) if has_lora else 0,
+        out.stride(0), out.stride(1),
+        float(scale),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, EVEN_K=even_k, DOT_PREC=_dot_prec(x.dtype),
+        BR=_rank_block(max(R, 1)),
+    )
+    return out
+
+
+def keep_mask(seed: torch.Tensor, M: int, D: int, p: float, device) -> torch.Tensor:
+    """The ``(M, D)`` bool keep-mask the kernels use for ``seed`` (for tests / references)."""
+    out = torch.empty((M, D), dtype=torch.int8, device=device)
+    if M and D:
+        _mask_kernel[(triton.cdiv(M, 32), triton.cdiv(D, 64))](seed, out, M, D, float(p), BM=32, BD=64)
+    return out.bool()
