@@ -263,6 +263,10 @@ def _cfgs(space):
     return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in space]
 
 
+def _bench(fn, quantiles):  # short autotune timing: 5 ms warm-up, 25 ms of repeats per config
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
 _proj_tuned = triton.autotune(
     configs=_cfgs([
         (dict(BM=64, BK=128), 4, 4),
@@ -273,7 +277,7 @@ _proj_tuned = triton.autotune(
         (dict(BM=128, BK=64), 4, 5),
         (dict(BM=32, BK=512), 8, 3),
     ]),
-    key=["M", "K", "R", "DROP"],
+    key=["M", "K", "R", "DROP"], do_bench=_bench,
 )(_proj_kernel)
 
 _expand_tuned = triton.autotune(
@@ -284,7 +288,7 @@ _expand_tuned = triton.autotune(
         (dict(BM=128, BN=256), 8, 2),
         (dict(BM=64, BN=128), 4, 2),
     ]),
-    key=["M", "N", "R", "DROP", "HAS_ADD"],
+    key=["M", "N", "R", "DROP", "HAS_ADD"], do_bench=_bench,
 )(_expand_kernel)
 
 _tn_tuned = triton.autotune(
@@ -296,7 +300,7 @@ _tn_tuned = triton.autotune(
         (dict(BM=128, BD=64), 4, 4),
         (dict(BM=64, BD=64), 4, 5),
     ]),
-    key=["M", "D", "R", "DROP"],
+    key=["M", "D", "R", "DROP"], do_bench=_bench,
 )(_tn_kernel)
 
 _gemm_tuned = triton.autotune(
@@ -308,7 +312,7 @@ _gemm_tuned = triton.autotune(
         (dict(BM=128, BN=128, BK=64, GROUP_M=8), 4, 4),
         (dict(BM=128, BN=256, BK=32, GROUP_M=8), 8, 4),
     ]),
-    key=["M", "N", "K", "R", "HAS_LORA"],
+    key=["M", "N", "K", "R", "HAS_LORA"], do_bench=_bench,
 )(_gemm_lora_kernel)
 
 # rows per split of the tn kernel are a multiple of every BM above
@@ -466,3 +470,11 @@ def keep_mask(seed: torch.Tensor, M: int, D: int, p: float, device) -> torch.Ten
     if M and D:
         _mask_kernel[(triton.cdiv(M, 32), triton.cdiv(D, 64))](seed, out, M, D, float(p), BM=32, BD=64)
     return out.bool()
+
+
+def autotune_choices() -> dict:
+    """The configs autotune picked so far, per kernel and key (recorded by the benchmark)."""
+    out = {}
+    for name, t in (("proj", _proj_tuned), ("expand", _expand_tuned), ("tn", _tn_tuned), ("gemm_lora", _gemm_tuned)):
+        out[name] = {str(k): str(v) for k, v in getattr(t, "cache", {}).items()}
+    return out

@@ -1,0 +1,482 @@
+"""LoRA layer / model benchmark (protocol: ../shared/BENCHMARK.md sections 1-3).
+
+    python benchmarks/bench_lora.py                    # layer + ops + model, JSON to $OUT or benchmarks/results
+    python benchmarks/bench_lora.py --sections layer   # just the layer table
+    python benchmarks/bench_lora.py --smoke            # tiny shapes, any device (checks the script itself)
+
+Variants, all on the same x, g and weights, interleaved (A B C A B C ...), three rounds,
+median of per-step CUDA-event times; ratios are to the frozen layer measured in the same run:
+  frozen      plain frozen nn.Linear (the floor)
+  peft        HF PEFT LoraConfig on the same linear, its defaults (fp32 adapters)
+  torch_naive F.linear(x, W, b) + s * F.linear(F.linear(x, A), B), bf16 adapters
+  torch       automodel_lora LinearLoRA (use_triton=False), when importable
+  triton      automodel_lora kernels, cuBLAS base GEMM + Triton skinny kernels (default)
+  triton_tg   automodel_lora kernels, Triton base GEMM with the low-rank term as an extra K step
+Prints the table last; writes the full JSON (GPU, date, commit, autotune choices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from automodel_lora import kernels as K  # noqa: E402
+
+try:
+    from automodel_lora import patch_linear_module  # noqa: E402
+except Exception:  # pragma: no cover
+    patch_linear_module = None
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------------------
+# timing helpers
+# ------------------------------------------------------------------------------------------
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_block(step, n: int, prep=None) -> list[float]:
+    """n steps, each timed alone (ms): CUDA events around the step, host prep outside."""
+    if DEV != "cuda":
+        out = []
+        for i in range(n):
+            if prep:
+                prep(i)
+            t = time.perf_counter()
+            step(i)
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for i in range(n):
+        if prep:
+            prep(i)
+        ev[i][0].record()
+        step(i)
+        ev[i][1].record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in ev]
+
+
+def peak_delta_mib(step, prep=None) -> float:
+    if DEV != "cuda":
+        return float("nan")
+    if prep:
+        prep(0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    m0 = torch.cuda.memory_allocated()
+    step(0)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - m0) / 2**20
+
+
+def interleaved(variants: dict, n: int, rounds: int, warmup: int, prep=None) -> dict:
+    for name, step in variants.items():
+        for i in range(warmup):
+            if prep:
+                prep(i)
+            step(i)
+    _sync()
+    res = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, step in variants.items():
+            res[name].append(statistics.median(time_block(step, n, prep)))
+    return {name: statistics.median(v) for name, v in res.items()}
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------
+# section 1: one adapted linear
+# ------------------------------------------------------------------------------------------
+class _Wrap(nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Tensor, want: list[str]):
+    """Each variant: (callable x -> y, list of trainable params)."""
+    s = 2.0 * r / r  # alpha = 2r
+    out = {}
+    out["frozen"] = (lin, [])
+    if "peft" in want:
+        try:
+            import peft
+
+            m = peft.get_peft_model(_Wrap(copy.deepcopy(lin)), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"]))
+            pl = m.base_model.model.lin
+            with torch.no_grad():
+                pl.lora_A["default"].weight.copy_(A0)
+                pl.lora_B["default"].weight.copy_(B0)
+            out["peft"] = (m, [pl.lora_A["default"].weight, pl.lora_B["default"].weight])
+        except Exception as e:  # pragma: no cover
+            print(f"peft unavailable: {e!r}")
+    A = nn.Parameter(A0.clone())
+    B = nn.Parameter(B0.clone())
+    W, b = lin.weight, lin.bias
+    out["torch_naive"] = (lambda x: F.linear(x, W, b) + s * F.linear(F.linear(x, A), B), [A, B])
+    for name, use_triton in (("torch", False), ("triton", True)):
+        if patch_linear_module is not None:
+            m = copy.deepcopy(lin)
+            m.weight = lin.weight  # share the frozen weight
+            patch_linear_module(m, dim=r, alpha=2 * r, use_triton=use_triton)
+            with torch.no_grad():
+                m.lora_A.weight.copy_(A0)
+                m.lora_B.weight.copy_(B0)
+            out[name] = (m, [m.lora_A.weight, m.lora_B.weight])
+        elif use_triton:
+            A2, B2 = nn.Parameter(A0.clone()), nn.Parameter(B0.clone())
+            out[name] = (lambda x, A2=A2, B2=B2: K.lora_linear(x, W, b, A2, B2, s), [A2, B2])
+    if "triton" in out and "triton_tg" in want:
+        fn, params = out["triton"]
+
+        def tg(x, fn=fn):
+            K.set_base_gemm("triton")
+            try:
+                return fn(x)
+            finally:
+                K.set_base_gemm("cublas")
+
+        out["triton_tg"] = (tg, params)
+    return out
+
+
+def bench_layer(args, results):
+    dt = torch.bfloat16
+    M = args.M
+    rows = []
+    for (Kd, N) in args.shapes:
+        for r in args.ranks:
+            torch.manual_seed(0)
+            lin = nn.Linear(Kd, N, bias=False, device=DEV, dtype=dt).requires_grad_(False)
+            A0 = (torch.randn(r, Kd, device=DEV) / Kd**0.5).to(dt)
+            B0 = (torch.randn(N, r, device=DEV) * 0.05).to(dt)
+            xs = [torch.randn(M, Kd, device=DEV, dtype=dt).requires_grad_(True) for _ in range(2)]
+            gs = [torch.randn(M, N, device=DEV, dtype=dt) for _ in range(2)]
+            variants = build_layer_variants(lin, r, A0, B0, args.variants)
+            variants = {k: v for k, v in variants.items() if k in args.variants}
+
+            # correctness vs an fp32 reference on the same bf16 values
+            x, g = xs[0], gs[0]
+            xf, Wf, Af, Bf, gf = x.float(), lin.weight.float(), A0.float(), B0.float(), g.float()
+            s = 2.0
+            ref_y = xf @ Wf.t() + s * (xf @ Af.t()) @ Bf.t()
+            ref_dx = gf @ Wf + s * (gf @ Bf) @ Af
+            ref_dA = s * (gf @ Bf).t() @ xf
+            ref_dB = s * gf.t() @ (xf @ Af.t())
+            errs = {}
+            for name, (fn, params) in variants.items():
+                x.grad = None
+                for p_ in params:
+                    p_.grad = None
+                y = fn(x)
+                y.backward(g)
+                e = {"y": rel_err(y, ref_y), "dx": rel_err(x.grad, ref_dx)}
+                if params:
+                    e["dA"] = rel_err(params[0].grad, ref_dA)
+                    e["dB"] = rel_err(params[1].grad, ref_dB)
+                errs[name] = e
+                del y
+            del ref_y, ref_dx, xf, gf
+
+            def make_step(fn, params):
+                def step(i):
+                    y = fn(xs[i % 2])
+                    y.backward(gs[i % 2])
+                return step
+
+            def prep(i, plist=[p_ for _, ps in variants.values() for p_ in ps]):
+                for xx in xs:
+                    xx.grad = None
+                for p_ in plist:
+                    p_.grad = None
+
+            steps = {name: make_step(fn, params) for name, (fn, params) in variants.items()}
+            times = interleaved(steps, n=args.n, rounds=args.rounds, warmup=args.warmup, prep=prep)
+            mem = {name: peak_delta_mib(step, prep) for name, step in steps.items()}
+            f = times["frozen"]
+            for name in steps:
+                row = dict(K=Kd, N=N, r=r, variant=name, ms=times[name], ratio=times[name] / f,
+                           peak_mib=mem[name], err=errs[name])
+                rows.append(row)
+            print(f"[layer] K={Kd} N={N} r={r}: " + ", ".join(f"{n}={times[n]:.3f}ms ({times[n]/f:.2f}x)" for n in steps),
+                  flush=True)
+            del variants, steps, xs, gs, lin
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+    results["layer"] = rows
+
+
+# ------------------------------------------------------------------------------------------
+# op-level timings (where the time goes; the floors in NOTES.md)
+# ------------------------------------------------------------------------------------------
+def bench_ops(args, results):
+    if DEV != "cuda" or not K.HAS_TRITON:
+        return
+    from automodel_lora.kernels import triton_lora as T
+
+    dt = torch.bfloat16
+    M = args.M
+    rows = []
+    big = torch.empty(2**28, dtype=torch.uint8, device=DEV)  # 256 MiB copy: achievable bandwidth
+    big2 = torch.empty_like(big)
+    ms = statistics.median(time_block(lambda i: big2.copy_(big), 20))
+    results["copy_GBps"] = 2 * big.numel() / ms / 1e6
+    del big, big2
+    for (Kd, N) in args.shapes:
+        for r in args.ranks:
+            x = torch.randn(M, Kd, device=DEV, dtype=dt)
+            dy = torch.randn(M, N, device=DEV, dtype=dt)
+            W = torch.randn(N, Kd, device=DEV, dtype=dt) / Kd**0.5
+            A = torch.randn(r, Kd, device=DEV, dtype=dt) / Kd**0.5
+            B = torch.randn(N, r, device=DEV, dtype=dt) * 0.05
+            xa = T.proj(x, A.t())
+            dyB = T.proj(dy, B)
+            y = torch.empty(M, N, device=DEV, dtype=dt)
+            dx = torch.empty(M, Kd, device=DEV, dtype=dt)
+            ops = {
+                "base_fwd_mm": lambda i: torch.mm(x, W.t(), out=y),
+                "base_bwd_mm": lambda i: torch.mm(dy, W, out=dx),
+                "fwd_addmm_beta1": lambda i: y.addmm_(x, W.t()),
+                "bwd_addmm_beta1": lambda i: dx.addmm_(dy, W),
+                "proj_xa": lambda i: T.proj(x, A.t()),
+                "expand_y": lambda i: T.expand(xa, B.t(), 2.0),
+                "proj_dyB": lambda i: T.proj(dy, B),
+                "expand_dx": lambda i: T.expand(dyB, A, 2.0),
+                "tn_dA": lambda i: T.tn(dyB, x, 2.0),
+                "tn_dB": lambda i: T.tn(xa, dy, 2.0, transpose_out=True),
+                "torch_xa": lambda i: torch.mm(x, A.t()),
+                "torch_dB": lambda i: torch.mm(dy.t(), xa),
+                "tgemm_fwd": lambda i: T.gemm_lora(x, W.t(), xa, B.t(), 2.0),
+                "tgemm_bwd": lambda i: T.gemm_lora(dy, W, dyB, A, 2.0),
+                "tgemm_fwd_nolora": lambda i: T.gemm_lora(x, W.t()),
+            }
+            for name, fn in ops.items():
+                fn(0)
+            _sync()
+            for name, fn in ops.items():
+                t = statistics.median(time_block(fn, 20))
+                rows.append(dict(K=Kd, N=N, r=r, op=name, us=t * 1e3))
+            print(f"[ops] K={Kd} N={N} r={r}: " + ", ".join(f"{d['op']}={d['us']:.0f}" for d in rows[-len(ops):]),
+                  flush=True)
+            del x, dy, W, A, B, xa, dyB, y, dx
+            torch.cuda.empty_cache()
+    results["ops_us"] = rows
+
+
+# ------------------------------------------------------------------------------------------
+# section 2: 4-layer Llama
+# ------------------------------------------------------------------------------------------
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def bench_model(args, results):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dt = torch.bfloat16
+    if args.smoke:
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                          num_hidden_layers=2, vocab_size=256)
+        bsz, seq = 2, 32
+    else:
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                          num_hidden_layers=4, vocab_size=32000)
+        bsz, seq = 2, 2048
+    r = 16
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).to(device=DEV, dtype=dt)
+    base.requires_grad_(False)
+
+    def frozen_model():
+        m = base
+        m.model.embed_tokens.weight.requires_grad_(True)
+        return m
+
+    def lora_model(use_triton):
+        m = copy.deepcopy(base)
+        m.requires_grad_(False)
+        for name, mod in m.named_modules():
+            if name.split(".")[-1] in PROJ:
+                patch_linear_module(mod, dim=r, alpha=2 * r, use_triton=use_triton)
+                with torch.no_grad():
+                    mod.lora_B.weight.normal_(0, 0.01)
+        return m
+
+    def peft_model():
+        import peft
+
+        m = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJ))
+        return m
+
+    models = {"frozen": frozen_model()}
+    if "peft" in args.variants:
+        try:
+            models["peft"] = peft_model()
+        except Exception as e:  # pragma: no cover
+            print(f"peft unavailable: {e!r}")
+    if patch_linear_module is not None:
+        models["torch"] = lora_model(False)
+        models["triton"] = lora_model(True)
+    ids = [torch.randint(0, cfg.vocab_size, (bsz, seq), device=DEV) for _ in range(2)]
+
+    def make_step(m):
+        def step(i):
+            out = m(input_ids=ids[i % 2], labels=ids[i % 2])
+            out.loss.backward()
+        return step
+
+    params = [p_ for m in models.values() for p_ in m.parameters() if p_.requires_grad]
+
+    def prep(i):
+        for p_ in params:
+            p_.grad = None
+
+    steps = {k: make_step(m) for k, m in models.items()}
+    n = 3 if args.smoke else 10
+    times = interleaved(steps, n=n, rounds=args.rounds, warmup=2 if args.smoke else 3, prep=prep)
+    mem = {k: peak_delta_mib(s, prep) for k, s in steps.items()}
+    # total peak: the model's own weights + the step's delta
+    wbytes = {k: sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())) / 2**20
+              for k, m in models.items()}
+    tok = bsz * seq
+    rows = []
+    for k in steps:
+        rows.append(dict(variant=k, ms=times[k], tok_s=tok / times[k] * 1e3, thr_ratio=times["frozen"] / times[k],
+                         step_peak_mib=mem[k], weights_mib=wbytes[k],
+                         peak_total_mib=mem[k] + wbytes[k],
+                         mem_ratio=(mem[k] + wbytes[k]) / (mem["frozen"] + wbytes["frozen"])))
+        print(f"[model] {k}: {times[k]:.2f} ms/step, {tok / times[k] * 1e3:.0f} tok/s", flush=True)
+    results["model"] = rows
+
+
+# ------------------------------------------------------------------------------------------
+def _env():
+    commit = os.environ.get("GIT_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
+                                             cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+        except Exception:
+            commit = "unknown"
+    dirty = ""
+    try:
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "automodel_lora", "benchmarks"], text=True,
+                                        stderr=subprocess.DEVNULL,
+                                        cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+    except Exception:
+        pass
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                commit=commit, dirty=bool(dirty), torch=torch.__version__, device=DEV,
+                gpu=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+                base_gemm_default=K.get_base_gemm())
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        pass
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except Exception:
+        pass
+    return info
+
+
+def print_tables(results):
+    lines = []
+    if "layer" in results:
+        lines.append(f"\n## Layer: bf16, M={results['args']['M']}, fwd+bwd, ratio to frozen nn.Linear "
+                     f"({results['env']['gpu']}, commit {results['env']['commit'][:10]})")
+        names = []
+        for row in results["layer"]:
+            if row["variant"] not in names:
+                names.append(row["variant"])
+        lines.append("| K, N | r | frozen ms | " + " | ".join(n for n in names if n != "frozen") + " | triton peak MiB (frozen) | max rel err triton |")
+        lines.append("|---" * (len(names) + 4) + "|")
+        keyed = {}
+        for row in results["layer"]:
+            keyed.setdefault((row["K"], row["N"], row["r"]), {})[row["variant"]] = row
+        for (Kd, N, r), d in keyed.items():
+            cells = [f"{d[n]['ratio']:.3f}x" if n in d else "-" for n in names if n != "frozen"]
+            tri = d.get("triton", d["frozen"])
+            err = max(tri["err"].values()) if tri["err"] else float("nan")
+            lines.append(f"| {Kd}, {N} | {r} | {d['frozen']['ms']:.3f} | " + " | ".join(cells)
+                         + f" | {tri['peak_mib']:.0f} ({d['frozen']['peak_mib']:.0f}) | {err:.1e} |")
+    if "model" in results:
+        lines.append("\n## Model: 4-layer Llama (4096/14336), bf16, 2x2048 tokens, r=16 on 7 projections")
+        lines.append("| variant | ms/step | tok/s | throughput vs frozen | peak MiB (weights + step) | memory vs frozen |")
+        lines.append("|---|---|---|---|---|---|")
+        for row in results["model"]:
+            lines.append(f"| {row['variant']} | {row['ms']:.2f} | {row['tok_s']:.0f} | {row['thr_ratio']:.3f}x | "
+                         f"{row['peak_total_mib']:.0f} | {row['mem_ratio']:.3f}x |")
+    print("\n".join(lines), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="layer,ops,model")
+    ap.add_argument("--variants", default="frozen,peft,torch_naive,torch,triton,triton_tg")
+    ap.add_argument("--M", type=int, default=8192)
+    ap.add_argument("--ranks", default="16,64")
+    ap.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096")
+    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (script check, any device)")
+    ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_lora.json or benchmarks/results/)")
+    args = ap.parse_args()
+    args.variants = args.variants.split(",")
+    args.ranks = [int(v) for v in args.ranks.split(",")]
+    args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.smoke:
+        args.M, args.shapes, args.ranks, args.n, args.rounds, args.warmup = 64, [(48, 40)], [4], 3, 1, 1
+    results = {"env": _env(), "args": {k: v for k, v in vars(args).items()}}
+    secs = args.sections.split(",")
+    if "layer" in secs:
+        bench_layer(args, results)
+    if "ops" in secs:
+        bench_ops(args, results)
+    if "model" in secs:
+        bench_model(args, results)
+    if K.HAS_TRITON and DEV == "cuda":
+        from automodel_lora.kernels import triton_lora as T
+
+        results["autotune"] = T.autotune_choices()
+    out = args.out
+    if out is None:
+        d = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        os.makedirs(d, exist_ok=True)
+        out = os.path.join(d, "bench_lora.json")
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(f"wrote {out}")
+    print_tables(results)
+
+
+if __name__ == "__main__":
+    main()
