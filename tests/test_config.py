@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from automodel_lora import PeftConfig
+
+
+def test_defaults_match_the_documented_ones():
+    cfg = PeftConfig(target_modules=["q_proj"])
+    assert (cfg.dim, cfg.alpha, cfg.dropout, cfg.dropout_position, cfg.lora_A_init) == (8, 32, 0.0, "post", "xavier")
+    assert cfg.lora_dtype is None and cfg.use_triton is True and cfg.use_rslora is False
+    assert cfg.exclude_modules == [] and cfg.match_all_linear is False
+    assert cfg.scale == 4.0
+
+
+def test_rslora_scale():
+    assert PeftConfig(match_all_linear=True, dim=16, alpha=8, use_rslora=True).scale == pytest.approx(2.0)
+
+
+def test_dict_round_trip_with_dtype_as_string():
+    cfg = PeftConfig(target_modules=["q_proj", "v_proj"], exclude_modules=["*.0.*"], dim=16, alpha=8, dropout=0.1,
+                     dropout_position="pre", lora_A_init="gaussian", lora_dtype=torch.float32, use_rslora=True)
+    d = cfg.to_dict()
+    assert d["lora_dtype"] == "float32"
+    assert PeftConfig.from_dict(d) == cfg
+
+
+@pytest.mark.parametrize("name, dtype", [("bf16", torch.bfloat16), ("torch.float16", torch.float16), ("float32", torch.float32)])
+def test_dtype_strings(name, dtype):
+    assert PeftConfig(match_all_linear=True, lora_dtype=name).lora_dtype is dtype
+
+
+def test_from_yaml_plain_and_recipe_section(tmp_path):
+    plain = tmp_path / "peft.yaml"
+    plain.write_text("target_modules: [q_proj]\ndim: 4\nlora_dtype: bf16\n")
+    assert PeftConfig.from_yaml(plain) == PeftConfig(target_modules=["q_proj"], dim=4, lora_dtype=torch.bfloat16)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: {}\npeft:\n  match_all_linear: true\n  alpha: 16\n")
+    assert PeftConfig.from_yaml(recipe) == PeftConfig(match_all_linear=True, alpha=16)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(dim=0), ["dim", "0", "positive"]),
+        (dict(dim=-3), ["dim", "-3"]),
+        (dict(dim=2.5), ["dim", "2.5"]),
+        (dict(dropout=1.0), ["dropout", "1.0", "[0, 1)"]),
+        (dict(dropout=-0.1), ["dropout", "-0.1"]),
+        (dict(dropout_position="middle"), ["dropout_position", "'middle'", "pre", "post"]),
+        (dict(lora_A_init="uniform"), ["lora_A_init", "'uniform'", "xavier", "kaiming", "gaussian"]),
+        (dict(lora_dtype="float8"), ["lora_dtype", "'float8'", "bfloat16"]),
+        (dict(match_all_linear=True, target_modules=["q_proj"]), ["match_all_linear", "target_modules", "q_proj"]),
+        (dict(target_modules=[""]), ["target_modules"]),
+    ],
+)
+def test_bad_values_name_field_value_and_fix(kwargs, words):
+    kwargs = {"target_modules": ["q_proj"], **kwargs} if "match_all_linear" not in kwargs else kwargs
+    with pytest.raises(ValueError) as err:
+        PeftConfig(**kwargs)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_key_in_from_dict_lists_valid_keys():
+    with pytest.raises(ValueError) as err:
+        PeftConfig.from_dict({"target_modules": ["q_proj"], "rank": 8})
+    assert "'rank'" in str(err.value) and "dim" in str(err.value) and "target_modules" in str(err.value)

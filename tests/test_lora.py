@@ -1,0 +1,301 @@
+"""The PyTorch LoRA path: patching in place, forward math, dtypes, meta init, merge/unmerge/remove."""
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import automodel_lora as al
+
+from .conftest import ToyModel, assert_close, tiny_llama
+
+
+def reference_lora(x, weight, bias, lora_A, lora_B, scale):
+    """y = x W^T + b + s (x A^T) B^T in float64."""
+    x, weight, lora_A, lora_B = (t.double() for t in (x, weight, lora_A, lora_B))
+    y = x @ weight.T + scale * (x @ lora_A.T) @ lora_B.T
+    return y if bias is None else y + bias.double()
+
+
+def randomize_adapters(model):
+    with torch.no_grad():
+        for _, m in al.lora_modules(model):
+            m.lora_B.weight.normal_(std=0.1)
+
+
+def test_patch_keeps_identity_names_and_parameter_objects():
+    model = tiny_llama()
+    before = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    params_before = dict(model.named_parameters())
+    q_proj = model.model.layers[0].self_attn.q_proj
+    n = al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "v_proj"], dim=4))
+    assert n == 4
+    assert model.model.layers[0].self_attn.q_proj is q_proj
+    assert isinstance(q_proj, nn.Linear) and isinstance(q_proj, al.LinearLoRA)
+    after = model.state_dict(keep_vars=True)
+    for key, value in before.items():
+        assert after[key] is value, key
+    new_keys = sorted(set(after) - set(before))
+    expected = sorted(f"model.layers.{i}.self_attn.{p}.lora_{ab}.weight" for i in range(2) for p in ("q_proj", "v_proj") for ab in "AB")
+    assert new_keys == expected
+    assert q_proj.lora_A.weight.shape == (4, 32) and q_proj.lora_B.weight.shape == (32, 4)
+    assert dict(model.named_parameters())["model.embed_tokens.weight"] is params_before["model.embed_tokens.weight"]
+
+
+def test_patched_class_is_built_once_per_pair():
+    a, b = nn.Linear(3, 3), nn.Linear(4, 4)
+    al.patch_linear_module(a)
+    al.patch_linear_module(b)
+    assert type(a) is type(b)
+    assert type(a).__mro__[1:3] == (al.TritonLinearLoRA, al.LinearLoRA)
+    c = al.patch_linear_module(nn.Linear(3, 3), use_triton=False)
+    assert type(c) is not type(a) and not isinstance(c, al.TritonLinearLoRA)
+
+
+def test_trainable_parameters_are_exactly_the_adapters():
+    model = tiny_llama()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_linear=True))
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable and all(n.endswith(("lora_A.weight", "lora_B.weight")) for n in trainable)
+    assert len(trainable) == 2 * 14
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+@pytest.mark.parametrize("shape", [(5, 24), (2, 3, 24), (2, 2, 3, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_gradients_match_reference(use_triton, shape, bias):
+    layer = nn.Linear(24, 17, bias=bias)
+    al.patch_linear_module(layer, dim=6, alpha=12, use_triton=use_triton)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 17)
+    ref_x = x.detach().double().requires_grad_(True)
+    ref_A = layer.lora_A.weight.detach().double().requires_grad_(True)
+    ref_B = layer.lora_B.weight.detach().double().requires_grad_(True)
+    ref = reference_lora(ref_x, layer.weight, layer.bias, ref_A, ref_B, 2.0)
+    assert_close(y, ref, what="y")
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g.double())
+    assert_close(x.grad, ref_x.grad, what="dx")
+    assert_close(layer.lora_A.weight.grad, ref_A.grad, what="dA")
+    assert_close(layer.lora_B.weight.grad, ref_B.grad, what="dB")
+    assert layer.weight.grad is None
+
+
+def test_output_equals_base_at_init_because_B_is_zero():
+    layer = nn.Linear(10, 7)
+    x = torch.randn(4, 10)
+    expected = layer(x)
+    al.patch_linear_module(layer)
+    assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_dropout_positions_follow_their_formulas(position):
+    layer = al.patch_linear_module(nn.Linear(16, 8), dim=4, alpha=4, dropout=0.5, dropout_position=position, use_triton=False)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(6, 16)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    if position == "pre":
+        expected = layer.base_forward(x) + F.linear(F.linear(F.dropout(x, 0.5), A), B)
+    else:
+        expected = layer.base_forward(x) + F.dropout(F.linear(F.linear(x, A), B), 0.5)
+    assert_close(y, expected)
+    layer.eval()
+    assert_close(layer(x), layer.base_forward(x) + F.linear(F.linear(x, A), B))
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_fp32_adapters_compute_in_activation_dtype_without_fp32_copy_of_x(use_triton):
+    layer = nn.Linear(64, 48).to(torch.bfloat16)
+    al.patch_linear_module(layer, dim=8, lora_dtype="float32", use_triton=use_triton)
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
+    with torch.no_grad():  # adapter term of the same size as the base term, so bf16 rounding is relative to |y|
+        layer.lora_B.weight.normal_(std=0.02)
+    x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert not [s for s in saved if s[0] == torch.float32 and s[1] >= x.numel()], saved
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
+    ref = reference_lora(x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight, layer.lora_scale)
+    assert_close(y, ref, dtype=torch.bfloat16)
+
+
+def test_default_adapter_dtype_follows_base():
+    layer = al.patch_linear_module(nn.Linear(4, 4, dtype=torch.float16))
+    assert layer.lora_A.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("init, check", [
+    ("xavier", lambda w, fan_in, fan_out, r: w.abs().max() <= math.sqrt(6 / (fan_in + r))),
+    ("kaiming", lambda w, fan_in, fan_out, r: w.abs().max() <= 1 / math.sqrt(fan_in)),
+    ("gaussian", lambda w, fan_in, fan_out, r: abs(w.std().item() - 1 / r) < 0.1 / r),
+])
+def test_lora_A_init_methods(init, check):
+    layer = al.patch_linear_module(nn.Linear(256, 64), dim=16, lora_A_init_method=init)
+    w = layer.lora_A.weight
+    assert w.abs().sum() > 0 and check(w, 256, 64, 16)
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+
+
+def test_rslora_scale_used_in_forward():
+    layer = al.patch_linear_module(nn.Linear(8, 8), dim=16, alpha=8, use_rslora=True)
+    assert layer.lora_scale == pytest.approx(2.0)
+
+
+def test_meta_device_patch_then_to_empty_then_init():
+    with torch.device("meta"):
+        model = ToyModel()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["fc1"], dim=4))
+    layer = model.layers[0]["fc1"]
+    assert layer.lora_A.weight.is_meta
+    model.to_empty(device="cpu")
+    assert al.init_lora_weights(model) == 4
+    assert torch.isfinite(layer.lora_A.weight).all() and layer.lora_A.weight.abs().sum() > 0
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+
+
+def test_patch_errors():
+    with pytest.raises(TypeError, match="Conv1d"):
+        al.patch_linear_module(nn.Conv1d(2, 2, 1))
+    layer = al.patch_linear_module(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        al.patch_linear_module(layer)
+    with pytest.raises(ValueError, match="dim"):
+        al.patch_linear_module(nn.Linear(4, 4), dim=0)
+    model = ToyModel()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["fc1"]))
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["fc1"]))
+    # adding adapters to *other* modules later is fine, and never adapts lora_A / lora_B themselves
+    assert al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["fc2"])) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_merge_unmerge_agree_with_adapter_forward_per_layer(dtype):
+    layer = al.patch_linear_module(nn.Linear(96, 40, dtype=dtype), dim=8, alpha=16, use_triton=False)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.02)
+    x = torch.randn(7, 96, dtype=dtype)
+    w0 = layer.weight.detach().clone()
+    with torch.no_grad():
+        y = layer(x)
+        assert al.merge_lora(layer) == 1 and layer.lora_merged
+        assert al.merge_lora(layer) == 0  # already merged
+        y_merged = layer(x)
+        assert al.unmerge_lora(layer) == 1 and not layer.lora_merged
+        y_unmerged = layer(x)
+    assert_close(y_merged, y, what="merged")
+    assert_close(y_unmerged, y, what="unmerged")
+    assert_close(layer.weight, w0, what="weight after unmerge")
+
+
+def test_merge_whole_model_fp32():
+    model = ToyModel()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_linear=True, dim=4))
+    randomize_adapters(model)
+    ids = torch.randint(0, 16, (2, 5))
+    with torch.no_grad():
+        y = model(ids)
+        assert al.merge_lora(model) == 12
+        assert_close(model(ids), y, what="merged")
+        assert al.unmerge_lora(model) == 12
+        assert_close(model(ids), y, what="unmerged")
+
+
+def test_remove_lora_restores_original_classes_and_state_dict():
+    model = tiny_llama()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = {n: type(m) for n, m in model.named_modules()}
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_linear=True))
+    randomize_adapters(model)
+    al.merge_lora(model)
+    assert al.remove_lora(model) == 14  # unmerges first
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    restored = model.state_dict()
+    assert restored.keys() == original.keys()
+    for k in original:
+        assert_close(restored[k], original[k], what=k)
+
+
+def test_remove_lora_with_merge_keeps_the_adapted_function():
+    model = tiny_llama()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "down_proj"]))
+    randomize_adapters(model)
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+        al.remove_lora(model, merge=True)
+        assert not al.lora_modules(model)
+        assert_close(model(ids).logits, expected)
+
+
+def test_training_moves_only_adapters_and_lowers_loss():
+    model = tiny_llama()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    # the head is adapted too: with a random 0.02-std init the logits barely move otherwise
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "v_proj", "down_proj", "lm_head"], dim=8, alpha=16))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    ids = (torch.arange(16) * 7 % 128).repeat(4, 1)  # a learnable sequence
+    losses = []
+    for _ in range(20):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.items())
+
+
+def test_deepcopy_pickle_and_strict_state_dict_round_trip():
+    model = ToyModel()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["fc1"]))
+    randomize_adapters(model)
+    ids = torch.randint(0, 16, (2, 3))
+    clone = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    unpickled = pickle.loads(pickle.dumps(model))
+    fresh = ToyModel()
+    al.apply_lora_to_linear_modules(fresh, al.PeftConfig(target_modules=["fc1"]))
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        expected = model(ids)
+        for other in (clone, loaded, unpickled, fresh):
+            assert torch.equal(other(ids), expected)
+
+
+def test_torch_compile_gives_the_same_result():
+    model = tiny_llama()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "v_proj"], use_triton=False))
+    randomize_adapters(model)
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        expected = model(ids).logits
+        compiled = torch.compile(model, backend="eager")
+        assert_close(compiled(ids).logits, expected)
