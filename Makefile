@@ -1,0 +1,25 @@
+# Set-up is part of each target: `make quickstart` and `make test` work on a fresh machine.
+PYTHON ?= python
+STAMP := .install.stamp
+
+.PHONY: install quickstart test test-kernels lint bench
+
+$(STAMP): setup.cfg setup.py
+	$(PYTHON) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: a LoRA finetune of a small Llama on the shipped data (CPU ok, no downloads).
+quickstart: $(STAMP)
+	$(PYTHON) scripts/finetune.py --config configs/quickstart.yaml
+
+# Everything CI runs: the test suite, then the Triton kernels under the CPU interpreter.
+test: $(STAMP)
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	ruff check automodel_lora tests scripts benchmarks
+
+bench: $(STAMP)
+	$(PYTHON) benchmarks/bench_lora.py

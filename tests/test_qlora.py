@@ -1,0 +1,86 @@
+"""QLoRA: bitsandbytes NF4 bases (which run on the CPU since bitsandbytes 0.50) patched in place."""
+
+import pytest
+import torch
+from torch import nn
+
+import automodel_lora as al
+
+from .conftest import assert_close, tiny_llama
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def to_nf4(model: nn.Module, compute_dtype=torch.float32, skip=("lm_head",)) -> nn.Module:
+    """Replace every nn.Linear (but `skip`) by an NF4 `Linear4bit` holding the same weights."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child_name not in skip:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(module, child_name, q.to("cpu"))
+    return model
+
+
+def base_bytes(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_qlora_trains_on_nf4_base_and_leaves_it_untouched(use_triton):
+    model = to_nf4(tiny_llama())
+    before = base_bytes(model)
+    weights_before = {n: m.weight for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    n = al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
+                                                              dim=8, alpha=16, lora_dtype="float32", use_triton=use_triton))
+    assert n == 7
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit) and isinstance(q_proj, al.LinearLoRA)
+    assert all(m.weight is weights_before[name] for name, m in model.named_modules() if name in weights_before)
+    assert set(base_bytes(model)) == set(before)  # quant-state keys kept, nothing renamed
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    ids = (torch.arange(16) * 7 % 128).repeat(4, 1)
+    losses = []
+    for _ in range(12):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    after = base_bytes(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_default_adapter_dtype_for_4bit_base_is_its_compute_dtype():
+    layer = to_nf4(nn.Sequential(nn.Linear(64, 32)), compute_dtype=torch.bfloat16)[0]
+    al.patch_linear_module(layer)
+    assert layer.lora_A.weight.dtype == torch.bfloat16
+
+
+def test_qlora_layer_matches_dequantized_reference():
+    layer = to_nf4(nn.Sequential(nn.Linear(64, 48)))[0]
+    al.patch_linear_module(layer, dim=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.1)
+    x = torch.randn(3, 5, 64)
+    dense = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()  # (48, 64)
+    expected = x @ dense.T + layer.bias + 2.0 * (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
+    assert_close(layer(x), expected)
+
+
+def test_merge_into_4bit_base_is_refused_with_the_reason():
+    model = to_nf4(tiny_llama())
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="quantized"):
+        al.merge_lora(model)
+    assert not any(m.lora_merged for _, m in al.lora_modules(model))
+
+
+def test_match_all_linear_takes_4bit_layers():
+    model = to_nf4(tiny_llama())
+    assert al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_linear=True)) == 14
