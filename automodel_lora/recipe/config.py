@@ -1,0 +1,615 @@
+"""Recipe configuration: one validated dataclass per YAML section, plus dotted overrides.
+
+A recipe YAML has these top-level sections (all optional except ``data``)::
+
+    model:          # what to fine-tune (a local HF checkpoint, or a tiny Llama built from a config)
+    peft:           # automodel_lora.PeftConfig fields (which linears get adapters, rank, alpha, ...)
+    quantization:   # bitsandbytes 4-bit base weights (QLoRA)
+    data:           # local JSONL file, tokenizer, sequence length, packing, validation split
+    train:          # optimizer, schedule, batch sizes, steps, precision, evaluation
+    checkpoint:     # output directory, save / keep / resume
+    distributed:    # torchrun strategy: fsdp2 | ddp | none
+
+Command-line overrides use dotted keys whose values are parsed as YAML scalars::
+
+    peft.dim=16 train.max_steps=50 train.lr=1e-4 peft.target_modules=[q_proj,v_proj]
+
+Relative ``data.path`` / ``data.validation_path`` / ``data.tokenizer`` / ``model.name_or_path``
+values written *in a YAML file* are resolved against that file's directory (so a recipe works
+from any working directory); values given on the command line are relative to the current
+directory. ``checkpoint.output_dir`` is always relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "QuantizationConfig",
+    "DataConfig",
+    "TrainConfig",
+    "CheckpointConfig",
+    "DistributedConfig",
+    "RecipeConfig",
+    "SECTIONS",
+    "load_recipe",
+    "apply_overrides",
+    "parse_override",
+]
+
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+class ConfigError(ValueError):
+    """A recipe is invalid: the message names the key, the bad value and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Generic dataclass construction with type coercion
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML value to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        for a in args:  # an exact type match wins (`true` stays a bool in `bool | str`)
+            if a in (bool, int, float, str) and type(value) is a:
+                return value
+        for a in args:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"`{key}` must be {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"`{key}` must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                pass
+            else:
+                if f.is_integer():
+                    return int(f)
+        raise ConfigError(f"`{key}` must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"`{key}` must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"`{key}` must be a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):
+            return [value]
+        raise ConfigError(f"`{key}` must be a list, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"`{key}` must be a mapping, got {value!r}")
+    return value
+
+
+def _build_section(cls: type, raw: Any, section: str):
+    """Build dataclass ``cls`` from mapping ``raw``; unknown keys raise naming the valid ones."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section `{section}` must be a mapping of keys to values, got {raw!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown key `{section}.{unknown[0]}`; valid keys for `{section}` are: {', '.join(names)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"`{key}` must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _positive(key: str, value: Optional[float], allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ConfigError(f"`{key}` is required")
+    if value < 0 or (value == 0 and not allow_zero):
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ConfigError(f"`{key}` must be {kind} number, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """``model:`` what to fine-tune.
+
+    Attributes:
+        name_or_path: A local Hugging Face checkpoint directory (or hub id, if you have network)
+            for ``AutoModelForCausalLM.from_pretrained``. Exclusive with ``tiny``.
+        tiny: ``LlamaConfig`` keyword arguments for a small randomly initialised Llama built in
+            process (no download), e.g. ``{hidden_size: 128, num_hidden_layers: 4, ...}``.
+        dtype: Base weight dtype: float32 | bfloat16 | float16 | auto (the checkpoint's).
+        trust_remote_code: Passed to ``from_pretrained``; off by default.
+        gradient_checkpointing: Recompute activations in the backward (non-reentrant).
+        attn_implementation: Optional ``attn_implementation`` for transformers (sdpa, eager, ...).
+    """
+
+    name_or_path: Optional[str] = None
+    tiny: Optional[dict] = None
+    dtype: str = "bfloat16"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: Optional[str] = None
+
+    def __post_init__(self):
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ConfigError(
+                "set exactly one of `model.name_or_path` (a local Hugging Face checkpoint) "
+                "and `model.tiny` (LlamaConfig kwargs for a small model built from scratch)"
+            )
+        _choice("model.dtype", self.dtype, _DTYPES)
+        if self.tiny is not None:
+            _check_tiny_keys(self.tiny)
+
+
+def _check_tiny_keys(tiny: dict) -> None:
+    try:
+        from transformers import LlamaConfig
+    except ImportError:  # validated again when the model is built
+        return
+    valid = set(LlamaConfig().to_dict())
+    for k in tiny:
+        if k not in valid:
+            raise ConfigError(
+                f"unknown key `model.tiny.{k}`: `model.tiny` takes LlamaConfig arguments such as "
+                "vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, "
+                "num_key_value_heads, max_position_embeddings"
+            )
+
+
+@dataclass
+class QuantizationConfig:
+    """``quantization:`` bitsandbytes 4-bit base weights (QLoRA).
+
+    Attributes:
+        load_in_4bit: Quantize every base linear except the output head to 4 bits.
+        bnb_4bit_quant_type: nf4 | fp4.
+        bnb_4bit_compute_dtype: dtype the 4-bit matmul computes in: bfloat16 | float16 | float32.
+        bnb_4bit_use_double_quant: Also quantize the per-block scales (saves ~0.4 bit/param).
+    """
+
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str = "bfloat16"
+    bnb_4bit_use_double_quant: bool = True
+
+    def __post_init__(self):
+        _choice("quantization.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+        _choice("quantization.bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, ("bfloat16", "float16", "float32"))
+
+
+@dataclass
+class DataConfig:
+    """``data:`` a local JSONL dataset.
+
+    Each line is a JSON object with either ``text`` (loss on every token) or ``prompt`` and
+    ``completion`` (loss on the completion tokens only; the prompt is context).
+
+    Attributes:
+        path: JSONL training file (required).
+        format: auto | text | prompt_completion (auto: detected from the first record).
+        text_field / prompt_field / completion_field: Field names in the records.
+        tokenizer: ``byte`` (the built-in byte-level tokenizer, no download) or a local
+            tokenizer directory; null means ``model.name_or_path``.
+        seq_len: Tokens per training sequence; must not exceed the model's
+            ``max_position_embeddings``.
+        packing: Concatenate examples into full ``seq_len`` blocks (no padding) instead of one
+            padded/truncated example per sequence.
+        add_bos / add_eos: Wrap every example in the tokenizer's BOS / EOS.
+        validation_split: Fraction of examples held out for validation (0 disables).
+        validation_path: A separate JSONL validation file (exclusive with validation_split).
+        shuffle: Shuffle the training order every epoch (seeded by ``train.seed``).
+    """
+
+    path: Optional[str] = None
+    format: str = "auto"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    tokenizer: Optional[str] = None
+    seq_len: int = 512
+    packing: bool = True
+    add_bos: bool = True
+    add_eos: bool = True
+    validation_split: float = 0.0
+    validation_path: Optional[str] = None
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError("`data.path` is required: a JSONL file with `text` or `prompt`+`completion` per line")
+        _choice("data.format", self.format, ("auto", "text", "prompt_completion"))
+        if self.seq_len < 2:
+            raise ConfigError(f"`data.seq_len` must be at least 2, got {self.seq_len}")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ConfigError(f"`data.validation_split` must be in [0, 1), got {self.validation_split}")
+        if self.validation_split > 0 and self.validation_path:
+            raise ConfigError(
+                "Can't provide both `data.validation_split` and `data.validation_path`. Choose one."
+            )
+
+
+@dataclass
+class TrainConfig:
+    """``train:`` optimisation.
+
+    Attributes:
+        lr: Peak AdamW learning rate.
+        weight_decay, betas, eps: AdamW hyper-parameters.
+        scheduler: cosine (linear warmup then cosine decay to ``min_lr_ratio * lr``) | constant
+            (linear warmup then flat).
+        warmup_steps: Linear warmup steps (exclusive with warmup_ratio).
+        warmup_ratio: Warmup as a fraction of the total steps.
+        min_lr_ratio: Final learning rate of the cosine, as a fraction of ``lr``.
+        batch_size: Sequences per micro-batch per process.
+        grad_accum_steps: Micro-batches per optimizer step. Global batch =
+            batch_size * grad_accum_steps * world_size sequences.
+        max_steps: Optimizer steps to run (exclusive with epochs).
+        epochs: Passes over the training set (default 1 when max_steps is not set).
+        seed: Seeds model init, adapter init, data order and dropout.
+        bf16: bf16 autocast: true | false | auto (on when a bf16-capable GPU is used).
+        max_grad_norm: Clip the global gradient norm (null disables clipping).
+        eval_every: Evaluate the validation loss every N steps (0: only before and after).
+        eval_batch_size: Micro-batch size for evaluation (default: batch_size).
+        eval_max_batches: Cap evaluation at N batches (null: the whole validation set).
+        log_every: Progress-bar / console refresh interval in steps (metrics are logged every step).
+        compile: Wrap the model in ``torch.compile``.
+        device: auto | cpu | cuda.
+    """
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"
+    warmup_steps: Optional[int] = None
+    warmup_ratio: Optional[float] = None
+    min_lr_ratio: float = 0.1
+    batch_size: int = 1
+    grad_accum_steps: int = 1
+    max_steps: Optional[int] = None
+    epochs: Optional[float] = None
+    seed: int = 42
+    bf16: Union[bool, str] = "auto"
+    max_grad_norm: Optional[float] = 1.0
+    eval_every: int = 0
+    eval_batch_size: Optional[int] = None
+    eval_max_batches: Optional[int] = None
+    log_every: int = 10
+    compile: bool = False
+    device: str = "auto"
+
+    def __post_init__(self):
+        _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"`train.betas` must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = [float(b) for b in self.betas]
+        _positive("train.eps", self.eps)
+        _choice("train.scheduler", self.scheduler, ("cosine", "constant"))
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ConfigError("Can't provide both `train.warmup_steps` and `train.warmup_ratio`. Choose one.")
+        _positive("train.warmup_steps", self.warmup_steps, allow_none=True, allow_zero=True)
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"`train.warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"`train.min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}")
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.grad_accum_steps", self.grad_accum_steps)
+        if self.max_steps is not None and self.epochs is not None:
+            raise ConfigError("Can't provide both `train.max_steps` and `train.epochs`. Choose one.")
+        _positive("train.max_steps", self.max_steps, allow_none=True)
+        _positive("train.epochs", self.epochs, allow_none=True)
+        if isinstance(self.bf16, str) and self.bf16 != "auto":
+            raise ConfigError(f"`train.bf16` must be true, false or auto; got {self.bf16!r}")
+        _positive("train.max_grad_norm", self.max_grad_norm, allow_none=True)
+        _positive("train.eval_every", self.eval_every, allow_zero=True)
+        _positive("train.eval_batch_size", self.eval_batch_size, allow_none=True)
+        _positive("train.eval_max_batches", self.eval_max_batches, allow_none=True)
+        _positive("train.log_every", self.log_every)
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class CheckpointConfig:
+    """``checkpoint:`` where and when to save.
+
+    Attributes:
+        output_dir: Run directory (relative to the current directory). Holds ``adapter/`` (the
+            final PEFT-format adapter), ``checkpoints/step_*``, ``metrics.jsonl``,
+            ``config.yaml`` and, for ``model.tiny``, ``base_model/``.
+        save_every: Save a resumable checkpoint every N steps (0: only at the end / on a signal).
+        keep_last: Keep the newest K checkpoints (older ones are deleted).
+        resume: auto (continue from the newest checkpoint in output_dir, if any) | null (start
+            fresh; existing checkpoints are left in place and overwritten as the run advances) |
+            a checkpoint directory path.
+        save_base_model: Save the (random-init) base model with ``save_pretrained`` into
+            ``output_dir/base_model`` so the adapter can be loaded with PEFT:
+            auto (only for ``model.tiny``) | true | false.
+    """
+
+    output_dir: str = "outputs/run"
+    save_every: int = 0
+    keep_last: int = 2
+    resume: Optional[str] = "auto"
+    save_base_model: Union[bool, str] = "auto"
+
+    def __post_init__(self):
+        _positive("checkpoint.save_every", self.save_every, allow_zero=True)
+        _positive("checkpoint.keep_last", self.keep_last)
+        if isinstance(self.save_base_model, str) and self.save_base_model != "auto":
+            raise ConfigError(f"`checkpoint.save_base_model` must be true, false or auto; got {self.save_base_model!r}")
+        if self.resume in ("none", "None", "false", "no", ""):
+            self.resume = None
+
+
+@dataclass
+class DistributedConfig:
+    """``distributed:`` multi-process training under ``torchrun``.
+
+    Attributes:
+        strategy: auto | fsdp2 | ddp | none. ``fsdp2`` applies
+            ``torch.distributed.fsdp.fully_shard`` to every decoder layer, then to the root;
+            ``ddp`` replicates the model. ``auto``: none for one process, fsdp2 otherwise (ddp
+            for a 4-bit model).
+        backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo.
+        reshard_after_forward: FSDP2: free gathered layer weights after the forward (saves
+            memory, costs an all-gather in the backward).
+    """
+
+    strategy: str = "auto"
+    backend: str = "auto"
+    reshard_after_forward: bool = True
+
+    def __post_init__(self):
+        _choice("distributed.strategy", self.strategy, ("auto", "fsdp2", "ddp", "none"))
+        _choice("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "peft": None,  # automodel_lora.PeftConfig (validated by the core library)
+    "quantization": QuantizationConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "distributed": DistributedConfig,
+}
+
+
+@dataclass
+class RecipeConfig:
+    """A whole recipe: one attribute per section."""
+
+    model: ModelConfig
+    peft: Any  # automodel_lora.PeftConfig
+    quantization: QuantizationConfig
+    data: DataConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    distributed: DistributedConfig
+    source: Optional[str] = None  # the YAML file it came from (informational)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: Optional[str] = None) -> "RecipeConfig":
+        """Validate a nested mapping (as read from YAML) into a RecipeConfig.
+
+        Raises:
+            ConfigError: an unknown section or key, a bad type or value.
+        """
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a recipe must be a mapping of sections, got {type(raw).__name__}")
+        unknown = [k for k in raw if k not in SECTIONS]
+        if unknown:
+            raise ConfigError(f"unknown section `{unknown[0]}`; valid sections are: {', '.join(SECTIONS)}")
+        if raw.get("data") is None:
+            raise ConfigError("the `data` section is required (at least `data.path`)")
+        if raw.get("model") is None:
+            raise ConfigError("the `model` section is required (`model.name_or_path` or `model.tiny`)")
+        sections = {}
+        for name, scls in SECTIONS.items():
+            if name == "peft":
+                sections[name] = _build_peft(raw.get("peft"))
+            else:
+                sections[name] = _build_section(scls, raw.get(name), name)
+        cfg = cls(**sections, source=source)
+        cfg._cross_validate()
+        return cfg
+
+    def _cross_validate(self) -> None:
+        if self.quantization.load_in_4bit and self.distributed.strategy == "fsdp2":
+            raise ConfigError(
+                "`distributed.strategy: fsdp2` does not support a 4-bit base "
+                "(`quantization.load_in_4bit: true`); use `distributed.strategy: ddp`"
+            )
+        if self.model.tiny is not None and self.data.tokenizer is None:
+            raise ConfigError("`model.tiny` has no tokenizer of its own: set `data.tokenizer: byte` (or a tokenizer directory)")
+
+    def to_dict(self) -> dict:
+        """A plain nested dict (YAML-serialisable) with every field, defaults included."""
+        out = {}
+        for name in SECTIONS:
+            sec = getattr(self, name)
+            out[name] = sec.to_dict() if name == "peft" else dataclasses.asdict(sec)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def _build_peft(raw: Any):
+    from automodel_lora import PeftConfig
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section `peft` must be a mapping of keys to values, got {raw!r}")
+    raw = dict(raw)
+    # PyYAML reads `1e-4`-style numbers as strings; coerce the numeric PeftConfig fields.
+    for key, tp in (("dim", int), ("alpha", float), ("dropout", float)):
+        if key in raw and isinstance(raw[key], str):
+            raw[key] = _coerce(raw[key], tp, f"peft.{key}")
+    if "alpha" in raw and isinstance(raw["alpha"], float) and raw["alpha"].is_integer():
+        raw["alpha"] = int(raw["alpha"])
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(raw.get(key), str):
+            raw[key] = [raw[key]]
+    try:
+        return PeftConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        raise ConfigError(msg if "peft" in msg.lower() else f"[peft] {msg}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into (["a", "b", "c"], value parsed as a YAML scalar/flow value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like `section.key=value` (e.g. train.max_steps=50)")
+    key, _, text = item.partition("=")
+    key = key.strip().lstrip("-")
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be dotted as `section.key` (e.g. peft.dim=16)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a deep copy of ``raw`` with dotted ``key=value`` overrides applied.
+
+    Section names are checked here; keys within a section are checked when the section's
+    dataclass is built (so the error lists that section's valid keys).
+    """
+    raw = copy.deepcopy(raw) if raw else {}
+    for item in overrides:
+        parts, value = parse_override(item)
+        if parts[0] not in SECTIONS:
+            raise ConfigError(f"override `{'.'.join(parts)}`: unknown section `{parts[0]}`; valid sections are: {', '.join(SECTIONS)}")
+        node = raw
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+_YAML_RELATIVE_PATHS = (("data", "path"), ("data", "validation_path"), ("data", "tokenizer"), ("model", "name_or_path"))
+
+
+def _resolve_yaml_paths(raw: dict, base: Path) -> None:
+    """Make relative paths written in a YAML file relative to that file's directory."""
+    for sec, key in _YAML_RELATIVE_PATHS:
+        section = raw.get(sec)
+        if not isinstance(section, dict):
+            continue
+        value = section.get(key)
+        if not isinstance(value, str) or not value or value == "byte" or os.path.isabs(value):
+            continue
+        candidate = (base / value).resolve()
+        # Data files always; a model/tokenizer only if it exists there (else it may be a hub id).
+        if sec == "data" and key != "tokenizer" or candidate.exists():
+            section[key] = str(candidate)
+
+
+def load_recipe(path: Optional[str | os.PathLike], overrides: Optional[list[str]] = None) -> RecipeConfig:
+    """Read a recipe YAML, apply dotted overrides, and validate every section.
+
+    Args:
+        path: The YAML file (None: start from an empty recipe, everything from overrides).
+        overrides: ``section.key=value`` strings; values are parsed as YAML.
+
+    Returns:
+        The validated RecipeConfig.
+
+    Raises:
+        ConfigError: a missing file, bad YAML, an unknown section/key or an invalid value.
+    """
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+        _resolve_yaml_paths(raw, p.resolve().parent)
+    raw = apply_overrides(raw, overrides or [])
+    return RecipeConfig.from_dict(raw, source=str(path) if path else None)

@@ -1,0 +1,128 @@
+"""Build the base model for a recipe: a local HF checkpoint or a tiny Llama, optionally 4-bit.
+
+Order matters and is the same for every strategy:
+``load/build -> (save base) -> quantize -> apply LoRA -> (load resumed adapter) -> wrap``.
+Patching before wrapping is what lets FSDP2/DDP see the adapters as ordinary parameters
+under unchanged FQNs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, ModelConfig, QuantizationConfig
+
+__all__ = ["resolve_dtype", "load_model_config", "build_model", "quantize_linears_4bit", "decoder_layers"]
+
+
+def resolve_dtype(name: str) -> torch.dtype | str:
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_model_config(cfg: ModelConfig):
+    """The model's ``PretrainedConfig`` without loading any weights (for early checks)."""
+    if cfg.tiny is not None:
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**cfg.tiny)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"`model.name_or_path`: can't load a model config from {cfg.name_or_path!r}: {e}") from e
+
+
+def _from_pretrained_dtype_kwarg() -> str:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def build_model(cfg: ModelConfig, qcfg: QuantizationConfig, device: torch.device) -> nn.Module:
+    """Instantiate the base model (weights real, on CPU unless 4-bit HF loading needs the device).
+
+    A ``tiny`` model is built in float32 from the current torch seed and cast to ``cfg.dtype``.
+    A 4-bit HF model is loaded through transformers' ``BitsAndBytesConfig`` straight onto
+    ``device``; a 4-bit tiny model is quantized later by :func:`quantize_linears_4bit`.
+    """
+    dtype = resolve_dtype(cfg.dtype)
+    if cfg.tiny is not None:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(load_model_config(cfg))
+        if dtype != "auto":
+            model = model.to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {_from_pretrained_dtype_kwarg(): dtype, "trust_remote_code": cfg.trust_remote_code}
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        if qcfg.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=qcfg.bnb_4bit_quant_type,
+                bnb_4bit_compute_dtype=getattr(torch, qcfg.bnb_4bit_compute_dtype),
+                bnb_4bit_use_double_quant=qcfg.bnb_4bit_use_double_quant,
+            )
+            kwargs["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    return model
+
+
+def quantize_linears_4bit(model: nn.Module, qcfg: QuantizationConfig, device: torch.device) -> int:
+    """Replace every ``nn.Linear`` except the output head with ``bnb.nn.Linear4bit`` on ``device``.
+
+    Used for ``model.tiny`` (HF checkpoints are quantized by transformers at load time). The
+    weights are quantized when moved to ``device``; returns how many layers were replaced.
+    """
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    compute_dtype = getattr(torch, qcfg.bnb_4bit_compute_dtype)
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    for name, lin in targets:
+        q = bnb.nn.Linear4bit(
+            lin.in_features,
+            lin.out_features,
+            bias=lin.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=qcfg.bnb_4bit_use_double_quant,
+            quant_type=qcfg.bnb_4bit_quant_type,
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(
+            lin.weight.data.to(torch.float32 if lin.weight.dtype == torch.float32 else lin.weight.dtype),
+            requires_grad=False,
+            compress_statistics=qcfg.bnb_4bit_use_double_quant,
+            quant_type=qcfg.bnb_4bit_quant_type,
+            module=q,
+        )
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        q = q.to(device)  # quantizes
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, q)
+    model.to(device)
+    return len(targets)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (FSDP2 shards each one): classes named in the HF model's
+    ``_no_split_modules``, falling back to the children of the largest ``nn.ModuleList``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if lists:
+        return list(max(lists, key=len))
+    return []

@@ -1,0 +1,104 @@
+"""A dependency-free progress bar and the metrics JSONL writer (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, TextIO
+
+__all__ = ["ProgressBar", "MetricsWriter", "format_duration"]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _si(x: float) -> str:
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+class ProgressBar:
+    """``step 120/300 [#####.....] 40% | loss 1.234 | lr 1.8e-04 | 12.3k tok/s | 00:20<00:30``
+
+    On a terminal the line is redrawn in place every ``every`` steps; otherwise (logs, CI) one
+    line is printed every ``every`` steps. ETA uses the mean step time of this session.
+    """
+
+    def __init__(self, total: int, start: int = 0, every: int = 10, stream: Optional[TextIO] = None, enabled: bool = True, width: int = 20):
+        self.total, self.start, self.every = total, start, every
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.width = width
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self._open_line = False
+
+    def render(self, step: int, loss: float, lr: float, tokens_per_s: float) -> str:
+        frac = step / max(1, self.total)
+        filled = int(round(frac * self.width))
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.start
+        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
+        bar = "#" * filled + "." * (self.width - filled)
+        n = len(str(self.total))
+        return (
+            f"step {step:>{n}d}/{self.total} [{bar}] {frac * 100:3.0f}% | loss {loss:.4f} | lr {lr:.2e} | "
+            f"{_si(tokens_per_s)} tok/s | {format_duration(elapsed)}<{format_duration(eta)}"
+        )
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if not self.enabled or (step % self.every and step != self.total):
+            return
+        line = self.render(step, loss, lr, tokens_per_s)
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            self._open_line = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def write(self, msg: str) -> None:
+        """Print a message without garbling the bar."""
+        if not self.enabled:
+            return
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
+        self.stream.write(msg + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open_line = False
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``<output_dir>/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._f = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = self.path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None

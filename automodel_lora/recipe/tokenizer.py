@@ -1,0 +1,73 @@
+"""Tokenizers for the recipe: a built-in byte-level tokenizer and a thin wrapper over HF ones.
+
+Both expose the same small interface the data pipeline needs::
+
+    encode(text) -> list[int]      # no special tokens
+    decode(ids) -> str
+    bos_token_id, eos_token_id, pad_token_id: int | None
+    vocab_size: int                # 1 + the largest id the tokenizer can produce
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = ["ByteTokenizer", "HFTokenizer", "build_tokenizer"]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ids 0..255 are bytes, 256 = <bos>, 257 = <eos>, 258 = <pad>.
+
+    Needs no files and no download, so the quickstart runs anywhere. A model trained with it
+    needs ``vocab_size >= 259``. To use it after training::
+
+        from automodel_lora.recipe.tokenizer import ByteTokenizer
+        tok = ByteTokenizer()
+        ids = [tok.bos_token_id] + tok.encode("Once upon a time")
+        text = tok.decode(generated_ids)
+    """
+
+    bos_token_id = 256
+    eos_token_id = 257
+    pad_token_id = 258
+    vocab_size = 259
+    name = "byte"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """Wraps ``transformers.AutoTokenizer`` (a local directory works offline)."""
+
+    def __init__(self, name_or_path: str, trust_remote_code: bool = False):
+        from transformers import AutoTokenizer
+
+        self.name = name_or_path
+        self.tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        self.bos_token_id: Optional[int] = self.tok.bos_token_id
+        self.eos_token_id: Optional[int] = self.tok.eos_token_id
+        pad = self.tok.pad_token_id
+        self.pad_token_id: int = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(ids)
+
+
+def build_tokenizer(spec: Optional[str], model_name_or_path: Optional[str], trust_remote_code: bool = False):
+    """``spec``: ``byte``, a tokenizer directory, or None (use the model's directory)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = spec or model_name_or_path
+    if path is None:
+        from .config import ConfigError
+
+        raise ConfigError("no tokenizer: set `data.tokenizer` (`byte` or a tokenizer directory)")
+    return HFTokenizer(path, trust_remote_code=trust_remote_code)
