@@ -162,6 +162,10 @@ def _tri_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
             else:
                 dx = _tl.expand(dyB, A_c, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
                 dx.addmm_(dy, w)
+    if need_dA and need_dB:  # one launch for both weight gradients
+        dA, dB = _tl.tn2(dyB, x, xa, dy, scale, seed=seed, p_a=p if pre_drop else 0.0,
+                         p_b=p if post_drop else 0.0, dtype_a=A.dtype, dtype_b=B.dtype)
+        return dx, dA, dB
     if need_dA:
         dA = _tl.tn(dyB, x, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0, out_dtype=A.dtype)
     if need_dB:
@@ -173,18 +177,32 @@ def _tri_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
 # ----------------------------------------------------------------------------------------
 # custom ops (opaque to torch.compile; fake impls give shapes)
 # ----------------------------------------------------------------------------------------
-@torch.library.custom_op("automodel_lora::lora_fwd", mutates_args=())
-def _lora_fwd_op(
-    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    base_out: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
-    scale: float, p: float, post: bool, seed: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_impl(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed):
     if x.shape[0] == 0:
         N = lora_B.shape[0]
         dt = base_out.dtype if base_out is not None else x.dtype
         return x.new_empty((0, N), dtype=dt), x.new_empty((0, lora_A.shape[0]))
     fn = _tri_fwd if _use_triton(x) else _ref_fwd
     return fn(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
+
+
+def _bwd_impl(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB):
+    M, K = x.shape
+    if M == 0:
+        return x.new_zeros((0, K)), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    fn = _tri_bwd if _use_triton(x) else _ref_bwd
+    return fn(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB)
+
+
+# Eager calls go straight to the implementations (the custom-op dispatcher costs host time per
+# call); under torch.compile the same math is reached through the opaque custom ops below.
+@torch.library.custom_op("automodel_lora::lora_fwd", mutates_args=())
+def _lora_fwd_op(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    base_out: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scale: float, p: float, post: bool, seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
 
 
 @_lora_fwd_op.register_fake
@@ -200,12 +218,9 @@ def _lora_bwd_op(
     lora_B: torch.Tensor, xa: torch.Tensor, scale: float, p: float, post: bool,
     seed: Optional[torch.Tensor], need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    M, K = x.shape
-    if M == 0:
-        dx, dA, dB = x.new_zeros((0, K)), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    else:
-        fn = _tri_bwd if _use_triton(x) else _ref_bwd
-        dx, dA, dB = fn(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB)
+    dx, dA, dB = _bwd_impl(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB)
+    if dA is not None and dB is not None and dA.untyped_storage().data_ptr() == dB.untyped_storage().data_ptr():
+        dB = dB.clone()  # tn2 returns both as views of one buffer; op outputs may not alias
     return (dx if need_dx else x.new_empty((0,)), dA if need_dA else x.new_empty((0,)),
             dB if need_dB else x.new_empty((0,)))
 
@@ -240,7 +255,8 @@ class _LoRAFunction(torch.autograd.Function):
         seed = None
         if p > 0.0:
             seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-        y, xa = _lora_fwd_op(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
+        fwd = _lora_fwd_op if torch.compiler.is_compiling() else _fwd_impl
+        y, xa = fwd(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
         ctx.scale, ctx.p, ctx.post = scale, p, post
         ctx.has_base_out = base_out is not None
@@ -253,7 +269,8 @@ class _LoRAFunction(torch.autograd.Function):
         need_dx, need_dA, need_dB = nig[0], nig[4], nig[5]
         dx = dA = dB = None
         if need_dx or need_dA or need_dB:
-            dx, dA, dB = _lora_bwd_op(
+            bwd = _lora_bwd_op if torch.compiler.is_compiling() else _bwd_impl
+            dx, dA, dB = bwd(
                 dy, x, None if ctx.has_base_out else weight, lora_A, lora_B, xa,
                 ctx.scale, ctx.p, ctx.post, seed, need_dx, need_dA, need_dB,
             )

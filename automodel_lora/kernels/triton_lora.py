@@ -146,7 +146,8 @@ def _expand_kernel(
 # Out[s, R, D] = scale * P[m_s, R]^T @ drop(X)[m_s, D]   (split-M fp32 partials)
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _tn_kernel(
+def _tn_tile(
+    pid_d, pid_r, pid_s,
     p_ptr, x_ptr, o_ptr, seed_ptr,
     M, D, R, rows_per_split,
     spm, spr, sxm, sxd, sos, sor, sod,
@@ -154,9 +155,6 @@ def _tn_kernel(
     DROP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2)
     rd = pid_d * BD + tl.arange(0, BD)
     rr = pid_r * BR + tl.arange(0, BR)
     rb = tl.arange(0, BM)
@@ -180,9 +178,53 @@ def _tn_kernel(
             keep = _keep_mask(seed_ptr, rm64, rd, D, p)
             xt = tl.where(keep, xt, 0.0)
         acc = tl.dot(tl.trans(pt), xt, acc, input_precision=DOT_PREC)
-    acc = acc * scale
+    if DROP:
+        acc = acc * (scale / (1.0 - p))
+    else:
+        acc = acc * scale
     o_ptrs = o_ptr + pid_s.to(tl.int64) * sos + rr[:, None].to(tl.int64) * sor + rd[None, :].to(tl.int64) * sod
     tl.store(o_ptrs, acc, mask=r_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _tn_kernel(
+    p_ptr, x_ptr, o_ptr, seed_ptr,
+    M, D, R, rows_per_split,
+    spm, spr, sxm, sxd, sos, sor, sod,
+    scale, p,
+    DROP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+):
+    _tn_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2),
+             p_ptr, x_ptr, o_ptr, seed_ptr, M, D, R, rows_per_split,
+             spm, spr, sxm, sxd, sos, sor, sod, scale, p,
+             DROP, EVEN_D, DOT_PREC, BM, BD, BR)
+
+
+@triton.jit
+def _tn2_kernel(
+    pa_ptr, xa_ptr, oa_ptr, pb_ptr, xb_ptr, ob_ptr, seed_ptr,
+    M, DA, DB, R, rows_per_split,
+    spam, spar, sxam, sxad, soas, soar, soad,
+    spbm, spbr, sxbm, sxbd, sobs, sobr, sobd,
+    scale, p,
+    DROP_A: tl.constexpr, DROP_B: tl.constexpr, EVEN_A: tl.constexpr, EVEN_B: tl.constexpr,
+    DOT_PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+):
+    """Two tn problems in one launch (dA = s dyB^T x and dB = s dy^T xa): axis 0 runs over
+    the D-blocks of problem A then those of problem B."""
+    pid = tl.program_id(0)
+    nda = tl.cdiv(DA, BD)
+    if pid < nda:
+        _tn_tile(pid, tl.program_id(1), tl.program_id(2),
+                 pa_ptr, xa_ptr, oa_ptr, seed_ptr, M, DA, R, rows_per_split,
+                 spam, spar, sxam, sxad, soas, soar, soad, scale, p,
+                 DROP_A, EVEN_A, DOT_PREC, BM, BD, BR)
+    else:
+        _tn_tile(pid - nda, tl.program_id(1), tl.program_id(2),
+                 pb_ptr, xb_ptr, ob_ptr, seed_ptr, M, DB, R, rows_per_split,
+                 spbm, spbr, sxbm, sxbd, sobs, sobr, sobd, scale, p,
+                 DROP_B, EVEN_B, DOT_PREC, BM, BD, BR)
 
 
 # --------------------------------------------------------------------------------------
@@ -315,24 +357,50 @@ _gemm_tuned = triton.autotune(
     key=["M", "N", "K", "R", "HAS_LORA"], do_bench=_bench,
 )(_gemm_lora_kernel)
 
+_tn2_tuned = triton.autotune(
+    configs=_tn_tuned.configs,
+    key=["M", "DA", "DB", "R", "DROP_A", "DROP_B"], do_bench=_bench,
+)(_tn2_kernel)
+
 # rows per split of the tn kernel are a multiple of every BM above
 _TN_ROW_QUANT = 128
 
 
-def _launch(tuned, raw, grid, fixed, *args, **kw):
+# Launch plans: after the first (autotuned) call of a kernel for a key, later calls launch the
+# plain jit function with the chosen config directly: the autotuner's per-call Python work was
+# a large part of the ~120 us host time per launch measured in the first H100 run (NOTES.md).
+_PLANS: dict = {}
+
+
+def _launch(name, tuned, raw, grid, fixed, key, args, consts):
     if INTERPRET:
-        raw[grid(fixed)](*args, **kw, **fixed)
-    else:
-        tuned[grid](*args, **kw)
+        raw[grid(fixed)](*args, **consts, **fixed)
+        return
+    plan = _PLANS.get((name, key))
+    if plan is None:
+        tuned[grid](*args, **consts)
+        cfg = tuned.best_config
+        _PLANS[(name, key)] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
+        return
+    kw, w, st = plan
+    raw[grid(kw)](*args, **consts, **kw, num_warps=w, num_stages=st)
+
+
+_DUMMY_SEED: dict = {}
+
+
+def _seed_ptr(seed, device):
+    if seed is not None:
+        return seed
+    t = _DUMMY_SEED.get(device)
+    if t is None:
+        t = _DUMMY_SEED[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return t
 
 
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
-def _seed_ptr(seed, device):
-    return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
-
-
 def proj(x: torch.Tensor, y: torch.Tensor, *, seed=None, p: float = 0.0) -> torch.Tensor:
     """``drop(x) @ y`` with x ``(M, K)`` any strides, y ``(K, R)`` any strides -> ``(M, R)`` in x.dtype."""
     M, K = x.shape
@@ -346,14 +414,15 @@ def proj(x: torch.Tensor, y: torch.Tensor, *, seed=None, p: float = 0.0) -> torc
     BR = _rank_block(R)
     fixed = dict(BM=16, BK=32)
     even_k = K % (fixed["BK"] if INTERPRET else 512) == 0  # every BK in the configs divides 512
+    nr = triton.cdiv(R, BR)
     _launch(
-        _proj_tuned, _proj_kernel,
-        lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(R, BR)), fixed,
-        x, y, out, _seed_ptr(seed, x.device),
-        M, K, R,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-        float(p), 1.0 / (1.0 - p) if drop else 1.0,
-        DROP=drop, EVEN_K=even_k, DOT_PREC=_dot_prec(x.dtype), BR=BR,
+        "proj", _proj_tuned, _proj_kernel,
+        lambda meta: (triton.cdiv(M, meta["BM"]), nr), fixed, (M, K, R, drop, x.dtype),
+        (x, y, out, _seed_ptr(seed, x.device),
+         M, K, R,
+         x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
+         float(p), 1.0 / (1.0 - p) if drop else 1.0),
+        dict(DROP=drop, EVEN_K=even_k, DOT_PREC=_dot_prec(x.dtype), BR=BR),
     )
     return out
 
@@ -370,14 +439,15 @@ def expand(pm: torch.Tensor, q: torch.Tensor, scale: float, *, bias=None, add=No
     BR = _rank_block(R)
     cin = add if add is not None else out
     _launch(
-        _expand_tuned, _expand_kernel,
+        "expand", _expand_tuned, _expand_kernel,
         lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"])), dict(BM=16, BN=32),
-        pm, q, bias if bias is not None else out, cin, out, _seed_ptr(seed, pm.device),
-        M, N, R,
-        pm.stride(0), pm.stride(1), q.stride(0), q.stride(1), cin.stride(0), cin.stride(1),
-        out.stride(0), out.stride(1),
-        float(scale), float(p), 1.0 / (1.0 - p) if drop else 1.0,
-        HAS_BIAS=bias is not None, HAS_ADD=add is not None, DROP=drop, DOT_PREC=_dot_prec(pm.dtype), BR=BR,
+        (M, N, R, drop, add is not None, pm.dtype, out.dtype),
+        (pm, q, bias if bias is not None else out, cin, out, _seed_ptr(seed, pm.device),
+         M, N, R,
+         pm.stride(0), pm.stride(1), q.stride(0), q.stride(1), cin.stride(0), cin.stride(1),
+         out.stride(0), out.stride(1),
+         float(scale), float(p), 1.0 / (1.0 - p) if drop else 1.0),
+        dict(HAS_BIAS=bias is not None, HAS_ADD=add is not None, DROP=drop, DOT_PREC=_dot_prec(pm.dtype), BR=BR),
     )
     return out
 
@@ -424,17 +494,60 @@ def tn(pm: torch.Tensor, x: torch.Tensor, scale: float, *, seed=None, p: float =
         sos, sor, sod = part.stride(0), part.stride(1), part.stride(2)
     fixed = dict(BM=16, BD=32)
     even_d = D % (fixed["BD"] if INTERPRET else 256) == 0
+    nr = triton.cdiv(R, BR)
     _launch(
-        _tn_tuned, _tn_kernel,
-        lambda meta: (triton.cdiv(D, meta["BD"]), triton.cdiv(R, BR), S), fixed,
-        pm, x, part, _seed_ptr(seed, x.device),
-        M, D, R, rows,
-        pm.stride(0), pm.stride(1), x.stride(0), x.stride(1), sos, sor, sod,
-        float(scale), float(p),
-        DROP=drop, EVEN_D=even_d, DOT_PREC=_dot_prec(x.dtype), BR=BR,
+        "tn", _tn_tuned, _tn_kernel,
+        lambda meta: (triton.cdiv(D, meta["BD"]), nr, S), fixed, (M, D, R, drop, x.dtype, transpose_out),
+        (pm, x, part, _seed_ptr(seed, x.device),
+         M, D, R, rows,
+         pm.stride(0), pm.stride(1), x.stride(0), x.stride(1), sos, sor, sod,
+         float(scale), float(p)),
+        dict(DROP=drop, EVEN_D=even_d, DOT_PREC=_dot_prec(x.dtype), BR=BR),
     )
     out = part[0] if S == 1 else part.sum(0)
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def tn2(pa: torch.Tensor, xa: torch.Tensor, pb: torch.Tensor, xb: torch.Tensor, scale: float, *, seed=None,
+        p_a: float = 0.0, p_b: float = 0.0, dtype_a=torch.float32, dtype_b=torch.float32):
+    """``(scale * pa^T @ drop(xa), (scale * pb^T @ drop(xb))^T)`` in one launch (dA, dB of LoRA).
+
+    pa, pb ``(M, R)``; xa ``(M, DA)``; xb ``(M, DB)`` -> ``(R, DA)`` in dtype_a and ``(DB, R)`` in dtype_b.
+    Both drops use ``seed``; at most one of p_a, p_b is non-zero in LoRA.
+    """
+    M, R = pa.shape
+    DA, DB = xa.shape[1], xb.shape[1]
+    if M == 0 or R == 0 or DA == 0 or DB == 0:
+        return (tn(pa, xa, scale, seed=seed, p=p_a, out_dtype=dtype_a),
+                tn(pb, xb, scale, seed=seed, p=p_b, transpose_out=True, out_dtype=dtype_b))
+    BR = _rank_block(R)
+    S = 1 if INTERPRET and M < 64 else _num_splits(M, DA + DB, R, BR, _sm_count(xa.device))
+    rows = triton.cdiv(triton.cdiv(M, S), _TN_ROW_QUANT) * _TN_ROW_QUANT
+    S = triton.cdiv(M, rows)
+    na = R * DA
+    part = torch.empty((S, na + DB * R), device=xa.device, dtype=torch.float32)
+    part_b = part[:, na:]
+    fixed = dict(BM=16, BD=32)
+    q = fixed["BD"] if INTERPRET else 256
+    nr = triton.cdiv(R, BR)
+    drop_a, drop_b = p_a > 0.0, p_b > 0.0
+    _launch(
+        "tn2", _tn2_tuned, _tn2_kernel,
+        lambda meta: (triton.cdiv(DA, meta["BD"]) + triton.cdiv(DB, meta["BD"]), nr, S), fixed,
+        (M, DA, DB, R, drop_a, drop_b, xa.dtype),
+        (pa, xa, part, pb, xb, part_b, _seed_ptr(seed, xa.device),
+         M, DA, DB, R, rows,
+         pa.stride(0), pa.stride(1), xa.stride(0), xa.stride(1), part.stride(0), DA, 1,
+         pb.stride(0), pb.stride(1), xb.stride(0), xb.stride(1), part.stride(0), 1, R,
+         float(scale), float(p_a if drop_a else p_b)),
+        dict(DROP_A=drop_a, DROP_B=drop_b, EVEN_A=DA % q == 0, EVEN_B=DB % q == 0,
+             DOT_PREC=_dot_prec(xa.dtype), BR=BR),
+    )
+    flat = part[0] if S == 1 else part.sum(0)
+    if dtype_a == dtype_b:
+        flat = flat.to(dtype_a)
+        return flat[:na].view(R, DA), flat[na:].view(DB, R)
+    return flat[:na].view(R, DA).to(dtype_a), flat[na:].view(DB, R).to(dtype_b)
 
 
 def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 1.0, bias=None) -> torch.Tensor:
@@ -449,17 +562,18 @@ def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 
     fixed = dict(BM=16, BN=32, BK=32, GROUP_M=4)
     even_k = K % (fixed["BK"] if INTERPRET else 64) == 0
     _launch(
-        _gemm_tuned, _gemm_lora_kernel,
+        "gemm", _gemm_tuned, _gemm_lora_kernel,
         lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),), fixed,
-        x, y, pm if has_lora else x, q if has_lora else y, bias if bias is not None else out, out,
-        M, N, K, R,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        pm.stride(0) if has_lora else 0, pm.stride(1) if has_lora else 0,
-        q.stride(0) if has_lora else 0, q.stride(1) if has_lora else 0,
-        out.stride(0), out.stride(1),
-        float(scale),
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, EVEN_K=even_k, DOT_PREC=_dot_prec(x.dtype),
-        BR=_rank_block(max(R, 1)),
+        (M, N, K, R, has_lora, x.dtype, y.stride(0) == 1),
+        (x, y, pm if has_lora else x, q if has_lora else y, bias if bias is not None else out, out,
+         M, N, K, R,
+         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+         pm.stride(0) if has_lora else 0, pm.stride(1) if has_lora else 0,
+         q.stride(0) if has_lora else 0, q.stride(1) if has_lora else 0,
+         out.stride(0), out.stride(1),
+         float(scale)),
+        dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, EVEN_K=even_k, DOT_PREC=_dot_prec(x.dtype),
+             BR=_rank_block(max(R, 1))),
     )
     return out
 
@@ -474,7 +588,4 @@ def keep_mask(seed: torch.Tensor, M: int, D: int, p: float, device) -> torch.Ten
 
 def autotune_choices() -> dict:
     """The configs autotune picked so far, per kernel and key (recorded by the benchmark)."""
-    out = {}
-    for name, t in (("proj", _proj_tuned), ("expand", _expand_tuned), ("tn", _tn_tuned), ("gemm_lora", _gemm_tuned)):
-        out[name] = {str(k): str(v) for k, v in getattr(t, "cache", {}).items()}
-    return out
+    return {f"{name} {key}": f"{kw} warps={w} stages={st}" for (name, key), (kw, w, st) in _PLANS.items()}

@@ -1,0 +1,325 @@
+"""LoRA kernels vs a float64 PyTorch reference written here: output and every gradient.
+
+Runs twice in CI:
+    pytest tests/test_kernels.py                         # CPU reference path (pure PyTorch)
+    TRITON_INTERPRET=1 pytest tests/test_kernels.py      # the Triton kernels, in the interpreter
+Tests named *_interp run only under the interpreter; the rest run in both modes.
+
+Tolerances (normwise ||out - ref|| / ||ref|| against float64 on the same rounded inputs, plus an
+elementwise bound relative to max|ref| that catches a single wrong row or column):
+  fp32: 2e-6 normwise / 2e-5 elementwise.  Accumulation is fp32 (eps 1.2e-7) over <= 257 terms
+        plus one fp32 rounding of xa; measured ~1e-7.  A wrong mask or term is off by > 1e-2.
+  fp16: 2e-3 / 8e-3.  The output and the [M, r] projection are rounded to fp16 (eps 9.8e-4,
+        i.e. 4.9e-4 relative per rounding, two roundings in a row); measured ~4e-4.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from automodel_lora.kernels import dropout_keep_mask, lora_add, lora_linear, set_base_gemm
+from automodel_lora.kernels import lora as L
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+interp_only = pytest.mark.skipif(not (INTERPRET and L.HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
+
+TOL = {torch.float32: (2e-6, 2e-5), torch.float16: (2e-3, 8e-3)}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
+    """Normwise and elementwise comparison against a float64 reference; reports where it fails."""
+    norm_tol, elem_tol = TOL[dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double(), expected.detach().double()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    scale = e.abs().max().clamp_min(1e-30)
+    rel = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+    diff = (a - e).abs()
+    bad = diff > elem_tol * scale
+    msg = (f"{what}: normwise rel err {rel:.2e} (tol {norm_tol:.0e}); {int(bad.sum())}/{bad.numel()} elements "
+           f"beyond {elem_tol:.0e}*max|ref|")
+    if bad.any():
+        idx = tuple(bad.nonzero()[0].tolist())
+        msg += f", first at {idx}: {a[idx].item():.6g} vs {e[idx].item():.6g}"
+    assert rel <= norm_tol and not bad.any(), msg
+
+
+def reference(x, W, b, A, B, s, p, pos, keep):
+    """float64 y for x (..., K); keep (M, K) for pre / (M, N) for post, or None."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    xd = x2 * keep / (1 - p) if (pos == "pre" and keep is not None) else x2
+    lr = s * (xd @ A.t()) @ B.t()
+    if pos == "post" and keep is not None:
+        lr = lr * keep / (1 - p)
+    y = x2 @ W.t() + lr
+    if b is not None:
+        y = y + b
+    return y.reshape(*x.shape[:-1], W.shape[0])
+
+
+def _seed_for(call_seed: int, device="cpu") -> torch.Tensor:
+    """The Philox seed lora_linear draws after torch.manual_seed(call_seed)."""
+    torch.manual_seed(call_seed)
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def make(M, K, N, r, dtype, bias=True, adapter_dtype=None, lead=None):
+    adt = adapter_dtype or dtype
+    shape = (*lead, K) if lead else (M, K)
+    x = torch.randn(shape, dtype=dtype).requires_grad_(True)
+    W = (torch.randn(N, K) / K**0.5).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    A = (torch.randn(r, K) / K**0.5).to(adt).requires_grad_(True)
+    B = (torch.randn(N, r) * 0.3).to(adt).requires_grad_(True)
+    return x, W, b, A, B
+
+
+def run_and_check(x, W, b, A, B, s, p, pos, dtype, call_seed=7):
+    torch.manual_seed(call_seed)
+    y = lora_linear(x, W, b, A, B, s, p, pos)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], W.shape[0])
+    g = torch.randn_like(y)
+    y.backward(g)
+    M = x.numel() // x.shape[-1]
+    keep = None
+    if p > 0:
+        D = x.shape[-1] if pos == "pre" else W.shape[0]
+        keep = dropout_keep_mask(_seed_for(call_seed), M, D, p, "cpu").double()
+    xr = x.detach().double().requires_grad_(x.requires_grad)
+    Ar = A.detach().double().requires_grad_(A.requires_grad)
+    Br = B.detach().double().requires_grad_(B.requires_grad)
+    yr = reference(xr, W.double(), None if b is None else b.double(), Ar, Br, s, p, pos, keep)
+    yr.backward(g.double())
+    check(y, yr, dtype, "y")
+    for name, t, tr in (("dx", x, xr), ("dA", A, Ar), ("dB", B, Br)):
+        if t.requires_grad:
+            assert t.grad is not None, f"{name} missing"
+            assert t.grad.dtype == t.dtype, f"{name} dtype {t.grad.dtype} != {t.dtype}"
+            check(t.grad, tr.grad, dtype, name)
+    return y, keep
+
+
+DTYPES = [torch.float32, torch.float16]
+# (M, K, N, r, bias, position, p): odd sizes, every rank of the issue, both dropout positions
+CASES = [
+    (1, 33, 33, 1, True, "post", 0.0),
+    (7, 100, 257, 8, False, "pre", 0.0),
+    (129, 257, 100, 16, True, "post", 0.0),
+    (129, 33, 100, 64, False, "post", 0.0),
+    (7, 257, 33, 256, True, "pre", 0.0),
+    (129, 100, 100, 16, True, "pre", 0.25),
+    (129, 100, 257, 8, False, "post", 0.25),
+    (7, 33, 100, 64, True, "pre", 0.5),
+    (1, 100, 33, 1, False, "post", 0.5),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M,K,N,r,bias,pos,p", CASES)
+def test_matches_reference(M, K, N, r, bias, pos, p, dtype):
+    x, W, b, A, B = make(M, K, N, r, dtype, bias)
+    run_and_check(x, W, b, A, B, 2.0, p, pos, dtype)
+
+
+@pytest.mark.parametrize("pos", ["pre", "post"])
+def test_3d_and_noncontiguous(pos):
+    K, N, r = 40, 24, 8
+    base = torch.randn(3, K, 10)  # (B, K, T) -> transpose -> (B, T, K), non-contiguous
+    x = base.transpose(1, 2).requires_grad_(True)
+    assert not x.is_contiguous()
+    _, W, b, A, B = make(1, K, N, r, torch.float32)
+    run_and_check(x, W, b, A, B, 0.5, 0.2, pos, torch.float32)
+    # strided last dim too (every other column of a wider tensor)
+    wide = torch.randn(2, 5, 2 * K)
+    x2 = wide[..., ::2].requires_grad_(True)
+    run_and_check(x2, W, b, A.detach().requires_grad_(True), B.detach().requires_grad_(True), 0.5, 0.0, pos,
+                  torch.float32)
+
+
+def test_fp32_adapters_fp16_activations():
+    x, W, b, A, B = make(33, 64, 48, 16, torch.float16, adapter_dtype=torch.float32)
+    y, _ = run_and_check(x, W, b, A, B, 2.0, 0.0, "post", torch.float16)
+    assert y.dtype == torch.float16 and A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("need", ["x", "A", "B", "AB", "xA"])
+def test_needs_input_grad(need):
+    x, W, b, A, B = make(17, 40, 24, 4, torch.float32)
+    x.requires_grad_("x" in need)
+    A.requires_grad_("A" in need)
+    B.requires_grad_("B" in need)
+    run_and_check(x, W, b, A, B, 1.5, 0.0, "post", torch.float32)
+    assert (x.grad is not None) == ("x" in need)
+    assert (A.grad is not None) == ("A" in need)
+    assert (B.grad is not None) == ("B" in need)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+def test_empty_batch(lead):
+    x, W, b, A, B = make(0, 16, 12, 4, torch.float32, lead=lead)
+    y = lora_linear(x, W, b, A, B, 2.0)
+    assert y.shape == (*lead, 12)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert A.grad.abs().sum() == 0 and B.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("pos,p", [("post", 0.0), ("pre", 0.3), ("post", 0.3)])
+def test_lora_add(pos, p):
+    dtype = torch.float32
+    x, W, _, A, B = make(29, 36, 20, 8, dtype)
+    Wp = W.clone().requires_grad_(True)  # a "base" with its own autograd (stands in for bnb 4-bit)
+    base_out = x @ Wp.t()
+    torch.manual_seed(3)
+    y = lora_add(base_out, x, A, B, 2.0, p, pos)
+    g = torch.randn_like(y)
+    y.backward(g)
+    keep = None
+    if p > 0:
+        D = 36 if pos == "pre" else 20
+        keep = dropout_keep_mask(_seed_for(3), 29, D, p, "cpu").double()
+    xr = x.detach().double().requires_grad_(True)
+    Ar, Br = A.detach().double().requires_grad_(True), B.detach().double().requires_grad_(True)
+    Wr = W.double().requires_grad_(True)
+    yr = reference(xr, Wr, None, Ar, Br, 2.0, p, pos, keep)
+    yr.backward(g.double())
+    check(y, yr, dtype, "y")
+    check(x.grad, xr.grad, dtype, "dx (base + adapter)")
+    check(Wp.grad, Wr.grad, dtype, "dW through base_out (identity)")
+    check(A.grad, Ar.grad, dtype, "dA")
+    check(B.grad, Br.grad, dtype, "dB")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_post_mask_matches_forward(p):
+    """The mask recovered from the forward output is the seed's mask; keep rate ~ 1 - p."""
+    M, K, N, r = 64, 32, 48, 4
+    x, W, _, A, B = make(M, K, N, r, torch.float32)
+    torch.manual_seed(11)
+    y = lora_linear(x, W, None, A, B, 1.0, p, "post")
+    lr = y.detach() - x.detach() @ W.t()
+    full = (x.detach() @ A.detach().t()) @ B.detach().t()
+    recovered = (lr.abs() > 1e-4 * full.abs().max()) | (full.abs() < 1e-4 * full.abs().max())
+    keep = dropout_keep_mask(_seed_for(11), M, N, p, "cpu")
+    informative = full.abs() > 1e-3 * full.abs().max()
+    assert torch.equal(recovered[informative], keep[informative])
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 4 * ((p * (1 - p) / keep.numel()) ** 0.5) + 1e-3
+    # a second call draws a new seed: a different mask
+    y2 = lora_linear(x, W, None, A, B, 1.0, p, "post")
+    assert not torch.equal(y.detach(), y2.detach())
+
+
+def test_validation_errors():
+    x, W, b, A, B = make(4, 8, 6, 2, torch.float32)
+    with pytest.raises(ValueError, match="dropout_position"):
+        lora_linear(x, W, b, A, B, 1.0, 0.1, "middle")
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear(x, W, b, A, B, 1.0, 1.0)
+    with pytest.raises(ValueError, match="lora_A"):
+        lora_linear(x, W, b, A[:, :4], B, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        lora_linear(x, W, b, A, B[:, :1], 1.0)
+    with pytest.raises(ValueError, match="weight"):
+        lora_linear(x, W[:, :4], b, A, B, 1.0)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, K=24, N=16, r=4):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(N, K) / K**0.5, requires_grad=False)
+        self.b = torch.nn.Parameter(torch.randn(N), requires_grad=False)
+        self.A = torch.nn.Parameter(torch.randn(r, K) / K**0.5)
+        self.B = torch.nn.Parameter(torch.randn(N, r) * 0.1)
+        self.W2 = torch.nn.Parameter(torch.randn(K, N) / N**0.5, requires_grad=False)
+        self.A2 = torch.nn.Parameter(torch.randn(r, N) / N**0.5)
+        self.B2 = torch.nn.Parameter(torch.randn(K, r) * 0.1)
+
+    def forward(self, x):
+        h = torch.relu(lora_linear(x, self.W, self.b, self.A, self.B, 2.0))
+        base = h @ self.W2.t()
+        return lora_add(base, h, self.A2, self.B2, 2.0)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """Custom ops + fake impls: fullgraph=True compiles with no graph break; same results."""
+    torch._dynamo.reset()
+    m = _Tiny()
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    y_e = m(x)
+    y_e.sum().backward()
+    grads_e = [x.grad.clone(), m.A.grad.clone(), m.B.grad.clone(), m.A2.grad.clone(), m.B2.grad.clone()]
+    x.grad = None
+    m.zero_grad(set_to_none=True)
+    mc = torch.compile(m, backend="aot_eager", fullgraph=True)
+    y_c = mc(x)
+    y_c.sum().backward()
+    grads_c = [x.grad, m.A.grad, m.B.grad, m.A2.grad, m.B2.grad]
+    check(y_c, y_e, torch.float32, "compiled y")
+    for i, (a, e) in enumerate(zip(grads_c, grads_e)):
+        check(a, e, torch.float32, f"compiled grad {i}")
+
+
+def test_reference_path_without_triton():
+    """With triton unimportable, the package imports and the CPU reference path runs."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from automodel_lora.kernels import lora_linear, HAS_TRITON\n"
+        "assert not HAS_TRITON\n"
+        "x = torch.randn(3, 8, requires_grad=True); W = torch.randn(5, 8)\n"
+        "A = torch.randn(2, 8, requires_grad=True); B = torch.randn(5, 2, requires_grad=True)\n"
+        "y = lora_linear(x, W, None, A, B, 2.0, 0.2, 'pre'); y.sum().backward()\n"
+        "assert x.grad.shape == x.shape and A.grad is not None\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------
+# interpreter-only: the kernel launchers themselves, and the Triton base GEMM path
+# ------------------------------------------------------------------------------------------
+@interp_only
+def test_backend_is_triton_under_interpreter_interp():
+    assert L._use_triton(torch.empty(1))
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M,K,N,r,bias,pos,p", [CASES[2], CASES[5], CASES[7]])
+def test_triton_base_gemm_interp(M, K, N, r, bias, pos, p, dtype):
+    set_base_gemm("triton")
+    try:
+        x, W, b, A, B = make(M, K, N, r, dtype, bias)
+        run_and_check(x, W, b, A, B, 2.0, p, pos, dtype)
+    finally:
+        set_base_gemm("cublas")
+
+
+@interp_only
+def test_split_m_partials_interp():
+    """M large enough for several split-M partials in tn / tn2 (the multi-split sum path)."""
+    from automodel_lora.kernels import triton_lora as T
+
+    M, D1, D2, R = 1100, 33, 20, 5
+    pa, xa = torch.randn(M, R), torch.randn(M, D1)
+    pb, xb = torch.randn(M, R), torch.randn(M, D2)
+    assert T._num_splits(M, D1 + D2, R, 16, T._sm_count(xa.device)) > 1
+    dA, dB = T.tn2(pa, xa, pb, xb, 0.5)
+    check(dA, 0.5 * pa.double().t() @ xa.double(), torch.float32, "tn2 A")
+    check(dB, 0.5 * (pb.double().t() @ xb.double()).t(), torch.float32, "tn2 B")
+    check(T.tn(pa, xa, 0.5), 0.5 * pa.double().t() @ xa.double(), torch.float32, "tn")
