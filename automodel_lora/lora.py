@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PeftConfig, dtype_from_str, lora_scale, validate_adapter_hparams
+from .kernels import lora_add, lora_linear
 from .matcher import ModuleMatcher
 from .quant import is_quantized_linear, quantized_compute_dtype
 
@@ -123,11 +124,6 @@ class TritonLinearLoRA(LinearLoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_merged:
             return self.base_forward(x)
-        try:
-            from .kernels import lora_add, lora_linear
-        except ImportError:  # TEMP until the kernels land
-            return LinearLoRA.forward(self, x)
-
         dropout_p = self.lora_dropout.p if self.training else 0.0
         adapter = (self.lora_A.weight, self.lora_B.weight, self.lora_scale, dropout_p, self.lora_dropout_position)
         if self._has_fusable_base(x):
