@@ -17,6 +17,7 @@ quickstart: $(STAMP)
 # Everything CI runs: the test suite, then the Triton kernels under the CPU interpreter.
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/test_kernels.py
 
 lint:
 	ruff check automodel_lora tests scripts benchmarks
