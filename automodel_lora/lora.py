@@ -126,18 +126,19 @@ class TritonLinearLoRA(LinearLoRA):
             return self.base_forward(x)
         dropout_p = self.lora_dropout.p if self.training else 0.0
         adapter = (self.lora_A.weight, self.lora_B.weight, self.lora_scale, dropout_p, self.lora_dropout_position)
-        if self._has_fusable_base(x):
-            return lora_linear(x, self.weight, self.bias, *adapter)
-        return lora_add(self.base_forward(x), x, *adapter)
+        # Under autocast the kernels see what F.linear would: activations in the autocast dtype.
+        compute_x = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
+        if self._has_fusable_base(compute_x.dtype):
+            return lora_linear(compute_x, self.weight, self.bias, *adapter)
+        return lora_add(self.base_forward(x), compute_x, *adapter)
 
-    def _has_fusable_base(self, x: torch.Tensor) -> bool:
-        """Plain `F.linear` semantics on a frozen dense weight of the activation's dtype."""
+    def _has_fusable_base(self, dtype: torch.dtype) -> bool:
+        """Plain `F.linear` semantics on a frozen dense weight (and bias) of the compute dtype."""
         return (
             self._lora_base_cls.forward is nn.Linear.forward
             and not self.weight.requires_grad
-            and (self.bias is None or not self.bias.requires_grad)
-            and self.weight.dtype == x.dtype
-            and not torch.is_autocast_enabled(x.device.type)
+            and self.weight.dtype == dtype
+            and (self.bias is None or (not self.bias.requires_grad and self.bias.dtype == dtype))
         )
 
 

@@ -299,3 +299,19 @@ def test_torch_compile_gives_the_same_result():
         expected = model(ids).logits
         compiled = torch.compile(model, backend="eager")
         assert_close(compiled(ids).logits, expected)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_bf16_matches_reference(use_triton, base_dtype):
+    layer = al.patch_linear_module(nn.Linear(48, 40, dtype=base_dtype), dim=4, alpha=8, use_triton=use_triton)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.02)
+    x = torch.randn(2, 9, 48, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = reference_lora(x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight, 2.0)
+    assert_close(y, ref, dtype=torch.bfloat16)
+    y.float().sum().backward()
+    assert x.grad is not None and layer.lora_A.weight.grad is not None and layer.weight.grad is None
