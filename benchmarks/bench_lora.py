@@ -274,17 +274,65 @@ def bench_ops(args, results):
                 "tgemm_bwd": lambda i: T.gemm_lora(dy, W, dyB, A, 2.0),
                 "tgemm_fwd_nolora": lambda i: T.gemm_lora(x, W.t()),
             }
+            import triton.testing as tt
+
             for name, fn in ops.items():
+                fn(0)
                 fn(0)
             _sync()
             for name, fn in ops.items():
-                t = statistics.median(time_block(fn, 20))
+                # CUDA-graph replay: GPU time alone (eager event timing of one launch was host-bound)
+                t = tt.do_bench_cudagraph(lambda: fn(0), rep=20, return_mode="median")
                 rows.append(dict(K=Kd, N=N, r=r, op=name, us=t * 1e3))
+                torch.cuda.empty_cache()
             print(f"[ops] K={Kd} N={N} r={r}: " + ", ".join(f"{d['op']}={d['us']:.0f}" for d in rows[-len(ops):]),
                   flush=True)
             del x, dy, W, A, B, xa, dyB, y, dx
             torch.cuda.empty_cache()
     results["ops_us"] = rows
+
+
+# ------------------------------------------------------------------------------------------
+# host overhead: tiny shapes, so a step's time is its Python/launch time
+# ------------------------------------------------------------------------------------------
+def bench_host(args, results):
+    import cProfile
+    import io
+    import pstats
+
+    dt = torch.bfloat16
+    lin = nn.Linear(256, 256, bias=False, device=DEV, dtype=dt).requires_grad_(False)
+    A0 = torch.randn(16, 256, device=DEV, dtype=dt) / 16
+    B0 = torch.randn(256, 16, device=DEV, dtype=dt) * 0.05
+    variants = build_layer_variants(lin, 16, A0, B0, ["frozen", "torch_naive", "torch", "triton"])
+    x = torch.randn(64, 256, device=DEV, dtype=dt, requires_grad=True)
+    g = torch.randn(64, 256, device=DEV, dtype=dt)
+    rows = {}
+    for name, (fn, params) in variants.items():
+        def step(fn=fn):
+            y = fn(x)
+            y.backward(g)
+        for _ in range(5):
+            step()
+        _sync()
+        t = time.perf_counter()
+        for _ in range(100):
+            step()
+        _sync()
+        rows[name] = (time.perf_counter() - t) / 100 * 1e6
+    results["host_us_per_step"] = rows
+    print("[host] us per fwd+bwd step at tiny shapes: " + ", ".join(f"{k}={v:.0f}" for k, v in rows.items()), flush=True)
+    if "triton" in variants:
+        fn = variants["triton"][0]
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(50):
+            fn(x).backward(g)
+        _sync()
+        pr.disable()
+        sio = io.StringIO()
+        pstats.Stats(pr, stream=sio).sort_stats("tottime").print_stats(30)
+        results["host_profile_triton"] = sio.getvalue()
 
 
 # ------------------------------------------------------------------------------------------
@@ -439,7 +487,7 @@ def print_tables(results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="layer,ops,model")
+    ap.add_argument("--sections", default="layer,ops,host,model")
     ap.add_argument("--variants", default="frozen,peft,torch_naive,torch,triton,triton_tg")
     ap.add_argument("--M", type=int, default=8192)
     ap.add_argument("--ranks", default="16,64")
@@ -461,6 +509,8 @@ def main():
         bench_layer(args, results)
     if "ops" in secs:
         bench_ops(args, results)
+    if "host" in secs:
+        bench_host(args, results)
     if "model" in secs:
         bench_model(args, results)
     if K.HAS_TRITON and DEV == "cuda":

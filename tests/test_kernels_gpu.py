@@ -1,0 +1,138 @@
+"""GPU tests of the LoRA kernels (skipped without CUDA): bf16 at real shapes, dropout,
+torch.compile with inductor, int64 offsets (M * K > 2**31).
+
+    pytest tests/test_kernels_gpu.py
+
+bf16 tolerance, normwise against an fp32 reference on the same bf16 inputs: the output and the
+[M, r] projections are rounded to bf16 (eps 7.8e-3, i.e. 3.9e-3 relative per rounding; errors of
+~1e5 independent outputs average in the norm to about one rounding), so 1e-2 is ~2.5 roundings; a
+wrong term or mask is off by > 5e-2 (the adapter term is ~20% of y here).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BF16_TOL = 1e-2
+
+
+def rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _inputs(M, K, N, r, dtype=torch.bfloat16, adapter_dtype=None, bias=False):
+    torch.manual_seed(0)
+    dev = "cuda"
+    adt = adapter_dtype or dtype
+    x = torch.randn(M, K, device=dev, dtype=dtype, requires_grad=True)
+    W = (torch.randn(N, K, device=dev) / K**0.5).to(dtype)
+    b = torch.randn(N, device=dev).to(dtype) if bias else None
+    A = (torch.randn(r, K, device=dev) / K**0.5).to(adt).requires_grad_(True)
+    B = (torch.randn(N, r, device=dev) * 0.05).to(adt).requires_grad_(True)
+    return x, W, b, A, B
+
+
+def _ref(x, W, b, A, B, s, keep=None, pos="post", p=0.0):
+    xf, Wf, Af, Bf = x.detach().float(), W.float(), A.detach().float(), B.detach().float()
+    xf.requires_grad_(True)
+    Af.requires_grad_(True)
+    Bf.requires_grad_(True)
+    xd = xf * keep / (1 - p) if (keep is not None and pos == "pre") else xf
+    lr = s * (xd @ Af.t()) @ Bf.t()
+    if keep is not None and pos == "post":
+        lr = lr * keep / (1 - p)
+    y = xf @ Wf.t() + lr + (0 if b is None else b.float())
+    return y, xf, Af, Bf
+
+
+@pytest.mark.parametrize("base_gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("K,N,r", [(4096, 4096, 16), (4096, 14336, 64), (14336, 4096, 16), (4096, 1024, 256)])
+def test_bf16_real_shapes(K, N, r, base_gemm):
+    from automodel_lora.kernels import lora_linear, set_base_gemm
+
+    M = 4096
+    x, W, b, A, B = _inputs(M, K, N, r, bias=True)
+    set_base_gemm(base_gemm)
+    try:
+        y = lora_linear(x, W, b, A, B, 2.0)
+        g = torch.randn_like(y)
+        y.backward(g)
+    finally:
+        set_base_gemm("cublas")
+    yr, xr, Ar, Br = _ref(x, W, b, A, B, 2.0)
+    yr.backward(g.float())
+    for name, a, e in (("y", y, yr), ("dx", x.grad, xr.grad), ("dA", A.grad, Ar.grad), ("dB", B.grad, Br.grad)):
+        err = rel(a, e)
+        assert err < BF16_TOL, f"{name}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("pos", ["pre", "post"])
+def test_bf16_dropout_fp32_adapters(pos):
+    from automodel_lora.kernels import dropout_keep_mask, lora_linear
+
+    M, K, N, r, p = 2048, 1024, 768, 16, 0.3
+    x, W, b, A, B = _inputs(M, K, N, r, adapter_dtype=torch.float32)
+    torch.manual_seed(5)
+    y = lora_linear(x, W, b, A, B, 2.0, p, pos)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.manual_seed(5)
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cuda")
+    keep = dropout_keep_mask(seed, M, K if pos == "pre" else N, p, "cuda").float()
+    assert abs(keep.mean().item() - (1 - p)) < 5e-3
+    yr, xr, Ar, Br = _ref(x, W, b, A, B, 2.0, keep, pos, p)
+    yr.backward(g.float())
+    assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+    for name, a, e in (("y", y, yr), ("dx", x.grad, xr.grad), ("dA", A.grad, Ar.grad), ("dB", B.grad, Br.grad)):
+        err = rel(a, e)
+        assert err < BF16_TOL, f"{name}: rel err {err:.2e}"
+
+
+def test_torch_compile_inductor_fullgraph():
+    from automodel_lora.kernels import lora_add, lora_linear
+
+    torch._dynamo.reset()
+    x, W, b, A, B = _inputs(512, 256, 384, 16, bias=True)
+
+    def f(x):
+        h = lora_linear(x, W, b, A, B, 2.0)
+        return lora_add(h * 2, x, A, B[:384], 1.0)
+
+    y_e = f(x)
+    y_e.float().square().sum().backward()
+    ge = [t.grad.clone() for t in (x, A, B)]
+    for t in (x, A, B):
+        t.grad = None
+    fc = torch.compile(f, fullgraph=True)
+    y_c = fc(x)
+    y_c.float().square().sum().backward()
+    assert rel(y_c, y_e) < 1e-3
+    for a, e in zip((x.grad, A.grad, B.grad), ge):
+        assert rel(a, e) < 1e-2
+
+
+def test_int64_offsets():
+    """M * K > 2**31: row offsets must be int64 in every kernel."""
+    from automodel_lora.kernels import lora_linear
+
+    K, N, r = 4096, 64, 8
+    M = 2**31 // K + 256
+    free = torch.cuda.mem_get_info()[0]
+    if free < 24 * 2**30:
+        pytest.skip("needs ~24 GiB free")
+    x, W, b, A, B = _inputs(M, K, N, r)
+    y = lora_linear(x, W, b, A, B, 2.0)
+    g = torch.randn_like(y)
+    y.backward(g)
+    tail = slice(M - 512, M)  # rows past the int32 boundary
+    xt = x.detach()[tail].float()
+    y_ref = xt @ W.float().t() + 2.0 * (xt @ A.detach().float().t()) @ B.detach().float().t()
+    assert rel(y[tail], y_ref) < BF16_TOL
+    dx_ref = g[tail].float() @ W.float() + 2.0 * (g[tail].float() @ B.detach().float()) @ A.detach().float()
+    assert rel(x.grad[tail], dx_ref) < BF16_TOL
+    dB_ref = 2.0 * g.float().t() @ (x.detach().float() @ A.detach().float().t())
+    assert rel(B.grad, dB_ref) < BF16_TOL
