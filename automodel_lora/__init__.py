@@ -1,9 +1,9 @@
 """automodel_lora: in-place, FQN-preserving LoRA / QLoRA for any PyTorch model.
 
-    import automodel_lora as al
-    n = al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "v_proj"], dim=16))
-    ...train...
-    al.save_adapter(model, "out/adapter")      # HF PEFT format
+import automodel_lora as al
+n = al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "v_proj"], dim=16))
+...train...
+al.save_adapter(model, "out/adapter")      # HF PEFT format
 """
 
 from .adapter_io import load_adapter, lora_state_dict, save_adapter

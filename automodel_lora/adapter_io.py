@@ -75,7 +75,7 @@ def save_adapter(
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to save; call apply_lora_to_linear_modules first")
     state = lora_state_dict(model)
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     from safetensors.torch import save_file
 
@@ -163,11 +163,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, use_triton: bool | N
     adapted = dict(lora_modules(model))
     missing = sorted(set(adapted) - set(pairs))
     if missing:
-        raise ValueError(f"{os.fspath(path)!r} holds no adapter for {len(missing)} adapted module(s) of the model, e.g. {missing[:5]}")
+        raise ValueError(
+            f"{os.fspath(path)!r} holds no adapter for {len(missing)} adapted module(s) of the model, e.g. {missing[:5]}"
+        )
     for fqn, (lora_A, lora_B) in pairs.items():
         module = adapted.get(fqn)
         if module is None:
-            raise ValueError(f"adapter key {PEFT_KEY_PREFIX}{fqn}.lora_A.weight names {fqn!r}, which has no LoRA adapter in the model")
+            raise ValueError(
+                f"adapter key {PEFT_KEY_PREFIX}{fqn}.lora_A.weight names {fqn!r}, which has no LoRA adapter in the model"
+            )
         _copy_into(module.lora_A.weight, lora_A, f"{fqn}.lora_A.weight")
         _copy_into(module.lora_B.weight, lora_B, f"{fqn}.lora_B.weight")
     return len(pairs)
@@ -249,9 +253,11 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor, key: str) -> None:
 def _target_module_names(model: nn.Module, adapted: list[str]) -> list[str]:
     """Short names (`q_proj`) when they select exactly the adapted modules, as vLLM expects; else full FQNs."""
     short = {name.rsplit(".", 1)[-1] for name in adapted}
-    selected_by_short = {
-        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in short
-    } - {f"{name}.lora_A" for name in adapted} - {f"{name}.lora_B" for name in adapted}
+    selected_by_short = (
+        {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in short}
+        - {f"{name}.lora_A" for name in adapted}
+        - {f"{name}.lora_B" for name in adapted}
+    )
     return sorted(short) if selected_by_short == set(adapted) else sorted(adapted)
 
 
@@ -281,7 +287,9 @@ def _full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def _read_json(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} does not exist; an adapter directory needs {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}")
+        raise FileNotFoundError(
+            f"{path!r} does not exist; an adapter directory needs {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
+        )
     with open(path) as f:
         return json.load(f)
 

@@ -12,8 +12,10 @@ from torch import nn
 def is_quantized_linear(module: nn.Linear) -> bool:
     """True when the base weight is stored quantized (bitsandbytes `Params4bit`, int8, ...), not as floats."""
     weight = module.weight
-    return getattr(weight, "quant_state", None) is not None or type(weight).__name__ == "Params4bit" or (
-        not weight.dtype.is_floating_point
+    return (
+        getattr(weight, "quant_state", None) is not None
+        or type(weight).__name__ == "Params4bit"
+        or (not weight.dtype.is_floating_point)
     )
 
 

@@ -70,7 +70,9 @@ class ToyModel(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(16, 12)
         self.layers = nn.ModuleList(
-            nn.ModuleDict({"q_proj": nn.Linear(12, 12), "fc1": nn.Linear(12, 20), "fc2": nn.Linear(20, 12), "norm": nn.LayerNorm(12)})
+            nn.ModuleDict(
+                {"q_proj": nn.Linear(12, 12), "fc1": nn.Linear(12, 20), "fc2": nn.Linear(20, 12), "norm": nn.LayerNorm(12)}
+            )
             for _ in range(4)
         )
         self.lm_head = nn.Linear(12, 16, bias=False)

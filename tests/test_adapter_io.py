@@ -42,7 +42,10 @@ def test_saved_files_follow_peft_layout(tmp_path):
     assert config["target_modules"] == ["q_proj", "v_proj"]
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert sorted(tensors) == sorted(
-        f"base_model.model.model.layers.{i}.self_attn.{p}.lora_{ab}.weight" for i in range(2) for p in ("q_proj", "v_proj") for ab in "AB"
+        f"base_model.model.model.layers.{i}.self_attn.{p}.lora_{ab}.weight"
+        for i in range(2)
+        for p in ("q_proj", "v_proj")
+        for ab in "AB"
     )
     state = al.lora_state_dict(model)
     assert sorted("base_model.model." + k for k in state) == sorted(tensors)

@@ -17,8 +17,17 @@ def test_rslora_scale():
 
 
 def test_dict_round_trip_with_dtype_as_string():
-    cfg = PeftConfig(target_modules=["q_proj", "v_proj"], exclude_modules=["*.0.*"], dim=16, alpha=8, dropout=0.1,
-                     dropout_position="pre", lora_A_init="gaussian", lora_dtype=torch.float32, use_rslora=True)
+    cfg = PeftConfig(
+        target_modules=["q_proj", "v_proj"],
+        exclude_modules=["*.0.*"],
+        dim=16,
+        alpha=8,
+        dropout=0.1,
+        dropout_position="pre",
+        lora_A_init="gaussian",
+        lora_dtype=torch.float32,
+        use_rslora=True,
+    )
     d = cfg.to_dict()
     assert d["lora_dtype"] == "float32"
     assert PeftConfig.from_dict(d) == cfg

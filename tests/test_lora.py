@@ -41,7 +41,9 @@ def test_patch_keeps_identity_names_and_parameter_objects():
     for key, value in before.items():
         assert after[key] is value, key
     new_keys = sorted(set(after) - set(before))
-    expected = sorted(f"model.layers.{i}.self_attn.{p}.lora_{ab}.weight" for i in range(2) for p in ("q_proj", "v_proj") for ab in "AB")
+    expected = sorted(
+        f"model.layers.{i}.self_attn.{p}.lora_{ab}.weight" for i in range(2) for p in ("q_proj", "v_proj") for ab in "AB"
+    )
     assert new_keys == expected
     assert q_proj.lora_A.weight.shape == (4, 32) and q_proj.lora_B.weight.shape == (32, 4)
     assert dict(model.named_parameters())["model.embed_tokens.weight"] is params_before["model.embed_tokens.weight"]
@@ -146,11 +148,14 @@ def test_default_adapter_dtype_follows_base():
     assert layer.lora_A.weight.dtype == torch.float16
 
 
-@pytest.mark.parametrize("init, check", [
-    ("xavier", lambda w, fan_in, fan_out, r: w.abs().max() <= math.sqrt(6 / (fan_in + r))),
-    ("kaiming", lambda w, fan_in, fan_out, r: w.abs().max() <= 1 / math.sqrt(fan_in)),
-    ("gaussian", lambda w, fan_in, fan_out, r: abs(w.std().item() - 1 / r) < 0.1 / r),
-])
+@pytest.mark.parametrize(
+    "init, check",
+    [
+        ("xavier", lambda w, fan_in, fan_out, r: w.abs().max() <= math.sqrt(6 / (fan_in + r))),
+        ("kaiming", lambda w, fan_in, fan_out, r: w.abs().max() <= 1 / math.sqrt(fan_in)),
+        ("gaussian", lambda w, fan_in, fan_out, r: abs(w.std().item() - 1 / r) < 0.1 / r),
+    ],
+)
 def test_lora_A_init_methods(init, check):
     layer = al.patch_linear_module(nn.Linear(256, 64), dim=16, lora_A_init_method=init)
     w = layer.lora_A.weight
@@ -254,7 +259,9 @@ def test_training_moves_only_adapters_and_lowers_loss():
     model = tiny_llama()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     # the head is adapted too: with a random 0.02-std init the logits barely move otherwise
-    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "v_proj", "down_proj", "lm_head"], dim=8, alpha=16))
+    al.apply_lora_to_linear_modules(
+        model, al.PeftConfig(target_modules=["q_proj", "v_proj", "down_proj", "lm_head"], dim=8, alpha=16)
+    )
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     ids = (torch.arange(16) * 7 % 128).repeat(4, 1)  # a learnable sequence

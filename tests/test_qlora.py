@@ -13,11 +13,16 @@ bnb = pytest.importorskip("bitsandbytes")
 
 def to_nf4(model: nn.Module, compute_dtype=torch.float32, skip=("lm_head",)) -> nn.Module:
     """Replace every nn.Linear (but `skip`) by an NF4 `Linear4bit` holding the same weights."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and child_name not in skip:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, quant_type="nf4")
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type="nf4",
+                )
                 q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
@@ -34,8 +39,16 @@ def test_qlora_trains_on_nf4_base_and_leaves_it_untouched(use_triton):
     model = to_nf4(tiny_llama())
     before = base_bytes(model)
     weights_before = {n: m.weight for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    n = al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
-                                                              dim=8, alpha=16, lora_dtype="float32", use_triton=use_triton))
+    n = al.apply_lora_to_linear_modules(
+        model,
+        al.PeftConfig(
+            target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
+            dim=8,
+            alpha=16,
+            lora_dtype="float32",
+            use_triton=use_triton,
+        ),
+    )
     assert n == 7
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit) and isinstance(q_proj, al.LinearLoRA)
