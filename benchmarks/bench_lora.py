@@ -336,6 +336,89 @@ def bench_host(args, results):
 
 
 # ------------------------------------------------------------------------------------------
+# section 3: QLoRA layer (bitsandbytes NF4 base, bf16 compute)
+# ------------------------------------------------------------------------------------------
+def bench_qlora(args, results):
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # pragma: no cover
+        print(f"[qlora] skipped: bitsandbytes unavailable ({e!r})")
+        return
+    dt = torch.bfloat16
+    M = args.M
+    rows = []
+    for (Kd, N) in args.qlora_shapes:
+        r = 16
+        torch.manual_seed(0)
+        lin = nn.Linear(Kd, N, bias=False, device=DEV, dtype=dt).requires_grad_(False)
+        q = bnb.nn.Linear4bit(Kd, N, bias=False, compute_dtype=dt, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(lin.weight.data.cpu().clone(), requires_grad=False, quant_type="nf4")
+        q = q.to(DEV)
+        A0 = (torch.randn(r, Kd, device=DEV) / Kd**0.5).to(dt)
+        B0 = (torch.randn(N, r, device=DEV) * 0.05).to(dt)
+        xs = [torch.randn(M, Kd, device=DEV, dtype=dt).requires_grad_(True) for _ in range(2)]
+        gs = [torch.randn(M, N, device=DEV, dtype=dt) for _ in range(2)]
+        variants = {"frozen_bf16": (lin, []), "frozen_nf4": (q, [])}
+        try:
+            import peft
+
+            m = peft.get_peft_model(_Wrap(copy.deepcopy(q)), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"]))
+            variants["peft"] = (m, [p_ for p_ in m.parameters() if p_.requires_grad])
+        except Exception as e:  # pragma: no cover
+            print(f"[qlora] peft unavailable: {e!r}")
+        for name, use_triton in (("torch", False), ("triton", True)):
+            m = copy.deepcopy(q)
+            patch_linear_module(m, dim=r, alpha=2 * r, use_triton=use_triton)
+            with torch.no_grad():
+                m.lora_A.weight.copy_(A0)
+                m.lora_B.weight.copy_(B0)
+            variants[name] = (m, [m.lora_A.weight, m.lora_B.weight])
+
+        # correctness: the adapted layers against dequantized-base math in fp32
+        Wd = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+        x, g = xs[0], gs[0]
+        xf, gf, Af, Bf = x.float(), g.float(), A0.float(), B0.float()
+        ref_y = xf @ Wd.t() + 2.0 * (xf @ Af.t()) @ Bf.t()
+        ref_dx = gf @ Wd + 2.0 * (gf @ Bf) @ Af
+        errs = {}
+        for name in ("torch", "triton"):
+            fn, params = variants[name]
+            x.grad = None
+            y = fn(x)
+            y.backward(g)
+            errs[name] = {"y": rel_err(y, ref_y), "dx": rel_err(x.grad, ref_dx)}
+        del ref_y, ref_dx, xf, gf, Wd
+
+        def make_step(fn):
+            def step(i):
+                y = fn(xs[i % 2])
+                y.backward(gs[i % 2])
+            return step
+
+        plist = [p_ for _, ps in variants.values() for p_ in ps]
+
+        def prep(i):
+            for xx in xs:
+                xx.grad = None
+            for p_ in plist:
+                p_.grad = None
+
+        steps = {name: make_step(fn) for name, (fn, _) in variants.items()}
+        times = interleaved(steps, n=args.n, rounds=args.rounds, warmup=args.warmup, prep=prep)
+        mem = {name: peak_delta_mib(step, prep) for name, step in steps.items()}
+        f = times["frozen_bf16"]
+        for name in steps:
+            rows.append(dict(K=Kd, N=N, r=r, variant=name, ms=times[name], ratio_bf16=times[name] / f,
+                             peak_mib=mem[name], err=errs.get(name, {})))
+        print(f"[qlora] K={Kd} N={N} r={r}: " + ", ".join(f"{n}={times[n]:.3f}ms ({times[n]/f:.2f}x)" for n in steps),
+              flush=True)
+        del variants, steps, xs, gs, lin, q
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    results["qlora"] = rows
+
+
+# ------------------------------------------------------------------------------------------
 # section 2: 4-layer Llama
 # ------------------------------------------------------------------------------------------
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -482,16 +565,26 @@ def print_tables(results):
         for row in results["model"]:
             lines.append(f"| {row['variant']} | {row['ms']:.2f} | {row['tok_s']:.0f} | {row['thr_ratio']:.3f}x | "
                          f"{row['peak_total_mib']:.0f} | {row['mem_ratio']:.3f}x |")
+    if "qlora" in results:
+        lines.append("\n## QLoRA layer: NF4 base (bf16 compute), r=16, fwd+bwd, ratio to the bf16 frozen layer")
+        lines.append("| K, N | variant | ms | vs bf16 frozen | peak MiB | rel err (y, dx) |")
+        lines.append("|---|---|---|---|---|---|")
+        for row in results["qlora"]:
+            e = row["err"]
+            err = f"{e['y']:.1e}, {e['dx']:.1e}" if e else "-"
+            lines.append(f"| {row['K']}, {row['N']} | {row['variant']} | {row['ms']:.3f} | {row['ratio_bf16']:.3f}x | "
+                         f"{row['peak_mib']:.0f} | {err} |")
     print("\n".join(lines), flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="layer,ops,host,model")
+    ap.add_argument("--sections", default="layer,ops,host,qlora,model")
     ap.add_argument("--variants", default="frozen,peft,torch_naive,torch,triton,triton_tg")
     ap.add_argument("--M", type=int, default=8192)
     ap.add_argument("--ranks", default="16,64")
     ap.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096")
+    ap.add_argument("--qlora-shapes", default="4096x14336")
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
@@ -501,8 +594,10 @@ def main():
     args.variants = args.variants.split(",")
     args.ranks = [int(v) for v in args.ranks.split(",")]
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    args.qlora_shapes = [tuple(int(v) for v in s.split("x")) for s in args.qlora_shapes.split(",")]
     if args.smoke:
         args.M, args.shapes, args.ranks, args.n, args.rounds, args.warmup = 64, [(48, 40)], [4], 3, 1, 1
+        args.qlora_shapes = [(64, 48)]
     results = {"env": _env(), "args": {k: v for k, v in vars(args).items()}}
     secs = args.sections.split(",")
     if "layer" in secs:
@@ -511,6 +606,8 @@ def main():
         bench_ops(args, results)
     if "host" in secs:
         bench_host(args, results)
+    if "qlora" in secs:
+        bench_qlora(args, results)
     if "model" in secs:
         bench_model(args, results)
     if K.HAS_TRITON and DEV == "cuda":
