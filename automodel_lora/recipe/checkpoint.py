@@ -8,8 +8,8 @@ Layout of ``<output_dir>/checkpoints/step_0000050/``::
                                         # scheduler, step, epoch, tokens seen, config
     rng_rank{r}.pt                      # python / torch / cuda RNG of rank r
 
-A checkpoint is written into ``.tmp-step_*`` and renamed when complete, so a directory named
-``step_*`` is always whole; a crash mid-save leaves only a temp directory that the next save
+A checkpoint is written into ``.tmp-step_*``, its files flushed to disk, and the directory
+renamed when complete, so a directory named ``step_*`` is always whole; a crash mid-save leaves only a temp directory that the next save
 removes. The optimizer state is gathered to full tensors (``full_state_dict=True``), so a run
 can resume under a different world size or strategy (the RNG then restarts per rank).
 """
@@ -56,6 +56,15 @@ def restore_rng(state: dict, device: torch.device) -> None:
         import numpy as np
 
         np.random.set_state(state["numpy"])
+
+
+def _fsync_files(directory: Path, *names: Optional[str]) -> None:
+    """Flush files to disk before the directory is renamed into place (the rename is the commit)."""
+    for name in names:
+        if name is None:
+            continue
+        with open(directory / name, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _optim_options(**kw):
@@ -127,6 +136,7 @@ class CheckpointManager:
             payload["world_size"] = self.env.world_size
             torch.save(payload, tmp / "trainer_state.pt")
         torch.save(capture_rng(self.env.device), tmp / f"rng_rank{self.env.rank}.pt")
+        _fsync_files(tmp, f"rng_rank{self.env.rank}.pt", "trainer_state.pt" if self.env.is_main else None)
         barrier(self.env)
         if self.env.is_main:
             if final.exists():

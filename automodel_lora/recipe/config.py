@@ -384,9 +384,10 @@ class CheckpointConfig:
             ``config.yaml`` and, for ``model.tiny``, ``base_model/``.
         save_every: Save a resumable checkpoint every N steps (0: only at the end / on a signal).
         keep_last: Keep the newest K checkpoints (older ones are deleted).
-        resume: auto (continue from the newest checkpoint in output_dir, if any) | null (start
-            fresh; existing checkpoints are left in place and overwritten as the run advances) |
-            a checkpoint directory path.
+        resume: auto (continue from the newest checkpoint in output_dir, if any; ``true`` means
+            the same) | null (start fresh; ``false`` and ``none`` mean the same; existing
+            checkpoints are left in place and overwritten as the run advances) | a checkpoint
+            directory path.
         save_base_model: Save the (random-init) base model with ``save_pretrained`` into
             ``output_dir/base_model`` so the adapter can be loaded with PEFT:
             auto (only for ``model.tiny``) | true | false.
@@ -395,7 +396,7 @@ class CheckpointConfig:
     output_dir: str = "outputs/run"
     save_every: int = 0
     keep_last: int = 2
-    resume: Optional[str] = "auto"
+    resume: Union[str, bool, None] = "auto"
     save_base_model: Union[bool, str] = "auto"
 
     def __post_init__(self):
@@ -403,7 +404,9 @@ class CheckpointConfig:
         _positive("checkpoint.keep_last", self.keep_last)
         if isinstance(self.save_base_model, str) and self.save_base_model != "auto":
             raise ConfigError(f"`checkpoint.save_base_model` must be true, false or auto; got {self.save_base_model!r}")
-        if self.resume in ("none", "None", "false", "no", ""):
+        if self.resume is True:
+            self.resume = "auto"
+        elif self.resume is False or self.resume in ("none", "None", "null", "false", "no", ""):
             self.resume = None
 
 

@@ -8,12 +8,25 @@ under unchanged FQNs.
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, ModelConfig, QuantizationConfig
+from .config import ConfigError, ModelConfig, QuantizationConfig, RecipeConfig
 
-__all__ = ["resolve_dtype", "load_model_config", "build_model", "quantize_linears_4bit", "decoder_layers"]
+__all__ = [
+    "resolve_dtype",
+    "load_model_config",
+    "build_model",
+    "save_base_model",
+    "quantize_linears_4bit",
+    "prepare_model",
+    "decoder_layers",
+]
 
 
 def resolve_dtype(name: str) -> torch.dtype | str:
@@ -75,6 +88,72 @@ def build_model(cfg: ModelConfig, qcfg: QuantizationConfig, device: torch.device
     if hasattr(model, "config"):
         model.config.use_cache = False
     return model
+
+
+def save_base_model(model: nn.Module, path: Path) -> None:
+    """``save_pretrained`` into a temporary sibling directory, then rename it to ``path``.
+
+    A crash mid-write leaves no half-written ``path``; an existing ``path`` is replaced.
+    """
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar inside ours
+    try:
+        model.save_pretrained(str(tmp))
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Optional[Path] = None) -> tuple[nn.Module, str]:
+    """Build the base, (save it,) quantize a tiny 4-bit base, patch LoRA, enable checkpointing.
+
+    The model stays unwrapped (and, unless 4-bit, on the CPU): FSDP2 / DDP wrap it next.
+
+    Args:
+        cfg: The recipe.
+        device: Where 4-bit weights are quantized.
+        save_base_to: Write the unquantized, un-patched base here (``save_base_model``).
+
+    Returns:
+        (model, description): the patched model and a one-line summary for the log.
+
+    Raises:
+        ConfigError: the ``peft`` section selects no linear module of the model.
+    """
+    from automodel_lora import apply_lora_to_linear_modules
+
+    model = build_model(cfg.model, cfg.quantization, device)
+    if save_base_to is not None:
+        save_base_model(model, save_base_to)
+    qc = cfg.quantization
+    if qc.load_in_4bit and cfg.model.tiny is not None:
+        quantize_linears_4bit(model, qc, device)
+    try:
+        n_patched = apply_lora_to_linear_modules(model, cfg.peft)
+    except ValueError as e:
+        raise ConfigError(f"[peft] {e}") from e
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    desc = (
+        f"{type(model).__name__}: LoRA on {n_patched} linear modules; trainable {n_train:,} / {n_all:,} "
+        f"parameters ({100 * n_train / n_all:.3f}%)"
+    )
+    if qc.load_in_4bit:
+        desc += f"; base 4-bit {qc.bnb_4bit_quant_type} (compute {qc.bnb_4bit_compute_dtype})"
+    if cfg.model.gradient_checkpointing:
+        desc += "; gradient checkpointing on"
+    return model, desc
 
 
 def quantize_linears_4bit(model: nn.Module, qcfg: QuantizationConfig, device: torch.device) -> int:

@@ -40,7 +40,7 @@ from .distributed import (
     setup_distributed,
     wrap_model,
 )
-from .model import build_model, load_model_config, quantize_linears_4bit
+from .model import load_model_config, prepare_model
 from .progress import MetricsWriter, ProgressBar, format_duration
 from .tokenizer import build_tokenizer
 
@@ -131,12 +131,6 @@ def evaluate(model: nn.Module, batches: list, env: DistEnv, pad_id: int, autocas
     return float(total[0] / total[1].clamp(min=1))
 
 
-def _trainable(model: nn.Module) -> tuple[int, int]:
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    return n_train, n_all
-
-
 def _trim_metrics(path: Path, step: int) -> None:
     """On resume, drop records from after the checkpoint (they will be re-logged)."""
     if not path.is_file():
@@ -159,17 +153,17 @@ def finetune(cfg: RecipeConfig, stream=None) -> dict:
         ConfigError: any input problem, before training starts.
         TrainingInterrupted: after SIGINT/SIGTERM, once a checkpoint has been saved.
     """
-    from automodel_lora import apply_lora_to_linear_modules, save_adapter
-
     t_start = time.perf_counter()
     env = setup_distributed(cfg.distributed, cfg.train.device, cfg.quantization.load_in_4bit)
     try:
-        return _finetune(cfg, env, stream, t_start, apply_lora_to_linear_modules, save_adapter)
+        return _finetune(cfg, env, stream, t_start)
     finally:
         cleanup(env)
 
 
-def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start, apply_lora_to_linear_modules, save_adapter) -> dict:
+def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start: float) -> dict:
+    from automodel_lora import save_adapter
+
     tc, dc, ck = cfg.train, cfg.data, cfg.checkpoint
     out_dir = Path(ck.output_dir)
     bar = ProgressBar(total=1, enabled=env.is_main, stream=stream, every=tc.log_every)
@@ -213,24 +207,21 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start, apply_lora_to_li
     )
 
     # ---------------------------------------------------------------- 2. model
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg.model, cfg.quantization, env.device)
-    save_base = ck.save_base_model if ck.save_base_model != "auto" else cfg.model.tiny is not None
-    if save_base and env.is_main and not (out_dir / "base_model" / "config.json").is_file():
-        model.save_pretrained(str(out_dir / "base_model"))
-    if cfg.quantization.load_in_4bit and cfg.model.tiny is not None:
-        quantize_linears_4bit(model, cfg.quantization, env.device)
-    try:
-        n_patched = apply_lora_to_linear_modules(model, cfg.peft)
-    except ValueError as e:
-        raise ConfigError(f"[peft] {e}") from e
-    n_train, n_all = _trainable(model)
-    say(f"[model] {type(model).__name__}: LoRA on {n_patched} linear modules; trainable {n_train:,} / {n_all:,} parameters ({100 * n_train / n_all:.3f}%)")
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    state: dict = {"step": 0, "tokens": 0, "val_loss_before": None}
     if resume_from is not None:
         state = CheckpointManager.load_state(resume_from)
+        if int(state["step"]) >= total_steps and (out_dir / "summary.json").is_file():
+            say(f"[resume] {resume_from} is the end of a finished run ({total_steps} steps); nothing to train")
+            return json.loads((out_dir / "summary.json").read_text())
+    else:
+        state = {"step": 0, "tokens": 0, "val_loss_before": None, "first_loss": None}
+    torch.manual_seed(tc.seed)
+    save_base = ck.save_base_model if ck.save_base_model != "auto" else cfg.model.tiny is not None
+    base_dir = out_dir / "base_model"
+    # A resumed run keeps the base it started from (rebuilding it from the seed gives the same one).
+    write_base = save_base and env.is_main and (resume_from is None or not (base_dir / "config.json").is_file())
+    model, description = prepare_model(cfg, env.device, save_base_to=base_dir if write_base else None)
+    say(f"[model] {description}")
+    if resume_from is not None:
         CheckpointManager.load_adapter_weights(model, resume_from)
     raw_model = model
     model = wrap_model(model, env, cfg.distributed)
@@ -243,6 +234,8 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start, apply_lora_to_li
     start_step = 0
     if resume_from is not None:
         ckpts.load_optimizer(model, optimizer, scheduler, state)
+        for key in ("optimizer", "scheduler", "world_size"):  # re-captured at every save
+            state.pop(key, None)
         start_step = int(state["step"])
         if not ckpts.load_rng(resume_from):
             torch.manual_seed(tc.seed + env.rank + start_step)
@@ -273,7 +266,7 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start, apply_lora_to_li
     # ---------------------------------------------------------------- 3. train
     bar.total, bar.start = total_steps, start_step
     bar.t0 = time.perf_counter()
-    first_loss = last_loss = None
+    last_loss = None
     last_saved = start_step if resume_from is not None else -1
     step = start_step
     with _SignalFlag() as sig:
@@ -314,7 +307,8 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start, apply_lora_to_li
             dt = time.perf_counter() - t0
             tok_s = float(counts[1]) / dt
             state["tokens"] = int(state.get("tokens", 0)) + int(counts[1])
-            first_loss = loss if first_loss is None else first_loss
+            if state.get("first_loss") is None:
+                state["first_loss"] = loss
             last_loss = loss
             rec = {
                 "step": step,
@@ -363,7 +357,7 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start, apply_lora_to_li
     summary = {
         "steps": total_steps,
         "resumed_from_step": start_step if resume_from is not None else None,
-        "first_loss": first_loss,
+        "first_loss": state.get("first_loss"),
         "last_loss": last_loss,
         "val_loss_before": state.get("val_loss_before"),
         "val_loss_after": val_after,
@@ -379,8 +373,8 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start, apply_lora_to_li
     metrics.close()
     if env.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if first_loss is not None:
-            say(f"[done] train loss {first_loss:.4f} -> {last_loss:.4f} in {format_duration(wall)}")
+        if last_loss is not None:
+            say(f"[done] train loss {summary['first_loss']:.4f} -> {last_loss:.4f} in {format_duration(wall)}")
         if val_after is not None and summary["val_loss_before"] is not None:
             say(f"[done] val loss {summary['val_loss_before']:.4f} (untrained) -> {val_after:.4f} (trained)")
         say(f"[done] adapter: {out_dir / 'adapter'}")
