@@ -1,0 +1,86 @@
+"""Shared pieces of the recipe tests: a tiny recipe, small data files, running a recipe quietly."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+QUICKSTART_DATA = REPO / "configs" / "data" / "quickstart.jsonl"
+
+# A 2-layer Llama with hidden size 32 over the byte tokenizer's 259 ids: ~1 s per 10 steps on a CPU.
+TINY_MODEL = {
+    "vocab_size": 259,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
+def write_text_data(path: Path, n_records: int = 200) -> Path:
+    """The first ``n_records`` lines of the shipped quickstart data (``{"text": ...}`` records)."""
+    lines = QUICKSTART_DATA.read_text().splitlines()[:n_records]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_prompt_completion_data(path: Path, n_records: int = 64) -> Path:
+    """Arithmetic questions and answers: ``{"prompt": "12+7=", "completion": "19"}``."""
+    with path.open("w") as f:
+        for i in range(n_records):
+            a, b = (i * 7) % 50, (i * 13) % 50
+            f.write(json.dumps({"prompt": f"What is {a}+{b}? ", "completion": f"{a + b}."}) + "\n")
+    return path
+
+
+def tiny_raw_recipe(tmp_path: Path, data: Path | None = None, **sections) -> dict:
+    """A valid recipe mapping (as read from YAML) for the tiny model; ``sections`` update it.
+
+    ``tiny_raw_recipe(tmp, train={"max_steps": 3})`` merges ``max_steps`` into ``train``.
+    """
+    if data is None:
+        data = write_text_data(tmp_path / "data.jsonl")
+    raw = {
+        "model": {"tiny": dict(TINY_MODEL), "dtype": "float32"},
+        "peft": {"match_all_linear": True, "dim": 4, "alpha": 8},
+        "data": {"path": str(data), "tokenizer": "byte", "seq_len": 64, "validation_split": 0.05},
+        "train": {
+            "lr": 1e-2,
+            "warmup_steps": 2,
+            "batch_size": 4,
+            "max_steps": 6,
+            "eval_batch_size": 4,
+            "eval_max_batches": 2,
+            "log_every": 1,
+            "seed": 7,
+        },
+        "checkpoint": {"output_dir": str(tmp_path / "out"), "save_every": 0, "resume": None},
+    }
+    raw = copy.deepcopy(raw)
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def run_recipe(raw: dict) -> tuple[dict, str]:
+    """Validate and run ``raw`` in this process; returns (summary, the console log)."""
+    from automodel_lora.recipe import RecipeConfig, finetune
+
+    log = io.StringIO()
+    summary = finetune(RecipeConfig.from_dict(raw), stream=log)
+    return summary, log.getvalue()
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(output_dir: Path) -> dict[int, float]:
+    """{step: training loss} from ``metrics.jsonl``."""
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
