@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 __all__ = ["main", "finetune_main", "default_config"]
 
 
-def default_config() -> Optional[Path]:
+def default_config() -> Path | None:
     """``configs/quickstart.yaml`` of a source checkout / editable install, if present."""
     p = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
     return p if p.is_file() else None
@@ -37,7 +37,7 @@ def _finetune_parser(prog: str) -> argparse.ArgumentParser:
     return ap
 
 
-def finetune_main(argv: Optional[Sequence[str]] = None, prog: str = "finetune") -> int:
+def finetune_main(argv: Sequence[str] | None = None, prog: str = "finetune") -> int:
     """Parse ``--config ... [overrides]``, validate, run. Returns the exit code."""
     from .recipe.config import ConfigError, load_recipe
 
@@ -51,7 +51,9 @@ def finetune_main(argv: Optional[Sequence[str]] = None, prog: str = "finetune") 
     try:
         cfg = load_recipe(config, args.overrides)
         if args.print_config:
-            sys.stdout.write(f"# merged config from {config}" + (f" + {' '.join(args.overrides)}" if args.overrides else "") + "\n")
+            sys.stdout.write(
+                f"# merged config from {config}" + (f" + {' '.join(args.overrides)}" if args.overrides else "") + "\n"
+            )
             sys.stdout.write(cfg.to_yaml())
             return 0
         from .recipe.train import finetune
@@ -63,7 +65,7 @@ def finetune_main(argv: Optional[Sequence[str]] = None, prog: str = "finetune") 
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``automodel-lora`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"finetune": "fine-tune from a YAML recipe (see `automodel-lora finetune --help`)"}

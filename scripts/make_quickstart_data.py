@@ -14,7 +14,24 @@ import json
 import random
 from pathlib import Path
 
-NAMES = ["Mira", "Tomas", "Ada", "Ben", "Lena", "Oskar", "Nina", "Hugo", "Ivy", "Felix", "Rosa", "Karl", "Elsa", "Jonah", "Greta", "Paul"]
+NAMES = [
+    "Mira",
+    "Tomas",
+    "Ada",
+    "Ben",
+    "Lena",
+    "Oskar",
+    "Nina",
+    "Hugo",
+    "Ivy",
+    "Felix",
+    "Rosa",
+    "Karl",
+    "Elsa",
+    "Jonah",
+    "Greta",
+    "Paul",
+]
 SHE = {"Mira", "Ada", "Lena", "Nina", "Ivy", "Rosa", "Elsa", "Greta"}
 TRADES = {
     "baker": ("bread", "the bakery", "flour"),
@@ -27,7 +44,14 @@ TRADES = {
     "miller": ("flour", "the mill", "grain"),
 }
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-WEATHER = ["it was raining", "the sun was warm", "a cold wind blew", "fog covered the hills", "snow fell softly", "the sky was clear"]
+WEATHER = [
+    "it was raining",
+    "the sun was warm",
+    "a cold wind blew",
+    "fog covered the hills",
+    "snow fell softly",
+    "the sky was clear",
+]
 PLACES = ["the market", "the harbor", "the old bridge", "the town square", "the inn", "the chapel", "the green"]
 NUMBERS = ["two", "three", "four", "five", "six", "seven", "ten", "twelve"]
 COLORS = ["red", "green", "blue", "yellow", "brown", "white"]
@@ -62,7 +86,7 @@ def story(rng: random.Random) -> str:
         f"There {pro} met {friend}, who wanted {n2} {color} {good}.",
     ]
     if rng.random() < 0.5:
-        sentences.append(f"\"We need more {material},\" said {friend}, and {name} nodded.")
+        sentences.append(f'"We need more {material}," said {friend}, and {name} nodded.')
     if rng.random() < 0.5:
         sentences.append(f"{name} traded {pos} {product} for {n2} {good} and felt {feeling}.")
     else:

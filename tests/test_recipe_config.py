@@ -12,6 +12,7 @@ import yaml
 from automodel_lora.cli import finetune_main, main
 from automodel_lora.recipe.config import (
     SECTIONS,
+    CheckpointConfig,
     ConfigError,
     RecipeConfig,
     TrainConfig,
@@ -79,7 +80,9 @@ checkpoint: {{resume: false}}
     assert cfg.checkpoint.resume is None
 
 
-@pytest.mark.parametrize("value, expected", [(True, "auto"), ("auto", "auto"), (False, None), ("none", None), (None, None), ("ck/step_1", "ck/step_1")])
+@pytest.mark.parametrize(
+    "value, expected", [(True, "auto"), ("auto", "auto"), (False, None), ("none", None), (None, None), ("ck/step_1", "ck/step_1")]
+)
 def test_checkpoint_resume_spellings(tmp_path, value, expected):
     cfg = RecipeConfig.from_dict(tiny_raw_recipe(tmp_path, checkpoint={"resume": value}))
     assert cfg.checkpoint.resume == expected
@@ -101,7 +104,8 @@ ERRORS = [
     ({"quantization.bnb_4bit_compute_dtype": "int8"}, "`quantization.bnb_4bit_compute_dtype` must be one of bfloat16"),
     (
         {"quantization.load_in_4bit": True, "distributed.strategy": "fsdp2"},
-        "`distributed.strategy: fsdp2` does not support a 4-bit base (`quantization.load_in_4bit: true`); use `distributed.strategy: ddp`",
+        "`distributed.strategy: fsdp2` does not support a 4-bit base (`quantization.load_in_4bit: true`); "
+        "use `distributed.strategy: ddp`",
     ),
     # data
     ({"data.path": DELETE}, "`data.path` is required"),
@@ -150,7 +154,10 @@ ERRORS = [
     ({"peft.target_modules": ["q_proj"]}, "match_all_linear=True together with target_modules=['q_proj']"),
     ({"peft.dropout": 1.5}, "dropout must be a probability in [0, 1), got 1.5"),
     # whole recipe
-    ({"optimizer": {"lr": 1}}, "unknown section `optimizer`; valid sections are: model, peft, quantization, data, train, checkpoint, distributed"),
+    (
+        {"optimizer": {"lr": 1}},
+        "unknown section `optimizer`; valid sections are: model, peft, quantization, data, train, checkpoint, distributed",
+    ),
     ({"data": DELETE}, "the `data` section is required"),
     ({"model": DELETE}, "the `model` section is required"),
     ({"train": 5}, "section `train` must be a mapping of keys to values, got 5"),
@@ -245,13 +252,16 @@ def test_overrides_apply_on_top_of_the_file_and_leave_the_input_alone(tmp_path):
 
 
 def test_override_of_an_unknown_section_names_the_valid_ones(tmp_path):
-    with pytest.raises(ConfigError, match=r"override `optim.lr`: unknown section `optim`; valid sections are: model, peft, quantization, data, train, checkpoint, distributed"):
+    with pytest.raises(ConfigError) as info:
         apply_overrides(tiny_raw_recipe(tmp_path), ["optim.lr=1"])
+    assert str(info.value) == f"override `optim.lr`: unknown section `optim`; valid sections are: {', '.join(SECTIONS)}"
 
 
 def test_override_of_an_unknown_key_names_the_section_keys():
-    with pytest.raises(ConfigError, match=r"unknown key `checkpoint.every`; valid keys for `checkpoint` are: output_dir, save_every, keep_last, resume, save_base_model"):
+    with pytest.raises(ConfigError) as info:
         load_recipe(QUICKSTART, ["checkpoint.every=5"])
+    valid = ", ".join(f.name for f in dataclasses.fields(CheckpointConfig))
+    assert str(info.value) == f"unknown key `checkpoint.every`; valid keys for `checkpoint` are: {valid}"
 
 
 def test_relative_paths_yaml_against_its_file_overrides_against_the_cwd(tmp_path, monkeypatch):
@@ -304,7 +314,14 @@ def test_console_script_is_registered():
 def test_scripts_finetune_py_runs_as_a_program(tmp_path):
     # One subprocess (~5-8 s of imports on 2 cores); the error paths are checked in-process above.
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "finetune.py"), "--config", str(QUICKSTART), "--print-config", "train.max_steps=7"],
+        [
+            sys.executable,
+            str(REPO / "scripts" / "finetune.py"),
+            "--config",
+            str(QUICKSTART),
+            "--print-config",
+            "train.max_steps=7",
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,

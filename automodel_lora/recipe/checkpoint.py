@@ -9,9 +9,10 @@ Layout of ``<output_dir>/checkpoints/step_0000050/``::
     rng_rank{r}.pt                      # python / torch / cuda RNG of rank r
 
 A checkpoint is written into ``.tmp-step_*``, its files flushed to disk, and the directory
-renamed when complete, so a directory named ``step_*`` is always whole; a crash mid-save leaves only a temp directory that the next save
-removes. The optimizer state is gathered to full tensors (``full_state_dict=True``), so a run
-can resume under a different world size or strategy (the RNG then restarts per rank).
+renamed when complete, so a directory named ``step_*`` is always whole; a crash mid-save leaves
+only a temp directory that the next save removes. The optimizer state is gathered to full
+tensors (``full_state_dict=True``), so a run can resume under a different world size or strategy
+(the RNG then restarts per rank).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -58,7 +58,7 @@ def restore_rng(state: dict, device: torch.device) -> None:
         np.random.set_state(state["numpy"])
 
 
-def _fsync_files(directory: Path, *names: Optional[str]) -> None:
+def _fsync_files(directory: Path, *names: str | None) -> None:
     """Flush files to disk before the directory is renamed into place (the rename is the commit)."""
     for name in names:
         if name is None:
@@ -98,11 +98,11 @@ class CheckpointManager:
                 out.append((int(m.group(1)), p))
         return sorted(out)
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         ckpts = self.list()
         return ckpts[-1][1] if ckpts else None
 
-    def resolve(self, resume: Optional[str]) -> Optional[Path]:
+    def resolve(self, resume: str | None) -> Path | None:
         """``auto`` -> newest checkpoint or None; a path -> that checkpoint; None -> None."""
         if resume is None:
             return None

@@ -25,10 +25,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
+# `Optional[int]` and `int | None` (what annotations read as under `from __future__ import annotations`).
+_UNION_TYPES = (Union, types.UnionType)
 
 
 class ConfigError(ValueError):
@@ -61,7 +64,7 @@ class ConfigError(ValueError):
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNION_TYPES:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
@@ -71,7 +74,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Coerce a YAML value to the annotated type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNION_TYPES:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(typing.get_args(tp)):
             return None
@@ -145,9 +148,7 @@ def _build_section(cls: type, raw: Any, section: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in raw if k not in names]
     if unknown:
-        raise ConfigError(
-            f"unknown key `{section}.{unknown[0]}`; valid keys for `{section}` are: {', '.join(names)}"
-        )
+        raise ConfigError(f"unknown key `{section}.{unknown[0]}`; valid keys for `{section}` are: {', '.join(names)}")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in raw.items()}
     return cls(**kwargs)
@@ -158,7 +159,7 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"`{key}` must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
-def _positive(key: str, value: Optional[float], allow_none: bool = False, allow_zero: bool = False) -> None:
+def _positive(key: str, value: float | None, allow_none: bool = False, allow_zero: bool = False) -> None:
     if value is None:
         if allow_none:
             return
@@ -188,12 +189,12 @@ class ModelConfig:
         attn_implementation: Optional ``attn_implementation`` for transformers (sdpa, eager, ...).
     """
 
-    name_or_path: Optional[str] = None
-    tiny: Optional[dict] = None
+    name_or_path: str | None = None
+    tiny: dict | None = None
     dtype: str = "bfloat16"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    attn_implementation: Optional[str] = None
+    attn_implementation: str | None = None
 
     def __post_init__(self):
         if (self.name_or_path is None) == (self.tiny is None):
@@ -265,18 +266,18 @@ class DataConfig:
         shuffle: Shuffle the training order every epoch (seeded by ``train.seed``).
     """
 
-    path: Optional[str] = None
+    path: str | None = None
     format: str = "auto"
     text_field: str = "text"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     seq_len: int = 512
     packing: bool = True
     add_bos: bool = True
     add_eos: bool = True
     validation_split: float = 0.0
-    validation_path: Optional[str] = None
+    validation_path: str | None = None
     shuffle: bool = True
 
     def __post_init__(self):
@@ -288,9 +289,7 @@ class DataConfig:
         if not 0.0 <= self.validation_split < 1.0:
             raise ConfigError(f"`data.validation_split` must be in [0, 1), got {self.validation_split}")
         if self.validation_split > 0 and self.validation_path:
-            raise ConfigError(
-                "Can't provide both `data.validation_split` and `data.validation_path`. Choose one."
-            )
+            raise ConfigError("Can't provide both `data.validation_split` and `data.validation_path`. Choose one.")
 
 
 @dataclass
@@ -326,19 +325,19 @@ class TrainConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     scheduler: str = "cosine"
-    warmup_steps: Optional[int] = None
-    warmup_ratio: Optional[float] = None
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
     min_lr_ratio: float = 0.1
     batch_size: int = 1
     grad_accum_steps: int = 1
-    max_steps: Optional[int] = None
-    epochs: Optional[float] = None
+    max_steps: int | None = None
+    epochs: float | None = None
     seed: int = 42
-    bf16: Union[bool, str] = "auto"
-    max_grad_norm: Optional[float] = 1.0
+    bf16: bool | str = "auto"
+    max_grad_norm: float | None = 1.0
     eval_every: int = 0
-    eval_batch_size: Optional[int] = None
-    eval_max_batches: Optional[int] = None
+    eval_batch_size: int | None = None
+    eval_max_batches: int | None = None
     log_every: int = 10
     compile: bool = False
     device: str = "auto"
@@ -396,8 +395,8 @@ class CheckpointConfig:
     output_dir: str = "outputs/run"
     save_every: int = 0
     keep_last: int = 2
-    resume: Union[str, bool, None] = "auto"
-    save_base_model: Union[bool, str] = "auto"
+    resume: str | bool | None = "auto"
+    save_base_model: bool | str = "auto"
 
     def __post_init__(self):
         _positive("checkpoint.save_every", self.save_every, allow_zero=True)
@@ -455,10 +454,10 @@ class RecipeConfig:
     train: TrainConfig
     checkpoint: CheckpointConfig
     distributed: DistributedConfig
-    source: Optional[str] = None  # the YAML file it came from (informational)
+    source: str | None = None  # the YAML file it came from (informational)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: Optional[str] = None) -> "RecipeConfig":
+    def from_dict(cls, raw: dict, source: str | None = None) -> RecipeConfig:
         """Validate a nested mapping (as read from YAML) into a RecipeConfig.
 
         Raises:
@@ -561,9 +560,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
         parts, value = parse_override(item)
         if parts[0] not in SECTIONS:
-            raise ConfigError(f"override `{'.'.join(parts)}`: unknown section `{parts[0]}`; valid sections are: {', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"override `{'.'.join(parts)}`: unknown section `{parts[0]}`; valid sections are: {', '.join(SECTIONS)}"
+            )
         node = raw
-        for i, p in enumerate(parts[:-1]):
+        for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
                 node[p] = {}
             node = node[p]
@@ -589,7 +590,7 @@ def _resolve_yaml_paths(raw: dict, base: Path) -> None:
             section[key] = str(candidate)
 
 
-def load_recipe(path: Optional[str | os.PathLike], overrides: Optional[list[str]] = None) -> RecipeConfig:
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RecipeConfig:
     """Read a recipe YAML, apply dotted overrides, and validate every section.
 
     Args:

@@ -88,7 +88,8 @@ def tokenize_records(records: list[dict], tokenizer, cfg: DataConfig, path: str 
             prompt, completion = rec.get(cfg.prompt_field), rec.get(cfg.completion_field)
             if not isinstance(prompt, str) or not isinstance(completion, str):
                 raise ConfigError(
-                    f"{path}: record {i} needs string `{cfg.prompt_field}` and `{cfg.completion_field}` fields (keys: {sorted(rec)})"
+                    f"{path}: record {i} needs string `{cfg.prompt_field}` and `{cfg.completion_field}` fields "
+                    f"(keys: {sorted(rec)})"
                 )
             p_ids = bos + tokenizer.encode(prompt)
             c_ids = tokenizer.encode(completion) + eos
@@ -137,9 +138,7 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Example]
     elif cfg.validation_split > 0:
         n_val = max(1, int(round(len(records) * cfg.validation_split)))
         if n_val >= len(records):
-            raise ConfigError(
-                f"`data.validation_split: {cfg.validation_split}` leaves no training data ({len(records)} records)"
-            )
+            raise ConfigError(f"`data.validation_split: {cfg.validation_split}` leaves no training data ({len(records)} records)")
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(records), generator=g).tolist()
         val_idx = set(perm[:n_val])
@@ -184,7 +183,9 @@ class StepSampler:
         ConfigError: fewer examples than one global batch.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, grad_accum_steps: int, world_size: int, seed: int, shuffle: bool = True):
+    def __init__(
+        self, num_examples: int, batch_size: int, grad_accum_steps: int, world_size: int, seed: int, shuffle: bool = True
+    ):
         self.n = num_examples
         self.bs, self.accum, self.world = batch_size, grad_accum_steps, world_size
         self.global_batch = batch_size * grad_accum_steps * world_size

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -113,7 +112,7 @@ def save_base_model(model: nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Optional[Path] = None) -> tuple[nn.Module, str]:
+def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Path | None = None) -> tuple[nn.Module, str]:
     """Build the base, (save it,) quantize a tiny 4-bit base, patch LoRA, enable checkpointing.
 
     The model stays unwrapped (and, unless 4-bit, on the CPU): FSDP2 / DDP wrap it next.

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TextIO
 
 __all__ = ["ProgressBar", "MetricsWriter", "format_duration"]
 
@@ -32,7 +32,9 @@ class ProgressBar:
     line is printed every ``every`` steps. ETA uses the mean step time of this session.
     """
 
-    def __init__(self, total: int, start: int = 0, every: int = 10, stream: Optional[TextIO] = None, enabled: bool = True, width: int = 20):
+    def __init__(
+        self, total: int, start: int = 0, every: int = 10, stream: TextIO | None = None, enabled: bool = True, width: int = 20
+    ):
         self.total, self.start, self.every = total, start, every
         self.stream = stream or sys.stderr
         self.enabled = enabled

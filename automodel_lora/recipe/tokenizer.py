@@ -10,8 +10,6 @@ Both expose the same small interface the data pipeline needs::
 
 from __future__ import annotations
 
-from typing import Optional
-
 __all__ = ["ByteTokenizer", "HFTokenizer", "build_tokenizer"]
 
 
@@ -48,8 +46,8 @@ class HFTokenizer:
 
         self.name = name_or_path
         self.tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        self.bos_token_id: Optional[int] = self.tok.bos_token_id
-        self.eos_token_id: Optional[int] = self.tok.eos_token_id
+        self.bos_token_id: int | None = self.tok.bos_token_id
+        self.eos_token_id: int | None = self.tok.eos_token_id
         pad = self.tok.pad_token_id
         self.pad_token_id: int = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
         self.vocab_size = len(self.tok)
@@ -61,7 +59,7 @@ class HFTokenizer:
         return self.tok.decode(ids)
 
 
-def build_tokenizer(spec: Optional[str], model_name_or_path: Optional[str], trust_remote_code: bool = False):
+def build_tokenizer(spec: str | None, model_name_or_path: str | None, trust_remote_code: bool = False):
     """``spec``: ``byte``, a tokenizer directory, or None (use the model's directory)."""
     if spec == "byte":
         return ByteTokenizer()

@@ -21,7 +21,6 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -78,7 +77,7 @@ class _SignalFlag:
     A second Ctrl-C aborts immediately."""
 
     def __init__(self):
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._old = {}
 
     def __enter__(self):
@@ -107,7 +106,7 @@ def _use_bf16(setting, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list, env: DistEnv, pad_id: int, autocast) -> Optional[float]:
+def evaluate(model: nn.Module, batches: list, env: DistEnv, pad_id: int, autocast) -> float | None:
     """Mean target-token loss over ``batches`` (shared by all ranks; each rank runs its share,
     padded with weight-0 repeats so FSDP2 collectives stay matched)."""
     if not batches:
@@ -272,7 +271,9 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start: float) -> dict:
     with _SignalFlag() as sig:
         while step < total_steps:
             t0 = time.perf_counter()
-            micro = [collate([train_set[i] for i in idx], tokenizer.pad_token_id) for idx in sampler.micro_batches(step, env.rank)]
+            micro = [
+                collate([train_set[i] for i in idx], tokenizer.pad_token_id) for idx in sampler.micro_batches(step, env.rank)
+            ]
             counts = torch.tensor(
                 [sum(_n_targets(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)],
                 dtype=torch.float64,
@@ -382,7 +383,8 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start: float) -> dict:
             say(
                 "[done] load it with PEFT:\n"
                 "  from transformers import AutoModelForCausalLM; from peft import PeftModel\n"
-                f"  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{out_dir / 'base_model'}'), '{out_dir / 'adapter'}')"
+                f"  base = AutoModelForCausalLM.from_pretrained('{out_dir / 'base_model'}')\n"
+                f"  model = PeftModel.from_pretrained(base, '{out_dir / 'adapter'}')"
             )
     barrier(env)
     return summary
