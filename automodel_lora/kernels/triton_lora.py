@@ -30,6 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # Triton >= 3.4: the launch hooks the direct launch path must honour
+    from triton import knobs
+except ImportError:  # pragma: no cover - older Triton: always launch through the jit function
+    knobs = None
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # --------------------------------------------------------------------------------------
@@ -371,6 +376,38 @@ _TN_ROW_QUANT = 128
 # a large part of the ~120 us host time per launch measured in the first H100 run (NOTES.md).
 _PLANS: dict = {}
 
+# Compiled kernels by (name, plan key, config, argument specialization): a repeat launch skips
+# Triton's per-call argument binding and cache lookup (~50-100 us of host time per launch on the
+# H100 machine's CPU, NOTES.md) and calls the compiled kernel's launcher directly.
+_COMPILED: dict = {}
+_FAST_LAUNCH = knobs is not None and os.environ.get("AUTOMODEL_LORA_FAST_LAUNCH", "1") == "1"
+
+
+def _specialization(args) -> tuple:
+    """What Triton specializes a compiled kernel on, per argument: tensor dtype and 16-byte
+    alignment; integer ==1, %16==0 and 32-bit range; other scalars are not specialized."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):
+            key.append(a)
+        elif isinstance(a, int):
+            key.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
+        else:
+            key.append(type(a))
+    return tuple(key)
+
+
+def _run_compiled(entry, grid, args) -> None:
+    kernel, tail, device = entry
+    stream = torch.cuda.current_stream(device).cuda_stream
+    full = (*args, *tail)
+    g = grid + (1,) * (3 - len(grid))
+    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
+               kernel.launch_metadata(g, stream, *full), knobs.runtime.launch_enter_hook,
+               knobs.runtime.launch_exit_hook, *full)
+
 
 def _launch(name, tuned, raw, grid, fixed, key, args, consts):
     if INTERPRET:
@@ -383,7 +420,20 @@ def _launch(name, tuned, raw, grid, fixed, key, args, consts):
         _PLANS[(name, key)] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
         return
     kw, w, st = plan
-    raw[grid(kw)](*args, **consts, **kw, num_warps=w, num_stages=st)
+    if not _FAST_LAUNCH:
+        raw[grid(kw)](*args, **consts, **kw, num_warps=w, num_stages=st)
+        return
+    device = args[0].device
+    ckey = (name, key, device.index, tuple(consts.values()), _specialization(args))
+    entry = _COMPILED.get(ckey)
+    if entry is not None:
+        _run_compiled(entry, grid(kw), args)
+        return
+    kernel = raw[grid(kw)](*args, **consts, **kw, num_warps=w, num_stages=st)
+    rest = raw.params[len(args):]
+    if kernel is not None and all(p.is_constexpr for p in rest):
+        named = {**consts, **kw}
+        _COMPILED[ckey] = (kernel, tuple(named[p.name] for p in rest), device)  # constexprs in signature order
 
 
 _DUMMY_SEED: dict = {}
