@@ -39,17 +39,17 @@ def write_prompt_completion_data(path: Path, n_records: int = 64) -> Path:
     return path
 
 
-def tiny_raw_recipe(tmp_path: Path, data: Path | None = None, **sections) -> dict:
+def tiny_raw_recipe(tmp_path: Path, data_file: Path | None = None, **sections) -> dict:
     """A valid recipe mapping (as read from YAML) for the tiny model; ``sections`` update it.
 
     ``tiny_raw_recipe(tmp, train={"max_steps": 3})`` merges ``max_steps`` into ``train``.
     """
-    if data is None:
-        data = write_text_data(tmp_path / "data.jsonl")
+    if data_file is None:
+        data_file = write_text_data(tmp_path / "data.jsonl")
     raw = {
         "model": {"tiny": dict(TINY_MODEL), "dtype": "float32"},
         "peft": {"match_all_linear": True, "dim": 4, "alpha": 8},
-        "data": {"path": str(data), "tokenizer": "byte", "seq_len": 64, "validation_split": 0.05},
+        "data": {"path": str(data_file), "tokenizer": "byte", "seq_len": 64, "validation_split": 0.05},
         "train": {
             "lr": 1e-2,
             "warmup_steps": 2,
