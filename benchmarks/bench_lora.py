@@ -266,8 +266,6 @@ def bench_ops(args, results):
                 "expand_y": lambda i: T.expand(xa, B.t(), 2.0),
                 "proj_dyB": lambda i: T.proj(dy, B),
                 "expand_dx": lambda i: T.expand(dyB, A, 2.0),
-                "proj_expand_y": lambda i: T.proj_expand(x, A.t(), B.t(), 2.0),
-                "proj_expand_dx": lambda i: T.proj_expand(dy, B, A, 2.0),
                 "tn_dA": lambda i: T.tn(dyB, x, 2.0),
                 "tn_dB": lambda i: T.tn(xa, dy, 2.0, transpose_out=True),
                 "torch_xa": lambda i: torch.mm(x, A.t()),

@@ -323,28 +323,3 @@ def test_split_m_partials_interp():
     check(dA, 0.5 * pa.double().t() @ xa.double(), torch.float32, "tn2 A")
     check(dB, 0.5 * (pb.double().t() @ xb.double()).t(), torch.float32, "tn2 B")
     check(T.tn(pa, xa, 0.5), 0.5 * pa.double().t() @ xa.double(), torch.float32, "tn")
-
-
-@interp_only
-@pytest.mark.parametrize("p_in,p_out", [(0.0, 0.0), (0.3, 0.0), (0.0, 0.4)])
-@pytest.mark.parametrize("M,K,N,R,extras", [(7, 33, 100, 1, ""), (129, 100, 33, 16, "bias"), (40, 257, 65, 64, "add")])
-def test_proj_expand_matches_two_kernels_interp(M, K, N, R, extras, p_in, p_out):
-    """The fused proj+expand launch gives the projection and output of proj then expand, masks included."""
-    from automodel_lora.kernels import triton_lora as T
-
-    x = torch.randn(M, K)[:, :K]
-    y = torch.randn(R, K).t()  # (K, R), non-contiguous like A^T
-    q = torch.randn(R, N) / R**0.5
-    bias = torch.randn(N) if extras == "bias" else None
-    add = torch.randn(M, N) if extras == "add" else None
-    seed = torch.tensor([1234], dtype=torch.int64)
-    out, pm = T.proj_expand(x, y, q, 0.7, bias=bias, add=add, seed=seed, p_in=p_in, p_out=p_out)
-    keep_in = T.keep_mask(seed, M, K, p_in, "cpu").double() / (1 - p_in)
-    keep_out = T.keep_mask(seed, M, N, p_out, "cpu").double() / (1 - p_out)
-    ref_pm = (x.double() * keep_in) @ y.double()
-    ref = 0.7 * (ref_pm @ q.double()) * keep_out
-    ref = ref + (0 if bias is None else bias.double()) + (0 if add is None else add.double())
-    check(pm, ref_pm, torch.float32, "projection")
-    check(out, ref, torch.float32, "output")
-    with pytest.raises(ValueError, match="ranks up to"):
-        T.proj_expand(x, torch.randn(K, T.FUSED_MAX_RANK + 1), torch.randn(T.FUSED_MAX_RANK + 1, N), 1.0)

@@ -128,28 +128,18 @@ def _ref_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
 def _tri_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
     cdt = x.dtype
     A_c, B_c = A.to(cdt), B.to(cdt)
-    drop_in = dict(seed=seed, p_in=0.0 if post else p)
-    drop_out = dict(p_out=p if post else 0.0)
-    fused = A_c.shape[0] <= _tl.FUSED_MAX_RANK
+    xa = _tl.proj(x, A_c.t(), seed=None if post else seed, p=0.0 if post else p)  # (M, r)
     if base_out is not None:  # lora_add: one pass writing base_out + low-rank term
-        if fused:
-            return _tl.proj_expand(x, A_c.t(), B_c.t(), scale, add=base_out, out_dtype=base_out.dtype,
-                                   **drop_in, **drop_out)
-        xa = _tl.proj(x, A_c.t(), seed=None if post else seed, p=0.0 if post else p)  # (M, r)
         y = _tl.expand(xa, B_c.t(), scale, add=base_out, seed=seed if post else None, p=p if post else 0.0,
                        out_dtype=base_out.dtype)
         return y, xa
     w = weight if weight.dtype == cdt else weight.to(cdt)
     b = None if bias is None else bias.to(cdt)
     if _BASE_GEMM == "triton" and not (post and p > 0.0):
-        xa = _tl.proj(x, A_c.t(), seed=None if post else seed, p=0.0 if post else p)
-        return _tl.gemm_lora(x, w.t(), xa, B_c.t(), scale, bias=b), xa
-    if fused:
-        y, xa = _tl.proj_expand(x, A_c.t(), B_c.t(), scale, bias=b, **drop_in, **drop_out)
+        y = _tl.gemm_lora(x, w.t(), xa, B_c.t(), scale, bias=b)
     else:
-        xa = _tl.proj(x, A_c.t(), seed=None if post else seed, p=0.0 if post else p)
         y = _tl.expand(xa, B_c.t(), scale, bias=b, seed=seed if post else None, p=p if post else 0.0)
-    y.addmm_(x, w.t())  # cuBLAS, low-rank term accumulated through beta=1
+        y.addmm_(x, w.t())  # cuBLAS, low-rank term accumulated through beta=1
     return y, xa
 
 
@@ -160,16 +150,9 @@ def _tri_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
     post_drop = p > 0.0 and post
     dx = dA = dB = None
     dyB = None
-    use_gemm_lora = _BASE_GEMM == "triton" and weight is not None and not pre_drop
-    if need_dx and not use_gemm_lora and A_c.shape[0] <= _tl.FUSED_MAX_RANK:
-        # dyB and its dx term in one launch, then the base dx through the GEMM's beta=1 epilogue
-        dx, dyB = _tl.proj_expand(dy, B_c, A_c, scale, seed=seed, p_in=p if post_drop else 0.0,
-                                  p_out=p if pre_drop else 0.0)
-        if weight is not None:
-            dx.addmm_(dy, weight if weight.dtype == cdt else weight.to(cdt))
-    elif need_dx or need_dA:
+    if need_dx or need_dA:
         dyB = _tl.proj(dy, B_c, seed=seed if post_drop else None, p=p if post_drop else 0.0)  # (M, r)
-    if need_dx and dx is None:
+    if need_dx:
         if weight is None:
             dx = _tl.expand(dyB, A_c, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
         else:

@@ -148,66 +148,6 @@ def _expand_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# P[M, R] = drop_in(X)[M, K] @ Y[K, R];  C[M, N] = (ADD ? Cin : 0) + bias + drop_out(scale * P @ Q[R, N])
-# (proj and expand in one launch: each program owns BM rows, keeps its P tile in registers and
-# streams X once and C once; forward: X = x, Y = A^T, Q = B^T; backward: X = dy, Y = B, Q = A)
-# --------------------------------------------------------------------------------------
-@triton.jit
-def _proj_expand_kernel(
-    x_ptr, y_ptr, q_ptr, bias_ptr, cin_ptr, c_ptr, p_ptr, seed_ptr,
-    M, K, N, R,
-    sxm, sxk, syk, syr, sqr, sqn, scim, scin, scm, scn, spm, spr,
-    scale, p_in, p_out,
-    DROP_IN: tl.constexpr, DROP_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rr = tl.arange(0, BR)
-    rk = tl.arange(0, BK)
-    rn = tl.arange(0, BN)
-    rm64 = rm.to(tl.int64)
-    m_ok = rm < M
-    r_ok = rr < R
-    # P tile = drop_in(X[rows]) @ Y                                           (BM, BR)
-    x_ptrs = x_ptr + rm64[:, None] * sxm + rk[None, :] * sxk
-    y_ptrs = y_ptr + rk[:, None] * syk + rr[None, :] * syr
-    acc = tl.zeros((BM, BR), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        if EVEN_K:
-            xt = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            yt = tl.load(y_ptrs, mask=r_ok[None, :], other=0.0)
-        else:
-            k_ok = (k0 + rk) < K
-            xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            yt = tl.load(y_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        if DROP_IN:
-            xt = tl.where(_keep_mask(seed_ptr, rm64, k0 + rk, K, p_in), xt, 0.0)
-        acc = tl.dot(xt, yt, acc, input_precision=DOT_PREC)
-        x_ptrs += BK * sxk
-        y_ptrs += BK * syk
-    if DROP_IN:
-        acc = acc / (1.0 - p_in)
-    pt = acc.to(p_ptr.dtype.element_ty)  # rounded like the two-kernel path's stored projection
-    tl.store(p_ptr + rm64[:, None] * spm + rr[None, :] * spr, pt, mask=m_ok[:, None] & r_ok[None, :])
-    # C rows = Cin + bias + drop_out(scale * P @ Q), BN columns at a time
-    for n0 in range(0, N, BN):
-        cols = n0 + rn
-        n_ok = cols < N
-        qt = tl.load(q_ptr + rr[:, None] * sqr + cols[None, :] * sqn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        out = tl.dot(pt, qt, input_precision=DOT_PREC) * scale
-        if DROP_OUT:
-            out = tl.where(_keep_mask(seed_ptr, rm64, cols, N, p_out), out / (1.0 - p_out), 0.0)
-        mask = m_ok[:, None] & n_ok[None, :]
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_ADD:
-            out += tl.load(cin_ptr + rm64[:, None] * scim + cols[None, :] * scin, mask=mask, other=0.0).to(tl.float32)
-        tl.store(c_ptr + rm64[:, None] * scm + cols[None, :] * scn, out.to(c_ptr.dtype.element_ty), mask=mask)
-
-
-# --------------------------------------------------------------------------------------
 # Out[s, R, D] = scale * P[m_s, R]^T @ drop(X)[m_s, D]   (split-M fp32 partials)
 # --------------------------------------------------------------------------------------
 @triton.jit
@@ -422,18 +362,6 @@ _gemm_tuned = triton.autotune(
     key=["M", "N", "K", "R", "HAS_LORA"], do_bench=_bench,
 )(_gemm_lora_kernel)
 
-_proj_expand_tuned = triton.autotune(
-    configs=_cfgs([
-        (dict(BM=32, BK=256, BN=256), 4, 3),
-        (dict(BM=32, BK=128, BN=128), 4, 4),
-        (dict(BM=64, BK=128, BN=128), 4, 4),
-        (dict(BM=64, BK=256, BN=256), 8, 3),
-        (dict(BM=16, BK=256, BN=256), 4, 4),
-        (dict(BM=64, BK=64, BN=256), 8, 4),
-    ]),
-    key=["M", "K", "N", "R", "DROP_IN", "DROP_OUT", "HAS_ADD"], do_bench=_bench,
-)(_proj_expand_kernel)
-
 _tn2_tuned = triton.autotune(
     configs=_tn_tuned.configs,
     key=["M", "DA", "DB", "R", "DROP_A", "DROP_B"], do_bench=_bench,
@@ -572,47 +500,6 @@ def expand(pm: torch.Tensor, q: torch.Tensor, scale: float, *, bias=None, add=No
         dict(HAS_BIAS=bias is not None, HAS_ADD=add is not None, DROP=drop, DOT_PREC=_dot_prec(pm.dtype), BR=BR),
     )
     return out
-
-
-# ranks up to this run the fused proj+expand kernel (its P tile lives in registers)
-FUSED_MAX_RANK = 64
-
-
-def proj_expand(x: torch.Tensor, y: torch.Tensor, q: torch.Tensor, scale: float, *, bias=None, add=None,
-                seed=None, p_in: float = 0.0, p_out: float = 0.0, out_dtype=None):
-    """``(add + bias + drop_out(scale * P @ q), P)`` with ``P = drop_in(x) @ y`` in one launch.
-
-    x ``(M, K)``, y ``(K, R)``, q ``(R, N)``, any strides; ``R <= FUSED_MAX_RANK``. ``P`` comes back in
-    x.dtype (``(M, R)``); the output in ``out_dtype`` (default x.dtype). Both drops use ``seed``.
-    """
-    M, K = x.shape
-    R, N = q.shape
-    if R > FUSED_MAX_RANK:
-        raise ValueError(f"proj_expand supports ranks up to {FUSED_MAX_RANK}, got {R}; use proj + expand")
-    pm = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
-    if M == 0:
-        return out, pm
-    if K == 0 or R == 0:
-        pm.zero_()
-        return expand(pm, q, scale, bias=bias, add=add, seed=seed, p=p_out, out_dtype=out.dtype), pm
-    drop_in, drop_out = p_in > 0.0, p_out > 0.0
-    cin = add if add is not None else out
-    fixed = dict(BM=16, BK=32, BN=32)
-    even_k = K % (fixed["BK"] if INTERPRET else 256) == 0  # every BK in the configs divides 256
-    _launch(
-        "proj_expand", _proj_expand_tuned, _proj_expand_kernel,
-        lambda meta: (triton.cdiv(M, meta["BM"]),), fixed,
-        (M, K, N, R, drop_in, drop_out, add is not None, bias is not None, x.dtype, out.dtype),
-        (x, y, q, bias if bias is not None else out, cin, out, pm, _seed_ptr(seed, x.device),
-         M, K, N, R,
-         x.stride(0), x.stride(1), y.stride(0), y.stride(1), q.stride(0), q.stride(1),
-         cin.stride(0), cin.stride(1), out.stride(0), out.stride(1), pm.stride(0), pm.stride(1),
-         float(scale), float(p_in), float(p_out)),
-        dict(DROP_IN=drop_in, DROP_OUT=drop_out, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
-             EVEN_K=even_k, DOT_PREC=_dot_prec(x.dtype), BR=_rank_block(R)),
-    )
-    return out, pm
 
 
 def _num_splits(M: int, D: int, R: int, BR: int, n_sm: int) -> int:
