@@ -224,7 +224,7 @@ def bench_layer(args, results):
                 rows.append(row)
             print(f"[layer] K={Kd} N={N} r={r}: " + ", ".join(f"{n}={times[n]:.3f}ms ({times[n]/f:.2f}x)" for n in steps),
                   flush=True)
-            del variants, steps, xs, gs, lin
+            variants = steps = xs = gs = lin = None  # free the buffers before the next shape
             if DEV == "cuda":
                 torch.cuda.empty_cache()
     results["layer"] = rows
@@ -245,7 +245,7 @@ def bench_ops(args, results):
     big2 = torch.empty_like(big)
     ms = statistics.median(time_block(lambda i: big2.copy_(big), 20))
     results["copy_GBps"] = 2 * big.numel() / ms / 1e6
-    del big, big2
+    big = big2 = None
     for (Kd, N) in args.shapes:
         for r in args.ranks:
             x = torch.randn(M, Kd, device=DEV, dtype=dt)
@@ -287,7 +287,7 @@ def bench_ops(args, results):
                 torch.cuda.empty_cache()
             print(f"[ops] K={Kd} N={N} r={r}: " + ", ".join(f"{d['op']}={d['us']:.0f}" for d in rows[-len(ops):]),
                   flush=True)
-            del x, dy, W, A, B, xa, dyB, y, dx
+            x = dy = W = A = B = xa = dyB = y = dx = None
             torch.cuda.empty_cache()
     results["ops_us"] = rows
 
@@ -412,7 +412,7 @@ def bench_qlora(args, results):
                              peak_mib=mem[name], err=errs.get(name, {})))
         print(f"[qlora] K={Kd} N={N} r={r}: " + ", ".join(f"{n}={times[n]:.3f}ms ({times[n]/f:.2f}x)" for n in steps),
               flush=True)
-        del variants, steps, xs, gs, lin, q
+        variants = steps = xs = gs = lin = q = None
         if DEV == "cuda":
             torch.cuda.empty_cache()
     results["qlora"] = rows
@@ -547,7 +547,8 @@ def print_tables(results):
         for row in results["layer"]:
             if row["variant"] not in names:
                 names.append(row["variant"])
-        lines.append("| K, N | r | frozen ms | " + " | ".join(n for n in names if n != "frozen") + " | triton peak MiB (frozen) | max rel err triton |")
+        head = " | ".join(n for n in names if n != "frozen")
+        lines.append(f"| K, N | r | frozen ms | {head} | triton peak MiB (frozen) | max rel err triton |")
         lines.append("|---" * (len(names) + 4) + "|")
         keyed = {}
         for row in results["layer"]:

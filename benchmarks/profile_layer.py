@@ -107,7 +107,7 @@ def main():
                 print(f"\n### {Kd}x{N} r={r} {name}: eager {eager:.3f} ms, graph {graphed:.3f} ms, kernel sum {gpu:.3f} ms")
                 for t, c, k in kt[:14]:
                     print(f"  {t:8.1f} us  x{c:.0f}  {k}")
-            del variants, x, g, lin
+            variants = x = g = lin = None
             torch.cuda.empty_cache()
     print("\n| K, N | r | variant | eager ms | graph ms | kernel sum ms |")
     print("|---|---|---|---|---|---|")

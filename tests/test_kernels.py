@@ -267,7 +267,7 @@ def test_torch_compile_fullgraph_matches_eager():
     y_c.sum().backward()
     grads_c = [x.grad, m.A.grad, m.B.grad, m.A2.grad, m.B2.grad]
     check(y_c, y_e, torch.float32, "compiled y")
-    for i, (a, e) in enumerate(zip(grads_c, grads_e)):
+    for i, (a, e) in enumerate(zip(grads_c, grads_e, strict=True)):
         check(a, e, torch.float32, f"compiled grad {i}")
 
 

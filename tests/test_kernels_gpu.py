@@ -111,7 +111,7 @@ def test_torch_compile_inductor_fullgraph():
     y_c = fc(x)
     y_c.float().square().sum().backward()
     assert rel(y_c, y_e) < 1e-3
-    for a, e in zip((x.grad, A.grad, B.grad), ge):
+    for a, e in zip((x.grad, A.grad, B.grad), ge, strict=True):
         assert rel(a, e) < 1e-2
 
 
