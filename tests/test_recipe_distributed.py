@@ -1,0 +1,125 @@
+"""Multi-process training on the CPU: ``torchrun --nproc-per-node 2`` with gloo, FSDP2 and DDP.
+
+Two processes with ``batch_size=1`` must train the same adapter as one process with
+``batch_size=2`` (same global batch, same data order): the recipe scales each micro-batch loss
+by the global target count, so the gradient is that of the same mean loss however the batch
+is split. Only rank 0 writes the run's files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from .conftest import assert_close
+from .recipe_helpers import REPO, read_metrics, run_recipe, step_losses, tiny_raw_recipe
+
+STEPS = 6
+
+
+def _recipe(tmp_path, out: str, batch_size: int) -> dict:
+    # Global batch 4 = batch_size x 2 accumulation steps x world size; evaluation in batches of 2
+    # so both world sizes evaluate the same sequences.
+    return tiny_raw_recipe(
+        tmp_path,
+        train={"max_steps": STEPS, "batch_size": batch_size, "grad_accum_steps": 2, "eval_batch_size": 2, "eval_max_batches": 3},
+        checkpoint={"output_dir": str(tmp_path / out), "save_every": 3, "keep_last": 2, "resume": None},
+    )
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The reference: one process, batch 2 x 2 accumulation steps."""
+    tmp = tmp_path_factory.mktemp("single")
+    summary, _ = run_recipe(_recipe(tmp, "run", batch_size=2))
+    return tmp, summary
+
+
+def _torchrun(tmp_path, strategy: str) -> tuple[dict, str, str]:
+    """Run the recipe under ``torchrun --nproc-per-node 2`` (gloo); returns (summary, rank 0 log, rank 1 log)."""
+    raw = _recipe(tmp_path, "run", batch_size=1)
+    raw["distributed"] = {"strategy": strategy, "backend": "gloo"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["--log-dir", str(tmp_path / "logs"), "--redirects", "3"]
+    cmd += [str(REPO / "scripts" / "finetune.py"), "--config", str(tmp_path / "r.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    logs = {}
+    for rank in (0, 1):
+        (rank_dir,) = list((tmp_path / "logs").glob(f"*/attempt_0/{rank}"))
+        logs[rank] = (rank_dir / "stdout.log").read_text() + (rank_dir / "stderr.log").read_text()
+    assert proc.returncode == 0, f"{proc.stderr}\n--- rank 0:\n{logs[0]}\n--- rank 1:\n{logs[1]}"
+    summary = yaml.safe_load((tmp_path / "run" / "summary.json").read_text())
+    return summary, logs[0], logs[1]
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    """``torchrun_run(strategy)`` -> (run dir parent, summary, rank 0 log, rank 1 log), run once per strategy."""
+    runs = {}
+
+    def get(strategy: str):
+        if strategy not in runs:
+            tmp = tmp_path_factory.mktemp(strategy)
+            runs[strategy] = (tmp, *_torchrun(tmp, strategy))
+        return runs[strategy]
+
+    return get
+
+
+def _adapter(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_two_processes_train_the_same_adapter_as_one(single_process, torchrun_run, strategy):
+    ref_dir, ref_summary = single_process
+    tmp_path, summary, log0, log1 = torchrun_run(strategy)
+    assert summary["world_size"] == 2 and summary["strategy"] == strategy
+    assert f"strategy {strategy}" in log0 and "(1 x 2 accum x 2 proc)" in log0
+
+    ref_losses, losses = step_losses(ref_dir / "run"), step_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in ref_losses:
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+    assert summary["val_loss_before"] == pytest.approx(ref_summary["val_loss_before"], rel=1e-5)
+    assert summary["val_loss_after"] == pytest.approx(ref_summary["val_loss_after"], rel=1e-5)
+    ref, got = _adapter(ref_dir / "run" / "adapter"), _adapter(tmp_path / "run" / "adapter")
+    assert got.keys() == ref.keys() and len(ref) == 28
+    assert any(float(t.abs().max()) > 1e-3 for k, t in ref.items() if "lora_B" in k)  # the adapter trained
+    for key in ref:
+        assert_close(got[key], ref[key], what=f"{strategy} {key}")
+
+    # Only rank 0 writes: one record per step, one progress line per step, nothing from rank 1.
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == list(range(1, STEPS + 1))
+    assert "[done] adapter" in log0 and f"step {STEPS}/{STEPS}" in log0
+    assert not any(tag in log1 for tag in ("[data]", "[model]", "step 1/", "[done]")), log1
+    # Each rank saves its own RNG in the (shared) checkpoint; the rest is rank 0's.
+    last = tmp_path / "run" / "checkpoints" / f"step_{STEPS:07d}"
+    assert sorted(p.name for p in last.iterdir()) == ["adapter", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.pt"]
+
+
+def test_fsdp2_checkpoint_resumes_in_one_process(tmp_path, single_process, torchrun_run):
+    """The FSDP2 optimizer state is saved gathered (full tensors), so one process can continue it."""
+    ref_dir, _ = single_process
+    fsdp2_dir = torchrun_run("fsdp2")[0]
+    shutil.copytree(fsdp2_dir / "run" / "checkpoints" / "step_0000003", tmp_path / "step_0000003")
+    raw = _recipe(tmp_path, "continued", batch_size=2)
+    raw["checkpoint"]["resume"] = str(tmp_path / "step_0000003")
+    summary, log = run_recipe(raw)
+    assert summary["resumed_from_step"] == 3 and "[resume] from" in log
+    ref_losses, losses = step_losses(ref_dir / "run"), step_losses(tmp_path / "continued")
+    assert sorted(losses) == [4, 5, 6]
+    for step in losses:
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+    ref, got = _adapter(ref_dir / "run" / "adapter"), _adapter(tmp_path / "continued" / "adapter")
+    for key in ref:
+        assert_close(got[key], ref[key], what=key)
