@@ -6,9 +6,11 @@ Rules (FQN = the name `model.named_modules()` gives, e.g.
 - A plain name matches the full FQN or any dotted suffix of it: `q_proj` and
   `self_attn.q_proj` both match `model.layers.0.self_attn.q_proj`, `proj` does not.
 - A pattern with glob wildcards (`*`, `?`, `[...]`) matches the whole FQN:
-  `*_proj`, `*.layers.[0-3].*`. A pattern written as a regular expression
-  (`.*fc.*`, anything with `.*`, `.+`, `^`, `$`, `|`, `(`, `\\`) is also tried as
-  a full-match regex, so the regex-style patterns of NeMo recipes keep working.
+  `*_proj`, `*.layers.[0-3].*`, `model.layers.1.*` (layer 1 only, not 10-19).
+- A pattern that reads as a regular expression is a full-match regex instead
+  (each pattern has exactly one meaning): one that starts with `.*`, `.+` or `^`,
+  or contains `\\`, `$`, `|`, `(`, `+` or `{`. So the regex-style patterns of NeMo
+  recipes (`.*fc.*`, `.*\\.layers\\.1\\..*`) keep working.
 - `exclude_modules` (same syntax) always wins over a target.
 - `match_all_linear` takes every linear layer except the output head(s).
 - Only linear layers (`nn.Linear` and its subclasses, bitsandbytes' included)
@@ -25,7 +27,8 @@ from collections.abc import Iterable
 from torch import nn
 
 _GLOB_CHARS = set("*?[")
-_REGEX_MARKERS = (".*", ".+", "\\", "^", "$", "|", "(")
+_REGEX_PREFIXES = (".*", ".+", "^")
+_REGEX_ONLY_CHARS = set("\\$|(+{")
 
 
 class ModuleMatcher:
@@ -74,20 +77,30 @@ class ModuleMatcher:
         return False
 
 
+def is_regex(pattern: str) -> bool:
+    """A pattern written as a regular expression (see the module docstring)."""
+    return pattern.startswith(_REGEX_PREFIXES) or bool(_REGEX_ONLY_CHARS & set(pattern))
+
+
 def is_plain_name(pattern: str) -> bool:
     """A pattern with no glob or regex syntax: matched as a FQN or dotted FQN suffix."""
-    return not (_GLOB_CHARS & set(pattern)) and not any(m in pattern for m in _REGEX_MARKERS)
+    return not (_GLOB_CHARS & set(pattern)) and not is_regex(pattern)
 
 
 def name_matches(pattern: str, fqn: str) -> bool:
-    """Whether one target/exclude entry selects the module named `fqn`."""
-    if is_plain_name(pattern):
-        return fqn == pattern or fqn.endswith("." + pattern)
-    if fnmatch.fnmatchcase(fqn, pattern):
-        return True
-    if any(m in pattern for m in _REGEX_MARKERS):
+    """Whether one target/exclude entry selects the module named `fqn`.
+
+    Raises:
+        ValueError: a regex-style pattern that is not a valid regular expression.
+    """
+    if is_regex(pattern):
         try:
             return re.fullmatch(pattern, fqn) is not None
-        except re.error:
-            return False
-    return False
+        except re.error as e:
+            raise ValueError(
+                f"pattern {pattern!r} reads as a regular expression but does not compile ({e}); "
+                "fix it, or write a glob such as '*.q_proj'"
+            ) from e
+    if is_plain_name(pattern):
+        return fqn == pattern or fqn.endswith("." + pattern)
+    return fnmatch.fnmatchcase(fqn, pattern)

@@ -105,3 +105,29 @@ def test_matcher_direct_use():
     model = ToyModel()
     names = [n for n, m in model.named_modules() if matcher.match(m, n)]
     assert names == ["layers.0.fc1", "layers.1.fc1", "layers.3.fc1"]
+
+
+@pytest.mark.parametrize(
+    "pattern, fqn, expected",
+    [
+        ("model.layers.1.*", "model.layers.1.mlp.up_proj", True),
+        ("model.layers.1.*", "model.layers.12.mlp.up_proj", False),  # a glob's '.' is a literal dot
+        ("layers.[0-1].*", "layers.10.fc1", False),
+        ("*.layers.1.*", "model.layers.11.q_proj", False),
+        ("model\\.layers\\.1\\..*", "model.layers.11.q_proj", False),
+        ("(q|k)_proj", "k_proj", True),
+    ],
+)
+def test_glob_dots_are_literal_and_regex_is_chosen_by_syntax(pattern, fqn, expected):
+    assert name_matches(pattern, fqn) is expected
+
+
+def test_layer_glob_on_a_twelve_layer_model_selects_one_layer():
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(12)])
+    n = apply_lora_to_linear_modules(model, PeftConfig(target_modules=["1.*"]))
+    assert n == 2 and adapted(model) == ["1.0", "1.1"]
+
+
+def test_invalid_regex_is_an_error_naming_the_pattern():
+    with pytest.raises(ValueError, match=r"'\.\*\(q_proj' reads as a regular expression"):
+        name_matches(".*(q_proj", "model.q_proj")
