@@ -329,3 +329,69 @@ def test_scripts_finetune_py_runs_as_a_program(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["train"]["max_steps"] == 7
+
+
+# ---------------------------------------------------------------------------------------- shipped recipes
+
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_the_real_model_recipes_are_shipped():
+    names = {p.stem for p in SHIPPED}
+    assert {"quickstart", "llama3_8b_lora", "llama3_8b_qlora", "qwen2_5_7b_lora"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_recipe_validates_and_its_header_gives_the_launch_command(path):
+    cfg = load_recipe(path)  # no weights are loaded: only the YAML is validated
+    header = path.read_text().split("\n\n", 1)[0]
+    assert all(line.startswith("#") for line in header.splitlines())
+    assert f"scripts/finetune.py --config configs/{path.name}" in header
+    if cfg.model.name_or_path is not None:  # a real model: placeholders the user overrides
+        assert f"torchrun --nproc-per-node 8 scripts/finetune.py --config configs/{path.name}" in header
+        assert cfg.model.name_or_path.startswith("/path/to/") and cfg.data.path.startswith("/path/to/")
+        assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing and cfg.train.bf16 is True
+        assert cfg.checkpoint.resume == "auto" and cfg.checkpoint.save_every > 0
+    else:
+        assert (REPO / "configs" / "data").resolve() in (REPO / cfg.data.path).resolve().parents
+
+
+def _architecture(stem: str):
+    """The published shapes of each real-model recipe's model (as in its config.json)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    if stem.startswith("llama3_8b"):
+        return LlamaConfig(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+        )
+    return Qwen2Config(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=131072,
+    )
+
+
+@pytest.mark.parametrize("stem", ["llama3_8b_lora", "llama3_8b_qlora", "qwen2_5_7b_lora"])
+def test_real_model_recipes_adapt_every_projection_of_their_architecture(stem):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import automodel_lora as al
+
+    cfg = load_recipe(REPO / "configs" / f"{stem}.yaml")
+    arch = _architecture(stem)
+    with torch.device("meta"):  # full-size shapes, no memory
+        model = AutoModelForCausalLM.from_config(arch)
+    assert al.apply_lora_to_linear_modules(model, cfg.peft) == 7 * arch.num_hidden_layers
+    assert cfg.data.seq_len <= arch.max_position_embeddings
+    assert cfg.quantization.load_in_4bit == stem.endswith("qlora")
