@@ -1,5 +1,7 @@
 """QLoRA: bitsandbytes NF4 bases (which run on the CPU since bitsandbytes 0.50) patched in place."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -97,3 +99,27 @@ def test_merge_into_4bit_base_is_refused_with_the_reason():
 def test_match_all_linear_takes_4bit_layers():
     model = to_nf4(tiny_llama())
     assert al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_linear=True)) == 14
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="bf16 loads are wrong in the Triton CPU interpreter")
+def test_nf4_layer_under_bf16_autocast_with_fp32_activations():
+    """bitsandbytes returns fp32 for fp32 inputs even under bf16 autocast, while the adapter runs in
+    bf16: forward and backward must work and match the PyTorch path (which casts the same way)."""
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48)
+    outs = {}
+    for use_triton in (False, True):
+        layer = to_nf4(nn.Sequential(nn.Linear(64, 48)), compute_dtype=torch.bfloat16)[0]
+        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4").to("cpu")
+        layer.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+        al.patch_linear_module(layer, dim=8, alpha=16, use_triton=use_triton)
+        with torch.no_grad():
+            for w, lim in ((layer.lora_A.weight, 0.2), (layer.lora_B.weight, 0.1)):
+                w.copy_(torch.linspace(-lim, lim, w.numel()).view_as(w))
+        x = torch.linspace(-1, 1, 5 * 64).view(5, 64).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+        outs[use_triton] = (y.float(), x.grad, layer.lora_A.weight.grad.float(), layer.lora_B.weight.grad.float())
+    for name, a, b in zip(("y", "dx", "dA", "dB"), outs[True], outs[False], strict=True):
+        assert_close(a, b, torch.bfloat16, name)

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -92,8 +93,9 @@ def _ref_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
     lr = (xa @ B_c.t()) * scale
     if p > 0.0 and post:
         lr = lr * _ref_keep(seed, M, lr.shape[1], p, x.device).to(cdt) / (1.0 - p)
-    base = F.linear(x, weight, bias) if base_out is None else base_out
-    return base + lr, xa
+    if base_out is None:
+        return F.linear(x, weight, bias) + lr, xa
+    return (base_out + lr).to(base_out.dtype), xa
 
 
 def _ref_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, need_dB):
@@ -263,15 +265,18 @@ class _LoRAFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
         nig = ctx.needs_input_grad
         need_dx, need_dA, need_dB = nig[0], nig[4], nig[5]
         dx = dA = dB = None
         if need_dx or need_dA or need_dB:
+            # base_out may be wider than x (bitsandbytes returns fp32 for fp32 inputs under bf16 autocast)
+            dy_c = dy if dy.dtype == x.dtype else dy.to(x.dtype)
             bwd = _lora_bwd_op if torch.compiler.is_compiling() else _bwd_impl
             dx, dA, dB = bwd(
-                dy, x, None if ctx.has_base_out else weight, lora_A, lora_B, xa,
+                dy_c, x, None if ctx.has_base_out else weight, lora_A, lora_B, xa,
                 ctx.scale, ctx.p, ctx.post, seed, need_dx, need_dA, need_dB,
             )
         d_base = dy if (ctx.has_base_out and nig[3]) else None
