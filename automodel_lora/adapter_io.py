@@ -82,8 +82,11 @@ def save_adapter(
     os.makedirs(path, exist_ok=True)
     tensors = {PEFT_KEY_PREFIX + key: t.detach().to("cpu").contiguous() for key, t in state.items()}
     _atomic_write(os.path.join(path, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    library_cfg_path = os.path.join(path, LIBRARY_CONFIG_NAME)
     if peft_config is not None:
-        _atomic_write_json(os.path.join(path, LIBRARY_CONFIG_NAME), peft_config.to_dict())
+        _atomic_write_json(library_cfg_path, peft_config.to_dict())
+    elif os.path.exists(library_cfg_path):  # a stale one from an earlier save would be applied on load
+        os.unlink(library_cfg_path)
     # The PEFT config goes last: its presence marks a complete adapter directory.
     _atomic_write_json(os.path.join(path, ADAPTER_CONFIG_NAME), peft_adapter_config(model, base_model_name_or_path))
 
@@ -172,9 +175,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, use_triton: bool | N
             raise ValueError(
                 f"adapter key {PEFT_KEY_PREFIX}{fqn}.lora_A.weight names {fqn!r}, which has no LoRA adapter in the model"
             )
+        _check_scaling(module, fqn, peft_cfg, path)
         _copy_into(module.lora_A.weight, lora_A, f"{fqn}.lora_A.weight")
         _copy_into(module.lora_B.weight, lora_B, f"{fqn}.lora_B.weight")
     return len(pairs)
+
+
+def _check_scaling(module, fqn: str, peft_cfg: dict[str, Any], path) -> None:
+    """The file's alpha and rsLoRA flag for `fqn` must be the ones the patched module scales with."""
+    alpha = _pattern_value(peft_cfg.get("alpha_pattern") or {}, fqn, peft_cfg["lora_alpha"])
+    rslora = bool(peft_cfg.get("use_rslora", False))
+    if float(alpha) != float(module.lora_alpha) or rslora != module.lora_use_rslora:
+        raise ValueError(
+            f"{os.fspath(path)!r} was trained with lora_alpha={alpha}, use_rslora={rslora} for {fqn!r}, but the "
+            f"model's adapter there has lora_alpha={module.lora_alpha}, use_rslora={module.lora_use_rslora}; the "
+            "outputs would be scaled differently. Load into an unpatched model (load_adapter patches it from the "
+            "file) or patch with the file's values"
+        )
 
 
 def _patch_from_file(model, modules, pairs, peft_cfg, library_cfg, use_triton) -> None:
@@ -303,11 +320,26 @@ def _atomic_write(path: str, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (os.umask is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write_json(path: str, obj: dict[str, Any]) -> None:

@@ -173,3 +173,33 @@ def test_a_failed_write_leaves_the_previous_adapter_intact(tmp_path, monkeypatch
         al.save_adapter(adapted_llama(cfg), tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("other", [dict(alpha=64), dict(use_rslora=True)])
+def test_loading_into_a_model_patched_with_another_scale_is_an_error(tmp_path, other):
+    cfg = al.PeftConfig(target_modules=["q_proj"], dim=4, alpha=4)
+    al.save_adapter(adapted_llama(cfg), tmp_path, cfg)
+    patched = tiny_llama()
+    al.apply_lora_to_linear_modules(patched, al.PeftConfig(**{**cfg.to_dict(), **other}))
+    with pytest.raises(ValueError, match=r"lora_alpha=4, use_rslora=False for 'model.layers.0.self_attn.q_proj'"):
+        al.load_adapter(patched, tmp_path)
+
+
+def test_resave_without_config_drops_the_stale_library_config(tmp_path):
+    cfg = al.PeftConfig(target_modules=["q_proj"], dim=4, dropout_position="pre", lora_dtype="float32")
+    model = adapted_llama(cfg)
+    al.save_adapter(model, tmp_path, cfg)
+    assert os.path.exists(tmp_path / "automodel_lora_config.json")
+    al.save_adapter(model, tmp_path)
+    assert not os.path.exists(tmp_path / "automodel_lora_config.json")
+    fresh = tiny_llama()
+    al.load_adapter(fresh, tmp_path)
+    assert fresh.model.layers[0].self_attn.q_proj.lora_dropout_position == "pre"  # PEFT's semantics, not the stale file's
+
+
+def test_adapter_files_are_readable_by_others(tmp_path):
+    al.save_adapter(adapted_llama(al.PeftConfig(target_modules=["q_proj"], dim=4)), tmp_path)
+    old = os.umask(0o022)
+    os.umask(old)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~old, name
