@@ -186,7 +186,7 @@ def test_loading_into_a_model_patched_with_another_scale_is_an_error(tmp_path, o
 
 
 def test_resave_without_config_drops_the_stale_library_config(tmp_path):
-    cfg = al.PeftConfig(target_modules=["q_proj"], dim=4, dropout_position="pre", lora_dtype="float32")
+    cfg = al.PeftConfig(target_modules=["q_proj"], dim=4, dropout_position="post")
     model = adapted_llama(cfg)
     al.save_adapter(model, tmp_path, cfg)
     assert os.path.exists(tmp_path / "automodel_lora_config.json")
