@@ -65,6 +65,7 @@ class LinearLoRA(nn.Linear):
         lora_dtype: torch.dtype | str | None = None,
         use_rslora: bool = False,
     ):
+        validate_adapter_hparams(dim, alpha, dropout, dropout_position, lora_A_init_method, owner="LinearLoRA")
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         _add_adapter(self, dim, alpha, dropout, dropout_position, lora_A_init_method, lora_dtype, use_rslora)
 
@@ -342,6 +343,21 @@ def _fold(module: LinearLoRA, name: str, sign: float) -> None:
     weight.copy_((weight.float() + delta).to(weight.dtype))
 
 
+def _check_untied(model: nn.Module, modules: list[tuple[str, LinearLoRA]]) -> None:
+    """Refuse to merge into a weight that another module shares (tied embeddings): it would change both."""
+    names_of: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(pname)
+    for name, module in modules:
+        sharers = [n for n in names_of.get(id(module.weight), []) if n != (f"{name}.weight" if name else "weight")]
+        if sharers:
+            raise ValueError(
+                f"cannot merge the adapter of {name!r}: its weight is shared with {sharers} (tied weights), so "
+                "merging would change those modules too. Untie the weights first (e.g. clone the weight into a "
+                "new nn.Parameter) or keep the adapter unmerged"
+            )
+
+
 def merge_lora(model: nn.Module) -> int:
     """Fold `s * B @ A` into each adapted base weight; adapters are then skipped in forward.
 
@@ -349,9 +365,11 @@ def merge_lora(model: nn.Module) -> int:
         The number of modules merged (already merged ones are left as they are).
 
     Raises:
-        ValueError: an adapted base is 4-bit quantized (nothing is changed then).
+        ValueError: an adapted base is 4-bit quantized, or its weight is tied to another module's
+            (nothing is changed then).
     """
     pending = [(n, m) for n, m in lora_modules(model) if not m.lora_merged]
+    _check_untied(model, pending)
     for name, module in pending:
         if is_quantized_linear(module):
             _fold(module, name, 1.0)  # raises with the reason

@@ -322,3 +322,26 @@ def test_autocast_bf16_matches_reference(use_triton, base_dtype):
     assert_close(y, ref, dtype=torch.bfloat16)
     y.float().sum().backward()
     assert x.grad is not None and layer.lora_A.weight.grad is not None and layer.weight.grad is None
+
+
+def test_merge_refuses_tied_weights_and_changes_nothing():
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["lm_head", "q_proj"]))
+    for _, m in al.lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'lm_head'.*shared with \['model.embed_tokens.weight'\]"):
+        al.merge_lora(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(m.lora_merged for _, m in al.lora_modules(model))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(dim=0), "dim"), (dict(lora_A_init_method="bogus"), "bogus"), (dict(dropout_position="middle"), "middle")],
+)
+def test_linear_lora_constructor_validates(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        al.LinearLoRA(8, 4, **kwargs)
