@@ -233,6 +233,14 @@ def test_validation_errors():
         lora_linear(x, W, b, A, B[:, :1], 1.0)
     with pytest.raises(ValueError, match="weight"):
         lora_linear(x, W[:, :4], b, A, B, 1.0)
+    with pytest.raises(ValueError, match=r"weight must be \(N, K\) = \(6, 8\)"):
+        lora_linear(x, W[:5], b, A, B, 1.0)
+    with pytest.raises(ValueError, match=r"bias must be \(6,\)"):
+        lora_linear(x, W, b[:5], A, B, 1.0)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(x, W.clone().requires_grad_(True), b, A, B, 1.0)
+    with pytest.raises(ValueError, match=r"base_out must be \(4, 6\)"):
+        lora_add(torch.zeros(4, 5), x, A, B, 1.0)
 
 
 class _Tiny(torch.nn.Module):

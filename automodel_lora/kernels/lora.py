@@ -20,6 +20,7 @@ Backends (chosen per call inside the custom op, so torch.compile sees one opaque
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -32,9 +33,12 @@ try:  # triton is optional: without it the reference path runs everywhere
     from . import triton_lora as _tl
 
     HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the environment
+except ImportError as _e:  # pragma: no cover - depends on the environment
     _tl = None
     HAS_TRITON = False
+    if torch.cuda.is_available():
+        warnings.warn(f"Triton is not importable ({_e}); LoRA layers on CUDA run the slower PyTorch reference path",
+                      stacklevel=2)
 
 # Base GEMM for the fused path: "cublas" (low-rank term pre-written, added through the
 # GEMM's beta=1 epilogue) or "triton" (_gemm_lora_kernel, low-rank term as extra K step).
@@ -305,8 +309,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         ValueError: on bad shapes, dropout_p outside [0, 1) or an unknown dropout_position.
     """
     _check(x, lora_A, lora_B, dropout_p, dropout_position)
-    if weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight must be (N, {x.shape[-1]}), got {tuple(weight.shape)}")
+    N = lora_B.shape[0]
+    if weight.shape != (N, x.shape[-1]):
+        raise ValueError(f"weight must be (N, K) = ({N}, {x.shape[-1]}) to match lora_B and x, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("lora_linear's base weight and bias are frozen (they get no gradient); they require grad "
+                         "here. Call .requires_grad_(False) on them, or compute the base yourself and use lora_add")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y = _LoRAFunction.apply(x2, weight, bias, None, lora_A, lora_B, float(scale), float(dropout_p),
@@ -328,6 +338,8 @@ def lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora
     _check(x, lora_A, lora_B, dropout_p, dropout_position)
     N = lora_B.shape[0]
     lead = x.shape[:-1]
+    if base_out.shape != (*lead, N):
+        raise ValueError(f"base_out must be {(*lead, N)} (x's leading dims, lora_B's N), got {tuple(base_out.shape)}")
     x2 = x.reshape(-1, x.shape[-1])
     b2 = base_out.reshape(-1, N)
     y = _LoRAFunction.apply(x2, None, None, b2, lora_A, lora_B, float(scale), float(dropout_p),

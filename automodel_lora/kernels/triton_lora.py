@@ -13,13 +13,15 @@ Notation (all 2-D after flattening the leading dims): ``x: (M, K)``,
     dB  = s * drop_post(dy)^T @ xa               (N, r)    _tn_kernel
 
 Every kernel reads its big operand (``x`` or ``dy``) once, accumulates in fp32
-and takes arbitrary 2-D strides with int64 row offsets (``M * K`` may pass
-2**31).  Dropout is inverted dropout with a Philox mask ``keep = rand(seed, m *
-D + d) >= p`` over the logical ``(M, D)`` index space of the masked tensor, so
-backward regenerates exactly the forward mask from ``seed`` (nothing stored).
+and takes arbitrary 2-D strides. Row offsets are int64 (``M * K`` may pass 2**31);
+column offsets are int32, so a column stride times the width must stay below 2**31
+(true for row-major tensors, which is what LoRA layers see).  Dropout is
+inverted dropout with a Philox mask ``keep = rand(seed, m * D + d) >= p`` over
+the logical ``(M, D)`` index space of the masked tensor, so backward regenerates
+exactly the forward mask from ``seed`` (nothing stored).
 
 This module imports triton at import time; ``automodel_lora.kernels.lora``
-imports it lazily so the pure-PyTorch path works without triton.
+imports it inside a try block, so the pure-PyTorch path works without triton.
 """
 
 from __future__ import annotations
@@ -371,7 +373,7 @@ _tn2_tuned = triton.autotune(
 _TN_ROW_QUANT = 128
 
 
-# Launch plans: after the first (autotuned) call of a kernel for a key, later calls launch the
+# Launch plans: after the first (autotuned) call of a kernel for a key (shapes, with M bucketed), later calls launch the
 # plain jit function with the chosen config directly: the autotuner's per-call Python work was
 # a large part of the ~120 us host time per launch measured in the first H100 run (NOTES.md).
 _PLANS: dict = {}
@@ -407,6 +409,12 @@ def _run_compiled(entry, grid, args) -> None:
     kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
                kernel.launch_metadata(g, stream, *full), knobs.runtime.launch_enter_hook,
                knobs.runtime.launch_exit_hook, *full)
+
+
+def _m_bucket(M: int) -> int:
+    """Token counts share a launch plan per power of two: a new M (variable-length batches) reuses the
+    config autotuned for its bucket instead of re-running the autotuner."""
+    return triton.next_power_of_2(M)
 
 
 def _launch(name, tuned, raw, grid, fixed, key, args, consts):
@@ -467,7 +475,7 @@ def proj(x: torch.Tensor, y: torch.Tensor, *, seed=None, p: float = 0.0) -> torc
     nr = triton.cdiv(R, BR)
     _launch(
         "proj", _proj_tuned, _proj_kernel,
-        lambda meta: (triton.cdiv(M, meta["BM"]), nr), fixed, (M, K, R, drop, x.dtype),
+        lambda meta: (triton.cdiv(M, meta["BM"]), nr), fixed, (_m_bucket(M), K, R, drop, x.dtype),
         (x, y, out, _seed_ptr(seed, x.device),
          M, K, R,
          x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
@@ -491,7 +499,7 @@ def expand(pm: torch.Tensor, q: torch.Tensor, scale: float, *, bias=None, add=No
     _launch(
         "expand", _expand_tuned, _expand_kernel,
         lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"])), dict(BM=16, BN=32),
-        (M, N, R, drop, add is not None, pm.dtype, out.dtype),
+        (_m_bucket(M), N, R, drop, add is not None, pm.dtype, out.dtype),
         (pm, q, bias if bias is not None else out, cin, out, _seed_ptr(seed, pm.device),
          M, N, R,
          pm.stride(0), pm.stride(1), q.stride(0), q.stride(1), cin.stride(0), cin.stride(1),
@@ -547,7 +555,7 @@ def tn(pm: torch.Tensor, x: torch.Tensor, scale: float, *, seed=None, p: float =
     nr = triton.cdiv(R, BR)
     _launch(
         "tn", _tn_tuned, _tn_kernel,
-        lambda meta: (triton.cdiv(D, meta["BD"]), nr, S), fixed, (M, D, R, drop, x.dtype, transpose_out),
+        lambda meta: (triton.cdiv(D, meta["BD"]), nr, S), fixed, (_m_bucket(M), D, R, drop, x.dtype, transpose_out),
         (pm, x, part, _seed_ptr(seed, x.device),
          M, D, R, rows,
          pm.stride(0), pm.stride(1), x.stride(0), x.stride(1), sos, sor, sod,
@@ -584,7 +592,7 @@ def tn2(pa: torch.Tensor, xa: torch.Tensor, pb: torch.Tensor, xb: torch.Tensor, 
     _launch(
         "tn2", _tn2_tuned, _tn2_kernel,
         lambda meta: (triton.cdiv(DA, meta["BD"]) + triton.cdiv(DB, meta["BD"]), nr, S), fixed,
-        (M, DA, DB, R, drop_a, drop_b, xa.dtype),
+        (_m_bucket(M), DA, DB, R, drop_a, drop_b, xa.dtype),
         (pa, xa, part, pb, xb, part_b, _seed_ptr(seed, xa.device),
          M, DA, DB, R, rows,
          pa.stride(0), pa.stride(1), xa.stride(0), xa.stride(1), part.stride(0), DA, 1,
@@ -614,7 +622,7 @@ def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 
     _launch(
         "gemm", _gemm_tuned, _gemm_lora_kernel,
         lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),), fixed,
-        (M, N, K, R, has_lora, x.dtype, y.stride(0) == 1),
+        (_m_bucket(M), N, K, R, has_lora, x.dtype, y.stride(0) == 1),
         (x, y, pm if has_lora else x, q if has_lora else y, bias if bias is not None else out, out,
          M, N, K, R,
          x.stride(0), x.stride(1), y.stride(0), y.stride(1),
