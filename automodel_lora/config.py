@@ -37,7 +37,11 @@ def dtype_from_str(name: str | torch.dtype | None, field_name: str = "dtype") ->
     Raises:
         ValueError: the string names no floating dtype this library trains in.
     """
-    if name is None or isinstance(name, torch.dtype):
+    if name is None:
+        return None
+    if isinstance(name, torch.dtype):
+        if name not in _DTYPES_BY_NAME.values():
+            raise ValueError(f"{field_name}={name} is not a dtype adapters train in; use one of {sorted(_DTYPES_BY_NAME)}")
         return name
     if not isinstance(name, str):
         raise ValueError(f"{field_name}={name!r} must be a torch.dtype or one of {sorted(_DTYPES_BY_NAME)}")
@@ -175,6 +179,11 @@ def _as_name_list(value, field_name: str) -> list[str]:
         return []
     if isinstance(value, str):
         value = [value]
+    if not isinstance(value, (list, tuple, set)):
+        raise ValueError(
+            f"PeftConfig.{field_name} must be a list of module names or patterns, got {value!r} "
+            f"({type(value).__name__}); e.g. {field_name}=['q_proj', 'v_proj']"
+        )
     value = list(value)
     for item in value:
         if not isinstance(item, str) or not item:

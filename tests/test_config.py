@@ -74,3 +74,15 @@ def test_unknown_key_in_from_dict_lists_valid_keys():
     with pytest.raises(ValueError) as err:
         PeftConfig.from_dict({"target_modules": ["q_proj"], "rank": 8})
     assert "'rank'" in str(err.value) and "dim" in str(err.value) and "target_modules" in str(err.value)
+
+
+@pytest.mark.parametrize("value", [torch.int8, torch.float64])
+def test_lora_dtype_objects_outside_the_training_dtypes_are_refused(value):
+    with pytest.raises(ValueError, match=r"lora_dtype=torch\.(int8|float64) is not a dtype adapters train in"):
+        PeftConfig(lora_dtype=value)
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_a_non_list_of_names_is_a_value_error_naming_the_field(field):
+    with pytest.raises(ValueError, match=rf"PeftConfig\.{field} must be a list of module names.*got 5 \(int\)"):
+        PeftConfig(**{field: 5})
