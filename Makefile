@@ -1,6 +1,7 @@
 # Set-up is part of each target: `make quickstart` and `make test` work on a fresh machine.
 PYTHON ?= python
-STAMP := .install.stamp
+# one stamp per interpreter, so switching venvs (or PYTHON=...) installs again
+STAMP := .install.$(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.executable.encode()).hexdigest()[:10])').stamp
 
 .PHONY: install quickstart test test-kernels lint bench
 
@@ -19,8 +20,8 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/test_kernels.py
 
-lint:
-	ruff check automodel_lora tests scripts benchmarks
+lint: $(STAMP)
+	$(PYTHON) -m ruff check automodel_lora tests scripts benchmarks
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/bench_lora.py
