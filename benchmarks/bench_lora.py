@@ -34,11 +34,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from automodel_lora import kernels as K  # noqa: E402
-
-try:
-    from automodel_lora import patch_linear_module  # noqa: E402
-except Exception:  # pragma: no cover
-    patch_linear_module = None
+from automodel_lora import patch_linear_module  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -139,29 +135,31 @@ def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Ten
     W, b = lin.weight, lin.bias
     out["torch_naive"] = (lambda x: F.linear(x, W, b) + s * F.linear(F.linear(x, A), B), [A, B])
     for name, use_triton in (("torch", False), ("triton", True)):
-        if patch_linear_module is not None:
-            m = copy.deepcopy(lin)
-            m.weight = lin.weight  # share the frozen weight
-            patch_linear_module(m, dim=r, alpha=2 * r, use_triton=use_triton)
-            with torch.no_grad():
-                m.lora_A.weight.copy_(A0)
-                m.lora_B.weight.copy_(B0)
-            out[name] = (m, [m.lora_A.weight, m.lora_B.weight])
-        elif use_triton:
-            A2, B2 = nn.Parameter(A0.clone()), nn.Parameter(B0.clone())
-            out[name] = (lambda x, A2=A2, B2=B2: K.lora_linear(x, W, b, A2, B2, s), [A2, B2])
-    if "triton" in out and "triton_tg" in want:
-        fn, params = out["triton"]
-
-        def tg(x, fn=fn):
-            K.set_base_gemm("triton")
-            try:
-                return fn(x)
-            finally:
-                K.set_base_gemm("cublas")
-
-        out["triton_tg"] = (tg, params)
+        m = copy.deepcopy(lin)
+        m.weight = lin.weight  # share the frozen weight
+        patch_linear_module(m, dim=r, alpha=2 * r, use_triton=use_triton)
+        with torch.no_grad():
+            m.lora_A.weight.copy_(A0)
+            m.lora_B.weight.copy_(B0)
+        out[name] = (m, [m.lora_A.weight, m.lora_B.weight])
+    if "triton_tg" in want:
+        out["triton_tg"] = out["triton"]  # same layer, run under BASE_GEMM["triton_tg"]
     return out
+
+
+# Base GEMM of the kernel path per variant (forward and backward); every other variant: cuBLAS.
+BASE_GEMM = {"triton_tg": "triton"}
+
+
+def fwd_bwd(name: str, fn, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``y = fn(x); y.backward(g)`` with the variant's base GEMM selected for both passes."""
+    K.set_base_gemm(BASE_GEMM.get(name, "cublas"))
+    try:
+        y = fn(x)
+        y.backward(g)
+        return y
+    finally:
+        K.set_base_gemm("cublas")
 
 
 def bench_layer(args, results):
@@ -192,8 +190,7 @@ def bench_layer(args, results):
                 x.grad = None
                 for p_ in params:
                     p_.grad = None
-                y = fn(x)
-                y.backward(g)
+                y = fwd_bwd(name, fn, x, g)
                 e = {"y": rel_err(y, ref_y), "dx": rel_err(x.grad, ref_dx)}
                 if params:
                     e["dA"] = rel_err(params[0].grad, ref_dA)
@@ -202,10 +199,9 @@ def bench_layer(args, results):
                 del y
             del ref_y, ref_dx, xf, gf
 
-            def make_step(fn, params):
+            def make_step(name, fn):
                 def step(i):
-                    y = fn(xs[i % 2])
-                    y.backward(gs[i % 2])
+                    fwd_bwd(name, fn, xs[i % 2], gs[i % 2])
                 return step
 
             def prep(i, plist=[p_ for _, ps in variants.values() for p_ in ps]):
@@ -214,7 +210,7 @@ def bench_layer(args, results):
                 for p_ in plist:
                     p_.grad = None
 
-            steps = {name: make_step(fn, params) for name, (fn, params) in variants.items()}
+            steps = {name: make_step(name, fn) for name, (fn, _) in variants.items()}
             times = interleaved(steps, n=args.n, rounds=args.rounds, warmup=args.warmup, prep=prep)
             mem = {name: peak_delta_mib(step, prep) for name, step in steps.items()}
             f = times["frozen"]
@@ -468,9 +464,8 @@ def bench_model(args, results):
             models["peft"] = peft_model()
         except Exception as e:  # pragma: no cover
             print(f"peft unavailable: {e!r}")
-    if patch_linear_module is not None:
-        models["torch"] = lora_model(False)
-        models["triton"] = lora_model(True)
+    models["torch"] = lora_model(False)
+    models["triton"] = lora_model(True)
     ids = [torch.randint(0, cfg.vocab_size, (bsz, seq), device=DEV) for _ in range(2)]
 
     def make_step(m):
