@@ -30,6 +30,7 @@ from .conftest import assert_close
 from .recipe_helpers import (
     QUICKSTART,
     REPO,
+    TINY_MODEL,
     read_metrics,
     run_recipe,
     step_losses,
@@ -415,3 +416,41 @@ def _adapter_tensors(path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path / "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------- local HF checkpoints
+
+
+@pytest.fixture
+def local_checkpoint(tmp_path):
+    """A tiny Llama saved with ``save_pretrained``: what ``model.name_or_path`` points at."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TINY_MODEL)).save_pretrained(str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+def _checkpoint_recipe(tmp_path, checkpoint_dir, **sections) -> dict:
+    raw = tiny_raw_recipe(tmp_path, **sections)
+    raw["model"] = {"name_or_path": str(checkpoint_dir), "dtype": "float32"}
+    return raw
+
+
+def test_local_checkpoint_directory_trains_and_is_not_copied(tmp_path, local_checkpoint):
+    summary, log = run_recipe(_checkpoint_recipe(tmp_path, local_checkpoint))
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert summary["base_model"] == str(local_checkpoint)  # save_base_model: auto writes no copy
+    assert not (tmp_path / "out" / "base_model").exists()
+    assert "Loading weights" not in log
+
+
+def test_local_checkpoint_loads_in_4bit_through_transformers(tmp_path, local_checkpoint):
+    bnb = pytest.importorskip("bitsandbytes")
+    raw = _checkpoint_recipe(tmp_path, local_checkpoint, quantization={"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"})
+    model, _ = prepare_model(RecipeConfig.from_dict(raw), torch.device("cpu"))
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 14 and all(isinstance(m, al.LinearLoRA) for m in quantized)
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    summary, _ = run_recipe(raw)
+    assert summary["val_loss_after"] < summary["val_loss_before"]

@@ -8,6 +8,7 @@ under unchanged FQNs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -53,6 +54,20 @@ def _from_pretrained_dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    """Hide transformers' own "Loading weights" / "Writing model shards" bars inside ours."""
+    from transformers.utils import logging as hf_logging
+
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
+
+
 def build_model(cfg: ModelConfig, qcfg: QuantizationConfig, device: torch.device) -> nn.Module:
     """Instantiate the base model (weights real, on CPU unless 4-bit HF loading needs the device).
 
@@ -83,7 +98,8 @@ def build_model(cfg: ModelConfig, qcfg: QuantizationConfig, device: torch.device
                 bnb_4bit_use_double_quant=qcfg.bnb_4bit_use_double_quant,
             )
             kwargs["device_map"] = {"": device}
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        with _no_hf_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     if hasattr(model, "config"):
         model.config.use_cache = False
     return model
@@ -94,19 +110,12 @@ def save_base_model(model: nn.Module, path: Path) -> None:
 
     A crash mid-write leaves no half-written ``path``; an existing ``path`` is replaced.
     """
-    from transformers.utils import logging as hf_logging
-
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    bars_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bar inside ours
-    try:
+    with _no_hf_progress_bars():
         model.save_pretrained(str(tmp))
-    finally:
-        if bars_on:
-            hf_logging.enable_progress_bar()
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
