@@ -22,13 +22,14 @@ from .recipe_helpers import REPO, read_metrics, run_recipe, step_losses, tiny_ra
 STEPS = 6
 
 
-def _recipe(tmp_path, out: str, batch_size: int) -> dict:
+def _recipe(tmp_path, out: str, batch_size: int, **sections) -> dict:
     # Global batch 4 = batch_size x 2 accumulation steps x world size; evaluation in batches of 2
     # so both world sizes evaluate the same sequences.
     return tiny_raw_recipe(
         tmp_path,
         train={"max_steps": STEPS, "batch_size": batch_size, "grad_accum_steps": 2, "eval_batch_size": 2, "eval_max_batches": 3},
         checkpoint={"output_dir": str(tmp_path / out), "save_every": 3, "keep_last": 2, "resume": None},
+        **sections,
     )
 
 
@@ -40,9 +41,9 @@ def single_process(tmp_path_factory):
     return tmp, summary
 
 
-def _torchrun(tmp_path, strategy: str) -> tuple[dict, str, str]:
+def _torchrun(tmp_path, strategy: str, **sections) -> tuple[dict, str, str]:
     """Run the recipe under ``torchrun --nproc-per-node 2`` (gloo); returns (summary, rank 0 log, rank 1 log)."""
-    raw = _recipe(tmp_path, "run", batch_size=1)
+    raw = _recipe(tmp_path, "run", batch_size=1, **sections)
     raw["distributed"] = {"strategy": strategy, "backend": "gloo"}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -123,3 +124,22 @@ def test_fsdp2_checkpoint_resumes_in_one_process(tmp_path, single_process, torch
     ref, got = _adapter(ref_dir / "run" / "adapter"), _adapter(tmp_path / "continued" / "adapter")
     for key in ref:
         assert_close(got[key], ref[key], what=key)
+
+
+def test_qlora_with_ddp_on_two_processes_trains_the_same_adapter_as_one(tmp_path):
+    """NF4 bases are not sharded (DDP replicates them); two processes must match one process."""
+    pytest.importorskip("bitsandbytes")
+    quant = {"quantization": {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"}}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    run_recipe(_recipe(tmp_path / "one", "run", batch_size=2, **quant))
+    summary, log0, _ = _torchrun(tmp_path / "two", "ddp", **quant)
+    assert summary["world_size"] == 2 and "base 4-bit nf4" in log0
+    ref_losses, losses = step_losses(tmp_path / "one" / "run"), step_losses(tmp_path / "two" / "run")
+    assert sorted(losses) == sorted(ref_losses) == list(range(1, STEPS + 1))
+    for step in ref_losses:
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+    ref, got = _adapter(tmp_path / "one" / "run" / "adapter"), _adapter(tmp_path / "two" / "run" / "adapter")
+    assert got.keys() == ref.keys() and len(ref) == 28
+    for key in ref:
+        assert_close(got[key], ref[key], what=f"qlora ddp {key}")
