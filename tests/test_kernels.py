@@ -237,6 +237,8 @@ def test_validation_errors():
         lora_linear(x, W[:5], b, A, B, 1.0)
     with pytest.raises(ValueError, match=r"bias must be \(6,\)"):
         lora_linear(x, W, b[:5], A, B, 1.0)
+    with pytest.raises(ValueError, match=r"x's dtype \(torch.float32\), but weight is torch.float16"):
+        lora_linear(x, W.half(), b, A, B, 1.0)
     with pytest.raises(ValueError, match="frozen"):
         lora_linear(x, W.clone().requires_grad_(True), b, A, B, 1.0)
     with pytest.raises(ValueError, match=r"base_out must be \(4, 6\)"):

@@ -119,7 +119,7 @@ def _ref_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
         lr = (dyB @ A_c) * scale
         if keep_pre is not None:
             lr = lr * keep_pre
-        dx = lr if weight is None else dy @ weight.to(cdt) + lr
+        dx = lr if weight is None else dy @ weight + lr
     if need_dA:
         xd = x if keep_pre is None else x * keep_pre
         dA = ((dyB.t().float() @ xd.float()) * scale).to(A.dtype)
@@ -139,13 +139,11 @@ def _tri_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
         y = _tl.expand(xa, B_c.t(), scale, add=base_out, seed=seed if post else None, p=p if post else 0.0,
                        out_dtype=base_out.dtype)
         return y, xa
-    w = weight if weight.dtype == cdt else weight.to(cdt)
-    b = None if bias is None else bias.to(cdt)
     if _BASE_GEMM == "triton" and not (post and p > 0.0):
-        y = _tl.gemm_lora(x, w.t(), xa, B_c.t(), scale, bias=b)
+        y = _tl.gemm_lora(x, weight.t(), xa, B_c.t(), scale, bias=bias)
     else:
-        y = _tl.expand(xa, B_c.t(), scale, bias=b, seed=seed if post else None, p=p if post else 0.0)
-        y.addmm_(x, w.t())  # cuBLAS, low-rank term accumulated through beta=1
+        y = _tl.expand(xa, B_c.t(), scale, bias=bias, seed=seed if post else None, p=p if post else 0.0)
+        y.addmm_(x, weight.t())  # cuBLAS, low-rank term accumulated through beta=1
     return y, xa
 
 
@@ -162,12 +160,11 @@ def _tri_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
         if weight is None:
             dx = _tl.expand(dyB, A_c, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
         else:
-            w = weight if weight.dtype == cdt else weight.to(cdt)
             if _BASE_GEMM == "triton" and not pre_drop:
-                dx = _tl.gemm_lora(dy, w, dyB, A_c, scale)
+                dx = _tl.gemm_lora(dy, weight, dyB, A_c, scale)
             else:
                 dx = _tl.expand(dyB, A_c, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
-                dx.addmm_(dy, w)
+                dx.addmm_(dy, weight)
     if need_dA and need_dB:  # one launch for both weight gradients
         dA, dB = _tl.tn2(dyB, x, xa, dy, scale, seed=seed, p_a=p if pre_drop else 0.0,
                          p_b=p if post_drop else 0.0, dtype_a=A.dtype, dtype_b=B.dtype)
@@ -306,7 +303,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         ``(..., N)`` in x.dtype.
 
     Raises:
-        ValueError: on bad shapes, dropout_p outside [0, 1) or an unknown dropout_position.
+        ValueError: on bad shapes, a weight or bias whose dtype is not x's, a base that requires grad,
+            dropout_p outside [0, 1) or an unknown dropout_position.
     """
     _check(x, lora_A, lora_B, dropout_p, dropout_position)
     N = lora_B.shape[0]
@@ -314,6 +312,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise ValueError(f"weight must be (N, K) = ({N}, {x.shape[-1]}) to match lora_B and x, got {tuple(weight.shape)}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(
+            f"lora_linear computes in x's dtype ({x.dtype}), but weight is {weight.dtype}"
+            + ("" if bias is None else f" and bias {bias.dtype}")
+            + "; cast x (or the base layer) so they match, or compute the base yourself and use lora_add"
+        )
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear's base weight and bias are frozen (they get no gradient); they require grad "
                          "here. Call .requires_grad_(False) on them, or compute the base yourself and use lora_add")

@@ -517,6 +517,13 @@ def _num_splits(M: int, D: int, R: int, BR: int, n_sm: int) -> int:
     return s
 
 
+def _split_rows(M: int, D: int, R: int, BR: int, device) -> tuple[int, int]:
+    """(number of split-M partials, rows per split) for a tn problem; rows is a multiple of every BM."""
+    S = 1 if INTERPRET and M < 64 else _num_splits(M, D, R, BR, _sm_count(device))
+    rows = triton.cdiv(triton.cdiv(M, S), _TN_ROW_QUANT) * _TN_ROW_QUANT
+    return triton.cdiv(M, rows), rows
+
+
 _N_SM = {}
 
 
@@ -542,9 +549,7 @@ def tn(pm: torch.Tensor, x: torch.Tensor, scale: float, *, seed=None, p: float =
         return torch.zeros(shape, device=x.device, dtype=out_dtype)
     drop = p > 0.0
     BR = _rank_block(R)
-    S = 1 if INTERPRET and M < 64 else _num_splits(M, D, R, BR, _sm_count(x.device))
-    rows = triton.cdiv(triton.cdiv(M, S), _TN_ROW_QUANT) * _TN_ROW_QUANT
-    S = triton.cdiv(M, rows)
+    S, rows = _split_rows(M, D, R, BR, x.device)
     part = torch.empty((S,) + shape, device=x.device, dtype=torch.float32)
     if transpose_out:
         sos, sor, sod = part.stride(0), part.stride(2), part.stride(1)
@@ -579,9 +584,7 @@ def tn2(pa: torch.Tensor, xa: torch.Tensor, pb: torch.Tensor, xb: torch.Tensor, 
         return (tn(pa, xa, scale, seed=seed, p=p_a, out_dtype=dtype_a),
                 tn(pb, xb, scale, seed=seed, p=p_b, transpose_out=True, out_dtype=dtype_b))
     BR = _rank_block(R)
-    S = 1 if INTERPRET and M < 64 else _num_splits(M, DA + DB, R, BR, _sm_count(xa.device))
-    rows = triton.cdiv(triton.cdiv(M, S), _TN_ROW_QUANT) * _TN_ROW_QUANT
-    S = triton.cdiv(M, rows)
+    S, rows = _split_rows(M, DA + DB, R, BR, xa.device)
     na = R * DA
     part = torch.empty((S, na + DB * R), device=xa.device, dtype=torch.float32)
     part_b = part[:, na:]
