@@ -127,11 +127,12 @@ class TritonLinearLoRA(LinearLoRA):
             return self.base_forward(x)
         dropout_p = self.lora_dropout.p if self.training else 0.0
         adapter = (self.lora_A.weight, self.lora_B.weight, self.lora_scale, dropout_p, self.lora_dropout_position)
-        # Under autocast the kernels see what F.linear would: activations in the autocast dtype.
+        # Under autocast the kernels see what F.linear would: activations in the autocast dtype. The
+        # base gets the same cast tensor, so x is cast once (autocast leaves an already-cast input alone).
         compute_x = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
         if self._has_fusable_base(compute_x.dtype):
             return lora_linear(compute_x, self.weight, self.bias, *adapter)
-        return lora_add(self.base_forward(x), compute_x, *adapter)
+        return lora_add(self.base_forward(compute_x), compute_x, *adapter)
 
     def _has_fusable_base(self, dtype: torch.dtype) -> bool:
         """Plain `F.linear` semantics on a frozen dense weight (and bias) of the compute dtype."""
