@@ -63,9 +63,9 @@ def lr_lambda(step: int, total: int, warmup: int, scheduler: str, min_ratio: flo
 
 def _causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over target positions. logits: (B, T, V); labels: (B, T)."""
-    logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
-    targets = labels[:, 1:].flatten()  # (B*(T-1),)
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    # Shift the labels, not the logits: logits.flatten is a view, so the fp32 copy is the only one.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # (B*T,), last position ignored
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _n_targets(batch: dict) -> int:
@@ -124,7 +124,7 @@ def evaluate(model: nn.Module, batches: list, env: DistEnv, pad_id: int, autocas
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         if real:
             total[0] += _causal_lm_loss_sum(logits, b["labels"]).double()
-            total[1] += _n_targets(b)
+            total[1] += (b["labels"][:, 1:] != IGNORE_INDEX).sum()  # on the device: no sync per batch
     all_reduce_sum(total, env)
     model.train(was_training)
     return float(total[0] / total[1].clamp(min=1))
@@ -233,7 +233,7 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start: float) -> dict:
     start_step = 0
     if resume_from is not None:
         ckpts.load_optimizer(model, optimizer, scheduler, state)
-        for key in ("optimizer", "scheduler", "world_size"):  # re-captured at every save
+        for key in ("optimizer", "scheduler"):  # re-captured at every save
             state.pop(key, None)
         start_step = int(state["step"])
         if not ckpts.load_rng(resume_from):
@@ -280,7 +280,8 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start: float) -> dict:
                 device=env.device,
             )
             all_reduce_sum(counts, env)
-            n_tgt = max(1.0, float(counts[0]))
+            n_tgt, n_tok = counts.tolist()
+            n_tgt = max(1.0, n_tgt)
             loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
             for m, b in enumerate(micro):
                 b = {k: v.to(env.device, non_blocking=True) for k, v in b.items()}
@@ -306,8 +307,8 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start: float) -> dict:
             if env.device.type == "cuda":
                 torch.cuda.synchronize(env.device)
             dt = time.perf_counter() - t0
-            tok_s = float(counts[1]) / dt
-            state["tokens"] = int(state.get("tokens", 0)) + int(counts[1])
+            tok_s = n_tok / dt
+            state["tokens"] = int(state.get("tokens", 0)) + int(n_tok)
             if state.get("first_loss") is None:
                 state["first_loss"] = loss
             last_loss = loss
@@ -334,8 +335,8 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start: float) -> dict:
             if ck.save_every and step % ck.save_every == 0 and step < total_steps:
                 save_checkpoint(step)
                 last_saved = step
-            if stop.item():
-                signum = int(stop.item())
+            signum = int(stop.item())
+            if signum:
                 if last_saved != step:
                     path = save_checkpoint(step)
                 else:
@@ -367,7 +368,7 @@ def _finetune(cfg: RecipeConfig, env: DistEnv, stream, t_start: float) -> dict:
         "world_size": env.world_size,
         "strategy": env.strategy,
         "adapter": str(out_dir / "adapter"),
-        "base_model": str(out_dir / "base_model") if save_base else cfg.model.name_or_path,
+        "base_model": str(base_dir) if save_base else cfg.model.name_or_path,
     }
     if env.device.type == "cuda":
         summary["peak_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
