@@ -84,3 +84,12 @@ def read_metrics(output_dir: Path) -> list[dict]:
 def step_losses(output_dir: Path) -> dict[int, float]:
     """{step: training loss} from ``metrics.jsonl``."""
     return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
+
+
+def adapter_tensors(adapter_dir: Path) -> dict:
+    """{key: tensor} of a saved PEFT-format adapter directory."""
+    from safetensors.torch import load_file
+
+    from automodel_lora.adapter_io import ADAPTER_WEIGHTS_NAME
+
+    return load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS_NAME))

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from .conftest import assert_close
-from .recipe_helpers import REPO, read_metrics, run_recipe, step_losses, tiny_raw_recipe
+from .recipe_helpers import REPO, adapter_tensors, read_metrics, run_recipe, step_losses, tiny_raw_recipe
 
 STEPS = 6
 
@@ -74,12 +74,6 @@ def torchrun_run(tmp_path_factory):
     return get
 
 
-def _adapter(path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "adapter_model.safetensors"))
-
-
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_two_processes_train_the_same_adapter_as_one(single_process, torchrun_run, strategy):
     ref_dir, ref_summary = single_process
@@ -93,7 +87,7 @@ def test_two_processes_train_the_same_adapter_as_one(single_process, torchrun_ru
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
     assert summary["val_loss_before"] == pytest.approx(ref_summary["val_loss_before"], rel=1e-5)
     assert summary["val_loss_after"] == pytest.approx(ref_summary["val_loss_after"], rel=1e-5)
-    ref, got = _adapter(ref_dir / "run" / "adapter"), _adapter(tmp_path / "run" / "adapter")
+    ref, got = adapter_tensors(ref_dir / "run" / "adapter"), adapter_tensors(tmp_path / "run" / "adapter")
     assert got.keys() == ref.keys() and len(ref) == 28
     assert any(float(t.abs().max()) > 1e-3 for k, t in ref.items() if "lora_B" in k)  # the adapter trained
     for key in ref:
@@ -121,7 +115,7 @@ def test_fsdp2_checkpoint_resumes_in_one_process(tmp_path, single_process, torch
     assert sorted(losses) == [4, 5, 6]
     for step in losses:
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
-    ref, got = _adapter(ref_dir / "run" / "adapter"), _adapter(tmp_path / "continued" / "adapter")
+    ref, got = adapter_tensors(ref_dir / "run" / "adapter"), adapter_tensors(tmp_path / "continued" / "adapter")
     for key in ref:
         assert_close(got[key], ref[key], what=key)
 
@@ -139,7 +133,7 @@ def test_qlora_with_ddp_on_two_processes_trains_the_same_adapter_as_one(tmp_path
     assert sorted(losses) == sorted(ref_losses) == list(range(1, STEPS + 1))
     for step in ref_losses:
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
-    ref, got = _adapter(tmp_path / "one" / "run" / "adapter"), _adapter(tmp_path / "two" / "run" / "adapter")
+    ref, got = adapter_tensors(tmp_path / "one" / "run" / "adapter"), adapter_tensors(tmp_path / "two" / "run" / "adapter")
     assert got.keys() == ref.keys() and len(ref) == 28
     for key in ref:
         assert_close(got[key], ref[key], what=f"qlora ddp {key}")

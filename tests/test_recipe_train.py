@@ -31,6 +31,7 @@ from .recipe_helpers import (
     QUICKSTART,
     REPO,
     TINY_MODEL,
+    adapter_tensors,
     read_metrics,
     run_recipe,
     step_losses,
@@ -100,7 +101,7 @@ def test_quickstart_writes_adapter_metrics_checkpoints_summary(quickstart_run):
     state = torch.load(last / "trainer_state.pt", weights_only=False)
     assert state["step"] == QUICK_STEPS and state["scheduler"]["last_epoch"] == QUICK_STEPS
     assert len(state["optimizer"]["state"]) == 2 * 28  # lora_A and lora_B of 28 linears
-    final, saved = _adapter_tensors(out / "adapter"), _adapter_tensors(last / "adapter")
+    final, saved = adapter_tensors(out / "adapter"), adapter_tensors(last / "adapter")
     assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
 
 
@@ -190,8 +191,8 @@ def test_resume_after_sigterm_continues_exactly(tmp_path, monkeypatch):
     assert resumed["first_loss"] == full["first_loss"] and resumed["val_loss_after"] == pytest.approx(
         full["val_loss_after"], rel=1e-6
     )
-    a = _adapter_tensors(tmp_path / "full" / "adapter")
-    b = _adapter_tensors(tmp_path / "resumed" / "adapter")
+    a = adapter_tensors(tmp_path / "full" / "adapter")
+    b = adapter_tensors(tmp_path / "resumed" / "adapter")
     for key in a:
         assert_close(b[key], a[key], what=key)
 
@@ -410,12 +411,6 @@ def test_gradient_checkpointing_recipe_gives_the_same_losses(tmp_path):
     assert a.keys() == b.keys()
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
-
-
-def _adapter_tensors(path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "adapter_model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------- local HF checkpoints

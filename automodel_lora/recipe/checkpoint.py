@@ -133,7 +133,6 @@ class CheckpointManager:
             payload = dict(state)
             payload["optimizer"] = optim_sd
             payload["scheduler"] = scheduler.state_dict()
-            payload["world_size"] = self.env.world_size
             torch.save(payload, tmp / "trainer_state.pt")
         torch.save(capture_rng(self.env.device), tmp / f"rng_rank{self.env.rank}.pt")
         _fsync_files(tmp, f"rng_rank{self.env.rank}.pt", "trainer_state.pt" if self.env.is_main else None)

@@ -519,10 +519,7 @@ def _build_peft(raw: Any):
             raw[key] = _coerce(raw[key], tp, f"peft.{key}")
     if "alpha" in raw and isinstance(raw["alpha"], float) and raw["alpha"].is_integer():
         raw["alpha"] = int(raw["alpha"])
-    for key in ("target_modules", "exclude_modules"):
-        if isinstance(raw.get(key), str):
-            raw[key] = [raw[key]]
-    try:
+    try:  # PeftConfig also turns a single target/exclude string into a list
         return PeftConfig.from_dict(raw)
     except (ValueError, TypeError) as e:
         msg = str(e)

@@ -66,7 +66,7 @@ def setup_distributed(cfg: DistributedConfig, device: str, load_in_4bit: bool = 
             raise ConfigError("`distributed.backend: nccl` needs CUDA; use gloo on CPU")
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, **kwargs)
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, strategy=strategy if world > 1 else strategy)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, strategy=strategy)
 
 
 def wrap_model(model: nn.Module, env: DistEnv, cfg: DistributedConfig) -> nn.Module:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..lora import output_head_names
 from .config import ConfigError, ModelConfig, QuantizationConfig, RecipeConfig
 
 __all__ = [
@@ -175,9 +176,9 @@ def quantize_linears_4bit(model: nn.Module, qcfg: QuantizationConfig, device: to
     """
     import bitsandbytes as bnb
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = output_head_names(model)  # the same head that LoRA's match_all_linear leaves out
     compute_dtype = getattr(torch, qcfg.bnb_4bit_compute_dtype)
-    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n not in heads]
     for name, lin in targets:
         q = bnb.nn.Linear4bit(
             lin.in_features,
@@ -189,7 +190,7 @@ def quantize_linears_4bit(model: nn.Module, qcfg: QuantizationConfig, device: to
             device="meta",
         )
         q.weight = bnb.nn.Params4bit(
-            lin.weight.data.to(torch.float32 if lin.weight.dtype == torch.float32 else lin.weight.dtype),
+            lin.weight.data,
             requires_grad=False,
             compress_statistics=qcfg.bnb_4bit_use_double_quant,
             quant_type=qcfg.bnb_4bit_quant_type,
