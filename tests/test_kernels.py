@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from automodel_lora.kernels import dropout_keep_mask, lora_add, lora_linear, set_base_gemm
+from automodel_lora.kernels import dropout_keep_mask, get_base_gemm, lora_add, lora_linear, set_base_gemm
 from automodel_lora.kernels import lora as L
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -309,15 +309,58 @@ def test_backend_is_triton_under_interpreter_interp():
 
 
 @interp_only
+@pytest.mark.parametrize("base_gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("M,K,N,r,bias,pos,p", [CASES[2], CASES[5], CASES[7]])
-def test_triton_base_gemm_interp(M, K, N, r, bias, pos, p, dtype):
-    set_base_gemm("triton")
+def test_base_gemm_choice_interp(M, K, N, r, bias, pos, p, dtype, base_gemm):
+    previous = get_base_gemm()
+    set_base_gemm(base_gemm)
     try:
         x, W, b, A, B = make(M, K, N, r, dtype, bias)
         run_and_check(x, W, b, A, B, 2.0, p, pos, dtype)
     finally:
-        set_base_gemm("cublas")
+        set_base_gemm(previous)
+
+
+# TMA-addressable shapes (16-byte aligned rows): the default "auto" base GEMM runs the TMA kernel
+# in forward and backward; M is odd (the store clips the last tile), r=8 pads the rank block to 16.
+TMA_CASES = [(37, 64, 48, 16, True), (37, 64, 48, 8, False), (130, 96, 40, 64, True), (1, 32, 64, 16, False)]
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M,K,N,r,bias", TMA_CASES)
+def test_tma_base_gemm_interp(M, K, N, r, bias, dtype):
+    from automodel_lora.kernels import triton_lora as T
+
+    assert get_base_gemm() == "auto"
+    x, W, b, A, B = make(M, K, N, r, dtype, bias, adapter_dtype=torch.float32)
+    xa = torch.empty(M, r, dtype=dtype)
+    assert T.tma_eligible(x.detach(), W.t(), xa, B.t()) and T.tma_eligible(torch.empty(M, N, dtype=dtype), W, xa, A)
+    run_and_check(x, W, b, A, B, 1.5, 0.0, "post", dtype)
+
+
+@interp_only
+@pytest.mark.parametrize("M,K,N,r,bias", TMA_CASES[:2])
+def test_portable_triton_gemm_interp(M, K, N, r, bias, monkeypatch):
+    """Without TMA descriptors (older Triton) "triton" runs the portable GEMM kernel and "auto" cuBLAS's path."""
+    from automodel_lora.kernels import triton_lora as T
+
+    monkeypatch.setattr(T, "TensorDescriptor", None)
+    previous = get_base_gemm()
+    for kind in ("triton", "auto"):
+        set_base_gemm(kind)
+        try:
+            x, W, b, A, B = make(M, K, N, r, torch.float32, bias)
+            assert not T.tma_eligible(x.detach(), W.t(), torch.empty(M, r), B.t())
+            run_and_check(x, W, b, A, B, 2.0, 0.0, "post", torch.float32)
+        finally:
+            set_base_gemm(previous)
+
+
+def test_set_base_gemm_rejects_unknown():
+    with pytest.raises(ValueError, match="base gemm must be one of"):
+        set_base_gemm("cutlass")
 
 
 @interp_only

@@ -11,9 +11,10 @@ adapters' dtype (fp32 master weights work).  Saved for backward: x and ``xa = dr
 
 Backends (chosen per call inside the custom op, so torch.compile sees one opaque op):
   * CUDA + triton, or CPU with ``TRITON_INTERPRET=1`` at import: the Triton kernels of
-    ``triton_lora``; the base GEMM is cuBLAS with the low-rank term written first and
-    accumulated through the GEMM's beta=1 epilogue (``t.addmm_(x, W^T)``), or the Triton
-    GEMM with the low-rank term as an extra K step (``set_base_gemm("triton")``).
+    ``triton_lora``.  The base GEMM (``set_base_gemm``) is by default, on Hopper, a Triton TMA
+    GEMM that takes the low-rank term as an extra K step (no pass over y or dx for it); elsewhere,
+    and with dropout on the fused side, it is cuBLAS with the low-rank term written first and
+    accumulated through the GEMM's beta=1 epilogue (``t.addmm_(x, W^T)``).
   * otherwise: the pure-PyTorch reference math below (same autograd.Function).
 """
 
@@ -40,26 +41,37 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
         warnings.warn(f"Triton is not importable ({_e}); LoRA layers on CUDA run the slower PyTorch reference path",
                       stacklevel=2)
 
-# Base GEMM for the fused path: "cublas" (low-rank term pre-written, added through the
-# GEMM's beta=1 epilogue) or "triton" (_gemm_lora_kernel, low-rank term as extra K step).
+# Base GEMM of the kernel path:
+#   "cublas": the low-rank term is written first and added through cuBLAS's beta=1 epilogue;
+#   "triton": one Triton GEMM with the low-rank term as an extra K step (TMA kernel on Hopper,
+#             the portable kernel elsewhere);
+#   "auto":   the Triton GEMM where its TMA kernel applies (Hopper, 16-bit, rank <= 64), else cuBLAS.
 # Default chosen by measurement on H100: see benchmarks/NOTES.md.
-_BASE_GEMM = os.environ.get("AUTOMODEL_LORA_BASE_GEMM", "cublas")
+_BASE_GEMMS = ("auto", "cublas", "triton")
+_BASE_GEMM = os.environ.get("AUTOMODEL_LORA_BASE_GEMM", "auto")
+if _BASE_GEMM not in _BASE_GEMMS:
+    raise ValueError(f"AUTOMODEL_LORA_BASE_GEMM must be one of {_BASE_GEMMS}, got {_BASE_GEMM!r}")
 
 
 def set_base_gemm(kind: str) -> None:
-    """Select the base GEMM of the kernel path: ``"cublas"`` or ``"triton"``.
+    """Select the base GEMM of the kernel path: ``"auto"`` (default), ``"cublas"`` or ``"triton"``.
 
     Raises:
         ValueError: for any other value.
     """
     global _BASE_GEMM
-    if kind not in ("cublas", "triton"):
-        raise ValueError(f"base gemm must be 'cublas' or 'triton', got {kind!r}")
+    if kind not in _BASE_GEMMS:
+        raise ValueError(f"base gemm must be one of {_BASE_GEMMS}, got {kind!r}")
     _BASE_GEMM = kind
 
 
 def get_base_gemm() -> str:
     return _BASE_GEMM
+
+
+def _fused_base(x, y, pm, q) -> bool:
+    """Whether the base GEMM takes the low-rank term ``pm @ q`` as an extra K step (Triton GEMM)."""
+    return _BASE_GEMM == "triton" or (_BASE_GEMM == "auto" and _tl.tma_eligible(x, y, pm, q))
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -132,38 +144,36 @@ def _ref_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
 # Triton path
 # ----------------------------------------------------------------------------------------
 def _tri_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
-    cdt = x.dtype
-    A_c, B_c = A.to(cdt), B.to(cdt)
-    xa = _tl.proj(x, A_c.t(), seed=None if post else seed, p=0.0 if post else p)  # (M, r)
+    # A, B go to the kernels in their own dtype (fp32 masters too): the kernels cast the adapter
+    # tiles to x's dtype after loading, so no per-step cast kernel runs
+    xa = _tl.proj(x, A.t(), seed=None if post else seed, p=0.0 if post else p)  # (M, r)
     if base_out is not None:  # lora_add: one pass writing base_out + low-rank term
-        y = _tl.expand(xa, B_c.t(), scale, add=base_out, seed=seed if post else None, p=p if post else 0.0,
+        y = _tl.expand(xa, B.t(), scale, add=base_out, seed=seed if post else None, p=p if post else 0.0,
                        out_dtype=base_out.dtype)
         return y, xa
-    if _BASE_GEMM == "triton" and not (post and p > 0.0):
-        y = _tl.gemm_lora(x, weight.t(), xa, B_c.t(), scale, bias=bias)
+    if not (post and p > 0.0) and _fused_base(x, weight.t(), xa, B.t()):
+        y = _tl.gemm_lora(x, weight.t(), xa, B.t(), scale, bias=bias)
     else:
-        y = _tl.expand(xa, B_c.t(), scale, bias=bias, seed=seed if post else None, p=p if post else 0.0)
+        y = _tl.expand(xa, B.t(), scale, bias=bias, seed=seed if post else None, p=p if post else 0.0)
         y.addmm_(x, weight.t())  # cuBLAS, low-rank term accumulated through beta=1
     return y, xa
 
 
 def _tri_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, need_dB):
-    cdt = x.dtype
-    A_c, B_c = A.to(cdt), B.to(cdt)
     pre_drop = p > 0.0 and not post
     post_drop = p > 0.0 and post
     dx = dA = dB = None
     dyB = None
     if need_dx or need_dA:
-        dyB = _tl.proj(dy, B_c, seed=seed if post_drop else None, p=p if post_drop else 0.0)  # (M, r)
+        dyB = _tl.proj(dy, B, seed=seed if post_drop else None, p=p if post_drop else 0.0)  # (M, r)
     if need_dx:
         if weight is None:
-            dx = _tl.expand(dyB, A_c, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
+            dx = _tl.expand(dyB, A, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
         else:
-            if _BASE_GEMM == "triton" and not pre_drop:
-                dx = _tl.gemm_lora(dy, weight, dyB, A_c, scale)
+            if not pre_drop and _fused_base(dy, weight, dyB, A):
+                dx = _tl.gemm_lora(dy, weight, dyB, A, scale)
             else:
-                dx = _tl.expand(dyB, A_c, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
+                dx = _tl.expand(dyB, A, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
                 dx.addmm_(dy, weight)
     if need_dA and need_dB:  # one launch for both weight gradients
         dA, dB = _tl.tn2(dyB, x, xa, dy, scale, seed=seed, p_a=p if pre_drop else 0.0,

@@ -32,6 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # Triton >= 3.4: host-side TMA descriptors (the Hopper base GEMM); without them that GEMM is off
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
 try:  # Triton >= 3.4: the launch hooks the direct launch path must honour
     from triton import knobs
 except ImportError:  # pragma: no cover - older Triton: always launch through the jit function
@@ -49,8 +54,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_BR = 64  # rank block; ranks > 64 add a grid dim over rank blocks (x re-read r/64 times)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    # plain Python: triton.next_power_of_2 / triton.cdiv are constexpr functions with ~3 us of
+    # wrapper cost per call on the host, and the launchers call them on every step
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def _rank_block(r: int) -> int:
-    return min(_MAX_BR, max(16, triton.next_power_of_2(r)))
+    return min(_MAX_BR, max(16, _next_pow2(r)))
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
@@ -100,7 +115,7 @@ def _proj_kernel(
         if DROP:
             keep = _keep_mask(seed_ptr, rm64, k0 + rk, K, p)
             xt = tl.where(keep, xt, 0.0)
-        acc = tl.dot(xt, yt, acc, input_precision=DOT_PREC)
+        acc = tl.dot(xt, yt.to(xt.dtype), acc, input_precision=DOT_PREC)  # fp32 adapter -> compute dtype
         x_ptrs += BK * sxk
         y_ptrs += BK * syk
     if DROP:
@@ -136,7 +151,7 @@ def _expand_kernel(
                      mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         qt = tl.load(q_ptr + (r0 + rr)[:, None] * sqr + rn[None, :] * sqn,
                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(pt, qt, acc, input_precision=DOT_PREC)
+        acc = tl.dot(pt, qt.to(pt.dtype), acc, input_precision=DOT_PREC)  # fp32 adapter -> compute dtype
     acc = acc * scale
     if DROP:
         keep = _keep_mask(seed_ptr, rm64, rn, N, p)
@@ -293,6 +308,63 @@ def _gemm_lora_kernel(
 
 
 # --------------------------------------------------------------------------------------
+# The same GEMM for Hopper (sm_90+) through TMA: a persistent grid (one program per SM) walks
+# the output tiles in grouped order; TMA loads zero-fill past the edges and the store clips, so
+# no masks.  B_NK: the B operand and Q are stored (N, K) / (N, R) and used transposed (the
+# forward, W and lora_B), else stored (K, N) / (R, N) (the backward's dx, W and lora_A).  Q may
+# be the fp32 master adapter: it is scaled in fp32 and rounded once to the compute dtype.
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _tile_coords(tile, num_in_group, num_m, GROUP_M: tl.constexpr):
+    first_m = (tile // num_in_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return first_m + tile % size_m, (tile % num_in_group) // size_m
+
+
+@triton.jit
+def _tma_gemm_lora_kernel(
+    a_desc, b_desc, p_desc, q_desc, c_desc, bias_ptr,
+    M, N, K, scale,
+    B_NK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    GROUP_M: tl.constexpr, STAGES: tl.constexpr, NUM_SMS: tl.constexpr,
+):
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    num_in_group = GROUP_M * num_n
+    # the epilogue keeps its own tile counter (as Triton's persistent-matmul tutorial does) so the
+    # flattened loop can overlap a tile's store with the next tile's loads
+    tile_c = tl.program_id(0) - NUM_SMS
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, num_in_group, num_m, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in tl.range(0, k_tiles, num_stages=STAGES):
+            a = a_desc.load([off_m, ki * BK])
+            if B_NK:
+                b = b_desc.load([off_n, ki * BK]).T
+            else:
+                b = b_desc.load([ki * BK, off_n])
+            acc = tl.dot(a, b, acc)
+        pt = p_desc.load([off_m, 0])  # the low-rank term: one more K step of depth BR
+        if B_NK:
+            qt = q_desc.load([off_n, 0]).T
+        else:
+            qt = q_desc.load([0, off_n])
+        acc = tl.dot(pt, (qt.to(tl.float32) * scale).to(pt.dtype), acc)
+        tile_c += NUM_SMS
+        pid_m, pid_n = _tile_coords(tile_c, num_in_group, num_m, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        if HAS_BIAS:
+            rn = off_n + tl.arange(0, BN)
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+# --------------------------------------------------------------------------------------
 # keep-mask materialisation (tests and the reference only; the kernels never store it)
 # --------------------------------------------------------------------------------------
 @triton.jit
@@ -364,6 +436,25 @@ _gemm_tuned = triton.autotune(
     key=["M", "N", "K", "R", "HAS_LORA"], do_bench=_bench,
 )(_gemm_lora_kernel)
 
+def _tma_block_shapes(nargs) -> None:
+    """Autotune pre-hook: the TMA descriptors' block shapes follow the config being timed."""
+    BM, BN, BK, BR, b_nk = nargs["BM"], nargs["BN"], nargs["BK"], nargs["BR"], nargs["B_NK"]
+    nargs["a_desc"].block_shape = [BM, BK]
+    nargs["b_desc"].block_shape = [BN, BK] if b_nk else [BK, BN]
+    nargs["p_desc"].block_shape = [BM, BR]
+    nargs["q_desc"].block_shape = [BN, BR] if b_nk else [BR, BN]
+    nargs["c_desc"].block_shape = [BM, BN]
+
+
+# Configs from benchmarks/tma_gemm_probe.py on an H100 (BM=128, BK=64; BN=256 with 3 stages
+# does not fit in shared memory at r=64, 2 stages does); warp specialization gave nothing there.
+_tma_gemm_tuned = triton.autotune(
+    configs=[triton.Config(dict(BM=128, BN=bn, BK=64, GROUP_M=8, STAGES=st), num_warps=w, num_stages=st,
+                           pre_hook=_tma_block_shapes)
+             for bn, st, w in ((256, 3, 8), (256, 2, 8), (128, 4, 8), (128, 4, 4), (128, 3, 4))],
+    key=["M", "N", "K", "B_NK", "HAS_BIAS", "BR"], do_bench=_bench,
+)(_tma_gemm_lora_kernel)
+
 _tn2_tuned = triton.autotune(
     configs=_tn_tuned.configs,
     key=["M", "DA", "DB", "R", "DROP_A", "DROP_B"], do_bench=_bench,
@@ -387,23 +478,23 @@ _FAST_LAUNCH = knobs is not None and os.environ.get("AUTOMODEL_LORA_FAST_LAUNCH"
 
 def _specialization(args) -> tuple:
     """What Triton specializes a compiled kernel on, per argument: tensor dtype and 16-byte
-    alignment; integer ==1, %16==0 and 32-bit range; other scalars are not specialized."""
+    alignment; integer ==1, %16==0 and 32-bit range; a float is not specialized.  The launchers
+    pass only tensors, ints and floats (flags are constexprs)."""
     key = []
     for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, bool):
-            key.append(a)
-        elif isinstance(a, int):
-            key.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
+        t = type(a)
+        if t is int:
+            key.append((a == 1, a & 15 == 0, -2147483648 <= a < 2147483648))
+        elif t is float:
+            key.append(None)
         else:
-            key.append(type(a))
+            key.append((a.dtype, a.data_ptr() & 15 == 0))
     return tuple(key)
 
 
 def _run_compiled(entry, grid, args) -> None:
-    kernel, tail, device = entry
-    stream = torch.cuda.current_stream(device).cuda_stream
+    kernel, tail, device_index = entry
+    stream = torch._C._cuda_getCurrentRawStream(device_index)  # what Triton's own launcher asks for
     full = (*args, *tail)
     g = grid + (1,) * (3 - len(grid))
     kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
@@ -414,7 +505,7 @@ def _run_compiled(entry, grid, args) -> None:
 def _m_bucket(M: int) -> int:
     """Token counts share a launch plan per power of two: a new M (variable-length batches) reuses the
     config autotuned for its bucket instead of re-running the autotuner."""
-    return triton.next_power_of_2(M)
+    return _next_pow2(M)
 
 
 def _launch(name, tuned, raw, grid, fixed, key, args, consts):
@@ -431,8 +522,8 @@ def _launch(name, tuned, raw, grid, fixed, key, args, consts):
     if not _FAST_LAUNCH:
         raw[grid(kw)](*args, **consts, **kw, num_warps=w, num_stages=st)
         return
-    device = args[0].device
-    ckey = (name, key, device.index, tuple(consts.values()), _specialization(args))
+    device_index = args[0].device.index
+    ckey = (name, key, device_index, tuple(consts.values()), _specialization(args))
     entry = _COMPILED.get(ckey)
     if entry is not None:
         _run_compiled(entry, grid(kw), args)
@@ -441,7 +532,7 @@ def _launch(name, tuned, raw, grid, fixed, key, args, consts):
     rest = raw.params[len(args):]
     if kernel is not None and all(p.is_constexpr for p in rest):
         named = {**consts, **kw}
-        _COMPILED[ckey] = (kernel, tuple(named[p.name] for p in rest), device)  # constexprs in signature order
+        _COMPILED[ckey] = (kernel, tuple(named[p.name] for p in rest), device_index)  # constexprs in signature order
 
 
 _DUMMY_SEED: dict = {}
@@ -472,10 +563,10 @@ def proj(x: torch.Tensor, y: torch.Tensor, *, seed=None, p: float = 0.0) -> torc
     BR = _rank_block(R)
     fixed = dict(BM=16, BK=32)
     even_k = K % (fixed["BK"] if INTERPRET else 512) == 0  # every BK in the configs divides 512
-    nr = triton.cdiv(R, BR)
+    nr = _cdiv(R, BR)
     _launch(
         "proj", _proj_tuned, _proj_kernel,
-        lambda meta: (triton.cdiv(M, meta["BM"]), nr), fixed, (_m_bucket(M), K, R, drop, x.dtype),
+        lambda meta: (_cdiv(M, meta["BM"]), nr), fixed, (_m_bucket(M), K, R, drop, x.dtype),
         (x, y, out, _seed_ptr(seed, x.device),
          M, K, R,
          x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
@@ -498,7 +589,7 @@ def expand(pm: torch.Tensor, q: torch.Tensor, scale: float, *, bias=None, add=No
     cin = add if add is not None else out
     _launch(
         "expand", _expand_tuned, _expand_kernel,
-        lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"])), dict(BM=16, BN=32),
+        lambda meta: (_cdiv(M, meta["BM"]), _cdiv(N, meta["BN"])), dict(BM=16, BN=32),
         (_m_bucket(M), N, R, drop, add is not None, pm.dtype, out.dtype),
         (pm, q, bias if bias is not None else out, cin, out, _seed_ptr(seed, pm.device),
          M, N, R,
@@ -511,7 +602,7 @@ def expand(pm: torch.Tensor, q: torch.Tensor, scale: float, *, bias=None, add=No
 
 
 def _num_splits(M: int, D: int, R: int, BR: int, n_sm: int) -> int:
-    blocks = triton.cdiv(D, 128) * triton.cdiv(R, BR)
+    blocks = _cdiv(D, 128) * _cdiv(R, BR)
     s = max(1, (2 * n_sm) // max(blocks, 1))
     s = min(s, max(1, M // 512), 32)
     return s
@@ -520,8 +611,8 @@ def _num_splits(M: int, D: int, R: int, BR: int, n_sm: int) -> int:
 def _split_rows(M: int, D: int, R: int, BR: int, device) -> tuple[int, int]:
     """(number of split-M partials, rows per split) for a tn problem; rows is a multiple of every BM."""
     S = 1 if INTERPRET and M < 64 else _num_splits(M, D, R, BR, _sm_count(device))
-    rows = triton.cdiv(triton.cdiv(M, S), _TN_ROW_QUANT) * _TN_ROW_QUANT
-    return triton.cdiv(M, rows), rows
+    rows = _cdiv(_cdiv(M, S), _TN_ROW_QUANT) * _TN_ROW_QUANT
+    return _cdiv(M, rows), rows
 
 
 _N_SM = {}
@@ -557,10 +648,10 @@ def tn(pm: torch.Tensor, x: torch.Tensor, scale: float, *, seed=None, p: float =
         sos, sor, sod = part.stride(0), part.stride(1), part.stride(2)
     fixed = dict(BM=16, BD=32)
     even_d = D % (fixed["BD"] if INTERPRET else 256) == 0
-    nr = triton.cdiv(R, BR)
+    nr = _cdiv(R, BR)
     _launch(
         "tn", _tn_tuned, _tn_kernel,
-        lambda meta: (triton.cdiv(D, meta["BD"]), nr, S), fixed, (_m_bucket(M), D, R, drop, x.dtype, transpose_out),
+        lambda meta: (_cdiv(D, meta["BD"]), nr, S), fixed, (_m_bucket(M), D, R, drop, x.dtype, transpose_out),
         (pm, x, part, _seed_ptr(seed, x.device),
          M, D, R, rows,
          pm.stride(0), pm.stride(1), x.stride(0), x.stride(1), sos, sor, sod,
@@ -590,11 +681,11 @@ def tn2(pa: torch.Tensor, xa: torch.Tensor, pb: torch.Tensor, xb: torch.Tensor, 
     part_b = part[:, na:]
     fixed = dict(BM=16, BD=32)
     q = fixed["BD"] if INTERPRET else 256
-    nr = triton.cdiv(R, BR)
+    nr = _cdiv(R, BR)
     drop_a, drop_b = p_a > 0.0, p_b > 0.0
     _launch(
         "tn2", _tn2_tuned, _tn2_kernel,
-        lambda meta: (triton.cdiv(DA, meta["BD"]) + triton.cdiv(DB, meta["BD"]), nr, S), fixed,
+        lambda meta: (_cdiv(DA, meta["BD"]) + _cdiv(DB, meta["BD"]), nr, S), fixed,
         (_m_bucket(M), DA, DB, R, drop_a, drop_b, xa.dtype),
         (pa, xa, part, pb, xb, part_b, _seed_ptr(seed, xa.device),
          M, DA, DB, R, rows,
@@ -619,12 +710,15 @@ def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 
     if M == 0 or N == 0:
         return out
     has_lora = pm is not None and pm.shape[1] > 0
+    if has_lora and tma_eligible(x, y, pm, q):
+        _gemm_lora_tma(x, y, pm, q, scale, bias, out)
+        return out
     R = pm.shape[1] if has_lora else 0
     fixed = dict(BM=16, BN=32, BK=32, GROUP_M=4)
     even_k = K % (fixed["BK"] if INTERPRET else 64) == 0
     _launch(
         "gemm", _gemm_tuned, _gemm_lora_kernel,
-        lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),), fixed,
+        lambda meta: (_cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"]),), fixed,
         (_m_bucket(M), N, K, R, has_lora, x.dtype, y.stride(0) == 1),
         (x, y, pm if has_lora else x, q if has_lora else y, bias if bias is not None else out, out,
          M, N, K, R,
@@ -639,11 +733,81 @@ def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 
     return out
 
 
+_CAPABILITY: dict = {}
+
+
+def _is_hopper_or_newer(device) -> bool:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)[0]
+    return _CAPABILITY[idx] >= 9
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A 2-D tensor a TMA descriptor can address: unit inner stride, 16-byte aligned base and row stride."""
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+def tma_eligible(x, y, pm, q) -> bool:
+    """Whether ``gemm_lora(x, y, pm, q)`` runs the TMA kernel: Hopper or newer (or the interpreter),
+    16-bit activations on the GPU, rank <= 64, and operands laid out as TMA needs them (``y``, ``q``
+    both transposed views of row-major (N, K) / (N, R) tensors, or both row-major)."""
+    if TensorDescriptor is None:
+        return False
+    if INTERPRET:
+        if x.device.type != "cpu":
+            return False
+    elif not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _is_hopper_or_newer(x.device)):
+        return False
+    if pm is None or not 0 < pm.shape[1] <= _MAX_BR or q.dtype not in (x.dtype, torch.float32):
+        return False
+    b_nk = y.stride(0) == 1 and y.stride(1) != 1
+    if b_nk != (q.stride(0) == 1 and q.stride(1) != 1):
+        return False
+    b_base, q_base = (y.t(), q.t()) if b_nk else (y, q)
+    return (y.shape[1] * x.element_size()) % 16 == 0 and all(_tma_ready(t) for t in (x, b_base, pm, q_base))
+
+
+def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
+    """``out = x @ y + pm @ (scale * q) + bias`` through the TMA kernel (``tma_eligible`` holds)."""
+    M, K = x.shape
+    N = y.shape[1]
+    R = pm.shape[1]
+    b_nk = y.stride(0) == 1 and y.stride(1) != 1
+    b_base, q_base = (y.t(), q.t()) if b_nk else (y, q)
+    BR = _rank_block(R)
+    key = (_m_bucket(M), N, K, BR, b_nk, bias is not None, x.dtype, q.dtype)
+    plan = None if INTERPRET else _PLANS.get(("tma_gemm", key))
+    if INTERPRET:
+        kw, warps, stages = dict(BM=16, BN=32, BK=16, GROUP_M=2, STAGES=1), 4, 1
+    elif plan is not None:
+        kw, warps, stages = plan
+    else:  # first call for this key: autotune (the pre-hook sets the descriptors' block shapes)
+        kw = dict(BM=128, BN=128, BK=64)
+    descs = (TensorDescriptor.from_tensor(x, [kw["BM"], kw["BK"]]),
+             TensorDescriptor.from_tensor(b_base, [kw["BN"], kw["BK"]] if b_nk else [kw["BK"], kw["BN"]]),
+             TensorDescriptor.from_tensor(pm, [kw["BM"], BR]),
+             TensorDescriptor.from_tensor(q_base, [kw["BN"], BR] if b_nk else [BR, kw["BN"]]),
+             TensorDescriptor.from_tensor(out, [kw["BM"], kw["BN"]]))
+    n_sm = _sm_count(x.device)
+    args = (*descs, bias if bias is not None else out, M, N, K, float(scale))
+    consts = dict(B_NK=b_nk, HAS_BIAS=bias is not None, BR=BR, NUM_SMS=n_sm)
+
+    def grid(meta):
+        return (min(n_sm, _cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"])),)
+    if plan is None and not INTERPRET:
+        _tma_gemm_tuned[grid](*args, **consts)
+        cfg = _tma_gemm_tuned.best_config
+        _PLANS[("tma_gemm", key)] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
+        return
+    _tma_gemm_lora_kernel[grid(kw)](*args, **consts, **kw, num_warps=warps, num_stages=stages)
+
+
 def keep_mask(seed: torch.Tensor, M: int, D: int, p: float, device) -> torch.Tensor:
     """The ``(M, D)`` bool keep-mask the kernels use for ``seed`` (for tests / references)."""
     out = torch.empty((M, D), dtype=torch.int8, device=device)
     if M and D:
-        _mask_kernel[(triton.cdiv(M, 32), triton.cdiv(D, 64))](seed, out, M, D, float(p), BM=32, BD=64)
+        _mask_kernel[(_cdiv(M, 32), _cdiv(D, 64))](seed, out, M, D, float(p), BM=32, BD=64)
     return out.bool()
 
 
