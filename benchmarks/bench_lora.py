@@ -468,21 +468,27 @@ def bench_model(args, results):
             print(f"peft unavailable: {e!r}")
     models["torch"] = lora_model(False)
     models["triton"] = lora_model(True)
+    if "triton_cublas" in args.variants:
+        models["triton_cublas"] = models["triton"]  # same model, run under BASE_GEMM["triton_cublas"]
     ids = [torch.randint(0, cfg.vocab_size, (bsz, seq), device=DEV) for _ in range(2)]
 
-    def make_step(m):
+    def make_step(name, m):
         def step(i):
-            out = m(input_ids=ids[i % 2], labels=ids[i % 2])
-            out.loss.backward()
+            K.set_base_gemm(BASE_GEMM.get(name, DEFAULT_BASE_GEMM))
+            try:
+                out = m(input_ids=ids[i % 2], labels=ids[i % 2])
+                out.loss.backward()
+            finally:
+                K.set_base_gemm(DEFAULT_BASE_GEMM)
         return step
 
-    params = [p_ for m in models.values() for p_ in m.parameters() if p_.requires_grad]
+    params = list({id(p_): p_ for m in models.values() for p_ in m.parameters() if p_.requires_grad}.values())
 
     def prep(i):
         for p_ in params:
             p_.grad = None
 
-    steps = {k: make_step(m) for k, m in models.items()}
+    steps = {k: make_step(k, m) for k, m in models.items()}
     n = 3 if args.smoke else 10
     times = interleaved(steps, n=n, rounds=args.rounds, warmup=2 if args.smoke else 3, prep=prep)
     mem = {k: peak_delta_mib(s, prep) for k, s in steps.items()}

@@ -322,8 +322,8 @@ def test_base_gemm_choice_interp(M, K, N, r, bias, pos, p, dtype, base_gemm):
         set_base_gemm(previous)
 
 
-# TMA-addressable shapes (16-byte aligned rows): the default "auto" base GEMM runs the TMA kernel
-# in forward and backward; M is odd (the store clips the last tile), r=8 pads the rank block to 16.
+# TMA-addressable shapes (16-byte aligned rows): the "triton" base GEMM runs the TMA kernel in
+# forward and backward; M is odd (the store clips the last tile), r=8 pads the rank block to 16.
 TMA_CASES = [(37, 64, 48, 16, True), (37, 64, 48, 8, False), (130, 96, 40, 64, True), (1, 32, 64, 16, False)]
 
 
@@ -333,11 +333,25 @@ TMA_CASES = [(37, 64, 48, 16, True), (37, 64, 48, 8, False), (130, 96, 40, 64, T
 def test_tma_base_gemm_interp(M, K, N, r, bias, dtype):
     from automodel_lora.kernels import triton_lora as T
 
-    assert get_base_gemm() == "auto"
     x, W, b, A, B = make(M, K, N, r, dtype, bias, adapter_dtype=torch.float32)
     xa = torch.empty(M, r, dtype=dtype)
     assert T.tma_eligible(x.detach(), W.t(), xa, B.t()) and T.tma_eligible(torch.empty(M, N, dtype=dtype), W, xa, A)
-    run_and_check(x, W, b, A, B, 1.5, 0.0, "post", dtype)
+    previous = get_base_gemm()
+    set_base_gemm("triton")
+    try:
+        run_and_check(x, W, b, A, B, 1.5, 0.0, "post", dtype)
+    finally:
+        set_base_gemm(previous)
+
+
+@interp_only
+def test_auto_base_gemm_policy_interp():
+    """"auto" fuses the low-rank term into the TMA GEMM up to rank 32 and keeps cuBLAS beyond (measured)."""
+    assert get_base_gemm() == "auto"
+    x, W = torch.randn(8, 64), torch.randn(48, 64)
+    for r, fused in ((16, True), (32, True), (64, False)):
+        B = torch.randn(48, r)
+        assert L._fused_base(x, W.t(), torch.empty(8, r), B.t()) is fused, r
 
 
 @interp_only

@@ -45,7 +45,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 #   "cublas": the low-rank term is written first and added through cuBLAS's beta=1 epilogue;
 #   "triton": one Triton GEMM with the low-rank term as an extra K step (TMA kernel on Hopper,
 #             the portable kernel elsewhere);
-#   "auto":   the Triton GEMM where its TMA kernel applies (Hopper, 16-bit, rank <= 64), else cuBLAS.
+#   "auto":   the Triton GEMM where its TMA kernel applies (Hopper, 16-bit, rank <= 32), else cuBLAS.
 # Default chosen by measurement on H100: see benchmarks/NOTES.md.
 _BASE_GEMMS = ("auto", "cublas", "triton")
 _BASE_GEMM = os.environ.get("AUTOMODEL_LORA_BASE_GEMM", "auto")
@@ -69,9 +69,17 @@ def get_base_gemm() -> str:
     return _BASE_GEMM
 
 
+# "auto" takes the TMA GEMM up to this rank.  Measured on an H100 (benchmarks/NOTES.md): at r=16 it
+# beats the cuBLAS path at the GPU-bound shapes (1.08x vs 1.12x of frozen); at r=64 its rank tiles
+# leave no shared memory for the 256-wide config and the 128-wide one loses (1.19-1.21x vs 1.10-1.14x).
+_AUTO_TMA_MAX_RANK = 32
+
+
 def _fused_base(x, y, pm, q) -> bool:
     """Whether the base GEMM takes the low-rank term ``pm @ q`` as an extra K step (Triton GEMM)."""
-    return _BASE_GEMM == "triton" or (_BASE_GEMM == "auto" and _tl.tma_eligible(x, y, pm, q))
+    if _BASE_GEMM == "auto":
+        return pm.shape[1] <= _AUTO_TMA_MAX_RANK and _tl.tma_eligible(x, y, pm, q)
+    return _BASE_GEMM == "triton"
 
 
 def _use_triton(t: torch.Tensor) -> bool:

@@ -750,7 +750,7 @@ def _tma_ready(t: torch.Tensor) -> bool:
 
 def tma_eligible(x, y, pm, q) -> bool:
     """Whether ``gemm_lora(x, y, pm, q)`` runs the TMA kernel: Hopper or newer (or the interpreter),
-    16-bit activations on the GPU, rank <= 64, and operands laid out as TMA needs them (``y``, ``q``
+    16-bit activations on the GPU, rank <= 64 (one rank tile), and operands laid out as TMA needs them (``y``, ``q``
     both transposed views of row-major (N, K) / (N, R) tensors, or both row-major)."""
     if TensorDescriptor is None:
         return False
