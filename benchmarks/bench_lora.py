@@ -13,6 +13,7 @@ median of per-step CUDA-event times; ratios are to the frozen layer measured in 
   triton      automodel_lora kernels, the default base GEMM ("auto": on Hopper a Triton TMA GEMM that
               takes the low-rank term as an extra K step) + Triton skinny kernels
   triton_cublas  the same kernels with the cuBLAS base GEMM (low-rank term through beta=1)
+  triton_tma  the same kernels with the Triton base GEMM forced (the TMA GEMM on Hopper)
 Prints the table last; writes the full JSON (GPU, date, commit, autotune choices).
 """
 
@@ -143,13 +144,14 @@ def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Ten
             m.lora_A.weight.copy_(A0)
             m.lora_B.weight.copy_(B0)
         out[name] = (m, [m.lora_A.weight, m.lora_B.weight])
-    if "triton_cublas" in want:
-        out["triton_cublas"] = out["triton"]  # same layer, run under BASE_GEMM["triton_cublas"]
+    for name in ("triton_cublas", "triton_tma"):
+        if name in want:
+            out[name] = out["triton"]  # same layer, run under BASE_GEMM[name]
     return out
 
 
 # Base GEMM of the kernel path per variant (forward and backward); every other variant: the default.
-BASE_GEMM = {"triton_cublas": "cublas"}
+BASE_GEMM = {"triton_cublas": "cublas", "triton_tma": "triton"}
 DEFAULT_BASE_GEMM = K.get_base_gemm()
 
 
