@@ -560,8 +560,9 @@ def print_tables(results):
             keyed.setdefault((row["K"], row["N"], row["r"]), {})[row["variant"]] = row
         for (Kd, N, r), d in keyed.items():
             cells = [f"{d[n]['ratio']:.3f}x" if n in d else "-" for n in names if n != "frozen"]
-            tri = d.get("triton", d["frozen"])
-            err = max(tri["err"].values()) if tri["err"] else float("nan")
+            tri = next((d[n] for n in ("triton", "triton_tma", "triton_cublas") if n in d), None)
+            err = max(tri["err"].values()) if tri and tri["err"] else float("nan")
+            tri = tri or d["frozen"]
             lines.append(f"| {Kd}, {N} | {r} | {d['frozen']['ms']:.3f} | " + " | ".join(cells)
                          + f" | {tri['peak_mib']:.0f} ({d['frozen']['peak_mib']:.0f}) | {err:.1e} |")
     if "model" in results:
