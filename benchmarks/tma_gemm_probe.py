@@ -42,17 +42,13 @@ if triton is None or not torch.cuda.is_available():
         sys.exit(0)
     raise ImportError("tma_gemm_probe needs CUDA and triton")
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from automodel_lora.kernels.triton_lora import _tile_coords  # noqa: E402  (the library's grouped tile order)
+
 M, S, RANKS = 8192, 2.0, (16, 64)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of the layer
 TUNE_BUDGET_S = 170.0  # past this, tune only the first config of each variant
 ROUNDS = 5  # final timings: ROUNDS interleaved passes over all variants, median of the round medians
-
-
-@triton.jit
-def _tile_coords(tile, num_in_group, num_m, GROUP_M: tl.constexpr):
-    first_m = (tile // num_in_group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    return first_m + tile % size_m, (tile % num_in_group) // size_m
 
 
 @triton.jit

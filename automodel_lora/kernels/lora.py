@@ -80,12 +80,16 @@ _AUTO_TMA_MAX_RANK = 32
 _AUTO_TMA_MIN_MNK = 2**38  # 2.7e11
 
 
-def _fused_base(x, y, pm, q) -> bool:
-    """Whether the base GEMM takes the low-rank term ``pm @ q`` as an extra K step (Triton GEMM)."""
-    if _BASE_GEMM == "auto":
-        return (pm.shape[1] <= _AUTO_TMA_MAX_RANK and x.shape[0] * x.shape[1] * y.shape[1] >= _AUTO_TMA_MIN_MNK
-                and _tl.tma_eligible(x, y, pm, q))
-    return _BASE_GEMM == "triton"
+def _base_gemm_route(x, y, pm, q) -> Optional[bool]:
+    """How ``x @ y`` takes the low-rank term ``pm @ q``: None for the cuBLAS path (term written first,
+    added through beta=1), else the Triton GEMM with it as an extra K step, True when that GEMM runs
+    its TMA kernel (the value ``gemm_lora(..., tma=)`` takes)."""
+    if _BASE_GEMM == "cublas":
+        return None
+    if _BASE_GEMM == "triton":
+        return _tl.tma_eligible(x, y, pm, q)
+    big = pm.shape[1] <= _AUTO_TMA_MAX_RANK and x.shape[0] * x.shape[1] * y.shape[1] >= _AUTO_TMA_MIN_MNK
+    return True if big and _tl.tma_eligible(x, y, pm, q) else None
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -165,8 +169,9 @@ def _tri_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
         y = _tl.expand(xa, B.t(), scale, add=base_out, seed=seed if post else None, p=p if post else 0.0,
                        out_dtype=base_out.dtype)
         return y, xa
-    if not (post and p > 0.0) and _fused_base(x, weight.t(), xa, B.t()):
-        y = _tl.gemm_lora(x, weight.t(), xa, B.t(), scale, bias=bias)
+    tma = None if (post and p > 0.0) else _base_gemm_route(x, weight.t(), xa, B.t())
+    if tma is not None:
+        y = _tl.gemm_lora(x, weight.t(), xa, B.t(), scale, bias=bias, tma=tma)
     else:
         y = _tl.expand(xa, B.t(), scale, bias=bias, seed=seed if post else None, p=p if post else 0.0)
         y.addmm_(x, weight.t())  # cuBLAS, low-rank term accumulated through beta=1
@@ -184,8 +189,9 @@ def _tri_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
         if weight is None:
             dx = _tl.expand(dyB, A, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
         else:
-            if not pre_drop and _fused_base(dy, weight, dyB, A):
-                dx = _tl.gemm_lora(dy, weight, dyB, A, scale)
+            tma = None if pre_drop else _base_gemm_route(dy, weight, dyB, A)
+            if tma is not None:
+                dx = _tl.gemm_lora(dy, weight, dyB, A, scale, tma=tma)
             else:
                 dx = _tl.expand(dyB, A, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
                 dx.addmm_(dy, weight)

@@ -254,6 +254,14 @@ def _tn2_kernel(
 # low-rank term is an extra K step over [P | Q], so it costs no pass over C)
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _tile_coords(tile, num_in_group, num_m, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of an output tile in grouped order: GROUP_M row blocks share each column sweep (L2 reuse)."""
+    first_m = (tile // num_in_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return first_m + tile % size_m, (tile % num_in_group) // size_m
+
+
+@triton.jit
 def _gemm_lora_kernel(
     x_ptr, y_ptr, p_ptr, q_ptr, bias_ptr, c_ptr,
     M, N, K, R,
@@ -262,15 +270,8 @@ def _gemm_lora_kernel(
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % num_in_group) % group_size)
-    pid_n = (pid % num_in_group) // group_size
+    pid_m, pid_n = _tile_coords(tl.program_id(0), GROUP_M * num_pid_n, tl.cdiv(M, BM), GROUP_M)
 
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -314,13 +315,6 @@ def _gemm_lora_kernel(
 # forward, W and lora_B), else stored (K, N) / (R, N) (the backward's dx, W and lora_A).  Q may
 # be the fp32 master adapter: it is scaled in fp32 and rounded once to the compute dtype.
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _tile_coords(tile, num_in_group, num_m, GROUP_M: tl.constexpr):
-    first_m = (tile // num_in_group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    return first_m + tile % size_m, (tile % num_in_group) // size_m
-
-
 @triton.jit
 def _tma_gemm_lora_kernel(
     a_desc, b_desc, p_desc, q_desc, c_desc, bias_ptr,
@@ -708,15 +702,19 @@ def tn2(pa: torch.Tensor, xa: torch.Tensor, pb: torch.Tensor, xb: torch.Tensor, 
     return flat[:na].view(R, DA).to(dtype_a), flat[na:].view(DB, R).to(dtype_b)
 
 
-def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 1.0, bias=None) -> torch.Tensor:
-    """``x @ y + pm @ (scale * q) + bias`` in one Triton GEMM; x ``(M, K)``, y ``(K, N)``, pm ``(M, R)``, q ``(R, N)``."""
+def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 1.0, bias=None,
+              tma=None) -> torch.Tensor:
+    """``x @ y + pm @ (scale * q) + bias`` in one Triton GEMM; x ``(M, K)``, y ``(K, N)``, pm ``(M, R)``, q ``(R, N)``.
+
+    ``tma``: whether the TMA kernel applies, if the caller already asked ``tma_eligible``; None: ask here.
+    """
     M, K = x.shape
     N = y.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
     has_lora = pm is not None and pm.shape[1] > 0
-    if has_lora and tma_eligible(x, y, pm, q):
+    if has_lora and (tma_eligible(x, y, pm, q) if tma is None else tma):
         _gemm_lora_tma(x, y, pm, q, scale, bias, out)
         return out
     R = pm.shape[1] if has_lora else 0
@@ -767,11 +765,16 @@ def tma_eligible(x, y, pm, q) -> bool:
         return False
     if pm is None or not 0 < pm.shape[1] <= _MAX_BR or q.dtype not in (x.dtype, torch.float32):
         return False
-    b_nk = y.stride(0) == 1 and y.stride(1) != 1
+    b_nk, b_base, q_base = _tma_operands(y, q)
     if b_nk != (q.stride(0) == 1 and q.stride(1) != 1):
         return False
-    b_base, q_base = (y.t(), q.t()) if b_nk else (y, q)
     return (y.shape[1] * x.element_size()) % 16 == 0 and all(_tma_ready(t) for t in (x, b_base, pm, q_base))
+
+
+def _tma_operands(y, q):
+    """(b_nk, the row-major tensors behind y and q): y a transposed view of an (N, K) tensor -> b_nk."""
+    b_nk = y.stride(0) == 1 and y.stride(1) != 1
+    return (b_nk, y.t(), q.t()) if b_nk else (b_nk, y, q)
 
 
 def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
@@ -779,8 +782,7 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
     M, K = x.shape
     N = y.shape[1]
     R = pm.shape[1]
-    b_nk = y.stride(0) == 1 and y.stride(1) != 1
-    b_base, q_base = (y.t(), q.t()) if b_nk else (y, q)
+    b_nk, b_base, q_base = _tma_operands(y, q)
     BR = _rank_block(R)
     key = (_m_bucket(M), N, K, BR, b_nk, bias is not None, x.dtype, q.dtype)
     plan = None if INTERPRET else _PLANS.get(("tma_gemm", key))
