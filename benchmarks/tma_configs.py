@@ -30,7 +30,8 @@ from automodel_lora.kernels import triton_lora as T  # noqa: E402
 
 def cfg_name(cfg) -> str:
     kw = cfg.kwargs
-    return (f"BN{kw['BN']}/s{kw['STAGES']}/w{cfg.num_warps}" + ("/split" if kw["SPLIT_STORE"] else ""))
+    return (f"{kw['BM']}x{kw['BN']}/s{kw['STAGES']}/w{cfg.num_warps}/g{kw['GROUP_M']}"
+            + ("/split" if kw["SPLIT_STORE"] else ""))
 
 
 def force_plan(x, y, pm, q, cfg) -> None:
@@ -63,6 +64,7 @@ def main():
     ap.add_argument("--shapes", default="4096x14336,14336x4096")
     ap.add_argument("--ranks", default="16,64")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", default="", help="time only the configs whose name contains this (e.g. BN256/s3)")
     args = ap.parse_args()
     s = 2.0
     rows = []
@@ -81,6 +83,8 @@ def main():
                 errs = {"cublas_path": ((variants["cublas_path"]().float() - ref).abs().max() / ref.abs().max()).item()}
                 for cfg in T._tma_gemm_tuned.configs:
                     name = cfg_name(cfg)
+                    if args.only not in name:
+                        continue
                     try:
                         force_plan(a, b, pm, q, cfg)
                         out = T.gemm_lora(a, b, pm, q, s, tma=True)

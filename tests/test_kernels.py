@@ -346,12 +346,12 @@ def test_tma_base_gemm_interp(M, K, N, r, bias, dtype):
 
 @interp_only
 def test_auto_base_gemm_policy_interp(monkeypatch):
-    """"auto" fuses the low-rank term into the TMA GEMM up to rank 32 and from a GEMM size on; cuBLAS otherwise."""
+    """"auto" fuses the low-rank term into the TMA GEMM up to rank 64 and from a GEMM size on; cuBLAS otherwise."""
     assert get_base_gemm() == "auto"
     x, W = torch.randn(8, 64), torch.randn(48, 64)
     assert L._base_gemm_route(x, W.t(), torch.empty(8, 16), torch.randn(48, 16).t()) is None  # small GEMM
     monkeypatch.setattr(L, "_AUTO_TMA_MIN_MNK", 8 * 64 * 48)
-    for r, fused in ((16, True), (32, True), (64, False)):
+    for r, fused in ((16, True), (64, True), (65, False)):
         B = torch.randn(48, r)
         assert (L._base_gemm_route(x, W.t(), torch.empty(8, r), B.t()) is not None) is fused, r
 

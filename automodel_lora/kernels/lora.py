@@ -12,7 +12,7 @@ adapters' dtype (fp32 master weights work).  Saved for backward: x and ``xa = dr
 Backends (chosen per call inside the custom op, so torch.compile sees one opaque op):
   * CUDA + triton, or CPU with ``TRITON_INTERPRET=1`` at import: the Triton kernels of
     ``triton_lora``.  The base GEMM (``set_base_gemm``) is by default, on Hopper for large GEMMs at
-    rank <= 32, a Triton TMA GEMM that takes the low-rank term as an extra K step (no pass over y
+    rank <= 64, a Triton TMA GEMM that takes the low-rank term as an extra K step (no pass over y
     or dx for it); elsewhere, and with dropout on the fused side, it is cuBLAS with the low-rank
     term written first and accumulated through the GEMM's beta=1 epilogue (``t.addmm_(x, W^T)``).
   * otherwise: the pure-PyTorch reference math below (same autograd.Function).
@@ -46,7 +46,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 #   "triton": one Triton GEMM with the low-rank term as an extra K step (TMA kernel on Hopper,
 #             the portable kernel elsewhere);
 #   "auto":   the Triton GEMM where its TMA kernel applies and measured faster (Hopper, 16-bit,
-#             rank <= 32, M * K * N >= 2**38), else cuBLAS.
+#             rank <= 64, M * K * N >= 2**38), else cuBLAS.
 # Default chosen by measurement on H100: see benchmarks/NOTES.md.
 _BASE_GEMMS = ("auto", "cublas", "triton")
 _BASE_GEMM = os.environ.get("AUTOMODEL_LORA_BASE_GEMM", "auto")
@@ -70,13 +70,12 @@ def get_base_gemm() -> str:
     return _BASE_GEMM
 
 
-# "auto" takes the TMA GEMM up to this rank and from this GEMM size (M * K * N) on.  Measured on an
-# H100 (benchmarks/NOTES.md), side by side with the cuBLAS path: at r=16 and M * K * N = 4.8e11
-# (M=8192, 4096 x 14336) it wins (1.08x vs 1.12x of frozen); at r=64 its rank tiles leave no shared
-# memory for the 256-wide config and it loses (1.19-1.21x vs 1.10-1.14x); at 1.4e11 (M=8192, 4096^2)
-# and inside the 8B-shaped model (<= 2.4e11 per GEMM) its higher launch cost (five TMA descriptors per
-# call) loses (layer 1.51x vs 1.36x, model 0.918x vs 0.930x of frozen throughput).
-_AUTO_TMA_MAX_RANK = 32
+# "auto" takes the TMA GEMM (ranks up to 64, where it has one rank tile) from this GEMM size (M * K * N)
+# on.  Measured on an H100 (benchmarks/NOTES.md), side by side with the cuBLAS path: at M * K * N =
+# 4.8e11 (M=8192, 4096 x 14336) it is as fast or faster at r=16 and, with the grouped split-store
+# config, at r=64 (benchmarks/tma_configs.py: 8 of 8 GEMMs at r=64); at 1.4e11 (M=8192, 4096^2) and
+# inside the 8B-shaped model (<= 2.4e11 per GEMM) its higher launch cost (five TMA descriptors per call)
+# loses (layer 1.51x vs 1.36x, model 0.918x vs 0.930x of frozen throughput).
 _AUTO_TMA_MIN_MNK = 2**38  # 2.7e11
 
 
@@ -88,7 +87,7 @@ def _base_gemm_route(x, y, pm, q) -> Optional[bool]:
         return None
     if _BASE_GEMM == "triton":
         return _tl.tma_eligible(x, y, pm, q)
-    big = pm.shape[1] <= _AUTO_TMA_MAX_RANK and x.shape[0] * x.shape[1] * y.shape[1] >= _AUTO_TMA_MIN_MNK
+    big = x.shape[0] * x.shape[1] * y.shape[1] >= _AUTO_TMA_MIN_MNK
     return True if big and _tl.tma_eligible(x, y, pm, q) else None
 
 

@@ -445,13 +445,15 @@ def _tma_block_shapes(nargs) -> None:
     nargs["c_desc"].block_shape = [BM, BN // 2 if nargs["SPLIT_STORE"] else BN]
 
 
-# Configs from benchmarks/tma_gemm_probe.py on an H100 (BM=128, BK=64; BN=256 with 3 stages
-# fits in shared memory at r=64 only with the split store); warp specialization gave nothing there.
+# Configs measured per problem by benchmarks/tma_configs.py on an H100 (BM=128, BK=64): BN=256 with 3
+# stages is the fastest at the 8B shapes, grouped by 8 or 16 row blocks, whole or split store (the split
+# store is what fits in shared memory at r=64); BN=128 with 4 stages is the smaller fallback.  2-stage,
+# 8-warp BN=128 and BM=256 configs never won there and are not compiled.
 _tma_gemm_tuned = triton.autotune(
-    configs=[triton.Config(dict(BM=128, BN=bn, BK=64, GROUP_M=8, STAGES=st, SPLIT_STORE=sp), num_warps=w,
+    configs=[triton.Config(dict(BM=128, BN=bn, BK=64, GROUP_M=gm, STAGES=st, SPLIT_STORE=sp), num_warps=w,
                            num_stages=st, pre_hook=_tma_block_shapes)
-             for bn, st, w, sp in ((256, 3, 8, False), (256, 3, 8, True), (256, 2, 8, False), (128, 4, 8, False),
-                                   (128, 4, 4, False), (128, 3, 4, False))],
+             for bn, st, w, sp, gm in ((256, 3, 8, False, 8), (256, 3, 8, True, 8), (256, 3, 8, False, 16),
+                                       (256, 3, 8, True, 16), (128, 4, 4, False, 8))],
     key=["M", "N", "K", "B_NK", "HAS_BIAS", "BR"], do_bench=_bench,
 )(_tma_gemm_lora_kernel)
 
