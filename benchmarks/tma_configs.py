@@ -35,11 +35,9 @@ def cfg_name(cfg) -> str:
 
 
 def force_plan(x, y, pm, q, cfg) -> None:
-    """Make gemm_lora launch `cfg` for this problem (the plan key `_gemm_lora_tma` looks up)."""
-    b_nk = y.stride(0) == 1 and y.stride(1) != 1
-    key = (T._m_bucket(x.shape[0]), y.shape[1], x.shape[1], T._rank_block(pm.shape[1]), b_nk, False, x.dtype,
-           q.dtype)
-    T._PLANS[("tma_gemm", key)] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
+    """Make gemm_lora launch `cfg` for this problem (no bias): the plan `_gemm_lora_tma` looks up."""
+    T._PLANS[("tma_gemm", T._tma_plan_key(x, y, pm, q, has_bias=False))] = (dict(cfg.kwargs), cfg.num_warps,
+                                                                          cfg.num_stages)
 
 
 def problem(direction, K, N, r, dev="cuda", dt=torch.bfloat16):

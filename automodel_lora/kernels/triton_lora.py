@@ -779,14 +779,20 @@ def _tma_operands(y, q):
     return (b_nk, y.t(), q.t()) if b_nk else (b_nk, y, q)
 
 
+def _tma_plan_key(x, y, pm, q, has_bias: bool) -> tuple:
+    """The ``_PLANS`` key of the TMA GEMM's launch plan for ``gemm_lora(x, y, pm, q)`` (``("tma_gemm", key)``):
+    one autotuned config per M bucket, N, K, rank block, B layout, bias and dtypes."""
+    b_nk = y.stride(0) == 1 and y.stride(1) != 1
+    return (_m_bucket(x.shape[0]), y.shape[1], x.shape[1], _rank_block(pm.shape[1]), b_nk, has_bias, x.dtype, q.dtype)
+
+
 def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
     """``out = x @ y + pm @ (scale * q) + bias`` through the TMA kernel (``tma_eligible`` holds)."""
     M, K = x.shape
     N = y.shape[1]
-    R = pm.shape[1]
     b_nk, b_base, q_base = _tma_operands(y, q)
-    BR = _rank_block(R)
-    key = (_m_bucket(M), N, K, BR, b_nk, bias is not None, x.dtype, q.dtype)
+    BR = _rank_block(pm.shape[1])
+    key = _tma_plan_key(x, y, pm, q, bias is not None)
     plan = None if INTERPRET else _PLANS.get(("tma_gemm", key))
     if INTERPRET:  # odd M takes the split-store epilogue, so CI runs both epilogues
         kw, warps, stages = dict(BM=16, BN=32, BK=16, GROUP_M=2, STAGES=1, SPLIT_STORE=M % 2 == 1), 4, 1
