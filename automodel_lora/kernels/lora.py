@@ -70,12 +70,15 @@ def get_base_gemm() -> str:
     return _BASE_GEMM
 
 
-# "auto" takes the TMA GEMM (ranks up to 64, where it has one rank tile) from this GEMM size (M * K * N)
-# on.  Measured on an H100 (benchmarks/NOTES.md), side by side with the cuBLAS path: at M * K * N =
-# 4.8e11 (M=8192, 4096 x 14336) it is as fast or faster at r=16 and, with the grouped split-store
-# config, at r=64 (benchmarks/tma_configs.py: 8 of 8 GEMMs at r=64); at 1.4e11 (M=8192, 4096^2) and
-# inside the 8B-shaped model (<= 2.4e11 per GEMM) its higher launch cost (five TMA descriptors per call)
-# loses (layer 1.51x vs 1.36x, model 0.918x vs 0.930x of frozen throughput).
+# "auto" takes the TMA GEMM (ranks up to 64, where it has one rank tile) from this GEMM size
+# (M * K * N) on.  Measured on an H100 (benchmarks/NOTES.md, "Version 2b"), side by side with the
+# cuBLAS path:
+#   * at 4.8e11 (M=8192, 4096 x 14336 and 14336 x 4096) the layer step was faster in 7 of 8
+#     measurements (r=16 and r=64, two runs); GEMM by GEMM it mostly tied or won, with one run ~1%
+#     behind and a one-round smoke on a fresh machine disagreeing (both recorded there);
+#   * at 1.4e11 (M=8192, 4096^2) and inside the 8B-shaped model (<= 2.4e11 per GEMM) its higher
+#     launch cost (five TMA descriptors per call) loses (layer 1.51x vs 1.36x, model 0.918x vs
+#     0.930x of frozen throughput).
 _AUTO_TMA_MIN_MNK = 2**38  # 2.7e11
 
 

@@ -510,6 +510,12 @@ def _m_bucket(M: int) -> int:
     return _next_pow2(M)
 
 
+def _record_plan(name, key, tuned) -> None:
+    """Keep the config the autotuner just chose for ``(name, key)``; later calls launch it directly."""
+    cfg = tuned.best_config
+    _PLANS[(name, key)] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
+
+
 def _launch(name, tuned, raw, grid, fixed, key, args, consts):
     if INTERPRET:
         raw[grid(fixed)](*args, **consts, **fixed)
@@ -517,8 +523,7 @@ def _launch(name, tuned, raw, grid, fixed, key, args, consts):
     plan = _PLANS.get((name, key))
     if plan is None:
         tuned[grid](*args, **consts)
-        cfg = tuned.best_config
-        _PLANS[(name, key)] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
+        _record_plan(name, key, tuned)
         return
     kw, w, st = plan
     if not _FAST_LAUNCH:
@@ -768,22 +773,27 @@ def tma_eligible(x, y, pm, q) -> bool:
     if pm is None or not 0 < pm.shape[1] <= _MAX_BR or q.dtype not in (x.dtype, torch.float32):
         return False
     b_nk, b_base, q_base = _tma_operands(y, q)
-    if b_nk != (q.stride(0) == 1 and q.stride(1) != 1):
+    if b_nk != _is_transposed(q):
         return False
     return (y.shape[1] * x.element_size()) % 16 == 0 and all(_tma_ready(t) for t in (x, b_base, pm, q_base))
 
 
+def _is_transposed(t: torch.Tensor) -> bool:
+    """A 2-D transposed view of a row-major tensor (unit stride along dim 0)."""
+    return t.stride(0) == 1 and t.stride(1) != 1
+
+
 def _tma_operands(y, q):
     """(b_nk, the row-major tensors behind y and q): y a transposed view of an (N, K) tensor -> b_nk."""
-    b_nk = y.stride(0) == 1 and y.stride(1) != 1
+    b_nk = _is_transposed(y)
     return (b_nk, y.t(), q.t()) if b_nk else (b_nk, y, q)
 
 
 def _tma_plan_key(x, y, pm, q, has_bias: bool) -> tuple:
     """The ``_PLANS`` key of the TMA GEMM's launch plan for ``gemm_lora(x, y, pm, q)`` (``("tma_gemm", key)``):
     one autotuned config per M bucket, N, K, rank block, B layout, bias and dtypes."""
-    b_nk = y.stride(0) == 1 and y.stride(1) != 1
-    return (_m_bucket(x.shape[0]), y.shape[1], x.shape[1], _rank_block(pm.shape[1]), b_nk, has_bias, x.dtype, q.dtype)
+    return (_m_bucket(x.shape[0]), y.shape[1], x.shape[1], _rank_block(pm.shape[1]), _is_transposed(y), has_bias,
+            x.dtype, q.dtype)
 
 
 def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
@@ -813,8 +823,7 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
         return (min(n_sm, _cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"])),)
     if plan is None and not INTERPRET:
         _tma_gemm_tuned[grid](*args, **consts)
-        cfg = _tma_gemm_tuned.best_config
-        _PLANS[("tma_gemm", key)] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
+        _record_plan("tma_gemm", key, _tma_gemm_tuned)
         return
     _tma_gemm_lora_kernel[grid(kw)](*args, **consts, **kw, num_warps=warps, num_stages=stages)
 
