@@ -38,6 +38,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def use_base_gemm(monkeypatch):
+    """``use_base_gemm(kind)``: the kernel path's base GEMM for this test (``set_base_gemm``), restored after it."""
+    from automodel_lora.kernels import lora as kernel_lora
+    from automodel_lora.kernels import set_base_gemm
+
+    def use(kind: str) -> None:
+        monkeypatch.setattr(kernel_lora, "_BASE_GEMM", kernel_lora._BASE_GEMM)  # restored at teardown
+        set_base_gemm(kind)
+
+    return use
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 

@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from automodel_lora.kernels import dropout_keep_mask, get_base_gemm, lora_add, lora_linear, set_base_gemm
+from automodel_lora.kernels import dropout_keep_mask, lora_add, lora_linear, set_base_gemm
 from automodel_lora.kernels import lora as L
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -312,14 +312,10 @@ def test_backend_is_triton_under_interpreter_interp():
 @pytest.mark.parametrize("base_gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("M,K,N,r,bias,pos,p", [CASES[2], CASES[5], CASES[7]])
-def test_base_gemm_choice_interp(M, K, N, r, bias, pos, p, dtype, base_gemm):
-    previous = get_base_gemm()
-    set_base_gemm(base_gemm)
-    try:
-        x, W, b, A, B = make(M, K, N, r, dtype, bias)
-        run_and_check(x, W, b, A, B, 2.0, p, pos, dtype)
-    finally:
-        set_base_gemm(previous)
+def test_base_gemm_choice_interp(M, K, N, r, bias, pos, p, dtype, base_gemm, use_base_gemm):
+    use_base_gemm(base_gemm)
+    x, W, b, A, B = make(M, K, N, r, dtype, bias)
+    run_and_check(x, W, b, A, B, 2.0, p, pos, dtype)
 
 
 # TMA-addressable shapes (16-byte aligned rows): the "triton" base GEMM runs the TMA kernel in
@@ -330,24 +326,24 @@ TMA_CASES = [(37, 64, 48, 16, True), (37, 64, 48, 8, False), (130, 96, 40, 64, T
 @interp_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("M,K,N,r,bias", TMA_CASES)
-def test_tma_base_gemm_interp(M, K, N, r, bias, dtype):
+def test_tma_base_gemm_interp(M, K, N, r, bias, dtype, use_base_gemm, monkeypatch):
     from automodel_lora.kernels import triton_lora as T
 
     x, W, b, A, B = make(M, K, N, r, dtype, bias, adapter_dtype=torch.float32)
     xa = torch.empty(M, r, dtype=dtype)
     assert T.tma_eligible(x.detach(), W.t(), xa, B.t()) and T.tma_eligible(torch.empty(M, N, dtype=dtype), W, xa, A)
-    previous = get_base_gemm()
-    set_base_gemm("triton")
-    try:
-        run_and_check(x, W, b, A, B, 1.5, 0.0, "post", dtype)
-    finally:
-        set_base_gemm(previous)
+    calls = []
+    tma_gemm = T._gemm_lora_tma
+    monkeypatch.setattr(T, "_gemm_lora_tma", lambda *a: (calls.append(a[0].shape), tma_gemm(*a)))
+    use_base_gemm("triton")
+    run_and_check(x, W, b, A, B, 1.5, 0.0, "post", dtype)
+    assert calls == [(M, K), (M, N)], "the TMA kernel must compute y (from x) and dx (from dy)"
 
 
 @interp_only
-def test_auto_base_gemm_policy_interp(monkeypatch):
+def test_auto_base_gemm_policy_interp(monkeypatch, use_base_gemm):
     """"auto" fuses the low-rank term into the TMA GEMM up to rank 64 and from a GEMM size on; cuBLAS otherwise."""
-    assert get_base_gemm() == "auto"
+    use_base_gemm("auto")
     x, W = torch.randn(8, 64), torch.randn(48, 64)
     assert L._base_gemm_route(x, W.t(), torch.empty(8, 16), torch.randn(48, 16).t()) is None  # small GEMM
     monkeypatch.setattr(L, "_AUTO_TMA_MIN_MNK", 8 * 64 * 48)
@@ -358,20 +354,16 @@ def test_auto_base_gemm_policy_interp(monkeypatch):
 
 @interp_only
 @pytest.mark.parametrize("M,K,N,r,bias", TMA_CASES[:2])
-def test_portable_triton_gemm_interp(M, K, N, r, bias, monkeypatch):
+def test_portable_triton_gemm_interp(M, K, N, r, bias, monkeypatch, use_base_gemm):
     """Without TMA descriptors (older Triton) "triton" runs the portable GEMM kernel and "auto" cuBLAS's path."""
     from automodel_lora.kernels import triton_lora as T
 
     monkeypatch.setattr(T, "TensorDescriptor", None)
-    previous = get_base_gemm()
     for kind in ("triton", "auto"):
-        set_base_gemm(kind)
-        try:
-            x, W, b, A, B = make(M, K, N, r, torch.float32, bias)
-            assert not T.tma_eligible(x.detach(), W.t(), torch.empty(M, r), B.t())
-            run_and_check(x, W, b, A, B, 2.0, 0.0, "post", torch.float32)
-        finally:
-            set_base_gemm(previous)
+        use_base_gemm(kind)
+        x, W, b, A, B = make(M, K, N, r, torch.float32, bias)
+        assert not T.tma_eligible(x.detach(), W.t(), torch.empty(M, r), B.t())
+        run_and_check(x, W, b, A, B, 2.0, 0.0, "post", torch.float32)
 
 
 def test_set_base_gemm_rejects_unknown():

@@ -52,24 +52,20 @@ def _ref(x, W, b, A, B, s, keep=None, pos="post", p=0.0):
 @pytest.mark.parametrize("base_gemm", ["triton", "cublas", "portable"])
 @pytest.mark.parametrize("K,N,r", [(4096, 4096, 16), (4096, 14336, 64), (14336, 4096, 16), (4096, 1024, 256),
                                    (1000, 776, 8)])
-def test_bf16_real_shapes(K, N, r, base_gemm, monkeypatch):
-    """"triton" is the TMA GEMM on Hopper (r <= 64; the portable kernel beyond); "portable" the non-TMA
-    Triton GEMM everywhere; "auto" (the default) picks between "triton" and "cublas"."""
-    from automodel_lora.kernels import get_base_gemm, lora_linear, set_base_gemm
+def test_bf16_real_shapes(K, N, r, base_gemm, monkeypatch, use_base_gemm):
+    """"triton" is the TMA GEMM on Hopper (r <= 64; the portable kernel beyond, and on older GPUs);
+    "portable" the non-TMA Triton GEMM everywhere; "cublas" the low-rank term added through beta=1."""
+    from automodel_lora.kernels import lora_linear
     from automodel_lora.kernels import triton_lora as T
 
     M = 4095  # not a multiple of any tile: the last M tile is partial
     x, W, b, A, B = _inputs(M, K, N, r, bias=True)
-    previous = get_base_gemm()
     if base_gemm == "portable":
         monkeypatch.setattr(T, "TensorDescriptor", None)
-    set_base_gemm("triton" if base_gemm == "portable" else base_gemm)
-    try:
-        y = lora_linear(x, W, b, A, B, 2.0)
-        g = torch.randn_like(y)
-        y.backward(g)
-    finally:
-        set_base_gemm(previous)
+    use_base_gemm("triton" if base_gemm == "portable" else base_gemm)
+    y = lora_linear(x, W, b, A, B, 2.0)
+    g = torch.randn_like(y)
+    y.backward(g)
     yr, xr, Ar, Br = _ref(x, W, b, A, B, 2.0)
     yr.backward(g.float())
     for name, a, e in (("y", y, yr), ("dx", x.grad, xr.grad), ("dA", A.grad, Ar.grad), ("dB", B.grad, Br.grad)):
