@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .matcher import validate_pattern
+
 DROPOUT_POSITIONS = ("pre", "post")
 LORA_A_INITS = ("xavier", "kaiming", "gaussian")
 
@@ -188,4 +190,8 @@ def _as_name_list(value, field_name: str) -> list[str]:
     for item in value:
         if not isinstance(item, str) or not item:
             raise ValueError(f"PeftConfig.{field_name} must be a list of non-empty strings, got item {item!r}")
+        try:
+            validate_pattern(item)
+        except ValueError as e:
+            raise ValueError(f"PeftConfig.{field_name}: {e}") from None
     return value

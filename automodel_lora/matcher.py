@@ -21,6 +21,7 @@ Rules (FQN = the name `model.named_modules()` gives, e.g.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable
 
@@ -50,6 +51,8 @@ class ModuleMatcher:
     ):
         self.target_modules = list(target_modules)
         self.exclude_modules = list(exclude_modules)
+        for pattern in (*self.target_modules, *self.exclude_modules):
+            validate_pattern(pattern)
         self.match_all_linear = match_all_linear
         self.head_names = set(head_names)
 
@@ -87,6 +90,27 @@ def is_plain_name(pattern: str) -> bool:
     return not (_GLOB_CHARS & set(pattern)) and not is_regex(pattern)
 
 
+def validate_pattern(pattern: str) -> None:
+    """Check a target/exclude entry before any model is touched.
+
+    Raises:
+        ValueError: a regex-style pattern that is not a valid regular expression.
+    """
+    if is_regex(pattern):
+        _compiled_regex(pattern)
+
+
+@functools.cache
+def _compiled_regex(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(
+            f"pattern {pattern!r} reads as a regular expression but does not compile ({e}); "
+            "fix it, or write a glob such as '*.q_proj'"
+        ) from e
+
+
 def name_matches(pattern: str, fqn: str) -> bool:
     """Whether one target/exclude entry selects the module named `fqn`.
 
@@ -94,13 +118,7 @@ def name_matches(pattern: str, fqn: str) -> bool:
         ValueError: a regex-style pattern that is not a valid regular expression.
     """
     if is_regex(pattern):
-        try:
-            return re.fullmatch(pattern, fqn) is not None
-        except re.error as e:
-            raise ValueError(
-                f"pattern {pattern!r} reads as a regular expression but does not compile ({e}); "
-                "fix it, or write a glob such as '*.q_proj'"
-            ) from e
-    if is_plain_name(pattern):
-        return fqn == pattern or fqn.endswith("." + pattern)
-    return fnmatch.fnmatchcase(fqn, pattern)
+        return _compiled_regex(pattern).fullmatch(fqn) is not None
+    if _GLOB_CHARS & set(pattern):
+        return fnmatch.fnmatchcase(fqn, pattern)
+    return fqn == pattern or fqn.endswith("." + pattern)

@@ -60,6 +60,7 @@ def test_from_yaml_plain_and_recipe_section(tmp_path):
         (dict(lora_dtype="float8"), ["lora_dtype", "'float8'", "bfloat16"]),
         (dict(match_all_linear=True, target_modules=["q_proj"]), ["match_all_linear", "target_modules", "q_proj"]),
         (dict(target_modules=[""]), ["target_modules"]),
+        (dict(exclude_modules=[".*(q_proj"]), ["exclude_modules", "'.*(q_proj'", "regular expression", "glob"]),
     ],
 )
 def test_bad_values_name_field_value_and_fix(kwargs, words):
