@@ -118,13 +118,13 @@ def evaluate(model: nn.Module, batches: list, env: DistEnv, pad_id: int, autocas
     for i in range(per_rank):
         j = i * env.world_size + env.rank
         real = j < len(batches)
-        b = collate(batches[j if real else 0], pad_id)
-        b = {k: v.to(env.device) for k, v in b.items()}
+        cpu_b = collate(batches[j if real else 0], pad_id)
+        b = {k: v.to(env.device) for k, v in cpu_b.items()}
         with autocast():
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         if real:
             total[0] += _causal_lm_loss_sum(logits, b["labels"]).double()
-            total[1] += (b["labels"][:, 1:] != IGNORE_INDEX).sum()  # on the device: no sync per batch
+            total[1] += _n_targets(cpu_b)  # counted on the CPU batch: no device sync per batch
     all_reduce_sum(total, env)
     model.train(was_training)
     return float(total[0] / total[1].clamp(min=1))
