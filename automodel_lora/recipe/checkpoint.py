@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from .config import ConfigError
 from .distributed import DistEnv, barrier
+from .files import fresh_dir, fsync_files, replace_dir
 
 __all__ = ["CheckpointManager", "capture_rng", "restore_rng"]
 
@@ -56,15 +57,6 @@ def restore_rng(state: dict, device: torch.device) -> None:
         import numpy as np
 
         np.random.set_state(state["numpy"])
-
-
-def _fsync_files(directory: Path, *names: str | None) -> None:
-    """Flush files to disk before the directory is renamed into place (the rename is the commit)."""
-    for name in names:
-        if name is None:
-            continue
-        with open(directory / name, "rb") as f:
-            os.fsync(f.fileno())
 
 
 def _optim_options(**kw):
@@ -123,9 +115,7 @@ class CheckpointManager:
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f".tmp-step_{step:07d}"
         if self.env.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            fresh_dir(tmp)
         barrier(self.env)
         save_adapter(raw_model, str(tmp / "adapter"), peft_cfg)
         optim_sd = get_optimizer_state_dict(train_model, optimizer, options=_optim_options(cpu_offload=True))
@@ -134,13 +124,12 @@ class CheckpointManager:
             payload["optimizer"] = optim_sd
             payload["scheduler"] = scheduler.state_dict()
             torch.save(payload, tmp / "trainer_state.pt")
-        torch.save(capture_rng(self.env.device), tmp / f"rng_rank{self.env.rank}.pt")
-        _fsync_files(tmp, f"rng_rank{self.env.rank}.pt", "trainer_state.pt" if self.env.is_main else None)
+        rng_file = tmp / f"rng_rank{self.env.rank}.pt"
+        torch.save(capture_rng(self.env.device), rng_file)
+        fsync_files([rng_file, tmp / "trainer_state.pt"] if self.env.is_main else [rng_file])
         barrier(self.env)
         if self.env.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
             self._rotate()
         barrier(self.env)
         return final

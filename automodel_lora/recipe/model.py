@@ -9,8 +9,6 @@ under unchanged FQNs.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ import torch.nn as nn
 
 from ..lora import output_head_names
 from .config import ConfigError, ModelConfig, QuantizationConfig, RecipeConfig
+from .files import fresh_dir, fsync_files, replace_dir
 
 __all__ = [
     "resolve_dtype",
@@ -109,17 +108,16 @@ def build_model(cfg: ModelConfig, qcfg: QuantizationConfig, device: torch.device
 def save_base_model(model: nn.Module, path: Path) -> None:
     """``save_pretrained`` into a temporary sibling directory, then rename it to ``path``.
 
-    A crash mid-write leaves no half-written ``path``; an existing ``path`` is replaced.
+    A crash mid-write leaves no half-written ``path``; an existing ``path`` is replaced. The files are
+    flushed to disk before the rename, as a checkpoint's are.
     """
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    fresh_dir(tmp)
     with _no_hf_progress_bars():
         model.save_pretrained(str(tmp))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    fsync_files(p for p in tmp.rglob("*") if p.is_file())
+    replace_dir(tmp, path)
 
 
 def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Path | None = None) -> tuple[nn.Module, str]:
