@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 from pathlib import Path
@@ -62,7 +61,6 @@ def tiny_raw_recipe(tmp_path: Path, data_file: Path | None = None, **sections) -
         },
         "checkpoint": {"output_dir": str(tmp_path / "out"), "save_every": 0, "resume": None},
     }
-    raw = copy.deepcopy(raw)
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return raw
