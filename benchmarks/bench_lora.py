@@ -9,7 +9,7 @@ median of per-step CUDA-event times; ratios are to the frozen layer measured in 
   frozen      plain frozen nn.Linear (the floor)
   peft        HF PEFT LoraConfig on the same linear, its defaults (fp32 adapters)
   torch_naive F.linear(x, W, b) + s * F.linear(F.linear(x, A), B), bf16 adapters
-  torch       automodel_lora LinearLoRA (use_triton=False), when importable
+  torch       automodel_lora LinearLoRA (use_triton=False): the project's PyTorch path
   triton      automodel_lora kernels, the default base GEMM ("auto": on Hopper a Triton TMA GEMM that
               takes the low-rank term as an extra K step) + Triton skinny kernels
   triton_cublas  the same kernels with the cuBLAS base GEMM (low-rank term through beta=1)
@@ -20,6 +20,7 @@ Prints the table last; writes the full JSON (GPU, date, commit, autotune choices
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -115,6 +116,18 @@ class _Wrap(nn.Module):
         return self.lin(x)
 
 
+def lora_copy(base: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Tensor, use_triton: bool, share_weight=False):
+    """(a copy of `base` patched with our adapter set to A0, B0; its two trainable params)."""
+    m = copy.deepcopy(base)
+    if share_weight:
+        m.weight = base.weight
+    patch_linear_module(m, dim=r, alpha=2 * r, use_triton=use_triton)
+    with torch.no_grad():
+        m.lora_A.weight.copy_(A0)
+        m.lora_B.weight.copy_(B0)
+    return m, [m.lora_A.weight, m.lora_B.weight]
+
+
 def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Tensor, want: list[str]):
     """Each variant: (callable x -> y, list of trainable params)."""
     s = 2.0 * r / r  # alpha = 2r
@@ -137,13 +150,7 @@ def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Ten
     W, b = lin.weight, lin.bias
     out["torch_naive"] = (lambda x: F.linear(x, W, b) + s * F.linear(F.linear(x, A), B), [A, B])
     for name, use_triton in (("torch", False), ("triton", True)):
-        m = copy.deepcopy(lin)
-        m.weight = lin.weight  # share the frozen weight
-        patch_linear_module(m, dim=r, alpha=2 * r, use_triton=use_triton)
-        with torch.no_grad():
-            m.lora_A.weight.copy_(A0)
-            m.lora_B.weight.copy_(B0)
-        out[name] = (m, [m.lora_A.weight, m.lora_B.weight])
+        out[name] = lora_copy(lin, r, A0, B0, use_triton, share_weight=True)
     for name in ("triton_cublas", "triton_tma"):
         if name in want:
             out[name] = out["triton"]  # same layer, run under BASE_GEMM[name]
@@ -155,15 +162,42 @@ BASE_GEMM = {"triton_cublas": "cublas", "triton_tma": "triton"}
 DEFAULT_BASE_GEMM = K.get_base_gemm()
 
 
-def fwd_bwd(name: str, fn, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``y = fn(x); y.backward(g)`` with the variant's base GEMM selected for both passes."""
+@contextlib.contextmanager
+def base_gemm_for(name: str):
+    """The variant's base GEMM selected for everything inside (forward and backward)."""
     K.set_base_gemm(BASE_GEMM.get(name, DEFAULT_BASE_GEMM))
     try:
+        yield
+    finally:
+        K.set_base_gemm(DEFAULT_BASE_GEMM)
+
+
+def fwd_bwd(name: str, fn, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``y = fn(x); y.backward(g)`` under the variant's base GEMM."""
+    with base_gemm_for(name):
         y = fn(x)
         y.backward(g)
         return y
-    finally:
-        K.set_base_gemm(DEFAULT_BASE_GEMM)
+
+
+def time_layer_variants(variants: dict, xs: list, gs: list, args) -> tuple[dict, dict]:
+    """(median ms, peak MiB) of each variant's fwd+bwd step, alternating two (x, g) buffers, interleaved."""
+    plist = [p_ for _, ps in variants.values() for p_ in ps]
+
+    def prep(i):
+        for xx in xs:
+            xx.grad = None
+        for p_ in plist:
+            p_.grad = None
+
+    def make_step(name, fn):
+        def step(i):
+            fwd_bwd(name, fn, xs[i % 2], gs[i % 2])
+        return step
+
+    steps = {name: make_step(name, fn) for name, (fn, _) in variants.items()}
+    times = interleaved(steps, n=args.n, rounds=args.rounds, warmup=args.warmup, prep=prep)
+    return times, {name: peak_delta_mib(step, prep) for name, step in steps.items()}
 
 
 def bench_layer(args, results):
@@ -203,28 +237,15 @@ def bench_layer(args, results):
                 del y
             del ref_y, ref_dx, xf, gf
 
-            def make_step(name, fn):
-                def step(i):
-                    fwd_bwd(name, fn, xs[i % 2], gs[i % 2])
-                return step
-
-            def prep(i, plist=[p_ for _, ps in variants.values() for p_ in ps]):
-                for xx in xs:
-                    xx.grad = None
-                for p_ in plist:
-                    p_.grad = None
-
-            steps = {name: make_step(name, fn) for name, (fn, _) in variants.items()}
-            times = interleaved(steps, n=args.n, rounds=args.rounds, warmup=args.warmup, prep=prep)
-            mem = {name: peak_delta_mib(step, prep) for name, step in steps.items()}
+            times, mem = time_layer_variants(variants, xs, gs, args)
             f = times["frozen"]
-            for name in steps:
+            for name in variants:
                 row = dict(K=Kd, N=N, r=r, variant=name, ms=times[name], ratio=times[name] / f,
                            peak_mib=mem[name], err=errs[name])
                 rows.append(row)
-            print(f"[layer] K={Kd} N={N} r={r}: " + ", ".join(f"{n}={times[n]:.3f}ms ({times[n]/f:.2f}x)" for n in steps),
+            print(f"[layer] K={Kd} N={N} r={r}: " + ", ".join(f"{n}={times[n]:.3f}ms ({times[n]/f:.2f}x)" for n in times),
                   flush=True)
-            variants = steps = xs = gs = lin = None  # free the buffers before the next shape
+            variants = xs = gs = lin = None  # free the buffers before the next shape
             if DEV == "cuda":
                 torch.cuda.empty_cache()
     results["layer"] = rows
@@ -367,12 +388,7 @@ def bench_qlora(args, results):
         except Exception as e:  # pragma: no cover
             print(f"[qlora] peft unavailable: {e!r}")
         for name, use_triton in (("torch", False), ("triton", True)):
-            m = copy.deepcopy(q)
-            patch_linear_module(m, dim=r, alpha=2 * r, use_triton=use_triton)
-            with torch.no_grad():
-                m.lora_A.weight.copy_(A0)
-                m.lora_B.weight.copy_(B0)
-            variants[name] = (m, [m.lora_A.weight, m.lora_B.weight])
+            variants[name] = lora_copy(q, r, A0, B0, use_triton)
 
         # correctness: the adapted layers against dequantized-base math in fp32
         Wd = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
@@ -382,37 +398,19 @@ def bench_qlora(args, results):
         ref_dx = gf @ Wd + 2.0 * (gf @ Bf) @ Af
         errs = {}
         for name in ("torch", "triton"):
-            fn, params = variants[name]
             x.grad = None
-            y = fn(x)
-            y.backward(g)
+            y = fwd_bwd(name, variants[name][0], x, g)
             errs[name] = {"y": rel_err(y, ref_y), "dx": rel_err(x.grad, ref_dx)}
         del ref_y, ref_dx, xf, gf, Wd
 
-        def make_step(fn):
-            def step(i):
-                y = fn(xs[i % 2])
-                y.backward(gs[i % 2])
-            return step
-
-        plist = [p_ for _, ps in variants.values() for p_ in ps]
-
-        def prep(i):
-            for xx in xs:
-                xx.grad = None
-            for p_ in plist:
-                p_.grad = None
-
-        steps = {name: make_step(fn) for name, (fn, _) in variants.items()}
-        times = interleaved(steps, n=args.n, rounds=args.rounds, warmup=args.warmup, prep=prep)
-        mem = {name: peak_delta_mib(step, prep) for name, step in steps.items()}
+        times, mem = time_layer_variants(variants, xs, gs, args)
         f = times["frozen_bf16"]
-        for name in steps:
+        for name in variants:
             rows.append(dict(K=Kd, N=N, r=r, variant=name, ms=times[name], ratio_bf16=times[name] / f,
                              peak_mib=mem[name], err=errs.get(name, {})))
-        print(f"[qlora] K={Kd} N={N} r={r}: " + ", ".join(f"{n}={times[n]:.3f}ms ({times[n]/f:.2f}x)" for n in steps),
+        print(f"[qlora] K={Kd} N={N} r={r}: " + ", ".join(f"{n}={times[n]:.3f}ms ({times[n]/f:.2f}x)" for n in times),
               flush=True)
-        variants = steps = xs = gs = lin = q = None
+        variants = xs = gs = lin = q = None
         if DEV == "cuda":
             torch.cuda.empty_cache()
     results["qlora"] = rows
@@ -476,12 +474,8 @@ def bench_model(args, results):
 
     def make_step(name, m):
         def step(i):
-            K.set_base_gemm(BASE_GEMM.get(name, DEFAULT_BASE_GEMM))
-            try:
-                out = m(input_ids=ids[i % 2], labels=ids[i % 2])
-                out.loss.backward()
-            finally:
-                K.set_base_gemm(DEFAULT_BASE_GEMM)
+            with base_gemm_for(name):
+                m(input_ids=ids[i % 2], labels=ids[i % 2]).loss.backward()
         return step
 
     params = list({id(p_): p_ for m in models.values() for p_ in m.parameters() if p_.requires_grad}.values())

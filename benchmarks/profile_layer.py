@@ -17,32 +17,20 @@ import sys
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from automodel_lora import patch_linear_module  # noqa: E402
+from bench_lora import lora_copy, time_block  # noqa: E402
 
 
 def event_ms(step, n=30):
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for a, b in ev:
-        a.record()
-        step()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev)
+    return statistics.median(time_block(lambda i: step(), n))
 
 
-def graph_ms(step, n=30):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return event_ms(graph.replay, n)
+def graph_ms(step):
+    """GPU time of one step replayed from a CUDA graph (no host launch cost)."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(step, rep=30, return_mode="median")
 
 
 def kernel_table(step, steps=5):
@@ -77,13 +65,10 @@ def main():
             x = torch.randn(M, Kd, device=dev, dtype=dt, requires_grad=True)
             g = torch.randn(M, N, device=dev, dtype=dt)
             variants = {"frozen": lin}
+            A0 = (torch.randn(r, Kd, device=dev) / Kd**0.5).to(dt)
+            B0 = (torch.randn(N, r, device=dev) * 0.05).to(dt)
             for name, tri in (("torch", False), ("triton", True)):
-                m = nn.Linear(Kd, N, bias=False, device=dev, dtype=dt).requires_grad_(False)
-                m.weight = lin.weight
-                patch_linear_module(m, dim=r, alpha=2 * r, use_triton=tri)
-                with torch.no_grad():
-                    m.lora_B.weight.normal_(0, 0.05)
-                variants[name] = m
+                variants[name] = lora_copy(lin, r, A0, B0, tri, share_weight=True)[0]
             for name, mod in variants.items():
                 params = [p for p in mod.parameters() if p.requires_grad]
 
