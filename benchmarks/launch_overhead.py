@@ -3,11 +3,15 @@
     python benchmarks/launch_overhead.py
 """
 
+import os
+import sys
 import time
 
 import torch
 
-from automodel_lora.kernels import triton_lora as T
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from automodel_lora.kernels import triton_lora as T  # noqa: E402
 
 
 def per_call_us(fn, n=2000):
