@@ -36,6 +36,21 @@ def _inputs(M, K, N, r, dtype=torch.bfloat16, adapter_dtype=None, bias=False):
     return x, W, b, A, B
 
 
+def _check_lora_linear(x, W, b, A, B, what=""):
+    """lora_linear (s=2) forward and backward against the fp32 reference: y, dx, dA, dB within BF16_TOL."""
+    from automodel_lora.kernels import lora_linear
+
+    x.grad = A.grad = B.grad = None
+    y = lora_linear(x, W, b, A, B, 2.0)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr, xr, Ar, Br = _ref(x, W, b, A, B, 2.0)
+    yr.backward(g.float())
+    for name, got, want in (("y", y, yr), ("dx", x.grad, xr.grad), ("dA", A.grad, Ar.grad), ("dB", B.grad, Br.grad)):
+        err = rel(got, want)
+        assert err < BF16_TOL, f"{what}{name}: rel err {err:.2e}"
+
+
 def _ref(x, W, b, A, B, s, keep=None, pos="post", p=0.0):
     xf, Wf, Af, Bf = x.detach().float(), W.float(), A.detach().float(), B.detach().float()
     xf.requires_grad_(True)
@@ -55,7 +70,6 @@ def _ref(x, W, b, A, B, s, keep=None, pos="post", p=0.0):
 def test_bf16_real_shapes(K, N, r, base_gemm, monkeypatch, use_base_gemm):
     """"triton" is the TMA GEMM on Hopper (r <= 64; the portable kernel beyond, and on older GPUs);
     "portable" the non-TMA Triton GEMM everywhere; "cublas" the low-rank term added through beta=1."""
-    from automodel_lora.kernels import lora_linear
     from automodel_lora.kernels import triton_lora as T
 
     M = 4095  # not a multiple of any tile: the last M tile is partial
@@ -63,14 +77,7 @@ def test_bf16_real_shapes(K, N, r, base_gemm, monkeypatch, use_base_gemm):
     if base_gemm == "portable":
         monkeypatch.setattr(T, "TensorDescriptor", None)
     use_base_gemm("triton" if base_gemm == "portable" else base_gemm)
-    y = lora_linear(x, W, b, A, B, 2.0)
-    g = torch.randn_like(y)
-    y.backward(g)
-    yr, xr, Ar, Br = _ref(x, W, b, A, B, 2.0)
-    yr.backward(g.float())
-    for name, a, e in (("y", y, yr), ("dx", x.grad, xr.grad), ("dA", A.grad, Ar.grad), ("dB", B.grad, Br.grad)):
-        err = rel(a, e)
-        assert err < BF16_TOL, f"{name}: rel err {err:.2e}"
+    _check_lora_linear(x, W, b, A, B)
 
 
 @pytest.mark.parametrize("pos", ["pre", "post"])
@@ -146,7 +153,6 @@ def test_repeat_launches_and_alignment():
     (no Triton argument binding): they must give the reference result every time, also when an
     input's alignment differs from the one the kernel was compiled for (a view offset by one
     element is only 2-byte aligned, so it needs its own specialization)."""
-    from automodel_lora.kernels import lora_linear
     from automodel_lora.kernels import triton_lora as T
 
     if not T._FAST_LAUNCH:
@@ -159,14 +165,5 @@ def test_repeat_launches_and_alignment():
     views = [x.detach()[:, :K], x.detach()[:, 1:]]  # 16-byte aligned and 2-byte aligned, same strides
     for i in range(6):
         xv = views[i % 2].clone() if i == 5 else views[i % 2]
-        xv = xv.detach().requires_grad_(True)
-        A.grad = B.grad = None
-        y = lora_linear(xv, W, None, A, B, 2.0)
-        g = torch.randn_like(y)
-        y.backward(g)
-        ry, xf, Af, Bf = _ref(xv, W, None, A, B, 2.0)
-        ry.backward(g.float())
-        for name, got, want in (("y", y, ry), ("dx", xv.grad, xf.grad), ("dA", A.grad, Af.grad), ("dB", B.grad, Bf.grad)):
-            err = rel(got, want)
-            assert err < BF16_TOL, f"launch {i}: {name} rel err {err:.2e}"
+        _check_lora_linear(xv.detach().requires_grad_(True), W, None, A, B, what=f"launch {i}: ")
     assert len(T._COMPILED) > compiled_before, "repeat launches did not go through the cached compiled kernels"
