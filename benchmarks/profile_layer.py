@@ -2,9 +2,10 @@
 
     python benchmarks/profile_layer.py [--shapes 4096x4096] [--ranks 16,64]
 
-For each variant (frozen, torch, triton) at bf16, M = 8192: the eager step time (CUDA events,
-median), the same step replayed from a CUDA graph (GPU time without host launch cost), and the
-torch.profiler kernel list of one step. A gap between eager and graph time is host overhead.
+For each variant (frozen, torch, triton; triton_cublas / triton_tma force the base GEMM) at bf16,
+M = 8192: the eager step time (CUDA events, median), the same step replayed from a CUDA graph
+(GPU time without host launch cost), and the torch.profiler kernel list of one step. A gap between
+eager and graph time is host overhead.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_lora import lora_copy, time_block  # noqa: E402
+from bench_lora import base_gemm_for, lora_copy, time_block  # noqa: E402
 
 
 def event_ms(step, n=30):
@@ -54,6 +55,8 @@ def main():
     ap.add_argument("--shapes", default="4096x4096")
     ap.add_argument("--ranks", default="16,64")
     ap.add_argument("--M", type=int, default=8192)
+    ap.add_argument("--variants", default="frozen,torch,triton,triton_cublas,triton_tma",
+                    help="triton_cublas / triton_tma: the kernel path with that base GEMM forced (bench_lora.py)")
     args = ap.parse_args()
     dt, dev, M = torch.bfloat16, "cuda", args.M
     summary = []
@@ -64,19 +67,24 @@ def main():
             lin = nn.Linear(Kd, N, bias=False, device=dev, dtype=dt).requires_grad_(False)
             x = torch.randn(M, Kd, device=dev, dtype=dt, requires_grad=True)
             g = torch.randn(M, N, device=dev, dtype=dt)
+            want = args.variants.split(",")
             variants = {"frozen": lin}
             A0 = (torch.randn(r, Kd, device=dev) / Kd**0.5).to(dt)
             B0 = (torch.randn(N, r, device=dev) * 0.05).to(dt)
-            for name, tri in (("torch", False), ("triton", True)):
-                variants[name] = lora_copy(lin, r, A0, B0, tri, share_weight=True)[0]
+            variants["torch"] = lora_copy(lin, r, A0, B0, False, share_weight=True)[0]
+            tri = lora_copy(lin, r, A0, B0, True, share_weight=True)[0]
+            for name in ("triton", "triton_cublas", "triton_tma"):
+                variants[name] = tri
+            variants = {k: v for k, v in variants.items() if k in want}
             for name, mod in variants.items():
                 params = [p for p in mod.parameters() if p.requires_grad]
 
-                def step(mod=mod, params=params):
+                def step(mod=mod, params=params, name=name):
                     x.grad = None
                     for p in params:
                         p.grad = None
-                    mod(x).backward(g)
+                    with base_gemm_for(name):
+                        mod(x).backward(g)
 
                 for _ in range(5):
                     step()
