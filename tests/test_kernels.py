@@ -380,7 +380,18 @@ def test_split_m_partials_interp():
     pa, xa = torch.randn(M, R), torch.randn(M, D1)
     pb, xb = torch.randn(M, R), torch.randn(M, D2)
     assert T._num_splits(M, D1 + D2, R, 16, T._sm_count(xa.device)) > 1
+    ref_a, ref_b = 0.5 * pa.double().t() @ xa.double(), 0.5 * (pb.double().t() @ xb.double()).t()
     dA, dB = T.tn2(pa, xa, pb, xb, 0.5)
-    check(dA, 0.5 * pa.double().t() @ xa.double(), torch.float32, "tn2 A")
-    check(dB, 0.5 * (pb.double().t() @ xb.double()).t(), torch.float32, "tn2 B")
-    check(T.tn(pa, xa, 0.5), 0.5 * pa.double().t() @ xa.double(), torch.float32, "tn")
+    check(dA, ref_a, torch.float32, "tn2 A")
+    check(dB, ref_b, torch.float32, "tn2 B")
+    # the last slice of each tile resets its lock: a second launch sums the same way, bit for bit
+    assert not T._tile_locks(xa.device, 1).any()
+    dA2, dB2 = T.tn2(pa, xa, pb, xb, 0.5)
+    assert torch.equal(dA, dA2) and torch.equal(dB, dB2)
+    # the in-launch sum writes the output dtype directly
+    dA16, dB16 = T.tn2(pa, xa, pb, xb, 0.5, dtype_a=torch.float16, dtype_b=torch.float32)
+    assert dA16.dtype == torch.float16 and dB16.dtype == torch.float32
+    check(dA16, ref_a, torch.float16, "tn2 A fp16 out")
+    check(dB16, ref_b, torch.float32, "tn2 B")
+    check(T.tn(pa, xa, 0.5), ref_a, torch.float32, "tn")
+    check(T.tn(pb, xb, 0.5, transpose_out=True), ref_b, torch.float32, "tn transposed")

@@ -90,8 +90,9 @@ def _base_gemm_route(x, y, pm, q) -> Optional[bool]:
         return None
     if _BASE_GEMM == "triton":
         return _tl.tma_eligible(x, y, pm, q)
-    big = x.shape[0] * x.shape[1] * y.shape[1] >= _AUTO_TMA_MIN_MNK
-    return True if big and _tl.tma_eligible(x, y, pm, q) else None
+    if x.shape[0] * x.shape[1] * y.shape[1] < _AUTO_TMA_MIN_MNK:
+        return None
+    return True if _tl.tma_eligible(x, y, pm, q) else None
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -171,12 +172,13 @@ def _tri_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
         y = _tl.expand(xa, B.t(), scale, add=base_out, seed=seed if post else None, p=p if post else 0.0,
                        out_dtype=base_out.dtype)
         return y, xa
-    tma = None if (post and p > 0.0) else _base_gemm_route(x, weight.t(), xa, B.t())
+    wt, bt = weight.t(), B.t()
+    tma = None if (post and p > 0.0) else _base_gemm_route(x, wt, xa, bt)
     if tma is not None:
-        y = _tl.gemm_lora(x, weight.t(), xa, B.t(), scale, bias=bias, tma=tma)
+        y = _tl.gemm_lora(x, wt, xa, bt, scale, bias=bias, tma=tma)
     else:
-        y = _tl.expand(xa, B.t(), scale, bias=bias, seed=seed if post else None, p=p if post else 0.0)
-        y.addmm_(x, weight.t())  # cuBLAS, low-rank term accumulated through beta=1
+        y = _tl.expand(xa, bt, scale, bias=bias, seed=seed if post else None, p=p if post else 0.0)
+        y.addmm_(x, wt)  # cuBLAS, low-rank term accumulated through beta=1
     return y, xa
 
 
@@ -254,8 +256,6 @@ def _lora_bwd_op(
     seed: Optional[torch.Tensor], need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dA, dB = _bwd_impl(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB)
-    if dA is not None and dB is not None and dA.untyped_storage().data_ptr() == dB.untyped_storage().data_ptr():
-        dB = dB.clone()  # tn2 returns both as views of one buffer; op outputs may not alias
     return (dx if need_dx else x.new_empty((0,)), dA if need_dA else x.new_empty((0,)),
             dB if need_dB else x.new_empty((0,)))
 

@@ -165,14 +165,17 @@ def _expand_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# Out[s, R, D] = scale * P[m_s, R]^T @ drop(X)[m_s, D]   (split-M fp32 partials)
+# Out[R, D] = scale * P[M, R]^T @ drop(X)[M, D]
+# M is split across grid axis 2 into S slices; each writes an fp32 partial, and the last slice
+# of a tile to finish (counted on a self-resetting lock) sums the S partials in slice order and
+# writes Out in its dtype: deterministic, one launch, no reduction pass on the host side.
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _tn_tile(
-    pid_d, pid_r, pid_s,
-    p_ptr, x_ptr, o_ptr, seed_ptr,
-    M, D, R, rows_per_split,
-    spm, spr, sxm, sxd, sos, sor, sod,
+    pid_d, pid_r, pid_s, lock_ptr,
+    p_ptr, x_ptr, part_ptr, o_ptr, seed_ptr,
+    M, D, R, rows_per_split, S,
+    spm, spr, sxm, sxd, sps, sor, sod,
     scale, p,
     DROP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
@@ -204,55 +207,70 @@ def _tn_tile(
         acc = acc * (scale / (1.0 - p))
     else:
         acc = acc * scale
-    o_ptrs = o_ptr + pid_s.to(tl.int64) * sos + rr[:, None].to(tl.int64) * sor + rd[None, :].to(tl.int64) * sod
-    tl.store(o_ptrs, acc, mask=r_ok[:, None] & d_ok[None, :])
+    tile_mask = r_ok[:, None] & d_ok[None, :]
+    offs = rr[:, None].to(tl.int64) * sor + rd[None, :].to(tl.int64) * sod  # (R, D) index -> Out / partial
+    if S == 1:
+        tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=tile_mask)
+    else:
+        tl.store(part_ptr + pid_s.to(tl.int64) * sps + offs, acc, mask=tile_mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        done = tl.atomic_add(lock_ptr, 1, sem="acq_rel", scope="gpu")
+        if done == S - 1:  # the last slice of this tile: sum the partials in slice order
+            tl.debug_barrier()
+            total = tl.zeros((BR, BD), dtype=tl.float32)
+            part_ptrs = part_ptr + offs
+            for _ in range(0, S):
+                total += tl.load(part_ptrs, mask=tile_mask, other=0.0, cache_modifier=".cg")
+                part_ptrs += sps
+            tl.store(o_ptr + offs, total.to(o_ptr.dtype.element_ty), mask=tile_mask)
+            tl.atomic_xchg(lock_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
 def _tn_kernel(
-    p_ptr, x_ptr, o_ptr, seed_ptr,
-    M, D, R, rows_per_split,
-    spm, spr, sxm, sxd, sos, sor, sod,
+    p_ptr, x_ptr, part_ptr, o_ptr, seed_ptr, lock_ptr,
+    M, D, R, rows_per_split, S,
+    spm, spr, sxm, sxd, sps, sor, sod,
     scale, p,
     DROP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
 ):
-    _tn_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2),
-             p_ptr, x_ptr, o_ptr, seed_ptr, M, D, R, rows_per_split,
-             spm, spr, sxm, sxd, sos, sor, sod, scale, p,
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    _tn_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), lock_ptr + tile,
+             p_ptr, x_ptr, part_ptr, o_ptr, seed_ptr, M, D, R, rows_per_split, S,
+             spm, spr, sxm, sxd, sps, sor, sod, scale, p,
              DROP, EVEN_D, DOT_PREC, BM, BD, BR)
 
 
 @triton.jit
 def _tn2_kernel(
-    pa_ptr, xa_ptr, oa_ptr, pb_ptr, xb_ptr, ob_ptr, seed_ptr,
-    M, DA, DB, R, rows_per_split,
-    spam, spar, sxam, sxad, soas, soar, soad,
-    spbm, spbr, sxbm, sxbd, sobs, sobr, sobd,
+    pa_ptr, xa_ptr, oa_ptr, pb_ptr, xb_ptr, ob_ptr, part_ptr, seed_ptr, lock_ptr,
+    M, DA, DB, R, rows_per_split, S,
+    spam, spar, sxam, sxad,
+    spbm, spbr, sxbm, sxbd,
     scale, p,
     DROP_A: tl.constexpr, DROP_B: tl.constexpr, EVEN_A: tl.constexpr, EVEN_B: tl.constexpr,
     DOT_PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
 ):
-    """Two tn problems in one launch (dA = s dyB^T x and dB = s dy^T xa): axis 0 runs over
-    the D-blocks of problem A then those of problem B."""
+    """Two tn problems in one launch (dA = s dyB^T x, (R, DA) row-major, and dB = s dy^T xa, written
+    as (DB, R) row-major): axis 0 runs over the D-blocks of problem A then those of problem B.  The
+    partials of slice s are one row of ``part``: R * DA values of A, then DB * R of B."""
     pid = tl.program_id(0)
+    tile = pid * tl.num_programs(1) + tl.program_id(1)
     nda = tl.cdiv(DA, BD)
+    sps = R * (DA + DB)
     if pid < nda:
-        _tn_tile(pid, tl.program_id(1), tl.program_id(2),
-                 pa_ptr, xa_ptr, oa_ptr, seed_ptr, M, DA, R, rows_per_split,
-                 spam, spar, sxam, sxad, soas, soar, soad, scale, p,
+        _tn_tile(pid, tl.program_id(1), tl.program_id(2), lock_ptr + tile,
+                 pa_ptr, xa_ptr, part_ptr, oa_ptr, seed_ptr, M, DA, R, rows_per_split, S,
+                 spam, spar, sxam, sxad, sps, DA, 1, scale, p,
                  DROP_A, EVEN_A, DOT_PREC, BM, BD, BR)
     else:
-        _tn_tile(pid - nda, tl.program_id(1), tl.program_id(2),
-                 pb_ptr, xb_ptr, ob_ptr, seed_ptr, M, DB, R, rows_per_split,
-                 spbm, spbr, sxbm, sxbd, sobs, sobr, sobd, scale, p,
+        _tn_tile(pid - nda, tl.program_id(1), tl.program_id(2), lock_ptr + tile,
+                 pb_ptr, xb_ptr, part_ptr + R * DA, ob_ptr, seed_ptr, M, DB, R, rows_per_split, S,
+                 spbm, spbr, sxbm, sxbd, sps, 1, R, scale, p,
                  DROP_B, EVEN_B, DOT_PREC, BM, BD, BR)
 
 
-# --------------------------------------------------------------------------------------
-# C[M, N] = X[M, K] @ Y[K, N] + P[M, R] @ (scale * Q[R, N]) + bias   (one Triton GEMM; the
-# low-rank term is an extra K step over [P | Q], so it costs no pass over C)
-# --------------------------------------------------------------------------------------
 @triton.jit
 def _tile_coords(tile, num_in_group, num_m, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of an output tile in grouped order: GROUP_M row blocks share each column sweep (L2 reuse)."""
@@ -471,36 +489,33 @@ _TN_ROW_QUANT = 128
 # a large part of the ~120 us host time per launch measured in the first H100 run (NOTES.md).
 _PLANS: dict = {}
 
-# Compiled kernels by (name, plan key, config, argument specialization): a repeat launch skips
-# Triton's per-call argument binding and cache lookup (~50-100 us of host time per launch on the
-# H100 machine's CPU, NOTES.md) and calls the compiled kernel's launcher directly.
+# Compiled kernels by (name, plan key, constexprs, scalar arguments, pointer dtypes and alignment): a repeat
+# launch skips Triton's per-call argument binding and cache lookup and calls the compiled kernel's
+# launcher directly (host time per launch: NOTES.md, "Host time").  Keying on the scalar values
+# themselves (shapes, strides: what Triton specializes on) costs one tuple hash instead of a walk
+# over every argument; the table is cleared when it reaches _MAX_COMPILED entries (a new M is one
+# jit launch).
 _COMPILED: dict = {}
+_MAX_COMPILED = 4096
 _FAST_LAUNCH = knobs is not None and os.environ.get("AUTOMODEL_LORA_FAST_LAUNCH", "1") == "1"
 
 
-def _specialization(args) -> tuple:
-    """What Triton specializes a compiled kernel on, per argument: tensor dtype and 16-byte
-    alignment; integer ==1, %16==0 and 32-bit range; a float is not specialized.  The launchers
-    pass only tensors, ints and floats (flags are constexprs)."""
-    key = []
-    for a in args:
-        t = type(a)
-        if t is int:
-            key.append((a == 1, a & 15 == 0, -2147483648 <= a < 2147483648))
-        elif t is float:
-            key.append(None)
-        else:
-            key.append((a.dtype, a.data_ptr() & 15 == 0))
-    return tuple(key)
+def _pointer_spec(tensors) -> tuple:
+    """What Triton specializes pointer arguments on: each one's dtype, and 16-byte alignment (one flag for
+    the common case of all aligned, else one flag each)."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return tuple(t.dtype for t in tensors), bits & 15 == 0 or tuple(t.data_ptr() & 15 == 0 for t in tensors)
 
 
-def _run_compiled(entry, grid, args) -> None:
-    kernel, tail, device_index = entry
+def _run_compiled(entry, args) -> None:
+    kernel, tail, device_index, g = entry
     stream = torch._C._cuda_getCurrentRawStream(device_index)  # what Triton's own launcher asks for
     full = (*args, *tail)
-    g = grid + (1,) * (3 - len(grid))
-    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
-               kernel.launch_metadata(g, stream, *full), knobs.runtime.launch_enter_hook,
+    enter = knobs.runtime.launch_enter_hook  # launch_metadata only feeds the hooks (None without them)
+    meta = kernel.launch_metadata(g, stream, *full) if enter is not None else None
+    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, meta, enter,
                knobs.runtime.launch_exit_hook, *full)
 
 
@@ -516,7 +531,10 @@ def _record_plan(name, key, tuned) -> None:
     _PLANS[(name, key)] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
 
 
-def _launch(name, tuned, raw, grid, fixed, key, args, consts):
+def _launch(name, tuned, raw, grid, fixed, key, tensors, scalars, consts):
+    """Launch ``raw(*tensors, *scalars, **consts)``: under the interpreter with the ``fixed`` config, else
+    with the plan autotuned for ``(name, key)`` (autotuning on the first call)."""
+    args = (*tensors, *scalars)
     if INTERPRET:
         raw[grid(fixed)](*args, **consts, **fixed)
         return
@@ -525,21 +543,31 @@ def _launch(name, tuned, raw, grid, fixed, key, args, consts):
         tuned[grid](*args, **consts)
         _record_plan(name, key, tuned)
         return
+    _launch_plan(name, key, raw, grid, plan, args, (tuple(consts.values()), scalars, _pointer_spec(tensors)), consts)
+
+
+def _launch_plan(name, key, raw, grid, plan, args, spec, consts) -> None:
+    """Launch ``raw`` with ``plan`` = (config kwargs, warps, stages); ``spec`` = what Triton specializes the
+    compiled kernel on beyond ``key`` and the plan: a repeat of (name, key, spec) goes to the compiled kernel."""
     kw, w, st = plan
     if not _FAST_LAUNCH:
         raw[grid(kw)](*args, **consts, **kw, num_warps=w, num_stages=st)
         return
-    device_index = args[0].device.index
-    ckey = (name, key, device_index, tuple(consts.values()), _specialization(args))
+    ckey = (name, key, spec)
     entry = _COMPILED.get(ckey)
     if entry is not None:
-        _run_compiled(entry, grid(kw), args)
+        _run_compiled(entry, args)
         return
-    kernel = raw[grid(kw)](*args, **consts, **kw, num_warps=w, num_stages=st)
+    g = grid(kw)
+    kernel = raw[g](*args, **consts, **kw, num_warps=w, num_stages=st)
     rest = raw.params[len(args):]
     if kernel is not None and all(p.is_constexpr for p in rest):
+        if len(_COMPILED) >= _MAX_COMPILED:
+            _COMPILED.clear()
         named = {**consts, **kw}
-        _COMPILED[ckey] = (kernel, tuple(named[p.name] for p in rest), device_index)  # constexprs in signature order
+        device_index = next(a for a in args if isinstance(a, torch.Tensor)).device.index
+        _COMPILED[ckey] = (kernel, tuple(named[p.name] for p in rest), device_index,  # constexprs in signature order
+                           g + (1,) * (3 - len(g)))
 
 
 _DUMMY_SEED: dict = {}
@@ -561,7 +589,7 @@ def proj(x: torch.Tensor, y: torch.Tensor, *, seed=None, p: float = 0.0) -> torc
     """``drop(x) @ y`` with x ``(M, K)`` any strides, y ``(K, R)`` any strides -> ``(M, R)`` in x.dtype."""
     M, K = x.shape
     R = y.shape[1]
-    out = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    out = x.new_empty((M, R))
     if M == 0 or R == 0:
         return out
     if K == 0:
@@ -574,8 +602,8 @@ def proj(x: torch.Tensor, y: torch.Tensor, *, seed=None, p: float = 0.0) -> torc
     _launch(
         "proj", _proj_tuned, _proj_kernel,
         lambda meta: (_cdiv(M, meta["BM"]), nr), fixed, (_m_bucket(M), K, R, drop, x.dtype),
-        (x, y, out, _seed_ptr(seed, x.device),
-         M, K, R,
+        (x, y, out, _seed_ptr(seed, x.device)),
+        (M, K, R,
          x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
          float(p), 1.0 / (1.0 - p) if drop else 1.0),
         dict(DROP=drop, EVEN_K=even_k, DOT_PREC=_dot_prec(x.dtype), BR=BR),
@@ -598,8 +626,8 @@ def expand(pm: torch.Tensor, q: torch.Tensor, scale: float, *, bias=None, add=No
         "expand", _expand_tuned, _expand_kernel,
         lambda meta: (_cdiv(M, meta["BM"]), _cdiv(N, meta["BN"])), dict(BM=16, BN=32),
         (_m_bucket(M), N, R, drop, add is not None, pm.dtype, out.dtype),
-        (pm, q, bias if bias is not None else out, cin, out, _seed_ptr(seed, pm.device),
-         M, N, R,
+        (pm, q, bias if bias is not None else out, cin, out, _seed_ptr(seed, pm.device)),
+        (M, N, R,
          pm.stride(0), pm.stride(1), q.stride(0), q.stride(1), cin.stride(0), cin.stride(1),
          out.stride(0), out.stride(1),
          float(scale), float(p), 1.0 / (1.0 - p) if drop else 1.0),
@@ -634,11 +662,25 @@ def _sm_count(device) -> int:
     return _N_SM[idx]
 
 
+_LOCKS: dict = {}
+
+
+def _tile_locks(device, n: int) -> torch.Tensor:
+    """``n`` int32 tile locks of the split-M tn kernels, zero between launches (the last slice of a tile
+    resets its lock). One buffer per device and stream, so launches on two streams never share one."""
+    stream = None if device.type != "cuda" else torch._C._cuda_getCurrentRawStream(device.index)
+    key = (device, stream)
+    locks = _LOCKS.get(key)
+    if locks is None or locks.numel() < n:
+        locks = _LOCKS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return locks
+
+
 def tn(pm: torch.Tensor, x: torch.Tensor, scale: float, *, seed=None, p: float = 0.0,
        transpose_out: bool = False, out_dtype=torch.float32) -> torch.Tensor:
     """``scale * pm^T @ drop(x)``: pm ``(M, R)``, x ``(M, D)`` -> ``(R, D)`` (or ``(D, R)`` if transpose_out).
 
-    fp32 accumulation; split-M partials in fp32 summed at the end (deterministic).
+    fp32 accumulation; split-M partials in fp32, summed in a fixed order inside the launch (deterministic).
     """
     M, R = pm.shape
     D = x.shape[1]
@@ -648,25 +690,22 @@ def tn(pm: torch.Tensor, x: torch.Tensor, scale: float, *, seed=None, p: float =
     drop = p > 0.0
     BR = _rank_block(R)
     S, rows = _split_rows(M, D, R, BR, x.device)
-    part = torch.empty((S,) + shape, device=x.device, dtype=torch.float32)
-    if transpose_out:
-        sos, sor, sod = part.stride(0), part.stride(2), part.stride(1)
-    else:
-        sos, sor, sod = part.stride(0), part.stride(1), part.stride(2)
+    out = torch.empty(shape, device=x.device, dtype=out_dtype)
+    part = torch.empty((S, R * D), device=x.device, dtype=torch.float32) if S > 1 else out
+    sor, sod = (1, R) if transpose_out else (D, 1)
     fixed = dict(BM=16, BD=32)
     even_d = D % (fixed["BD"] if INTERPRET else 256) == 0
     nr = _cdiv(R, BR)
     _launch(
         "tn", _tn_tuned, _tn_kernel,
         lambda meta: (_cdiv(D, meta["BD"]), nr, S), fixed, (_m_bucket(M), D, R, drop, x.dtype, transpose_out),
-        (pm, x, part, _seed_ptr(seed, x.device),
-         M, D, R, rows,
-         pm.stride(0), pm.stride(1), x.stride(0), x.stride(1), sos, sor, sod,
+        (pm, x, part, out, _seed_ptr(seed, x.device), _tile_locks(x.device, _cdiv(D, 16) * nr)),
+        (M, D, R, rows, S,
+         pm.stride(0), pm.stride(1), x.stride(0), x.stride(1), R * D, sor, sod,
          float(scale), float(p)),
         dict(DROP=drop, EVEN_D=even_d, DOT_PREC=_dot_prec(x.dtype), BR=BR),
     )
-    out = part[0] if S == 1 else part.sum(0)
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+    return out
 
 
 def tn2(pa: torch.Tensor, xa: torch.Tensor, pb: torch.Tensor, xb: torch.Tensor, scale: float, *, seed=None,
@@ -681,11 +720,12 @@ def tn2(pa: torch.Tensor, xa: torch.Tensor, pb: torch.Tensor, xb: torch.Tensor, 
     if M == 0 or R == 0 or DA == 0 or DB == 0:
         return (tn(pa, xa, scale, seed=seed, p=p_a, out_dtype=dtype_a),
                 tn(pb, xb, scale, seed=seed, p=p_b, transpose_out=True, out_dtype=dtype_b))
+    device = xa.device
     BR = _rank_block(R)
-    S, rows = _split_rows(M, DA + DB, R, BR, xa.device)
-    na = R * DA
-    part = torch.empty((S, na + DB * R), device=xa.device, dtype=torch.float32)
-    part_b = part[:, na:]
+    S, rows = _split_rows(M, DA + DB, R, BR, device)
+    out_a = torch.empty((R, DA), device=device, dtype=dtype_a)
+    out_b = torch.empty((DB, R), device=device, dtype=dtype_b)
+    part = torch.empty((S, R * (DA + DB)), device=device, dtype=torch.float32) if S > 1 else out_a
     fixed = dict(BM=16, BD=32)
     q = fixed["BD"] if INTERPRET else 256
     nr = _cdiv(R, BR)
@@ -694,19 +734,16 @@ def tn2(pa: torch.Tensor, xa: torch.Tensor, pb: torch.Tensor, xb: torch.Tensor, 
         "tn2", _tn2_tuned, _tn2_kernel,
         lambda meta: (_cdiv(DA, meta["BD"]) + _cdiv(DB, meta["BD"]), nr, S), fixed,
         (_m_bucket(M), DA, DB, R, drop_a, drop_b, xa.dtype),
-        (pa, xa, part, pb, xb, part_b, _seed_ptr(seed, xa.device),
-         M, DA, DB, R, rows,
-         pa.stride(0), pa.stride(1), xa.stride(0), xa.stride(1), part.stride(0), DA, 1,
-         pb.stride(0), pb.stride(1), xb.stride(0), xb.stride(1), part.stride(0), 1, R,
+        (pa, xa, out_a, pb, xb, out_b, part, _seed_ptr(seed, device),
+         _tile_locks(device, (_cdiv(DA, 16) + _cdiv(DB, 16)) * nr)),
+        (M, DA, DB, R, rows, S,
+         pa.stride(0), pa.stride(1), xa.stride(0), xa.stride(1),
+         pb.stride(0), pb.stride(1), xb.stride(0), xb.stride(1),
          float(scale), float(p_a if drop_a else p_b)),
         dict(DROP_A=drop_a, DROP_B=drop_b, EVEN_A=DA % q == 0, EVEN_B=DB % q == 0,
              DOT_PREC=_dot_prec(xa.dtype), BR=BR),
     )
-    flat = part[0] if S == 1 else part.sum(0)
-    if dtype_a == dtype_b:
-        flat = flat.to(dtype_a)
-        return flat[:na].view(R, DA), flat[na:].view(DB, R)
-    return flat[:na].view(R, DA).to(dtype_a), flat[na:].view(DB, R).to(dtype_b)
+    return out_a, out_b
 
 
 def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 1.0, bias=None,
@@ -731,8 +768,8 @@ def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 
         "gemm", _gemm_tuned, _gemm_lora_kernel,
         lambda meta: (_cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"]),), fixed,
         (_m_bucket(M), N, K, R, has_lora, x.dtype, y.stride(0) == 1),
-        (x, y, pm if has_lora else x, q if has_lora else y, bias if bias is not None else out, out,
-         M, N, K, R,
+        (x, y, pm if has_lora else x, q if has_lora else y, bias if bias is not None else out, out),
+        (M, N, K, R,
          x.stride(0), x.stride(1), y.stride(0), y.stride(1),
          pm.stride(0) if has_lora else 0, pm.stride(1) if has_lora else 0,
          q.stride(0) if has_lora else 0, q.stride(1) if has_lora else 0,
@@ -770,7 +807,7 @@ def tma_eligible(x, y, pm, q) -> bool:
             return False
     elif not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _is_hopper_or_newer(x.device)):
         return False
-    if pm is None or not 0 < pm.shape[1] <= _MAX_BR or q.dtype not in (x.dtype, torch.float32):
+    if y.dtype != x.dtype or pm is None or not 0 < pm.shape[1] <= _MAX_BR or q.dtype not in (x.dtype, torch.float32):
         return False
     b_nk, b_base, q_base = _tma_operands(y, q)
     if b_nk != _is_transposed(q):
@@ -816,16 +853,21 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
              TensorDescriptor.from_tensor(q_base, [kw["BN"], BR] if b_nk else [BR, kw["BN"]]),
              TensorDescriptor.from_tensor(out, [kw["BM"], kw["BN"] // 2 if kw["SPLIT_STORE"] else kw["BN"]]))
     n_sm = _sm_count(x.device)
-    args = (*descs, bias if bias is not None else out, M, N, K, float(scale))
+    bias_ptr = bias if bias is not None else out
+    scalars = (M, N, K, float(scale))
+    args = (*descs, bias_ptr, *scalars)
     consts = dict(B_NK=b_nk, HAS_BIAS=bias is not None, BR=BR, NUM_SMS=n_sm)
 
     def grid(meta):
         return (min(n_sm, _cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"])),)
-    if plan is None and not INTERPRET:
+    if INTERPRET:
+        _tma_gemm_lora_kernel[grid(kw)](*args, **consts, **kw, num_warps=warps, num_stages=stages)
+    elif plan is None:
         _tma_gemm_tuned[grid](*args, **consts)
         _record_plan("tma_gemm", key, _tma_gemm_tuned)
-        return
-    _tma_gemm_lora_kernel[grid(kw)](*args, **consts, **kw, num_warps=warps, num_stages=stages)
+    else:  # the descriptors' dtypes and block shapes follow from the key and the plan
+        _launch_plan("tma_gemm", key, _tma_gemm_lora_kernel, grid, plan, args,
+                     (tuple(consts.values()), scalars, _pointer_spec((bias_ptr,))), consts)
 
 
 def keep_mask(seed: torch.Tensor, M: int, D: int, p: float, device) -> torch.Tensor:
