@@ -37,9 +37,28 @@ def per_call_us(fn, n=2000):
     return (time.perf_counter() - t) / n * 1e6
 
 
+def profile_step(step, gemm: str) -> None:
+    """Print the functions with the most own host time over 300 steps under base GEMM ``gemm``."""
+    import cProfile
+    import pstats
+
+    K.set_base_gemm(gemm)
+    step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    print(f"--- cProfile of 300 steps, base GEMM {gemm} ---")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default="", help="base GEMM (cublas / triton) whose kernel-path step to cProfile")
     args = ap.parse_args()
     dt, dev = torch.bfloat16, "cuda"
     M, D, r = 64, 256, 16
@@ -83,6 +102,8 @@ def main():
             if gemm:
                 K.set_base_gemm(gemm)
             rows[f"step {name}" + (f" (base {gemm})" if gemm else "")] = per_call_us(step, n=500)
+        if name == "triton" and args.profile:
+            profile_step(step, args.profile)
         K.set_base_gemm("auto")
         rows[f"fwd no_grad {name}"] = per_call_us(lambda m=m: m(x), n=500)
     print(f"{torch.cuda.get_device_name()}; knobs: {T.knobs is not None}; compiled entries: {len(T._COMPILED)}")
