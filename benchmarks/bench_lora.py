@@ -468,8 +468,9 @@ def bench_model(args, results):
             print(f"peft unavailable: {e!r}")
     models["torch"] = lora_model(False)
     models["triton"] = lora_model(True)
-    if "triton_cublas" in args.variants:
-        models["triton_cublas"] = models["triton"]  # same model, run under BASE_GEMM["triton_cublas"]
+    for name in ("triton_cublas", "triton_tma"):
+        if name in args.variants:
+            models[name] = models["triton"]  # same model, run under BASE_GEMM[name]
     ids = [torch.randint(0, cfg.vocab_size, (bsz, seq), device=DEV) for _ in range(2)]
 
     def make_step(name, m):
