@@ -46,7 +46,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 #   "triton": one Triton GEMM with the low-rank term as an extra K step (TMA kernel on Hopper,
 #             the portable kernel elsewhere);
 #   "auto":   the Triton GEMM where its TMA kernel applies and measured faster (Hopper, 16-bit,
-#             rank <= 64, M * K * N >= 2**38), else cuBLAS.
+#             rank <= 64, M * K * N >= 2**34), else cuBLAS.
 # Default chosen by measurement on H100: see benchmarks/NOTES.md.
 _BASE_GEMMS = ("auto", "cublas", "triton")
 _BASE_GEMM = os.environ.get("AUTOMODEL_LORA_BASE_GEMM", "auto")
@@ -71,15 +71,14 @@ def get_base_gemm() -> str:
 
 
 # "auto" takes the TMA GEMM (ranks up to 64, where it has one rank tile) from this GEMM size
-# (M * K * N) on.  Measured on an H100 (benchmarks/NOTES.md, "Version 2b"), side by side with the
-# cuBLAS path:
-#   * at 4.8e11 (M=8192, 4096 x 14336 and 14336 x 4096) the layer step was faster in 7 of 8
-#     measurements (r=16 and r=64, two runs); GEMM by GEMM it mostly tied or won, with one run ~1%
-#     behind and a one-round smoke on a fresh machine disagreeing (both recorded there);
-#   * at 1.4e11 (M=8192, 4096^2) and inside the 8B-shaped model (<= 2.4e11 per GEMM) its higher
-#     launch cost (five TMA descriptors per call) loses (layer 1.51x vs 1.36x, model 0.918x vs
-#     0.930x of frozen throughput).
-_AUTO_TMA_MIN_MNK = 2**38  # 2.7e11
+# (M * K * N) on.  Measured on an H100 side by side with the cuBLAS path (benchmarks/NOTES.md,
+# "Version 3: host time"), after the launch path stopped costing more host time than cuBLAS's:
+#   * 8B-shaped 4-layer model, M = 4096 (GEMMs 1.7e10 (k/v) to 2.4e11): 0.966x of frozen throughput
+#     with TMA wherever it applies, 0.935x with cuBLAS;
+#   * layer, M = 8192: 4096^2 (1.4e11) 1.20x / 1.24x (r=16 / r=64) against 1.24x / 1.30x; at 4.8e11
+#     (4096 x 14336, 14336 x 4096) 1.06x-1.12x against 1.10x-1.15x.
+# Smaller GEMMs were not measured; there the 128 x 256 tiles leave SMs idle, so cuBLAS keeps them.
+_AUTO_TMA_MIN_MNK = 2**34  # 1.7e10: the k/v projections of an 8B model at 4096 tokens
 
 
 def _base_gemm_route(x, y, pm, q) -> Optional[bool]:
