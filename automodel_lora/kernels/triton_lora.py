@@ -271,6 +271,10 @@ def _tn2_kernel(
                  DROP_B, EVEN_B, DOT_PREC, BM, BD, BR)
 
 
+# --------------------------------------------------------------------------------------
+# C[M, N] = X[M, K] @ Y[K, N] + P[M, R] @ (scale * Q[R, N]) + bias   (one Triton GEMM; the
+# low-rank term is an extra K step over [P | Q], so it costs no pass over C)
+# --------------------------------------------------------------------------------------
 @triton.jit
 def _tile_coords(tile, num_in_group, num_m, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of an output tile in grouped order: GROUP_M row blocks share each column sweep (L2 reuse)."""
@@ -489,9 +493,9 @@ _TN_ROW_QUANT = 128
 # a large part of the ~120 us host time per launch measured in the first H100 run (NOTES.md).
 _PLANS: dict = {}
 
-# Compiled kernels by (name, plan key, constexprs, scalar arguments, pointer dtypes and alignment): a repeat
-# launch skips Triton's per-call argument binding and cache lookup and calls the compiled kernel's
-# launcher directly (host time per launch: NOTES.md, "Host time").  Keying on the scalar values
+# Compiled kernels by (name, plan key, constexprs, scalar arguments, device, pointer dtypes and
+# alignment): a repeat launch skips Triton's per-call argument binding and cache lookup and calls the
+# compiled kernel's launcher directly (host time per launch: NOTES.md, "Version 3").  Keying on the scalar values
 # themselves (shapes, strides: what Triton specializes on) costs one tuple hash instead of a walk
 # over every argument; the table is cleared when it reaches _MAX_COMPILED entries (a new M is one
 # jit launch).
@@ -501,12 +505,13 @@ _FAST_LAUNCH = knobs is not None and os.environ.get("AUTOMODEL_LORA_FAST_LAUNCH"
 
 
 def _pointer_spec(tensors) -> tuple:
-    """What Triton specializes pointer arguments on: each one's dtype, and 16-byte alignment (one flag for
-    the common case of all aligned, else one flag each)."""
+    """The device of a launch, and what Triton specializes pointer arguments on: each one's dtype, and 16-byte
+    alignment (one flag for the common case of all aligned, else one flag each)."""
     bits = 0
     for t in tensors:
         bits |= t.data_ptr()
-    return tuple(t.dtype for t in tensors), bits & 15 == 0 or tuple(t.data_ptr() & 15 == 0 for t in tensors)
+    aligned = bits & 15 == 0 or tuple(t.data_ptr() & 15 == 0 for t in tensors)
+    return tensors[0].get_device(), tuple(t.dtype for t in tensors), aligned
 
 
 def _run_compiled(entry, args) -> None:
