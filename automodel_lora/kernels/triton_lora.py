@@ -9,7 +9,7 @@ Notation (all 2-D after flattening the leading dims): ``x: (M, K)``,
                                                            or _gemm_lora_kernel (one Triton GEMM)
     dyB = drop_post(dy) @ B                      (M, r)    _proj_kernel
     dx  = dy @ W + drop_pre(s * dyB @ A)         (M, K)    _expand_kernel + addmm_ or _gemm_lora_kernel
-    dA  = s * dyB^T @ drop_pre(x)                (r, K)    _tn_kernel (split-M fp32 partials)
+    dA  = s * dyB^T @ drop_pre(x)                (r, K)    _tn_kernel (split-M, summed in-launch)
     dB  = s * drop_post(dy)^T @ xa               (N, r)    _tn_kernel
 
 Every kernel reads its big operand (``x`` or ``dy``) once, accumulates in fp32
