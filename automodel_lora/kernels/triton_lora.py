@@ -493,25 +493,24 @@ _TN_ROW_QUANT = 128
 # a large part of the ~120 us host time per launch measured in the first H100 run (NOTES.md).
 _PLANS: dict = {}
 
-# Compiled kernels by (name, plan key, constexprs, scalar arguments, device, pointer dtypes and
-# alignment): a repeat launch skips Triton's per-call argument binding and cache lookup and calls the
-# compiled kernel's launcher directly (host time per launch: NOTES.md, "Version 3").  Keying on the scalar values
-# themselves (shapes, strides: what Triton specializes on) costs one tuple hash instead of a walk
-# over every argument; the table is cleared when it reaches _MAX_COMPILED entries (a new M is one
-# jit launch).
+# Compiled kernels by (name, plan key, device, constexprs, scalar arguments, pointer dtypes and
+# alignment): a repeat launch skips Triton's per-call argument binding and cache lookup and calls
+# the compiled kernel's launcher directly (host time per launch: NOTES.md, "Version 3").  Keying on
+# the scalar values themselves (shapes, strides: what Triton specializes on) costs one tuple hash
+# instead of a walk over every argument; the table is cleared when it reaches _MAX_COMPILED entries
+# (a new M is one jit launch).
 _COMPILED: dict = {}
 _MAX_COMPILED = 4096
 _FAST_LAUNCH = knobs is not None and os.environ.get("AUTOMODEL_LORA_FAST_LAUNCH", "1") == "1"
 
 
 def _pointer_spec(tensors) -> tuple:
-    """The device of a launch, and what Triton specializes pointer arguments on: each one's dtype, and 16-byte
-    alignment (one flag for the common case of all aligned, else one flag each)."""
+    """What Triton specializes pointer arguments on: each one's dtype, and 16-byte alignment (one flag for
+    the common case of all aligned, else one flag each)."""
     bits = 0
     for t in tensors:
         bits |= t.data_ptr()
-    aligned = bits & 15 == 0 or tuple(t.data_ptr() & 15 == 0 for t in tensors)
-    return tensors[0].get_device(), tuple(t.dtype for t in tensors), aligned
+    return tuple(t.dtype for t in tensors), bits & 15 == 0 or tuple(t.data_ptr() & 15 == 0 for t in tensors)
 
 
 def _run_compiled(entry, args) -> None:
@@ -548,17 +547,19 @@ def _launch(name, tuned, raw, grid, fixed, key, tensors, scalars, consts):
         tuned[grid](*args, **consts)
         _record_plan(name, key, tuned)
         return
-    _launch_plan(name, key, raw, grid, plan, args, (tuple(consts.values()), scalars, _pointer_spec(tensors)), consts)
+    spec = (tuple(consts.values()), scalars, _pointer_spec(tensors))
+    _launch_plan(name, key, raw, grid, plan, args, consts, tensors[0].get_device(), spec)
 
 
-def _launch_plan(name, key, raw, grid, plan, args, spec, consts) -> None:
-    """Launch ``raw`` with ``plan`` = (config kwargs, warps, stages); ``spec`` = what Triton specializes the
-    compiled kernel on beyond ``key`` and the plan: a repeat of (name, key, spec) goes to the compiled kernel."""
+def _launch_plan(name, key, raw, grid, plan, args, consts, device_index: int, spec) -> None:
+    """Launch ``raw`` on GPU ``device_index`` with ``plan`` = (config kwargs, warps, stages); ``spec`` = what
+    Triton specializes the compiled kernel on beyond ``key`` and the plan: a repeat of (name, key, device,
+    spec) goes to the compiled kernel."""
     kw, w, st = plan
     if not _FAST_LAUNCH:
         raw[grid(kw)](*args, **consts, **kw, num_warps=w, num_stages=st)
         return
-    ckey = (name, key, spec)
+    ckey = (name, key, device_index, spec)
     entry = _COMPILED.get(ckey)
     if entry is not None:
         _run_compiled(entry, args)
@@ -570,7 +571,6 @@ def _launch_plan(name, key, raw, grid, plan, args, spec, consts) -> None:
         if len(_COMPILED) >= _MAX_COMPILED:
             _COMPILED.clear()
         named = {**consts, **kw}
-        device_index = next(a for a in args if isinstance(a, torch.Tensor)).device.index
         _COMPILED[ckey] = (kernel, tuple(named[p.name] for p in rest), device_index,  # constexprs in signature order
                            g + (1,) * (3 - len(g)))
 
@@ -668,6 +668,7 @@ def _sm_count(device) -> int:
 
 
 _LOCKS: dict = {}
+_TN_MIN_BD = 32  # the narrowest D block of any tn config (the interpreter's): the most tiles a launch can have
 
 
 def _tile_locks(device, n: int) -> torch.Tensor:
@@ -704,7 +705,7 @@ def tn(pm: torch.Tensor, x: torch.Tensor, scale: float, *, seed=None, p: float =
     _launch(
         "tn", _tn_tuned, _tn_kernel,
         lambda meta: (_cdiv(D, meta["BD"]), nr, S), fixed, (_m_bucket(M), D, R, drop, x.dtype, transpose_out),
-        (pm, x, part, out, _seed_ptr(seed, x.device), _tile_locks(x.device, _cdiv(D, 16) * nr)),
+        (pm, x, part, out, _seed_ptr(seed, x.device), _tile_locks(x.device, _cdiv(D, _TN_MIN_BD) * nr)),
         (M, D, R, rows, S,
          pm.stride(0), pm.stride(1), x.stride(0), x.stride(1), R * D, sor, sod,
          float(scale), float(p)),
@@ -740,7 +741,7 @@ def tn2(pa: torch.Tensor, xa: torch.Tensor, pb: torch.Tensor, xb: torch.Tensor, 
         lambda meta: (_cdiv(DA, meta["BD"]) + _cdiv(DB, meta["BD"]), nr, S), fixed,
         (_m_bucket(M), DA, DB, R, drop_a, drop_b, xa.dtype),
         (pa, xa, out_a, pb, xb, out_b, part, _seed_ptr(seed, device),
-         _tile_locks(device, (_cdiv(DA, 16) + _cdiv(DB, 16)) * nr)),
+         _tile_locks(device, (_cdiv(DA, _TN_MIN_BD) + _cdiv(DB, _TN_MIN_BD)) * nr)),
         (M, DA, DB, R, rows, S,
          pa.stride(0), pa.stride(1), xa.stride(0), xa.stride(1),
          pb.stride(0), pb.stride(1), xb.stride(0), xb.stride(1),
@@ -871,8 +872,8 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
         _tma_gemm_tuned[grid](*args, **consts)
         _record_plan("tma_gemm", key, _tma_gemm_tuned)
     else:  # the descriptors' dtypes and block shapes follow from the key and the plan
-        _launch_plan("tma_gemm", key, _tma_gemm_lora_kernel, grid, plan, args,
-                     (tuple(consts.values()), scalars, _pointer_spec((bias_ptr,))), consts)
+        _launch_plan("tma_gemm", key, _tma_gemm_lora_kernel, grid, plan, args, consts, out.get_device(),
+                     (tuple(consts.values()), scalars, _pointer_spec((bias_ptr,))))
 
 
 def keep_mask(seed: torch.Tensor, M: int, D: int, p: float, device) -> torch.Tensor:
