@@ -24,9 +24,8 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def _inputs(M, K, N, r, dtype=torch.bfloat16, adapter_dtype=None, bias=False):
+def _inputs(M, K, N, r, dtype=torch.bfloat16, adapter_dtype=None, bias=False, dev="cuda"):
     torch.manual_seed(0)
-    dev = "cuda"
     adt = adapter_dtype or dtype
     x = torch.randn(M, K, device=dev, dtype=dtype, requires_grad=True)
     W = (torch.randn(N, K, device=dev) / K**0.5).to(dtype)
@@ -82,17 +81,23 @@ def test_bf16_real_shapes(K, N, r, base_gemm, monkeypatch, use_base_gemm):
 
 @pytest.mark.parametrize("pos", ["pre", "post"])
 def test_bf16_dropout_fp32_adapters(pos):
+    _check_dropout(pos, "cuda")
+
+
+def _check_dropout(pos, dev):
+    """lora_linear with dropout (p=0.3 at ``pos``) and fp32 adapters on ``dev``: the mask regenerated from the
+    layer's seed keeps 1-p, and y, dx, dA, dB match the fp32 reference under that mask."""
     from automodel_lora.kernels import dropout_keep_mask, lora_linear
 
     M, K, N, r, p = 2048, 1024, 768, 16, 0.3
-    x, W, b, A, B = _inputs(M, K, N, r, adapter_dtype=torch.float32)
+    x, W, b, A, B = _inputs(M, K, N, r, adapter_dtype=torch.float32, dev=dev)
     torch.manual_seed(5)
     y = lora_linear(x, W, b, A, B, 2.0, p, pos)
     g = torch.randn_like(y)
     y.backward(g)
     torch.manual_seed(5)
-    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cuda")
-    keep = dropout_keep_mask(seed, M, K if pos == "pre" else N, p, "cuda").float()
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=dev)
+    keep = dropout_keep_mask(seed, M, K if pos == "pre" else N, p, dev).float()
     assert abs(keep.mean().item() - (1 - p)) < 5e-3
     yr, xr, Ar, Br = _ref(x, W, b, A, B, 2.0, keep, pos, p)
     yr.backward(g.float())
@@ -198,3 +203,19 @@ def test_split_m_sum_deterministic_across_streams():
     torch.cuda.synchronize()
     for a, b in outs:
         assert torch.equal(a, dA) and torch.equal(b, dB)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_in_one_process():
+    """The same layer on cuda:0 and on cuda:1 while cuda:0 stays current, alternating: Triton launches on
+    the current device, so the kernels must enter cuda:1 themselves; the launch cache, the tile locks and the
+    TMA descriptors are per device.  Every launch (autotuned first, then the cached direct launches) matches
+    the reference on both GPUs, and dropout's mask is regenerated on cuda:1."""
+    torch.cuda.set_device(0)
+    M, K, N, r = 2048, 4096, 4096, 16  # M*K*N = 2**35: the TMA GEMM under "auto" on Hopper; split-M tn2
+    layers = {dev: _inputs(M, K, N, r, bias=True, dev=dev) for dev in ("cuda:0", "cuda:1")}
+    for i in range(4):
+        for dev, (x, W, b, A, B) in layers.items():
+            _check_lora_linear(x, W, b, A, B, what=f"{dev} launch {i}: ")
+    _check_dropout("pre", "cuda:1")
+    assert torch.cuda.current_device() == 0

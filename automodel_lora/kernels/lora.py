@@ -98,6 +98,16 @@ def _use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
 
 
+def _on_device_of(t: torch.Tensor, fn, *args):
+    """``fn(*args)`` with ``t``'s GPU as the current device: Triton launches on the current device, so a
+    layer on cuda:1 while cuda:0 is current needs the guard (entered only then: it costs host time)."""
+    idx = t.get_device()
+    if idx < 0 or idx == torch.cuda.current_device():
+        return fn(*args)
+    with torch.cuda.device(idx):
+        return fn(*args)
+
+
 # ----------------------------------------------------------------------------------------
 # dropout keep-masks
 # ----------------------------------------------------------------------------------------
@@ -111,7 +121,8 @@ def dropout_keep_mask(seed: torch.Tensor, M: int, D: int, p: float, device) -> t
     """The ``(M, D)`` bool keep-mask the active backend derives from ``seed`` (tests, debugging)."""
     device = torch.device(device)
     if HAS_TRITON and (device.type == "cuda" or (_INTERPRET and device.type == "cpu")):
-        return _tl.keep_mask(seed.to(device), M, D, p, device)
+        seed = seed.to(device)
+        return _on_device_of(seed, _tl.keep_mask, seed, M, D, p, device)
     return _ref_keep(seed, M, D, p, device)
 
 
@@ -218,16 +229,19 @@ def _fwd_impl(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed):
         N = lora_B.shape[0]
         dt = base_out.dtype if base_out is not None else x.dtype
         return x.new_empty((0, N), dtype=dt), x.new_empty((0, lora_A.shape[0]))
-    fn = _tri_fwd if _use_triton(x) else _ref_fwd
-    return fn(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
+    if _use_triton(x):
+        return _on_device_of(x, _tri_fwd, x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
+    return _ref_fwd(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
 
 
 def _bwd_impl(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB):
     M, K = x.shape
     if M == 0:
         return x.new_zeros((0, K)), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    fn = _tri_bwd if _use_triton(x) else _ref_bwd
-    return fn(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB)
+    if _use_triton(x):
+        return _on_device_of(x, _tri_bwd, dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA,
+                             need_dB)
+    return _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB)
 
 
 # Eager calls go straight to the implementations (the custom-op dispatcher costs host time per
@@ -282,19 +296,24 @@ def _check(x, lora_A, lora_B, dropout_p, dropout_position):
 
 
 class _LoRAFunction(torch.autograd.Function):
-    """x: (M, K) 2-D; base given either as (weight, bias) or as base_out (M, N)."""
+    """x: (..., K); base given either as (weight, bias) or as base_out (..., N).  The leading dims are
+    flattened inside (no view nodes in the autograd graph; the kernels see (M, K))."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, base_out, lora_A, lora_B, scale, p, post):
         seed = None
         if p > 0.0:
             seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
+        K = x.shape[-1]
+        N = lora_B.shape[0]
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)
+        b2 = base_out if base_out is None or base_out.dim() == 2 else base_out.reshape(-1, N)
         fwd = _lora_fwd_op if torch.compiler.is_compiling() else _fwd_impl
-        y, xa = fwd(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
+        y, xa = fwd(x2, weight, bias, b2, lora_A, lora_B, scale, p, post, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
         ctx.scale, ctx.p, ctx.post = scale, p, post
         ctx.has_base_out = base_out is not None
-        return y
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
     @staticmethod
     @once_differentiable
@@ -304,13 +323,18 @@ class _LoRAFunction(torch.autograd.Function):
         need_dx, need_dA, need_dB = nig[0], nig[4], nig[5]
         dx = dA = dB = None
         if need_dx or need_dA or need_dB:
+            K = x.shape[-1]
+            x2 = x if x.dim() == 2 else x.reshape(-1, K)
+            dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
             # base_out may be wider than x (bitsandbytes returns fp32 for fp32 inputs under bf16 autocast)
-            dy_c = dy if dy.dtype == x.dtype else dy.to(x.dtype)
+            dy_c = dy2 if dy2.dtype == x.dtype else dy2.to(x.dtype)
             bwd = _lora_bwd_op if torch.compiler.is_compiling() else _bwd_impl
             dx, dA, dB = bwd(
-                dy_c, x, None if ctx.has_base_out else weight, lora_A, lora_B, xa,
+                dy_c, x2, None if ctx.has_base_out else weight, lora_A, lora_B, xa,
                 ctx.scale, ctx.p, ctx.post, seed, need_dx, need_dA, need_dB,
             )
+            if need_dx and x.dim() != 2:
+                dx = dx.reshape(x.shape)
         d_base = dy if (ctx.has_base_out and nig[3]) else None
         return (dx if need_dx else None), None, None, d_base, \
             (dA if need_dA else None), (dB if need_dB else None), None, None, None
@@ -352,11 +376,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear's base weight and bias are frozen (they get no gradient); they require grad "
                          "here. Call .requires_grad_(False) on them, or compute the base yourself and use lora_add")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    y = _LoRAFunction.apply(x2, weight, bias, None, lora_A, lora_B, float(scale), float(dropout_p),
-                            dropout_position == "post")
-    return y.reshape(*lead, weight.shape[0])
+    return _LoRAFunction.apply(x, weight, bias, None, lora_A, lora_B, float(scale), float(dropout_p),
+                               dropout_position == "post")
 
 
 def lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -375,8 +396,5 @@ def lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora
     lead = x.shape[:-1]
     if base_out.shape != (*lead, N):
         raise ValueError(f"base_out must be {(*lead, N)} (x's leading dims, lora_B's N), got {tuple(base_out.shape)}")
-    x2 = x.reshape(-1, x.shape[-1])
-    b2 = base_out.reshape(-1, N)
-    y = _LoRAFunction.apply(x2, None, None, b2, lora_A, lora_B, float(scale), float(dropout_p),
-                            dropout_position == "post")
-    return y.reshape(*lead, N)
+    return _LoRAFunction.apply(x, None, None, base_out, lora_A, lora_B, float(scale), float(dropout_p),
+                               dropout_position == "post")
