@@ -35,9 +35,12 @@ def cfg_name(cfg) -> str:
 
 
 def force_plan(x, y, pm, q, cfg) -> None:
-    """Make gemm_lora launch `cfg` for this problem (no bias): the plan `_gemm_lora_tma` looks up."""
+    """Make gemm_lora launch `cfg` for this problem (no bias): the plan `_gemm_lora_tma` looks up. The
+    kernels recorded for earlier plans are dropped, so the next call compiles and records `cfg`."""
     T._PLANS[("tma_gemm", T._tma_plan_key(x, y, pm, q, has_bias=False))] = (dict(cfg.kwargs), cfg.num_warps,
                                                                           cfg.num_stages)
+    T._COMPILED.clear()
+    T._TMA_BLOCKS.clear()
 
 
 def problem(direction, K, N, r, dev="cuda", dt=torch.bfloat16):

@@ -201,6 +201,40 @@ def test_lora_add(pos, p):
     check(B.grad, Br.grad, dtype, "dB")
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_inplace_on_3d_output(compiled):
+    """A layer's output with leading dims is an ordinary tensor to the caller: in-place ops on it (a
+    residual add, relu_) work eagerly and under torch.compile(fullgraph=True), and every gradient,
+    including the one lora_add passes through to a 3-D base_out, matches out-of-place math."""
+    dtype = torch.float32
+    x, W, b, A, B = make(0, 20, 12, 4, dtype, lead=(2, 3))
+    Wp = W.clone().requires_grad_(True)  # lora_add's base, with its own autograd
+    res = torch.randn(2, 3, 12)
+
+    def inplace(x, A, B, Wp):
+        y = lora_linear(x, W, b, A, B, 2.0)
+        y += res
+        z = lora_add(x @ Wp.t(), x, A, B, 0.5)
+        z.relu_()
+        return y, z
+
+    def out_of_place(x, A, B, Wp):
+        return lora_linear(x, W, b, A, B, 2.0) + res, torch.relu(lora_add(x @ Wp.t(), x, A, B, 0.5))
+
+    if compiled:
+        torch._dynamo.reset()
+        inplace = torch.compile(inplace, backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (inplace, out_of_place):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B, Wp)]
+        y, z = fn(*leaves)
+        (y * 1.5 + z).sum().backward()
+        grads.append((y, z, *(t.grad for t in leaves)))
+    for name, got, want in zip(("y", "z", "dx", "dA", "dB", "dW"), *grads, strict=True):
+        assert got.shape == want.shape, name
+        check(got, want, dtype, name)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_post_mask_matches_forward(p):
     """The mask recovered from the forward output is the seed's mask; keep rate ~ 1 - p."""

@@ -296,8 +296,12 @@ def _check(x, lora_A, lora_B, dropout_p, dropout_position):
 
 
 class _LoRAFunction(torch.autograd.Function):
-    """x: (..., K); base given either as (weight, bias) or as base_out (..., N).  The leading dims are
-    flattened inside (no view nodes in the autograd graph; the kernels see (M, K))."""
+    """x: (..., K); base given either as (weight, bias) or as base_out (..., N); returns y (M, N).
+
+    x and base_out are flattened inside, where grad mode is off (no view nodes for them in the
+    graph); the output stays 2-D, so the caller's reshape is an ordinary view of a Function output
+    (in-place ops on it work), and 2-D inputs need no reshape at all.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, base_out, lora_A, lora_B, scale, p, post):
@@ -310,32 +314,35 @@ class _LoRAFunction(torch.autograd.Function):
         b2 = base_out if base_out is None or base_out.dim() == 2 else base_out.reshape(-1, N)
         fwd = _lora_fwd_op if torch.compiler.is_compiling() else _fwd_impl
         y, xa = fwd(x2, weight, bias, b2, lora_A, lora_B, scale, p, post, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        # x2: x itself or a view of it (a copy only for inputs reshape cannot view, which then is not
+        # made again in backward)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, seed)
         ctx.scale, ctx.p, ctx.post = scale, p, post
-        ctx.has_base_out = base_out is not None
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+        ctx.x_shape = x.shape
+        ctx.base_shape = None if base_out is None else base_out.shape
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors  # x: (M, K); dy: (M, N)
         nig = ctx.needs_input_grad
         need_dx, need_dA, need_dB = nig[0], nig[4], nig[5]
+        has_base_out = ctx.base_shape is not None
         dx = dA = dB = None
         if need_dx or need_dA or need_dB:
-            K = x.shape[-1]
-            x2 = x if x.dim() == 2 else x.reshape(-1, K)
-            dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
             # base_out may be wider than x (bitsandbytes returns fp32 for fp32 inputs under bf16 autocast)
-            dy_c = dy2 if dy2.dtype == x.dtype else dy2.to(x.dtype)
+            dy_c = dy if dy.dtype == x.dtype else dy.to(x.dtype)
             bwd = _lora_bwd_op if torch.compiler.is_compiling() else _bwd_impl
             dx, dA, dB = bwd(
-                dy_c, x2, None if ctx.has_base_out else weight, lora_A, lora_B, xa,
+                dy_c, x, None if has_base_out else weight, lora_A, lora_B, xa,
                 ctx.scale, ctx.p, ctx.post, seed, need_dx, need_dA, need_dB,
             )
-            if need_dx and x.dim() != 2:
-                dx = dx.reshape(x.shape)
-        d_base = dy if (ctx.has_base_out and nig[3]) else None
+            if need_dx and len(ctx.x_shape) != 2:
+                dx = dx.reshape(ctx.x_shape)
+        d_base = None
+        if has_base_out and nig[3]:
+            d_base = dy if len(ctx.base_shape) == 2 else dy.reshape(ctx.base_shape)
         return (dx if need_dx else None), None, None, d_base, \
             (dA if need_dA else None), (dB if need_dB else None), None, None, None
 
@@ -376,8 +383,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear's base weight and bias are frozen (they get no gradient); they require grad "
                          "here. Call .requires_grad_(False) on them, or compute the base yourself and use lora_add")
-    return _LoRAFunction.apply(x, weight, bias, None, lora_A, lora_B, float(scale), float(dropout_p),
-                               dropout_position == "post")
+    y = _LoRAFunction.apply(x, weight, bias, None, lora_A, lora_B, float(scale), float(dropout_p),
+                            dropout_position == "post")
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 
 def lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -396,5 +404,6 @@ def lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora
     lead = x.shape[:-1]
     if base_out.shape != (*lead, N):
         raise ValueError(f"base_out must be {(*lead, N)} (x's leading dims, lora_B's N), got {tuple(base_out.shape)}")
-    return _LoRAFunction.apply(x, None, None, base_out, lora_A, lora_B, float(scale), float(dropout_p),
-                               dropout_position == "post")
+    y = _LoRAFunction.apply(x, None, None, base_out, lora_A, lora_B, float(scale), float(dropout_p),
+                            dropout_position == "post")
+    return y if x.dim() == 2 else y.reshape(*lead, N)

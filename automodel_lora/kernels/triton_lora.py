@@ -518,7 +518,7 @@ def _run_cached(sig: tuple, ptrs: tuple, tensors=None) -> bool:
     """Launch the compiled kernel recorded under ``sig`` with pointer arguments ``ptrs`` (first in the
     kernel's signature).  False, launching nothing, when no kernel is recorded (first call, the
     interpreter, fast launch off) or one of ``tensors`` (default: ``ptrs``) is not 16-byte aligned."""
-    entry = _COMPILED.get(sig)
+    entry = _COMPILED.get(sig) if _FAST_LAUNCH else None
     if entry is None or not _aligned(ptrs if tensors is None else tensors):
         return False
     kernel, tail, device_index, g = entry
@@ -582,7 +582,11 @@ _DUMMY_SEED: dict = {}
 
 
 def _seed_ptr(seed, device):
+    """The dropout seed tensor (int64, one element) the kernels read, or a dummy when there is none."""
     if seed is not None:
+        if seed.dtype != torch.int64:
+            raise ValueError(f"the dropout seed must be an int64 tensor, got {seed.dtype}; "
+                             "make it with torch.randint(..., dtype=torch.int64)")
         return seed
     t = _DUMMY_SEED.get(device)
     if t is None:
@@ -793,7 +797,7 @@ def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 
         return out
     R = pm.shape[1] if has_lora else 0
     ptrs = (x, y, pm if has_lora else x, q if has_lora else y, bias if bias is not None else out, out)
-    sig = ("gemm", x.get_device(), M, N, K, x.stride(), y.stride(), x.dtype, y.dtype,
+    sig = ("gemm", x.get_device(), M, N, K, R, x.stride(), y.stride(), x.dtype, y.dtype,
            (pm.stride(), q.stride(), pm.dtype, q.dtype) if has_lora else None, None if bias is None else bias.dtype,
            scale)
     if _run_cached(sig, ptrs):
