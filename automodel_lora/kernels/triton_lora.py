@@ -883,6 +883,13 @@ def _tma_plan_key(x, y, pm, q, has_bias: bool) -> tuple:
 _TMA_BLOCKS: dict = {}
 
 
+def _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk: bool) -> tuple:
+    """The TMA GEMM's pointer arguments: descriptors of x, y, pm, q, out with ``blocks``, then the bias."""
+    bx, by, bp, bq, bc = blocks
+    return (_tma_desc(x, bx), _tma_desc(y, by, b_nk), _tma_desc(pm, bp), _tma_desc(q, bq, b_nk), _tma_desc(out, bc),
+            bias_ptr)
+
+
 def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
     """``out = x @ y + pm @ (scale * q) + bias`` through the TMA kernel (``tma_eligible`` holds)."""
     M, K = x.shape
@@ -892,12 +899,8 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
     sig = ("tma_gemm", out.get_device(), M, N, K, pm.shape[1], b_nk, x.dtype, pm.dtype, q.dtype, scale,
            None if bias is None else bias.dtype)
     blocks = _TMA_BLOCKS.get(sig)
-    if blocks is not None:
-        bx, by, bp, bq, bc = blocks
-        ptrs = (_tma_desc(x, bx), _tma_desc(y, by, b_nk), _tma_desc(pm, bp), _tma_desc(q, bq, b_nk),
-                _tma_desc(out, bc), bias_ptr)
-        if _run_cached(sig, ptrs, (bias_ptr,)):
-            return
+    if blocks is not None and _run_cached(sig, _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk), (bias_ptr,)):
+        return
     BR = _rank_block(pm.shape[1])
     key = _tma_plan_key(x, y, pm, q, bias is not None)
     plan = None if INTERPRET else _PLANS.get(("tma_gemm", key))
@@ -910,9 +913,7 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
     BM, BN, BK = kw["BM"], kw["BN"], kw["BK"]
     blocks = ([BM, BK], [BN, BK] if b_nk else [BK, BN], [BM, BR], [BN, BR] if b_nk else [BR, BN],
               [BM, BN // 2 if kw["SPLIT_STORE"] else BN])
-    bx, by, bp, bq, bc = blocks
-    ptrs = (_tma_desc(x, bx), _tma_desc(y, by, b_nk), _tma_desc(pm, bp), _tma_desc(q, bq, b_nk),
-            _tma_desc(out, bc), bias_ptr)
+    ptrs = _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk)
     n_sm = _sm_count(x.device)
     args = (*ptrs, M, N, K, float(scale))
     consts = dict(B_NK=b_nk, HAS_BIAS=bias is not None, BR=BR, NUM_SMS=n_sm)
