@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PeftConfig, dtype_from_str, lora_scale, validate_adapter_hparams
-from .kernels import lora_add, lora_linear
+from .kernels import lora_add, lora_linear, lora_linear_dequant
 from .matcher import ModuleMatcher
-from .quant import is_quantized_linear, quantized_compute_dtype
+from .quant import dequantizer_4bit, is_quantized_linear, quantized_compute_dtype
 
 
 class LinearLoRA(nn.Linear):
@@ -116,9 +116,11 @@ class TritonLinearLoRA(LinearLoRA):
     """`LinearLoRA` whose adapter math runs in Triton kernels on CUDA.
 
     A dense frozen base goes through `lora_linear` (base GEMM and adapter in one
-    autograd node); any other base (bitsandbytes 4-bit, a trainable weight, a
-    subclass with its own forward) computes its own product and the adapter is
-    added by `lora_add`. On the CPU the same autograd functions run the PyTorch
+    autograd node), and so does a bitsandbytes 4-bit base whose weight bitsandbytes
+    would dequantize anyway (`lora_linear_dequant`: dequantized in forward and again
+    in backward, never saved); any other base (a trainable weight, a subclass with
+    its own forward, 4-bit under torch.compile) computes its own product and the
+    adapter is added by `lora_add`. On the CPU the same autograd functions run the PyTorch
     reference math.
     """
 
@@ -132,6 +134,14 @@ class TritonLinearLoRA(LinearLoRA):
         compute_x = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
         if self._has_fusable_base(compute_x.dtype):
             return lora_linear(compute_x, self.weight, self.bias, *adapter)
+        # A 4-bit base in eager mode: its weight is dequantized (as bitsandbytes would) straight into the
+        # fused GEMM. Skipped when autocast cast x (bitsandbytes returns x's own dtype) and under
+        # torch.compile (the dequantize closure is not a graph input).
+        if compute_x is x and not torch.compiler.is_compiling():
+            dequantize = dequantizer_4bit(self, self._lora_base_cls, x)
+            if dequantize is not None:
+                bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+                return lora_linear_dequant(x, dequantize, bias, *adapter)
         return lora_add(self.base_forward(compute_x), compute_x, *adapter)
 
     def _has_fusable_base(self, dtype: torch.dtype) -> bool:

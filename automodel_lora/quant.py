@@ -5,6 +5,8 @@ bitsandbytes is optional; nothing here imports it unless the weight looks quanti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -25,3 +27,44 @@ def quantized_compute_dtype(module: nn.Linear) -> torch.dtype:
     if isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point:
         return compute_dtype
     return torch.bfloat16
+
+
+# bitsandbytes itself computes a 4-bit layer's product as dequantize + F.linear on CUDA from this many
+# rows on (below, its own 4-bit GEMM kernel may be faster: bitsandbytes/backends/cuda/ops.py, 0.50).
+_BNB_DEQUANT_MIN_ROWS_CUDA = 1537
+
+
+def dequantizer_4bit(module: nn.Linear, base_cls: type, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """How the LoRA kernels can run ``module``'s bitsandbytes 4-bit product themselves, or None.
+
+    Returns a callable giving the base weight dequantized to ``(out_features, in_features)`` in
+    x's dtype: exactly what bitsandbytes' own ``matmul_4bit`` multiplies by (it dequantizes once in
+    forward and once in backward). None, so the module's own forward runs, unless all of these hold:
+    the class's product is ``bnb.nn.Linear4bit.forward`` itself; the weight is quantized in the
+    (out, in) orientation with its quant state attached (not repacked for CPU inference); the
+    module computes in x's dtype; the base is frozen; and x has enough rows that bitsandbytes
+    would dequantize too (on CUDA; always on the CPU).
+    """
+    weight = module.weight
+    if type(weight).__name__ != "Params4bit" or weight.requires_grad:
+        return None
+    import bitsandbytes as bnb  # the weight is one of its Params4bit: it is installed
+
+    quant_state = getattr(weight, "quant_state", None)
+    if (
+        base_cls.forward is not bnb.nn.Linear4bit.forward
+        or quant_state is None
+        or getattr(quant_state, "packing_format_for_cpu", False)
+        or tuple(quant_state.shape) != (module.out_features, module.in_features)
+        or getattr(module, "compute_dtype", None) not in (None, x.dtype)
+        or (module.bias is not None and module.bias.requires_grad)
+    ):
+        return None
+    if x.is_cuda and x.numel() // max(x.shape[-1], 1) < _BNB_DEQUANT_MIN_ROWS_CUDA:
+        return None
+    dtype = x.dtype
+
+    def dequantize() -> torch.Tensor:  # (out_features, in_features)
+        return bnb.functional.dequantize_4bit(weight.data, quant_state).to(dtype)
+
+    return dequantize

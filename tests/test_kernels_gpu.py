@@ -219,3 +219,42 @@ def test_two_gpus_in_one_process():
             _check_lora_linear(x, W, b, A, B, what=f"{dev} launch {i}: ")
     _check_dropout("pre", "cuda:1")
     assert torch.cuda.current_device() == 0
+
+
+def test_nf4_base_fused_real_shape():
+    """QLoRA at an 8B gate/up shape (bf16, 4096 tokens: bitsandbytes dequantizes at this size too): the
+    4-bit weight dequantized into the fused GEMM gives y, dx, dA, dB within BF16_TOL of fp32 math on the
+    dequantized weight, and bitsandbytes' own forward is not called."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    import automodel_lora as al
+
+    M, K, N, r = 4096, 4096, 14336, 16
+    x, W, _, A, B = _inputs(M, K, N, r)
+    layer = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(W.cpu(), requires_grad=False, quant_type="nf4")
+    layer = layer.cuda()
+    al.patch_linear_module(layer, dim=r, alpha=2 * r)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(A)
+        layer.lora_B.weight.copy_(B)
+    Wd = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    forward = bnb.nn.Linear4bit.forward
+
+    def refuse(*_):
+        raise AssertionError("bitsandbytes' forward ran: the 4-bit base was not fused")
+
+    bnb.nn.Linear4bit.forward = refuse
+    try:
+        y = layer(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+    finally:
+        bnb.nn.Linear4bit.forward = forward
+    yr, xr, Ar, Br = _ref(x, Wd, None, layer.lora_A.weight, layer.lora_B.weight, 2.0)
+    yr.backward(g.float())
+    got = (("y", y, yr), ("dx", x.grad, xr.grad), ("dA", layer.lora_A.weight.grad, Ar.grad),
+           ("dB", layer.lora_B.weight.grad, Br.grad))
+    for name, a, b in got:
+        err = rel(a, b)
+        assert err < BF16_TOL, f"{name}: rel err {err:.2e}"

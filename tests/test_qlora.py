@@ -123,3 +123,109 @@ def test_nf4_layer_under_bf16_autocast_with_fp32_activations():
         outs[use_triton] = (y.float(), x.grad, layer.lora_A.weight.grad.float(), layer.lora_B.weight.grad.float())
     for name, a, b in zip(("y", "dx", "dA", "dB"), outs[True], outs[False], strict=True):
         assert_close(a, b, torch.bfloat16, name)
+
+
+def _nf4_pair(K, N, dtype, dim=8, dropout=0.0, pos="post"):
+    """Two Triton-patched NF4 layers holding the same 4-bit weight, bias and adapter."""
+    torch.manual_seed(0)
+    dense = nn.Linear(K, N).to(dtype)
+    layers = []
+    for _ in range(2):
+        layer = to_nf4(nn.Sequential(nn.Linear(K, N)), compute_dtype=dtype)[0]
+        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4").to("cpu")
+        layer.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+        al.patch_linear_module(layer, dim=dim, alpha=2 * dim, dropout=dropout, dropout_position=pos,
+                               lora_dtype="float32")
+        with torch.no_grad():
+            for w, lim in ((layer.lora_A.weight, 0.3), (layer.lora_B.weight, 0.2)):
+                w.copy_(torch.linspace(-lim, lim, w.numel()).view_as(w).cos() * lim)
+        layers.append(layer.train())
+    return layers
+
+
+def _step(layer, x, g, seed=1):
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the dropout seed the layer draws
+    y = layer(x)
+    y.backward(g)
+    return y, x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad
+
+
+DTYPES_4BIT = [torch.float32] + ([] if os.environ.get("TRITON_INTERPRET") == "1" else [torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", DTYPES_4BIT)
+@pytest.mark.parametrize("pos, p", [("post", 0.0), ("pre", 0.25), ("post", 0.25)])
+def test_4bit_base_runs_through_the_fused_gemm(monkeypatch, dtype, pos, p):
+    """A Triton layer on an NF4 base dequantizes the weight into the fused GEMM (bitsandbytes' forward is
+    not called), twice a step (forward, backward) and never saved, and gives what bitsandbytes'
+    forward + lora_add give: y, dx, dA, dB, dropout included (same seed, same mask)."""
+    K, N = 96, 40
+    fused, reference = _nf4_pair(K, N, dtype, dropout=p, pos=pos)
+    x = torch.randn(3, 7, K).to(dtype)
+    g = torch.randn(3, 7, N).to(dtype)
+
+    expected = _step_with(monkeypatch, reference, x, g, fuse=False)
+    calls = []
+    real = bnb.functional.dequantize_4bit
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def refuse(*_):
+        raise AssertionError("bitsandbytes' forward ran: the 4-bit base was not fused")
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", refuse)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        got = _step(fused, x, g)
+    assert len(calls) == 2, calls
+    assert (N, K) not in saved, saved
+    for name, a, b in zip(("y", "dx", "dA", "dB"), got, expected, strict=True):
+        assert_close(a.float(), b.float(), dtype, name)
+
+
+def _step_with(monkeypatch, layer, x, g, fuse):
+    with monkeypatch.context() as m:
+        if not fuse:
+            m.setattr(al.lora, "dequantizer_4bit", lambda *_: None)
+        return _step(layer, x, g)
+
+
+def test_4bit_base_without_input_grad_dequantizes_once():
+    """When x needs no gradient, backward needs no dense weight: one dequantize per step."""
+    fused, _ = _nf4_pair(64, 48, torch.float32)
+    calls = []
+    real = bnb.functional.dequantize_4bit
+    bnb.functional.dequantize_4bit = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        fused(torch.randn(5, 64)).square().sum().backward()
+    finally:
+        bnb.functional.dequantize_4bit = real
+    assert len(calls) == 1 and fused.lora_A.weight.grad is not None
+
+
+def test_4bit_base_keeps_its_own_forward_where_it_cannot_fuse():
+    """A compute dtype other than x's (bitsandbytes casts x and returns x's dtype) and a subclass with
+    its own forward keep bitsandbytes' forward: the dequantizer declines them."""
+    layer = to_nf4(nn.Sequential(nn.Linear(64, 48)), compute_dtype=torch.bfloat16)[0]
+    x = torch.randn(5, 64)
+    assert al.quant.dequantizer_4bit(layer, bnb.nn.Linear4bit, x) is None  # x fp32, compute bf16
+    assert al.quant.dequantizer_4bit(layer, bnb.nn.Linear4bit, x.bfloat16()) is not None
+
+    class Custom(bnb.nn.Linear4bit):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert al.quant.dequantizer_4bit(layer, Custom, x.bfloat16()) is None
+    dense = nn.Linear(64, 48)
+    assert al.quant.dequantizer_4bit(dense, nn.Linear, x) is None
+
+
+def test_lora_linear_dequant_refuses_a_wrong_dequantized_weight():
+    from automodel_lora.kernels import lora_linear_dequant
+
+    x = torch.randn(4, 16)
+    A, B = torch.randn(2, 16), torch.randn(8, 2)
+    with pytest.raises(ValueError, match=r"\(8, 16\) base weight in torch.float32"):
+        lora_linear_dequant(x, lambda: torch.randn(8, 16, dtype=torch.float64), None, A, B, 1.0)
+    with pytest.raises(ValueError, match=r"\(8, 16\) base weight"):
+        lora_linear_dequant(x, lambda: torch.randn(16, 8), None, A, B, 1.0)

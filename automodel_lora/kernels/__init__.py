@@ -1,6 +1,7 @@
-"""LoRA kernels: ``lora_linear`` (dense frozen base + adapter) and ``lora_add`` (adapter on a
-caller-computed base output).  Triton on CUDA (and on the CPU under ``TRITON_INTERPRET=1``),
-pure PyTorch otherwise; both behind one autograd.Function built on torch custom ops."""
+"""LoRA kernels: ``lora_linear`` (dense frozen base + adapter), ``lora_linear_dequant`` (the same on a
+weight dequantized on the fly, e.g. bitsandbytes 4-bit) and ``lora_add`` (adapter on a caller-computed
+base output).  Triton on CUDA (and on the CPU under ``TRITON_INTERPRET=1``), pure PyTorch otherwise;
+all behind one autograd.Function built on torch custom ops."""
 
 from .lora import (
     HAS_TRITON,
@@ -8,7 +9,9 @@ from .lora import (
     get_base_gemm,
     lora_add,
     lora_linear,
+    lora_linear_dequant,
     set_base_gemm,
 )
 
-__all__ = ["lora_linear", "lora_add", "dropout_keep_mask", "set_base_gemm", "get_base_gemm", "HAS_TRITON"]
+__all__ = ["lora_linear", "lora_linear_dequant", "lora_add", "dropout_keep_mask", "set_base_gemm",
+           "get_base_gemm", "HAS_TRITON"]

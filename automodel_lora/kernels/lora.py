@@ -2,6 +2,8 @@
 
     lora_linear: y = x W^T + b + s * (drop(x) A^T) B^T          (dropout_position="pre")
                  y = x W^T + b + drop(s * (x A^T) B^T)           (dropout_position="post")
+    lora_linear_dequant: lora_linear with W = dequantize(), called in forward and again in backward
+                 (a 4-bit base; the dense W is never saved)
     lora_add:    y = base_out + <the same low-rank term>          (base computed by the caller)
 
 Shapes: x ``(..., K)``, weight ``(N, K)``, bias ``(N,)``, lora_A ``(r, K)``, lora_B ``(N, r)``.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -295,8 +298,30 @@ def _check(x, lora_A, lora_B, dropout_p, dropout_position):
         raise ValueError(f"lora_B must be (N, {lora_A.shape[0]}), got {tuple(lora_B.shape)}")
 
 
+def _check_bias(bias, N: int, dtype: torch.dtype) -> None:
+    if bias is None:
+        return
+    if bias.shape != (N,):
+        raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
+    if bias.dtype != dtype:
+        raise ValueError(f"the base bias must be in x's dtype ({dtype}), got {bias.dtype}; cast it (bias.to(x.dtype))")
+    if bias.requires_grad:
+        raise ValueError("the base bias is frozen (it gets no gradient), but it requires grad here. Call "
+                         ".requires_grad_(False) on it, or compute the base yourself and use lora_add")
+
+
+def _dequantized(dequantize, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize()``, checked to be the ``(N, K)`` weight in the compute dtype."""
+    w = dequantize()
+    if w.shape != (N, K) or w.dtype != dtype:
+        raise ValueError(f"dequantize() must return the ({N}, {K}) base weight in {dtype} (x's dtype), got "
+                         f"{tuple(w.shape)} {w.dtype}")
+    return w
+
+
 class _LoRAFunction(torch.autograd.Function):
-    """x: (..., K); base given either as (weight, bias) or as base_out (..., N); returns y (M, N).
+    """x: (..., K); base given as (weight, bias), as (dequantize, bias) with ``dequantize()`` returning the
+    dense (N, K) weight, or as base_out (..., N); returns y (M, N).
 
     x and base_out are flattened inside, where grad mode is off (no view nodes for them in the
     graph); the output stays 2-D, so the caller's reshape is an ordinary view of a Function output
@@ -304,7 +329,7 @@ class _LoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, base_out, lora_A, lora_B, scale, p, post):
+    def forward(ctx, x, weight, bias, base_out, lora_A, lora_B, scale, p, post, dequantize):
         seed = None
         if p > 0.0:
             seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
@@ -312,11 +337,13 @@ class _LoRAFunction(torch.autograd.Function):
         N = lora_B.shape[0]
         x2 = x if x.dim() == 2 else x.reshape(-1, K)
         b2 = base_out if base_out is None or base_out.dim() == 2 else base_out.reshape(-1, N)
+        dense = weight if dequantize is None else _dequantized(dequantize, N, K, x.dtype)  # (N, K)
         fwd = _lora_fwd_op if torch.compiler.is_compiling() else _fwd_impl
-        y, xa = fwd(x2, weight, bias, b2, lora_A, lora_B, scale, p, post, seed)
+        y, xa = fwd(x2, dense, bias, b2, lora_A, lora_B, scale, p, post, seed)
         # x2: x itself or a view of it (a copy only for inputs reshape cannot view, which then is not
-        # made again in backward)
+        # made again in backward).  A dequantized weight is not saved: backward dequantizes again.
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, seed)
+        ctx.dequantize = dequantize
         ctx.scale, ctx.p, ctx.post = scale, p, post
         ctx.x_shape = x.shape
         ctx.base_shape = None if base_out is None else base_out.shape
@@ -333,6 +360,8 @@ class _LoRAFunction(torch.autograd.Function):
         if need_dx or need_dA or need_dB:
             # base_out may be wider than x (bitsandbytes returns fp32 for fp32 inputs under bf16 autocast)
             dy_c = dy if dy.dtype == x.dtype else dy.to(x.dtype)
+            if ctx.dequantize is not None:  # the dense weight only feeds dx
+                weight = _dequantized(ctx.dequantize, lora_B.shape[0], x.shape[1], x.dtype) if need_dx else None
             bwd = _lora_bwd_op if torch.compiler.is_compiling() else _bwd_impl
             dx, dA, dB = bwd(
                 dy_c, x, None if has_base_out else weight, lora_A, lora_B, xa,
@@ -344,7 +373,7 @@ class _LoRAFunction(torch.autograd.Function):
         if has_base_out and nig[3]:
             d_base = dy if len(ctx.base_shape) == 2 else dy.reshape(ctx.base_shape)
         return (dx if need_dx else None), None, None, d_base, \
-            (dA if need_dA else None), (dB if need_dB else None), None, None, None
+            (dA if need_dA else None), (dB if need_dB else None), None, None, None, None
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -372,20 +401,36 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     N = lora_B.shape[0]
     if weight.shape != (N, x.shape[-1]):
         raise ValueError(f"weight must be (N, K) = ({N}, {x.shape[-1]}) to match lora_B and x, got {tuple(weight.shape)}")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(
-            f"lora_linear computes in x's dtype ({x.dtype}), but weight is {weight.dtype}"
-            + ("" if bias is None else f" and bias {bias.dtype}")
-            + "; cast x (or the base layer) so they match, or compute the base yourself and use lora_add"
-        )
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError("lora_linear's base weight and bias are frozen (they get no gradient); they require grad "
-                         "here. Call .requires_grad_(False) on them, or compute the base yourself and use lora_add")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"lora_linear computes in x's dtype ({x.dtype}), but weight is {weight.dtype}; cast x (or the "
+                         "base layer) so they match, or compute the base yourself and use lora_add")
+    if weight.requires_grad:
+        raise ValueError("lora_linear's base weight is frozen (it gets no gradient), but it requires grad here. Call "
+                         ".requires_grad_(False) on it, or compute the base yourself and use lora_add")
+    _check_bias(bias, N, x.dtype)
     y = _LoRAFunction.apply(x, weight, bias, None, lora_A, lora_B, float(scale), float(dropout_p),
-                            dropout_position == "post")
+                            dropout_position == "post", None)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+
+
+def lora_linear_dequant(x: torch.Tensor, dequantize: Callable[[], torch.Tensor], bias: Optional[torch.Tensor],
+                        lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dropout_p: float = 0.0,
+                        dropout_position: str = "post") -> torch.Tensor:
+    """:func:`lora_linear` for a base weight stored compressed (bitsandbytes 4-bit).
+
+    ``dequantize()`` returns the dense ``(N, K)`` frozen weight in x's dtype.  It is called once in forward
+    and once in backward (only when dx is needed), as bitsandbytes' own 4-bit matmul does, and the dense
+    weight is never saved.  With it the base product runs through the same fused GEMM as a dense base:
+    the low-rank term is added inside it (no pass over y or dx for the adapter).
+
+    Raises:
+        ValueError: as :func:`lora_linear`, and when ``dequantize()`` returns another shape or dtype.
+    """
+    _check(x, lora_A, lora_B, dropout_p, dropout_position)
+    _check_bias(bias, lora_B.shape[0], x.dtype)
+    y = _LoRAFunction.apply(x, None, bias, None, lora_A, lora_B, float(scale), float(dropout_p),
+                            dropout_position == "post", dequantize)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], lora_B.shape[0])
 
 
 def lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -405,5 +450,5 @@ def lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora
     if base_out.shape != (*lead, N):
         raise ValueError(f"base_out must be {(*lead, N)} (x's leading dims, lora_B's N), got {tuple(base_out.shape)}")
     y = _LoRAFunction.apply(x, None, None, base_out, lora_A, lora_B, float(scale), float(dropout_p),
-                            dropout_position == "post")
+                            dropout_position == "post", None)
     return y if x.dim() == 2 else y.reshape(*lead, N)
