@@ -5,6 +5,7 @@ bitsandbytes is optional; nothing here imports it unless the weight looks quanti
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -31,19 +32,21 @@ def quantized_compute_dtype(module: nn.Linear) -> torch.dtype:
 
 # bitsandbytes itself computes a 4-bit layer's product as dequantize + F.linear on CUDA from this many
 # rows on (below, its own 4-bit GEMM kernel may be faster: bitsandbytes/backends/cuda/ops.py, 0.50).
+# Other accelerators use the same bound here; on the CPU bitsandbytes always dequantizes.
 _BNB_DEQUANT_MIN_ROWS_CUDA = 1537
 
 
 def dequantizer_4bit(module: nn.Linear, base_cls: type, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
     """How the LoRA kernels can run ``module``'s bitsandbytes 4-bit product themselves, or None.
 
-    Returns a callable giving the base weight dequantized to ``(out_features, in_features)`` in
-    x's dtype: exactly what bitsandbytes' own ``matmul_4bit`` multiplies by (it dequantizes once in
-    forward and once in backward). None, so the module's own forward runs, unless all of these hold:
-    the class's product is ``bnb.nn.Linear4bit.forward`` itself; the weight is quantized in the
-    (out, in) orientation with its quant state attached (not repacked for CPU inference); the
-    module computes in x's dtype; the base is frozen; and x has enough rows that bitsandbytes
-    would dequantize too (on CUDA; always on the CPU).
+    Returns a callable giving the base weight dequantized to ``(out_features, in_features)``, straight
+    into x's dtype: what bitsandbytes' own 4-bit matmul multiplies by (it dequantizes once in forward
+    and once in backward). The packed weight and its quant state are taken now, so a backward sees
+    what its forward saw. None, so the module's own forward runs, unless all of these hold: the
+    class's product is ``bnb.nn.Linear4bit.forward`` itself; the weight is quantized in the (out, in)
+    orientation with its quant state attached (not repacked for CPU inference); the module's compute
+    dtype is x's dtype (bitsandbytes sets it on its first call); the base is frozen; and, off the
+    CPU, x has enough rows that bitsandbytes would dequantize too.
     """
     weight = module.weight
     if type(weight).__name__ != "Params4bit" or weight.requires_grad:
@@ -56,15 +59,17 @@ def dequantizer_4bit(module: nn.Linear, base_cls: type, x: torch.Tensor) -> Call
         or quant_state is None
         or getattr(quant_state, "packing_format_for_cpu", False)
         or tuple(quant_state.shape) != (module.out_features, module.in_features)
-        or getattr(module, "compute_dtype", None) not in (None, x.dtype)
+        or getattr(module, "compute_dtype", None) != x.dtype
         or (module.bias is not None and module.bias.requires_grad)
     ):
         return None
-    if x.is_cuda and x.numel() // max(x.shape[-1], 1) < _BNB_DEQUANT_MIN_ROWS_CUDA:
+    if x.device.type != "cpu" and x.numel() // max(x.shape[-1], 1) < _BNB_DEQUANT_MIN_ROWS_CUDA:
         return None
-    dtype = x.dtype
+    packed = weight.data
+    state = copy.copy(quant_state)
+    state.dtype = x.dtype  # dequantize into x's dtype directly (one rounding, as bitsandbytes' matmul)
 
     def dequantize() -> torch.Tensor:  # (out_features, in_features)
-        return bnb.functional.dequantize_4bit(weight.data, quant_state).to(dtype)
+        return bnb.functional.dequantize_4bit(packed, state)
 
     return dequantize

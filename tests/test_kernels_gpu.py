@@ -287,3 +287,11 @@ def test_nf4_base_fused_real_shape():
     for name, a, b in got:
         err = rel(a, b)
         assert err < BF16_TOL, f"{name}: rel err {err:.2e}"
+    # below 1537 rows bitsandbytes may use its own 4-bit GEMM kernel: its forward runs
+    calls = []
+    bnb.nn.Linear4bit.forward = lambda self, x_: calls.append(x_.shape) or forward(self, x_)
+    try:
+        layer(x[:1536].detach())
+    finally:
+        bnb.nn.Linear4bit.forward = forward
+    assert calls == [(1536, K)]
