@@ -324,10 +324,10 @@ def _proj_tn_kernel(
     acc_o = acc_o * (scale * inv_keep)
     o_mask = r_ok[:, None] & n_ok[None, :]
     o_offs = rr[:, None].to(tl.int64) * sor + rn[None, :].to(tl.int64) * son
-    part_offs = rr[:, None].to(tl.int64) * N + rn[None, :]  # partial s: an (R, N) row-major slab
     if S == 1:
         tl.store(o_ptr + o_offs, acc_o.to(o_ptr.dtype.element_ty), mask=o_mask)
     else:
+        part_offs = rr[:, None].to(tl.int64) * N + rn[None, :]  # partial s: an (R, N) row-major slab
         tl.store(part_o_ptr + pid_s.to(tl.int64) * spo + part_offs, acc_o, mask=o_mask)
     # P: the rows of this split, summed over the column blocks
     tl.debug_barrier()  # every thread's partials are written before the releases below
