@@ -272,92 +272,6 @@ def _tn2_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# One pass over dy for both of its skinny products (backward, rank <= 64):
-#     P[M, R]   = drop(dy)[M, N] @ B[N, R]                 (dyB, in dy's dtype)
-#     Out[N, R] = scale * drop(dy)[M, N]^T @ XA[M, R]      (dB, in its dtype)
-# Program (j, s) owns the columns [j*BD, (j+1)*BD) and the rows of split s.  Out is summed over
-# the S row splits and P over the NB column blocks, each from fp32 partials: the last program to
-# finish a column block (resp. a row split), counted on a self-resetting lock, sums the partials
-# in a fixed order and writes the result, so the sums are deterministic.
-# --------------------------------------------------------------------------------------
-@triton.jit
-def _proj_tn_kernel(
-    d_ptr, b_ptr, xa_ptr, p_ptr, o_ptr, part_p_ptr, part_o_ptr, seed_ptr, lock_ptr,
-    M, N, R, rows_per_split, S, NB, lock_p_off, spp, spo,
-    sdm, sdn, sbn, sbr, sxm, sxr, spm, spr, son, sor,
-    scale, p, inv_keep,
-    DROP: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rn = pid_n * BD + tl.arange(0, BD)
-    rr = tl.arange(0, BR)
-    rb = tl.arange(0, BM)
-    n_ok = rn < N
-    r_ok = rr < R
-    bt = tl.load(b_ptr + rn[:, None] * sbn + rr[None, :] * sbr, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-    bt = bt.to(d_ptr.dtype.element_ty)  # (BD, BR); an fp32 master adapter -> compute dtype
-    m_start = pid_s * rows_per_split
-    m_end = tl.minimum(m_start + rows_per_split, M)
-    acc_o = tl.zeros((BR, BD), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BM):
-        rm = m0 + rb
-        rm64 = rm.to(tl.int64)
-        m_ok = rm < m_end
-        if EVEN_N:
-            dt = tl.load(d_ptr + rm64[:, None] * sdm + rn[None, :] * sdn, mask=m_ok[:, None], other=0.0)
-        else:
-            dt = tl.load(d_ptr + rm64[:, None] * sdm + rn[None, :] * sdn, mask=m_ok[:, None] & n_ok[None, :],
-                         other=0.0)
-        if DROP:
-            dt = tl.where(_keep_mask(seed_ptr, rm64, rn, N, p), dt, 0.0)
-        xt = tl.load(xa_ptr + rm64[:, None] * sxm + rr[None, :] * sxr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        acc_o = tl.dot(tl.trans(xt), dt, acc_o, input_precision=DOT_PREC)
-        pp = tl.dot(dt, bt, input_precision=DOT_PREC) * inv_keep  # (BM, BR): this column block's share of P
-        p_mask = m_ok[:, None] & r_ok[None, :]
-        if NB == 1:
-            tl.store(p_ptr + rm64[:, None] * spm + rr[None, :] * spr, pp.to(p_ptr.dtype.element_ty), mask=p_mask)
-        else:
-            tl.store(part_p_ptr + pid_n.to(tl.int64) * spp + rm64[:, None] * R + rr[None, :], pp, mask=p_mask)
-    # Out: the (BR, BD) tile of this column block, summed over the row splits
-    acc_o = acc_o * (scale * inv_keep)
-    o_mask = r_ok[:, None] & n_ok[None, :]
-    o_offs = rr[:, None].to(tl.int64) * sor + rn[None, :].to(tl.int64) * son
-    if S == 1:
-        tl.store(o_ptr + o_offs, acc_o.to(o_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        part_offs = rr[:, None].to(tl.int64) * N + rn[None, :]  # partial s: an (R, N) row-major slab
-        tl.store(part_o_ptr + pid_s.to(tl.int64) * spo + part_offs, acc_o, mask=o_mask)
-    # P: the rows of this split, summed over the column blocks
-    tl.debug_barrier()  # every thread's partials are written before the releases below
-    if S > 1:
-        if tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == S - 1:
-            tl.debug_barrier()
-            total = tl.zeros((BR, BD), dtype=tl.float32)
-            part_ptrs = part_o_ptr + part_offs
-            for _ in range(0, S):
-                total += tl.load(part_ptrs, mask=o_mask, other=0.0, cache_modifier=".cg")
-                part_ptrs += spo
-            tl.store(o_ptr + o_offs, total.to(o_ptr.dtype.element_ty), mask=o_mask)
-            tl.atomic_xchg(lock_ptr + pid_n, 0, sem="relaxed", scope="gpu")
-    if NB > 1:
-        if tl.atomic_add(lock_ptr + lock_p_off + pid_s, 1, sem="acq_rel", scope="gpu") == NB - 1:
-            tl.debug_barrier()
-            for m0 in range(m_start, m_end, BM):
-                rm64 = (m0 + rb).to(tl.int64)
-                p_mask = ((m0 + rb) < m_end)[:, None] & r_ok[None, :]
-                total_p = tl.zeros((BM, BR), dtype=tl.float32)
-                part_ptrs = part_p_ptr + rm64[:, None] * R + rr[None, :]
-                for _ in range(0, NB):
-                    total_p += tl.load(part_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
-                    part_ptrs += spp
-                tl.store(p_ptr + rm64[:, None] * spm + rr[None, :] * spr, total_p.to(p_ptr.dtype.element_ty),
-                         mask=p_mask)
-            tl.atomic_xchg(lock_ptr + lock_p_off + pid_s, 0, sem="relaxed", scope="gpu")
-
-
-# --------------------------------------------------------------------------------------
 # C[M, N] = X[M, K] @ Y[K, N] + P[M, R] @ (scale * Q[R, N]) + bias   (one Triton GEMM; the
 # low-rank term is an extra K step over [P | Q], so it costs no pass over C)
 # --------------------------------------------------------------------------------------
@@ -569,17 +483,6 @@ _tn2_tuned = triton.autotune(
     configs=_tn_tuned.configs,
     key=["M", "DA", "DB", "R", "DROP_A", "DROP_B"], do_bench=_bench,
 )(_tn2_kernel)
-
-_proj_tn_tuned = triton.autotune(
-    configs=_cfgs([
-        (dict(BM=32), 4, 3),
-        (dict(BM=32), 8, 4),
-        (dict(BM=64), 8, 3),
-        (dict(BM=64), 4, 4),
-        (dict(BM=16), 4, 4),
-    ]),
-    key=["M", "N", "R", "DROP", "BD"], do_bench=_bench,
-)(_proj_tn_kernel)
 
 # rows per split of the tn kernel are a multiple of every BM above
 _TN_ROW_QUANT = 128
@@ -875,73 +778,6 @@ def tn2(pa: torch.Tensor, xa: torch.Tensor, pb: torch.Tensor, xb: torch.Tensor, 
              DOT_PREC=_dot_prec(xa.dtype), BR=BR), sig,
     )
     return out_a, out_b
-
-
-# Column block of proj_tn on the GPU. It is not autotuned: the dyB partials (one per column block) are
-# allocated before the launch.
-_PROJ_TN_BD = 256
-
-
-def _proj_tn_split(M: int, N: int, device) -> tuple[int, int, int, int]:
-    """(BD, column blocks NB, row splits S, rows per split) of a proj_tn launch: ~2 programs per SM."""
-    BD = 32 if INTERPRET else _PROJ_TN_BD
-    NB = _cdiv(N, BD)
-    S = 1 if INTERPRET and M < 64 else max(1, min((2 * _sm_count(device)) // NB, M // 512, 32))
-    rows = _cdiv(_cdiv(M, S), _TN_ROW_QUANT) * _TN_ROW_QUANT
-    return BD, NB, _cdiv(M, rows), rows
-
-
-def proj_tn_pays(dy: torch.Tensor, R: int) -> bool:
-    """Whether :func:`proj_tn` (one read of dy for dyB and dB) beats ``proj`` + ``tn``: rank <= 64 (one
-    rank block) and its fp32 partials, written and read back, cost under half the dy read it saves.
-    Always under the interpreter (so CI runs it)."""
-    if not 0 < R <= _MAX_BR:
-        return False
-    if INTERPRET:
-        return True
-    M, N = dy.shape
-    _, NB, S, _ = _proj_tn_split(M, N, dy.device)
-    partial_bytes = 4 * R * ((NB * M if NB > 1 else 0) + (S * N if S > 1 else 0))
-    return 2 * partial_bytes <= M * N * dy.element_size() // 2
-
-
-def proj_tn(dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float, *, seed=None, p: float = 0.0,
-            out_dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(drop(dy) @ b, scale * drop(dy)^T @ xa)`` reading dy once (dyB and dB of LoRA's backward).
-
-    dy ``(M, N)``, b ``(N, R)``, xa ``(M, R)``, any strides, R <= 64 -> ``(M, R)`` in dy.dtype and
-    ``(N, R)`` in out_dtype.  fp32 accumulation; the split partials are summed in a fixed order inside the
-    launch (deterministic).
-    """
-    M, N = dy.shape
-    R = b.shape[1]
-    if not 0 < R <= _MAX_BR:
-        raise ValueError(f"proj_tn takes ranks 1 to {_MAX_BR}, got {R}; use proj and tn")
-    device = dy.device
-    if M == 0 or N == 0:
-        return proj(dy, b, seed=seed, p=p), tn(xa, dy, scale, seed=seed, p=p, transpose_out=True, out_dtype=out_dtype)
-    BD, NB, S, rows = _proj_tn_split(M, N, device)
-    pm = torch.empty((M, R), device=device, dtype=dy.dtype)
-    out = torch.empty((N, R), device=device, dtype=out_dtype)
-    part_p = torch.empty((NB, M, R), device=device, dtype=torch.float32) if NB > 1 else pm
-    part_o = torch.empty((S, R, N), device=device, dtype=torch.float32) if S > 1 else out
-    ptrs = (dy, b, xa, pm, out, part_p, part_o, _seed_ptr(seed, device), _tile_locks(device, NB + S))
-    sig = ("proj_tn", dy.get_device(), M, N, R, dy.stride(), b.stride(), xa.stride(), dy.dtype, b.dtype, xa.dtype,
-           out_dtype, scale, p)
-    if _run_cached(sig, ptrs):
-        return pm, out
-    drop = p > 0.0
-    _launch(
-        "proj_tn", _proj_tn_tuned, _proj_tn_kernel,
-        lambda meta: (NB, S), dict(BM=16), (_m_bucket(M), N, R, drop, dy.dtype),
-        ptrs,
-        (M, N, R, rows, S, NB, NB, M * R, N * R,
-         dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), xa.stride(0), xa.stride(1),
-         pm.stride(0), pm.stride(1), out.stride(0), out.stride(1),
-         float(scale), float(p), 1.0 / (1.0 - p) if drop else 1.0),
-        dict(DROP=drop, EVEN_N=N % BD == 0, DOT_PREC=_dot_prec(dy.dtype), BD=BD, BR=_rank_block(R)), sig,
-    )
-    return pm, out
 
 
 def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 1.0, bias=None,
