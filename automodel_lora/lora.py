@@ -127,31 +127,37 @@ class TritonLinearLoRA(LinearLoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_merged:
             return self.base_forward(x)
-        dropout_p = self.lora_dropout.p if self.training else 0.0
-        adapter = (self.lora_A.weight, self.lora_B.weight, self.lora_scale, dropout_p, self.lora_dropout_position)
+        # Parameters and submodules are read from the module's dicts: `self.lora_A.weight` goes through
+        # nn.Module.__getattr__ twice, and this method runs once per layer per step (host time, NOTES.md)
+        modules = self._modules
+        adapter = (modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"], self.lora_scale,
+                   modules["lora_dropout"].p if self.training else 0.0, self.lora_dropout_position)
+        weight, bias = self._base_weight_and_bias()
         # Under autocast the kernels see what F.linear would: activations in the autocast dtype. The
         # base gets the same cast tensor, so x is cast once (autocast leaves an already-cast input alone).
         compute_x = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
-        if self._has_fusable_base(compute_x.dtype):
-            return lora_linear(compute_x, self.weight, self.bias, *adapter)
+        dtype = compute_x.dtype
+        if (  # plain F.linear semantics on a frozen dense weight (and bias) of the compute dtype
+            self._lora_base_cls.forward is nn.Linear.forward
+            and not weight.requires_grad
+            and weight.dtype == dtype
+            and (bias is None or (not bias.requires_grad and bias.dtype == dtype))
+        ):
+            return lora_linear(compute_x, weight, bias, *adapter)
         # A 4-bit base in eager mode: its weight is dequantized (as bitsandbytes would) straight into the
         # fused GEMM. Skipped when autocast cast x (bitsandbytes returns x's own dtype) and under
         # torch.compile (the dequantize closure is not a graph input).
         if compute_x is x and not torch.compiler.is_compiling():
             dequantize = dequantizer_4bit(self, self._lora_base_cls, x)
             if dequantize is not None:
-                bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
-                return lora_linear_dequant(x, dequantize, bias, *adapter)
+                return lora_linear_dequant(x, dequantize, None if bias is None else bias.to(dtype), *adapter)
         return lora_add(self.base_forward(compute_x), compute_x, *adapter)
 
-    def _has_fusable_base(self, dtype: torch.dtype) -> bool:
-        """Plain `F.linear` semantics on a frozen dense weight (and bias) of the compute dtype."""
-        return (
-            self._lora_base_cls.forward is nn.Linear.forward
-            and not self.weight.requires_grad
-            and self.weight.dtype == dtype
-            and (self.bias is None or (not self.bias.requires_grad and self.bias.dtype == dtype))
-        )
+    def _base_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        params = self._parameters
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        return weight, bias
 
 
 _PATCHED_CLASSES: dict[tuple[type, type], type] = {}
