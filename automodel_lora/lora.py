@@ -127,37 +127,38 @@ class TritonLinearLoRA(LinearLoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_merged:
             return self.base_forward(x)
-        # Parameters and submodules are read from the module's dicts: `self.lora_A.weight` goes through
-        # nn.Module.__getattr__ twice, and this method runs once per layer per step (host time, NOTES.md)
         modules = self._modules
-        adapter = (modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"], self.lora_scale,
+        adapter = (_param(modules["lora_A"], "weight"), _param(modules["lora_B"], "weight"), self.lora_scale,
                    modules["lora_dropout"].p if self.training else 0.0, self.lora_dropout_position)
-        weight, bias = self._base_weight_and_bias()
         # Under autocast the kernels see what F.linear would: activations in the autocast dtype. The
         # base gets the same cast tensor, so x is cast once (autocast leaves an already-cast input alone).
         compute_x = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
         dtype = compute_x.dtype
-        if (  # plain F.linear semantics on a frozen dense weight (and bias) of the compute dtype
-            self._lora_base_cls.forward is nn.Linear.forward
-            and not weight.requires_grad
-            and weight.dtype == dtype
-            and (bias is None or (not bias.requires_grad and bias.dtype == dtype))
-        ):
-            return lora_linear(compute_x, weight, bias, *adapter)
+        if self._lora_base_cls.forward is nn.Linear.forward:
+            weight, bias = _param(self, "weight"), _param(self, "bias")
+            if (  # plain F.linear semantics on a frozen dense weight (and bias) of the compute dtype
+                not weight.requires_grad
+                and weight.dtype == dtype
+                and (bias is None or (not bias.requires_grad and bias.dtype == dtype))
+            ):
+                return lora_linear(compute_x, weight, bias, *adapter)
         # A 4-bit base in eager mode: its weight is dequantized (as bitsandbytes would) straight into the
         # fused GEMM. Skipped when autocast cast x (bitsandbytes returns x's own dtype) and under
         # torch.compile (the dequantize closure is not a graph input).
-        if compute_x is x and not torch.compiler.is_compiling():
+        elif compute_x is x and not torch.compiler.is_compiling():
             dequantize = dequantizer_4bit(self, self._lora_base_cls, x)
             if dequantize is not None:
+                bias = self.bias
                 return lora_linear_dequant(x, dequantize, None if bias is None else bias.to(dtype), *adapter)
         return lora_add(self.base_forward(compute_x), compute_x, *adapter)
 
-    def _base_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        params = self._parameters
-        weight = params["weight"] if "weight" in params else self.weight
-        bias = params["bias"] if "bias" in params else self.bias
-        return weight, bias
+
+def _param(module: nn.Module, name: str):
+    """``getattr(module, name)``, read from ``module._parameters`` when it is there: ``nn.Module.__getattr__``
+    runs Python per lookup, and the layer's forward makes several per step (host time, benchmarks/NOTES.md).
+    Parametrized or plain-attribute weights are not in ``_parameters`` and take ``getattr``."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
 
 
 _PATCHED_CLASSES: dict[tuple[type, type], type] = {}

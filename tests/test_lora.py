@@ -92,6 +92,27 @@ def test_forward_and_gradients_match_reference(use_triton, shape, bias):
     assert layer.weight.grad is None
 
 
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_parametrized_weights_are_read_through_their_parametrization(use_triton):
+    """A parametrization on an adapter weight (weight_norm, spectral_norm, ... work this way) or on the base
+    weight moves it out of ``_parameters``: the layer must still use the parametrized value."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = al.patch_linear_module(nn.Linear(12, 10), dim=4, alpha=4, use_triton=use_triton)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    parametrize.register_parametrization(layer.lora_A, "weight", Double())
+    parametrize.register_parametrization(layer, "weight", Double())
+    x = torch.randn(3, 12)
+    A, B = layer.lora_A.weight, layer.lora_B.weight  # parametrized values: 2 * the originals
+    expected = F.linear(x, layer.weight, layer.bias) + (x @ A.t()) @ B.t()
+    assert_close(layer(x), expected)
+
+
 def test_output_equals_base_at_init_because_B_is_zero():
     layer = nn.Linear(10, 7)
     x = torch.randn(4, 10)
