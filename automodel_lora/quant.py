@@ -33,7 +33,7 @@ def quantized_compute_dtype(module: nn.Linear) -> torch.dtype:
 # bitsandbytes itself computes a 4-bit layer's product as dequantize + F.linear on CUDA from this many
 # rows on (below, its own 4-bit GEMM kernel may be faster: bitsandbytes/backends/cuda/ops.py, 0.50).
 # Other accelerators use the same bound here; on the CPU bitsandbytes always dequantizes.
-_BNB_DEQUANT_MIN_ROWS_CUDA = 1537
+_BNB_DEQUANT_MIN_ROWS = 1537
 
 
 def dequantizer_4bit(module: nn.Linear, base_cls: type, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
@@ -63,7 +63,7 @@ def dequantizer_4bit(module: nn.Linear, base_cls: type, x: torch.Tensor) -> Call
         or (module.bias is not None and module.bias.requires_grad)
     ):
         return None
-    if x.device.type != "cpu" and x.numel() // max(x.shape[-1], 1) < _BNB_DEQUANT_MIN_ROWS_CUDA:
+    if x.device.type != "cpu" and x.numel() // max(x.shape[-1], 1) < _BNB_DEQUANT_MIN_ROWS:
         return None
     packed = weight.data
     state = copy.copy(quant_state)

@@ -170,9 +170,7 @@ def test_4bit_base_runs_through_the_fused_gemm(monkeypatch, dtype, weight_dtype,
     g = torch.randn(3, 7, N).to(dtype)
 
     expected = _step_with(monkeypatch, reference, x, g, fuse=False)
-    calls = []
-    real = bnb.functional.dequantize_4bit
-    monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_dequantize_calls(monkeypatch)
 
     def refuse(*_):
         raise AssertionError("bitsandbytes' forward ran: the 4-bit base was not fused")
@@ -197,16 +195,19 @@ def _step_with(monkeypatch, layer, x, g, fuse):
         return _step(layer, x, g)
 
 
-def test_4bit_base_without_input_grad_dequantizes_once():
-    """When x needs no gradient, backward needs no dense weight: one dequantize per step."""
-    fused, _ = _nf4_pair(64, 48, torch.float32)
+def _count_dequantize_calls(monkeypatch) -> list:
+    """A list that gets one entry per bitsandbytes dequantize_4bit call from now on (this test only)."""
     calls = []
     real = bnb.functional.dequantize_4bit
-    bnb.functional.dequantize_4bit = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        fused(torch.randn(5, 64)).square().sum().backward()
-    finally:
-        bnb.functional.dequantize_4bit = real
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_4bit_base_without_input_grad_dequantizes_once(monkeypatch):
+    """When x needs no gradient, backward needs no dense weight: one dequantize per step."""
+    fused, _ = _nf4_pair(64, 48, torch.float32)
+    calls = _count_dequantize_calls(monkeypatch)
+    fused(torch.randn(5, 64)).square().sum().backward()
     assert len(calls) == 1 and fused.lora_A.weight.grad is not None
 
 
@@ -236,3 +237,5 @@ def test_lora_linear_dequant_refuses_a_wrong_dequantized_weight():
         lora_linear_dequant(x, lambda: torch.randn(8, 16, dtype=torch.float64), None, A, B, 1.0)
     with pytest.raises(ValueError, match=r"\(8, 16\) base weight"):
         lora_linear_dequant(x, lambda: torch.randn(16, 8), None, A, B, 1.0)
+    with pytest.raises(TypeError, match="dequantize must be a callable"):
+        lora_linear_dequant(x, torch.randn(8, 16), None, A, B, 1.0)

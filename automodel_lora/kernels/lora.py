@@ -424,8 +424,12 @@ def lora_linear_dequant(x: torch.Tensor, dequantize: Callable[[], torch.Tensor],
     the low-rank term is added inside it (no pass over y or dx for the adapter).
 
     Raises:
+        TypeError: ``dequantize`` is not callable.
         ValueError: as :func:`lora_linear`, and when ``dequantize()`` returns another shape or dtype.
     """
+    if not callable(dequantize):
+        raise TypeError(f"dequantize must be a callable returning the dense (N, K) weight, got "
+                        f"{type(dequantize).__name__}; for a dense weight tensor use lora_linear")
     _check(x, lora_A, lora_B, dropout_p, dropout_position)
     _check_bias(bias, lora_B.shape[0], x.dtype)
     y = _LoRAFunction.apply(x, None, bias, None, lora_A, lora_B, float(scale), float(dropout_p),
