@@ -66,8 +66,20 @@ def dequantizer_4bit(module: nn.Linear, base_cls: type, x: torch.Tensor) -> Call
     if x.device.type != "cpu" and x.numel() // max(x.shape[-1], 1) < _BNB_DEQUANT_MIN_ROWS:
         return None
     packed = weight.data
+    dtype = x.dtype  # dequantize into x's dtype directly (one rounding, as bitsandbytes' matmul)
+    from .kernels import lora as kernels  # here, not at import: it may load triton
+
+    if kernels.use_kernels_for(x):
+        from .kernels import nf4
+
+        if nf4.nf4_supported(quant_state, packed):
+
+            def dequantize_kernel() -> torch.Tensor:  # (out_features, in_features), one Triton launch
+                return kernels.on_device_of(packed, nf4.dequantize_nf4, packed, quant_state, dtype)
+
+            return dequantize_kernel
     state = copy.copy(quant_state)
-    state.dtype = x.dtype  # dequantize into x's dtype directly (one rounding, as bitsandbytes' matmul)
+    state.dtype = dtype
 
     def dequantize() -> torch.Tensor:  # (out_features, in_features)
         return bnb.functional.dequantize_4bit(packed, state)

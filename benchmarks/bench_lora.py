@@ -39,6 +39,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from automodel_lora import kernels as K  # noqa: E402
 from automodel_lora import patch_linear_module  # noqa: E402
 
+try:  # the NF4 dequantize kernel (needs triton)
+    from automodel_lora.kernels import nf4 as NF4  # noqa: E402
+except ImportError:  # pragma: no cover
+    NF4 = None
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -162,14 +167,24 @@ BASE_GEMM = {"triton_cublas": "cublas", "triton_tma": "triton"}
 DEFAULT_BASE_GEMM = K.get_base_gemm()
 
 
+# QLoRA variant whose fused path dequantizes through bitsandbytes' dequantize_4bit instead of the NF4 kernel
+BNB_DEQUANT = "triton_bnb_dequant"
+
+
 @contextlib.contextmanager
 def base_gemm_for(name: str):
-    """The variant's base GEMM selected for everything inside (forward and backward)."""
+    """The variant's base GEMM selected for everything inside (forward and backward); for BNB_DEQUANT,
+    the NF4 kernel declined so that bitsandbytes dequantizes."""
     K.set_base_gemm(BASE_GEMM.get(name, DEFAULT_BASE_GEMM))
+    nf4_supported = NF4.nf4_supported if NF4 is not None else None
+    if name == BNB_DEQUANT:
+        NF4.nf4_supported = lambda *_: False
     try:
         yield
     finally:
         K.set_base_gemm(DEFAULT_BASE_GEMM)
+        if nf4_supported is not None:
+            NF4.nf4_supported = nf4_supported
 
 
 def fwd_bwd(name: str, fn, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -367,7 +382,7 @@ def bench_qlora(args, results):
         return
     dt = torch.bfloat16
     M = args.M
-    rows = []
+    rows, dequant = [], []
     for (Kd, N) in args.qlora_shapes:
         r = 16
         torch.manual_seed(0)
@@ -389,6 +404,7 @@ def bench_qlora(args, results):
             print(f"[qlora] peft unavailable: {e!r}")
         for name, use_triton in (("torch", False), ("triton", True)):
             variants[name] = lora_copy(q, r, A0, B0, use_triton)
+        variants[BNB_DEQUANT] = variants["triton"]  # same layer, dequantized by bitsandbytes (base_gemm_for)
 
         # correctness: the adapted layers against dequantized-base math in fp32
         Wd = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
@@ -397,7 +413,7 @@ def bench_qlora(args, results):
         ref_y = xf @ Wd.t() + 2.0 * (xf @ Af.t()) @ Bf.t()
         ref_dx = gf @ Wd + 2.0 * (gf @ Bf) @ Af
         errs = {}
-        for name in ("torch", "triton"):
+        for name in ("torch", "triton", BNB_DEQUANT):
             x.grad = None
             y = fwd_bwd(name, variants[name][0], x, g)
             errs[name] = {"y": rel_err(y, ref_y), "dx": rel_err(x.grad, ref_dx)}
@@ -408,12 +424,36 @@ def bench_qlora(args, results):
         for name in variants:
             rows.append(dict(K=Kd, N=N, r=r, variant=name, ms=times[name], ratio_bf16=times[name] / f,
                              peak_mib=mem[name], err=errs.get(name, {})))
+        dequant.extend(dequant_rows(q, Kd, N))
         print(f"[qlora] K={Kd} N={N} r={r}: " + ", ".join(f"{n}={times[n]:.3f}ms ({times[n]/f:.2f}x)" for n in times),
               flush=True)
         variants = xs = gs = lin = q = None
         if DEV == "cuda":
             torch.cuda.empty_cache()
     results["qlora"] = rows
+    results["qlora_dequant"] = dequant
+
+
+def dequant_rows(q, Kd: int, N: int) -> list:
+    """GPU us per dequantize of ``q``'s NF4 weight (CUDA-graph replay, median), bitsandbytes' against ours."""
+    if DEV != "cuda" or NF4 is None:
+        return []
+    import bitsandbytes as bnb
+    import triton.testing as tt
+
+    packed, state = q.weight.data, q.weight.quant_state
+    calls = {"dequant_bitsandbytes": lambda: bnb.functional.dequantize_4bit(packed, state),
+             "dequant_nf4_kernel": lambda: NF4.dequantize_nf4(packed, state, torch.bfloat16)}
+    rows = []
+    for name, fn in calls.items():
+        fn()
+        fn()
+        us = tt.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+        rows.append(dict(K=Kd, N=N, variant=name, us=us, GBps=(packed.numel() * packed.element_size()
+                                                                  + Kd * N * 2) / us / 1e3))
+    print(f"[qlora] dequantize K={Kd} N={N}: " + ", ".join(f"{d['variant']}={d['us']:.1f}us ({d['GBps']:.0f} GB/s)"
+                                                          for d in rows), flush=True)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -576,6 +616,11 @@ def print_tables(results):
             err = f"{e['y']:.1e}, {e['dx']:.1e}" if e else "-"
             lines.append(f"| {row['K']}, {row['N']} | {row['variant']} | {row['ms']:.3f} | {row['ratio_bf16']:.3f}x | "
                          f"{row['peak_mib']:.0f} | {err} |")
+    if results.get("qlora_dequant"):
+        lines += ["", "## NF4 dequantize alone (bf16 out, GPU us per call, CUDA-graph replay)",
+                  "| K, N | dequantizer | us | GB/s |", "|---|---|---|---|"]
+        for row in results["qlora_dequant"]:
+            lines.append(f"| {row['K']}, {row['N']} | {row['variant']} | {row['us']:.1f} | {row['GBps']:.0f} |")
     print("\n".join(lines), flush=True)
 
 

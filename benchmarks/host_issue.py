@@ -7,8 +7,8 @@ the wall time of issuing them is host time only (``host_costs.py`` does the same
 where the GPU is idle anyway). A row is flagged when the sleep ended before the last call was
 issued (its figure is then a lower bound of GPU time, not host time). Rows: one ``torch.mm`` (the
 unit of this CPU's speed), each launcher of the kernel path at the layer's shapes, whole fwd+bwd
-steps (frozen, kernel path; an NF4 base when bitsandbytes is installed) and bitsandbytes'
-``dequantize_4bit`` alone.
+steps (frozen, kernel path; an NF4 base when bitsandbytes is installed) and an NF4 dequantize alone
+(bitsandbytes' ``dequantize_4bit`` and automodel_lora's kernel).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from automodel_lora import patch_linear_module  # noqa: E402
+from automodel_lora.kernels import nf4 as NF4  # noqa: E402
 from automodel_lora.kernels import triton_lora as T  # noqa: E402
 
 SLEEP_CYCLES = 400_000_000  # ~0.2 s at H100 clocks: longer than any row's issue time
@@ -120,6 +121,7 @@ def main():
 
         w = nf4.weight
         common["bnb dequantize_4bit"] = issue_us(lambda: bnb.functional.dequantize_4bit(w.data, w.quant_state))
+        common["automodel_lora dequantize_nf4"] = issue_us(lambda: NF4.dequantize_nf4(w.data, w.quant_state, dt))
         common["step, frozen NF4"] = issue_us(step_fn(nf4, x, dy))
     ranks = [int(v) for v in args.ranks.split(",")]
     per_rank = {r: rank_rows(M, K, N, r) for r in ranks}

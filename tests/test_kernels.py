@@ -339,7 +339,7 @@ def test_reference_path_without_triton():
 # ------------------------------------------------------------------------------------------
 @interp_only
 def test_backend_is_triton_under_interpreter_interp():
-    assert L._use_triton(torch.empty(1))
+    assert L.use_kernels_for(torch.empty(1))
 
 
 @interp_only

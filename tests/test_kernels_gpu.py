@@ -223,8 +223,8 @@ def test_two_gpus_in_one_process():
 
 def test_nf4_base_fused_real_shape():
     """QLoRA at an 8B gate/up shape (bf16, 4096 tokens: bitsandbytes dequantizes at this size too): the
-    4-bit weight dequantized into the fused GEMM gives y, dx, dA, dB within BF16_TOL of fp32 math on the
-    dequantized weight, and bitsandbytes' own forward is not called."""
+    4-bit weight dequantized (by the NF4 kernel) into the fused GEMM gives y, dx, dA, dB within BF16_TOL of
+    fp32 math on the dequantized weight, and bitsandbytes' own forward is not called."""
     bnb = pytest.importorskip("bitsandbytes")
 
     import automodel_lora as al
@@ -244,13 +244,19 @@ def test_nf4_base_fused_real_shape():
     def refuse(*_):
         raise AssertionError("bitsandbytes' forward ran: the 4-bit base was not fused")
 
+    from automodel_lora.kernels import nf4
+
+    dequantize_nf4, used = nf4.dequantize_nf4, []
     bnb.nn.Linear4bit.forward = refuse
+    nf4.dequantize_nf4 = lambda *a: used.append(1) or dequantize_nf4(*a)
     try:
         y = layer(x)
         g = torch.randn_like(y)
         y.backward(g)
     finally:
         bnb.nn.Linear4bit.forward = forward
+        nf4.dequantize_nf4 = dequantize_nf4
+    assert len(used) == 2  # forward and backward: automodel_lora's NF4 kernel, not bitsandbytes'
     yr, xr, Ar, Br = _ref(x, Wd, None, layer.lora_A.weight, layer.lora_B.weight, 2.0)
     yr.backward(g.float())
     got = (("y", y, yr), ("dx", x.grad, xr.grad), ("dA", layer.lora_A.weight.grad, Ar.grad),
@@ -266,3 +272,22 @@ def test_nf4_base_fused_real_shape():
     finally:
         bnb.nn.Linear4bit.forward = forward
     assert calls == [(1536, K)]
+
+
+@pytest.mark.parametrize("nested, storage", [(True, torch.uint8), (False, torch.bfloat16)])
+def test_nf4_kernel_equals_bitsandbytes_real_shape(nested, storage):
+    """The NF4 dequantize kernel gives bitsandbytes' CUDA dequantize_4bit bit for bit in bf16 and fp16 at
+    an 8B shape (58.7 M values), nested statistics (fp-contraction off) and a bf16 storage dtype included,
+    """
+    bnb = pytest.importorskip("bitsandbytes")
+    from automodel_lora.kernels import nf4
+
+    W = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
+    for dtype in (torch.bfloat16, torch.float16):
+        packed, state = bnb.functional.quantize_4bit(W.to(dtype), blocksize=64, compress_statistics=nested,
+                                                     quant_type="nf4", quant_storage=storage)
+        assert nf4.nf4_supported(state, packed)
+        for _ in range(2):  # first call: autotune and jit; second: the cached launch
+            got = nf4.dequantize_nf4(packed, state, dtype)
+            expected = bnb.functional.dequantize_4bit(packed, state)
+            assert torch.equal(got, expected), (dtype, (got.float() - expected.float()).abs().max().item())

@@ -179,7 +179,7 @@ def test_4bit_base_runs_through_the_fused_gemm(monkeypatch, dtype, weight_dtype,
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         got = _step(fused, x, g)
-    assert len(calls) == 2, calls
+    assert calls == [DEQUANTIZER] * 2, calls
     assert (N, K) not in saved, saved
     # bitsandbytes' own backward dequantizes through the weight's source dtype (MatMul4Bit: dequantize_4bit
     # then .to(dy.dtype)); the fused path dequantizes dx's weight straight into the compute dtype too
@@ -195,11 +195,23 @@ def _step_with(monkeypatch, layer, x, g, fuse):
         return _step(layer, x, g)
 
 
+KERNELS_ON_CPU = al.kernels.lora.use_kernels_for(torch.empty(0))  # the Triton interpreter
+# who dequantizes a 4-bit weight for the fused GEMM: our NF4 kernel where the kernels run, else bitsandbytes
+DEQUANTIZER = "triton" if KERNELS_ON_CPU else "bitsandbytes"
+
+
 def _count_dequantize_calls(monkeypatch) -> list:
-    """A list that gets one entry per bitsandbytes dequantize_4bit call from now on (this test only)."""
+    """A list that gets one entry per dequantize from now on (this test only), naming who dequantized:
+    "bitsandbytes" (its dequantize_4bit) or "triton" (automodel_lora's NF4 kernel)."""
     calls = []
-    real = bnb.functional.dequantize_4bit
-    monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_bnb = bnb.functional.dequantize_4bit
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit",
+                        lambda *a, **k: calls.append("bitsandbytes") or real_bnb(*a, **k))
+    if al.kernels.HAS_TRITON:
+        from automodel_lora.kernels import nf4
+
+        real_nf4 = nf4.dequantize_nf4
+        monkeypatch.setattr(nf4, "dequantize_nf4", lambda *a, **k: calls.append("triton") or real_nf4(*a, **k))
     return calls
 
 
@@ -208,7 +220,7 @@ def test_4bit_base_without_input_grad_dequantizes_once(monkeypatch):
     fused, _ = _nf4_pair(64, 48, torch.float32)
     calls = _count_dequantize_calls(monkeypatch)
     fused(torch.randn(5, 64)).square().sum().backward()
-    assert len(calls) == 1 and fused.lora_A.weight.grad is not None
+    assert calls == [DEQUANTIZER] and fused.lora_A.weight.grad is not None
 
 
 def test_4bit_base_keeps_its_own_forward_where_it_cannot_fuse():
@@ -239,3 +251,41 @@ def test_lora_linear_dequant_refuses_a_wrong_dequantized_weight():
         lora_linear_dequant(x, lambda: torch.randn(16, 8), None, A, B, 1.0)
     with pytest.raises(TypeError, match="dequantize must be a callable"):
         lora_linear_dequant(x, torch.randn(8, 16), None, A, B, 1.0)
+
+
+@pytest.mark.skipif(not KERNELS_ON_CPU, reason="the NF4 kernel runs on the CPU only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16: the interpreter truncates its casts
+@pytest.mark.parametrize("shape, blocksize, nested, storage", [
+    ((7, 33), 64, True, torch.uint8),  # odd element count: the last byte holds one value
+    ((33, 100), 32, False, torch.uint8),
+    ((64, 96), 256, True, torch.bfloat16),  # FSDP-style storage dtype
+    ((40, 96), 128, False, torch.float32),
+])
+def test_nf4_kernel_matches_bitsandbytes(dtype, shape, blocksize, nested, storage):
+    """automodel_lora's NF4 dequantize kernel gives bitsandbytes' dequantize_4bit bit for bit: the same
+    fp32 products (nested statistics included) rounded once to the output dtype."""
+    from automodel_lora.kernels import nf4
+
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 3
+    packed, state = bnb.functional.quantize_4bit(w.to(dtype), blocksize=blocksize, compress_statistics=nested,
+                                                 quant_type="nf4", quant_storage=storage)
+    assert nf4.nf4_supported(state, packed)
+    expected = bnb.functional.dequantize_4bit(packed, state)
+    got = nf4.dequantize_nf4(packed, state, dtype)
+    assert got.dtype == dtype and got.shape == shape
+    assert torch.equal(got, expected), (got.float() - expected.float()).abs().max()
+
+
+def test_nf4_kernel_declines_what_it_does_not_cover():
+    """FP4 weights, and packed bytes not in bitsandbytes' (ceil(n/2), 1) column, stay with bitsandbytes."""
+    from automodel_lora.kernels import nf4
+
+    w = torch.randn(16, 64)
+    packed, state = bnb.functional.quantize_4bit(w, quant_type="fp4")
+    assert not nf4.nf4_supported(state, packed)
+    packed, state = bnb.functional.quantize_4bit(w, quant_type="nf4")
+    assert nf4.nf4_supported(state, packed)
+    assert not nf4.nf4_supported(state, packed.view(1, -1))
+    with pytest.raises(ValueError, match="torch.float64"):
+        nf4.dequantize_nf4(packed, state, torch.float64)

@@ -97,11 +97,12 @@ def _base_gemm_route(x, y, pm, q) -> Optional[bool]:
     return True if _tl.tma_eligible(x, y, pm, q) else None
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def use_kernels_for(t: torch.Tensor) -> bool:
+    """True when the Triton kernels run for tensors on ``t``'s device (CUDA, or the CPU interpreter)."""
     return HAS_TRITON and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
 
 
-def _on_device_of(t: torch.Tensor, fn, *args):
+def on_device_of(t: torch.Tensor, fn, *args):
     """``fn(*args)`` with ``t``'s GPU as the current device: Triton launches on the current device, so a
     layer on cuda:1 while cuda:0 is current needs the guard (entered only then: it costs host time)."""
     idx = t.get_device()
@@ -125,7 +126,7 @@ def dropout_keep_mask(seed: torch.Tensor, M: int, D: int, p: float, device) -> t
     device = torch.device(device)
     if HAS_TRITON and (device.type == "cuda" or (_INTERPRET and device.type == "cpu")):
         seed = seed.to(device)
-        return _on_device_of(seed, _tl.keep_mask, seed, M, D, p, device)
+        return on_device_of(seed, _tl.keep_mask, seed, M, D, p, device)
     return _ref_keep(seed, M, D, p, device)
 
 
@@ -232,8 +233,8 @@ def _fwd_impl(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed):
         N = lora_B.shape[0]
         dt = base_out.dtype if base_out is not None else x.dtype
         return x.new_empty((0, N), dtype=dt), x.new_empty((0, lora_A.shape[0]))
-    if _use_triton(x):
-        return _on_device_of(x, _tri_fwd, x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
+    if use_kernels_for(x):
+        return on_device_of(x, _tri_fwd, x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
     return _ref_fwd(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
 
 
@@ -241,8 +242,8 @@ def _bwd_impl(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, 
     M, K = x.shape
     if M == 0:
         return x.new_zeros((0, K)), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    if _use_triton(x):
-        return _on_device_of(x, _tri_bwd, dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA,
+    if use_kernels_for(x):
+        return on_device_of(x, _tri_bwd, dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA,
                              need_dB)
     return _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB)
 
