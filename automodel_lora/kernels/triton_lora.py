@@ -272,6 +272,111 @@ def _tn2_kernel(
 
 
 # --------------------------------------------------------------------------------------
+# One pass over dy for both of its skinny products (backward, rank <= 64):
+#     P[M, R]   = drop(dy)[M, N] @ B[N, R]                 (dyB, in dy's dtype)
+#     Out[N, R] = scale * drop(dy)[M, N]^T @ XA[M, R]      (dB, in its dtype)
+# Program (g, s) owns a group of CPG column blocks of BD columns and the rows of split s, so each
+# row split has G = NB / CPG dyB partials to sum, not NB (the one-block-per-program version of this
+# kernel summed 56 partials per row in one program at N = 14336: a serial tail, NOTES.md Version 6).
+# Out is summed over the S row splits, P over the G groups, each from fp32 partials: the last
+# program to finish a group (resp. a row split), counted on a self-resetting lock, sums them in a
+# fixed order and writes the result, so the sums are deterministic.
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _proj_tn_kernel(
+    d_ptr, b_ptr, xa_ptr, p_ptr, o_ptr, part_p_ptr, part_o_ptr, seed_ptr, lock_ptr,
+    M, N, R, rows_per_split, S, NB, CPG, G, spp, spo,
+    sdm, sdn, sbn, sbr, sxm, sxr, spm, spr, son, sor,
+    scale, p, inv_keep,
+    DROP: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+):
+    """Program (g, s) walks the CPG column blocks of group g over the rows of split s, reading each dy tile
+    once.  dB: each column block's (BR, BD) tile is summed over the split's rows in registers and left as
+    split s's partial.  dyB: the split's (rows, BR) share of group g is accumulated across the group's
+    column blocks in group g's fp32 slab (only this program touches those rows of it).  The last
+    program of a group sums its S dB partials, the last of a split its G dyB slabs, in a fixed order."""
+    pid_g = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rr = tl.arange(0, BR)
+    rb = tl.arange(0, BM)
+    r_ok = rr < R
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    j_start = pid_g * CPG
+    j_end = tl.minimum(j_start + CPG, NB)
+    slab = part_p_ptr + pid_g.to(tl.int64) * spp  # this group's (M, R) fp32 dyB slab
+    for j in range(j_start, j_end):
+        rn = j * BD + tl.arange(0, BD)
+        n_ok = rn < N
+        bt = tl.load(b_ptr + rn[:, None] * sbn + rr[None, :] * sbr, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        bt = bt.to(d_ptr.dtype.element_ty)  # (BD, BR); an fp32 master adapter -> compute dtype
+        acc_o = tl.zeros((BR, BD), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BM):
+            rm = m0 + rb
+            rm64 = rm.to(tl.int64)
+            m_ok = rm < m_end
+            if EVEN_N:
+                dt = tl.load(d_ptr + rm64[:, None] * sdm + rn[None, :] * sdn, mask=m_ok[:, None], other=0.0)
+            else:
+                dt = tl.load(d_ptr + rm64[:, None] * sdm + rn[None, :] * sdn, mask=m_ok[:, None] & n_ok[None, :],
+                             other=0.0)
+            if DROP:
+                dt = tl.where(_keep_mask(seed_ptr, rm64, rn, N, p), dt, 0.0)
+            xt = tl.load(xa_ptr + rm64[:, None] * sxm + rr[None, :] * sxr, mask=m_ok[:, None] & r_ok[None, :],
+                         other=0.0)
+            acc_o = tl.dot(tl.trans(xt), dt, acc_o, input_precision=DOT_PREC)
+            pp = tl.dot(dt, bt, input_precision=DOT_PREC)  # (BM, BR): this column block's share of dyB
+            p_mask = m_ok[:, None] & r_ok[None, :]
+            slab_ptrs = slab + rm64[:, None] * R + rr[None, :]
+            if j > j_start:  # same program, same layout: each thread re-reads what it stored
+                pp += tl.load(slab_ptrs, mask=p_mask, other=0.0)
+            tl.store(slab_ptrs, pp, mask=p_mask)
+        acc_o = acc_o * (scale * inv_keep)
+        o_mask = r_ok[:, None] & n_ok[None, :]
+        if S == 1:
+            tl.store(o_ptr + rr[:, None].to(tl.int64) * sor + rn[None, :].to(tl.int64) * son,
+                     acc_o.to(o_ptr.dtype.element_ty), mask=o_mask)
+        else:  # partial s: an (R, N) row-major slab
+            tl.store(part_o_ptr + pid_s.to(tl.int64) * spo + rr[:, None].to(tl.int64) * N + rn[None, :], acc_o,
+                     mask=o_mask)
+    tl.debug_barrier()  # every thread's partials are written before the releases below
+    # dB: the last program of group g sums the S partials of the group's columns
+    if S > 1:
+        if tl.atomic_add(lock_ptr + pid_g, 1, sem="acq_rel", scope="gpu") == S - 1:
+            tl.debug_barrier()
+            for j in range(j_start, j_end):
+                rn = j * BD + tl.arange(0, BD)
+                o_mask = r_ok[:, None] & (rn < N)[None, :]
+                part_ptrs = part_o_ptr + rr[:, None].to(tl.int64) * N + rn[None, :]
+                total = tl.zeros((BR, BD), dtype=tl.float32)
+                for _ in range(0, S):
+                    total += tl.load(part_ptrs, mask=o_mask, other=0.0, cache_modifier=".cg")
+                    part_ptrs += spo
+                tl.store(o_ptr + rr[:, None].to(tl.int64) * sor + rn[None, :].to(tl.int64) * son,
+                         total.to(o_ptr.dtype.element_ty), mask=o_mask)
+            tl.atomic_xchg(lock_ptr + pid_g, 0, sem="relaxed", scope="gpu")
+    # dyB: the last program of split s sums the G slabs over the split's rows (G == 1: its own slab)
+    last = True
+    if G > 1:
+        last = tl.atomic_add(lock_ptr + G + pid_s, 1, sem="acq_rel", scope="gpu") == G - 1
+    if last:
+        tl.debug_barrier()
+        for m0 in range(m_start, m_end, BM):
+            rm64 = (m0 + rb).to(tl.int64)
+            p_mask = ((m0 + rb) < m_end)[:, None] & r_ok[None, :]
+            part_ptrs = part_p_ptr + rm64[:, None] * R + rr[None, :]
+            total_p = tl.zeros((BM, BR), dtype=tl.float32)
+            for _ in range(0, G):
+                total_p += tl.load(part_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
+                part_ptrs += spp
+            tl.store(p_ptr + rm64[:, None] * spm + rr[None, :] * spr, (total_p * inv_keep).to(p_ptr.dtype.element_ty),
+                     mask=p_mask)
+        if G > 1:
+            tl.atomic_xchg(lock_ptr + G + pid_s, 0, sem="relaxed", scope="gpu")
+
+
+# --------------------------------------------------------------------------------------
 # C[M, N] = X[M, K] @ Y[K, N] + P[M, R] @ (scale * Q[R, N]) + bias   (one Triton GEMM; the
 # low-rank term is an extra K step over [P | Q], so it costs no pass over C)
 # --------------------------------------------------------------------------------------
@@ -483,6 +588,17 @@ _tn2_tuned = triton.autotune(
     configs=_tn_tuned.configs,
     key=["M", "DA", "DB", "R", "DROP_A", "DROP_B"], do_bench=_bench,
 )(_tn2_kernel)
+
+_proj_tn_tuned = triton.autotune(
+    configs=_cfgs([
+        (dict(BM=32), 4, 3),
+        (dict(BM=32), 8, 4),
+        (dict(BM=64), 8, 3),
+        (dict(BM=64), 4, 4),
+        (dict(BM=16), 4, 4),
+    ]),
+    key=["M", "N", "R", "DROP", "BD"], do_bench=_bench,
+)(_proj_tn_kernel)
 
 # rows per split of the tn kernel are a multiple of every BM above
 _TN_ROW_QUANT = 128
@@ -778,6 +894,88 @@ def tn2(pa: torch.Tensor, xa: torch.Tensor, pb: torch.Tensor, xb: torch.Tensor, 
              DOT_PREC=_dot_prec(xa.dtype), BR=BR), sig,
     )
     return out_a, out_b
+
+
+# Column block of proj_tn on the GPU. It is not autotuned: the partials are allocated before the launch.
+_PROJ_TN_BD = 256
+
+
+def _proj_tn_split(M: int, N: int, device) -> tuple[int, int, int, int, int, int]:
+    """(BD, column blocks NB, blocks per group CPG, groups G, row splits S, rows per split) of a proj_tn
+    launch: ~2 programs per SM, split evenly between groups and row splits (each sum has ~sqrt(P) terms)."""
+    BD = 32 if INTERPRET else _PROJ_TN_BD
+    NB = _cdiv(N, BD)
+    programs = 4 if INTERPRET else 2 * _sm_count(device)
+    S = 1 if INTERPRET and M < 64 else max(1, min(_next_pow2(int(programs**0.5)), M // 512 or 1, 32))
+    rows = _cdiv(_cdiv(M, S), _TN_ROW_QUANT) * _TN_ROW_QUANT
+    S = _cdiv(M, rows)
+    CPG = _cdiv(NB, max(1, programs // S))
+    return BD, NB, CPG, _cdiv(NB, CPG), S, rows
+
+
+def proj_tn_pays(dy: torch.Tensor, R: int) -> bool:
+    """Whether :func:`proj_tn` (one read of dy for dyB and dB) beats ``proj`` + ``tn``: rank <= 64 (one
+    rank block) and its fp32 partials, written and read back, cost under half the dy read it saves.
+    Always under the interpreter (so CI runs it)."""
+    if not 0 < R <= _MAX_BR:
+        return False
+    if INTERPRET:
+        return True
+    M, N = dy.shape
+    _, _, _, G, S, _ = _proj_tn_split(M, N, dy.device)
+    partial_bytes = 4 * R * (G * M + (S * N if S > 1 else 0))
+    return 2 * partial_bytes <= M * N * dy.element_size() // 2
+
+
+def proj_tn(dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float, *, seed=None, p: float = 0.0,
+            out_dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(drop(dy) @ b, scale * drop(dy)^T @ xa)`` reading dy once (dyB and dB of LoRA's backward).
+
+    dy ``(M, N)``, b ``(N, R)``, xa ``(M, R)``, any strides, R <= 64 -> ``(M, R)`` in dy.dtype and
+    ``(N, R)`` in out_dtype.  fp32 accumulation; the split partials are summed in a fixed order inside the
+    launch (deterministic).
+    """
+    M, N = dy.shape
+    R = b.shape[1]
+    if not 0 < R <= _MAX_BR:
+        raise ValueError(f"proj_tn takes ranks 1 to {_MAX_BR}, got {R}; use proj and tn")
+    device = dy.device
+    if M == 0 or N == 0:
+        return proj(dy, b, seed=seed, p=p), tn(xa, dy, scale, seed=seed, p=p, transpose_out=True, out_dtype=out_dtype)
+    BD, NB, CPG, G, S, rows = _proj_tn_split(M, N, device)
+    pm = torch.empty((M, R), device=device, dtype=dy.dtype)
+    out = torch.empty((N, R), device=device, dtype=out_dtype)
+    part_p = torch.empty((G, M, R), device=device, dtype=torch.float32)
+    part_o = torch.empty((S, R, N), device=device, dtype=torch.float32) if S > 1 else out
+    ptrs = (dy, b, xa, pm, out, part_p, part_o, _seed_ptr(seed, device), _tile_locks(device, G + S))
+    sig = ("proj_tn", dy.get_device(), M, N, R, dy.stride(), b.stride(), xa.stride(), dy.dtype, b.dtype, xa.dtype,
+           out_dtype, scale, p)
+    if _run_cached(sig, ptrs):
+        return pm, out
+    drop = p > 0.0
+    _launch(
+        "proj_tn", _proj_tn_tuned, _proj_tn_kernel,
+        lambda meta: (G, S), dict(BM=16), (_m_bucket(M), N, R, drop, dy.dtype),
+        ptrs,
+        (M, N, R, rows, S, NB, CPG, G, M * R, N * R,
+         dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), xa.stride(0), xa.stride(1),
+         pm.stride(0), pm.stride(1), out.stride(0), out.stride(1),
+         float(scale), float(p), 1.0 / (1.0 - p) if drop else 1.0),
+        dict(DROP=drop, EVEN_N=N % BD == 0, DOT_PREC=_dot_prec(dy.dtype), BD=BD, BR=_rank_block(R)), sig,
+    )
+    return pm, out
+    drop = p > 0.0
+    _launch(
+        "proj_tn", _proj_tn_tuned, _proj_tn_kernel,
+        lambda meta: (NB, S), dict(BM=16), (_m_bucket(M), N, R, drop, dy.dtype),
+        ptrs,
+        (M, N, R, rows, S, NB, NB, M * R, N * R,
+         dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), xa.stride(0), xa.stride(1),
+         pm.stride(0), pm.stride(1), out.stride(0), out.stride(1),
+         float(scale), float(p), 1.0 / (1.0 - p) if drop else 1.0),
+        dict(DROP=drop, EVEN_N=N % BD == 0, DOT_PREC=_dot_prec(dy.dtype), BD=BD, BR=_rank_block(R)), sig,
+    )
+    return pm, out
 
 
 def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 1.0, bias=None,
