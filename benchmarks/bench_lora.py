@@ -14,8 +14,6 @@ median of per-step CUDA-event times; ratios are to the frozen layer measured in 
               takes the low-rank term as an extra K step) + Triton skinny kernels
   triton_cublas  the same kernels with the cuBLAS base GEMM (low-rank term through beta=1)
   triton_tma  the same kernels with the Triton base GEMM forced (the TMA GEMM on Hopper)
-  triton_2pass  the default kernels with dyB and dB from two passes over dy (proj, then tn2), the
-              backward before proj_tn
 Prints the table last; writes the full JSON (GPU, date, commit, autotune choices).
 """
 
@@ -158,9 +156,9 @@ def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Ten
     out["torch_naive"] = (lambda x: F.linear(x, W, b) + s * F.linear(F.linear(x, A), B), [A, B])
     for name, use_triton in (("torch", False), ("triton", True)):
         out[name] = lora_copy(lin, r, A0, B0, use_triton, share_weight=True)
-    for name in ("triton_cublas", "triton_tma", "triton_2pass"):
+    for name in ("triton_cublas", "triton_tma"):
         if name in want:
-            out[name] = out["triton"]  # same layer, run under BASE_GEMM[name] / variant_settings(name)
+            out[name] = out["triton"]  # same layer, run under BASE_GEMM[name]
     return out
 
 
@@ -176,23 +174,17 @@ BNB_DEQUANT = "triton_bnb_dequant"
 @contextlib.contextmanager
 def base_gemm_for(name: str):
     """The variant's base GEMM selected for everything inside (forward and backward); for BNB_DEQUANT,
-    the NF4 kernel declined so that bitsandbytes dequantizes; for triton_2pass, the two-pass dy products."""
+    the NF4 kernel declined so that bitsandbytes dequantizes."""
     K.set_base_gemm(BASE_GEMM.get(name, DEFAULT_BASE_GEMM))
     nf4_supported = NF4.nf4_supported if NF4 is not None else None
     if name == BNB_DEQUANT:
         NF4.nf4_supported = lambda *_: False
-    tl_mod = K.lora._tl  # triton_lora, or None without triton
-    one_pass = tl_mod.proj_tn_pays if tl_mod is not None else None
-    if name == "triton_2pass" and tl_mod is not None:
-        tl_mod.proj_tn_pays = lambda dy, R: False
     try:
         yield
     finally:
         K.set_base_gemm(DEFAULT_BASE_GEMM)
         if nf4_supported is not None:
             NF4.nf4_supported = nf4_supported
-        if tl_mod is not None:
-            tl_mod.proj_tn_pays = one_pass
 
 
 def fwd_bwd(name: str, fn, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -516,9 +508,9 @@ def bench_model(args, results):
             print(f"peft unavailable: {e!r}")
     models["torch"] = lora_model(False)
     models["triton"] = lora_model(True)
-    for name in ("triton_cublas", "triton_tma", "triton_2pass"):
+    for name in ("triton_cublas", "triton_tma"):
         if name in args.variants:
-            models[name] = models["triton"]  # same model, run under base_gemm_for(name)
+            models[name] = models["triton"]  # same model, run under BASE_GEMM[name]
     ids = [torch.randint(0, cfg.vocab_size, (bsz, seq), device=DEV) for _ in range(2)]
 
     def make_step(name, m):

@@ -429,34 +429,3 @@ def test_split_m_partials_interp():
     check(dB16, ref_b, torch.float32, "tn2 B")
     check(T.tn(pa, xa, 0.5), ref_a, torch.float32, "tn")
     check(T.tn(pb, xb, 0.5, transpose_out=True), ref_b, torch.float32, "tn transposed")
-
-
-@interp_only
-@pytest.mark.parametrize("R", [5, 64])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_proj_tn_one_pass_over_dy_interp(R, p):
-    """proj_tn (dyB and dB from one read of dy) with groups of column blocks and several row splits, both
-    summed from partials in-launch; non-contiguous dy, fp32 adapter, post-dropout mask as proj / tn use it;
-    bit-identical on a repeat (the locks reset themselves)."""
-    from automodel_lora.kernels import triton_lora as T
-
-    M, N = 1100, 70
-    BD, NB, CPG, G, S, _ = T._proj_tn_split(M, N, torch.device("cpu"))
-    assert CPG > 1 and G > 1 and S > 1 and NB % CPG, (NB, CPG, G, S)  # groups walk blocks; the last is short
-    dy = torch.randn(N, M).t()  # (M, N), column-major
-    b, xa = torch.randn(N, R), torch.randn(M, R)
-    seed = torch.tensor([1234], dtype=torch.int64)
-    keep = dropout_keep_mask(seed, M, N, p, "cpu").double() / (1 - p) if p else torch.ones(M, N).double()
-    dyd = dy.double() * keep
-    pm, db = T.proj_tn(dy, b, xa, 0.5, seed=seed if p else None, p=p)
-    check(pm, dyd @ b.double(), torch.float32, "dyB")
-    check(db, 0.5 * dyd.t() @ xa.double(), torch.float32, "dB")
-    assert pm.dtype == torch.float32 and db.dtype == torch.float32
-    pm2, db2 = T.proj_tn(dy, b, xa, 0.5, seed=seed if p else None, p=p)
-    assert torch.equal(pm, pm2) and torch.equal(db, db2)
-    assert not T._tile_locks(dy.device, G + S).any()
-    # what it replaces: proj and tn, the same masks
-    check(pm, T.proj(dy, b, seed=seed if p else None, p=p), torch.float32, "dyB vs proj")
-    check(db, T.tn(xa, dy, 0.5, seed=seed if p else None, p=p, transpose_out=True), torch.float32, "dB vs tn")
-    with pytest.raises(ValueError, match="ranks 1 to 64"):
-        T.proj_tn(dy, torch.randn(N, 65), torch.randn(M, 65), 0.5)

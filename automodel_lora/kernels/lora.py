@@ -199,13 +199,10 @@ def _tri_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
 def _tri_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, need_dB):
     pre_drop = p > 0.0 and not post
     post_drop = p > 0.0 and post
-    dy_seed, dy_p = (seed, p) if post_drop else (None, 0.0)  # post dropout masks dy in every dy product
     dx = dA = dB = None
     dyB = None
-    if need_dB and (need_dx or need_dA) and _tl.proj_tn_pays(dy, B.shape[1]):
-        dyB, dB = _tl.proj_tn(dy, B, xa, scale, seed=dy_seed, p=dy_p, out_dtype=B.dtype)  # one pass over dy
-    elif need_dx or need_dA:
-        dyB = _tl.proj(dy, B, seed=dy_seed, p=dy_p)  # (M, r)
+    if need_dx or need_dA:
+        dyB = _tl.proj(dy, B, seed=seed if post_drop else None, p=p if post_drop else 0.0)  # (M, r)
     if need_dx:
         if weight is None:
             dx = _tl.expand(dyB, A, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
@@ -216,14 +213,15 @@ def _tri_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
             else:
                 dx = _tl.expand(dyB, A, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
                 dx.addmm_(dy, weight)
-    if need_dA and need_dB and dB is None:  # one launch for both weight gradients
-        dA, dB = _tl.tn2(dyB, x, xa, dy, scale, seed=seed, p_a=p if pre_drop else 0.0, p_b=dy_p,
-                         dtype_a=A.dtype, dtype_b=B.dtype)
+    if need_dA and need_dB:  # one launch for both weight gradients
+        dA, dB = _tl.tn2(dyB, x, xa, dy, scale, seed=seed, p_a=p if pre_drop else 0.0,
+                         p_b=p if post_drop else 0.0, dtype_a=A.dtype, dtype_b=B.dtype)
         return dx, dA, dB
     if need_dA:
         dA = _tl.tn(dyB, x, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0, out_dtype=A.dtype)
-    if need_dB and dB is None:
-        dB = _tl.tn(xa, dy, scale, seed=dy_seed, p=dy_p, transpose_out=True, out_dtype=B.dtype)
+    if need_dB:
+        dB = _tl.tn(xa, dy, scale, seed=seed if post_drop else None, p=p if post_drop else 0.0,
+                    transpose_out=True, out_dtype=B.dtype)
     return dx, dA, dB
 
 
