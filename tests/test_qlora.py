@@ -1,5 +1,6 @@
 """QLoRA: bitsandbytes NF4 bases (which run on the CPU since bitsandbytes 0.50) patched in place."""
 
+import copy
 import os
 
 import pytest
@@ -287,5 +288,9 @@ def test_nf4_kernel_declines_what_it_does_not_cover():
     packed, state = bnb.functional.quantize_4bit(w, quant_type="nf4")
     assert nf4.nf4_supported(state, packed)
     assert not nf4.nf4_supported(state, packed.view(1, -1))
+    assert not nf4.nf4_supported(state, packed[:-1])  # fewer bytes than the shape's values need
+    on_meta = copy.copy(state)
+    on_meta.code = state.code.to("meta")  # statistics not on the weight's device
+    assert not nf4.nf4_supported(on_meta, packed)
     with pytest.raises(ValueError, match="torch.float64"):
         nf4.dequantize_nf4(packed, state, torch.float64)

@@ -63,19 +63,30 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def nf4_supported(quant_state, packed: torch.Tensor) -> bool:
-    """True when :func:`dequantize_nf4` handles this bitsandbytes weight: NF4, a float output dtype
-    bitsandbytes also supports, packed bytes in bitsandbytes' ``(ceil(n/2), 1)`` column (any storage dtype)."""
-    nested = quant_state.nested
-    return (
-        quant_state.quant_type == "nf4"
-        and quant_state.blocksize % 2 == 0
-        and quant_state.code is not None
-        and packed.is_contiguous()
-        and packed.dim() == 2
-        and packed.shape[1] == 1
-        and (quant_state.absmax.dtype == torch.uint8 if nested else quant_state.absmax.dtype == torch.float32)
-        and (not nested or quant_state.state2.absmax.dtype == torch.float32)
-    )
+    """True when :func:`dequantize_nf4` handles this bitsandbytes weight: NF4 with its statistics (fp32, or
+    nested 8-bit) on the weight's device, the packed bytes in bitsandbytes' ``(ceil(n/2), 1)`` column (any
+    storage dtype) and long enough for the ``n`` values of ``quant_state.shape``."""
+    if quant_state.quant_type != "nf4" or quant_state.blocksize % 2 or quant_state.code is None:
+        return False
+    if not (packed.is_contiguous() and packed.dim() == 2 and packed.shape[1] == 1):
+        return False
+    n = 1
+    for d in quant_state.shape:
+        n *= d
+    if packed.numel() * packed.element_size() < (n + 1) // 2:
+        return False
+    device = packed.device
+    tensors = [quant_state.code, quant_state.absmax]
+    if quant_state.nested:
+        state2, offset = quant_state.state2, quant_state.offset
+        if not (isinstance(offset, torch.Tensor) and offset.numel() == 1 and offset.dtype == torch.float32):
+            return False
+        if quant_state.absmax.dtype != torch.uint8 or state2.absmax.dtype != torch.float32:
+            return False
+        tensors += [state2.code, state2.absmax, offset]
+    elif quant_state.absmax.dtype != torch.float32:
+        return False
+    return all(t.device == device for t in tensors)
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
