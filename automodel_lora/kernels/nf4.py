@@ -63,10 +63,12 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def nf4_supported(quant_state, packed: torch.Tensor) -> bool:
-    """True when :func:`dequantize_nf4` handles this bitsandbytes weight: NF4 with its statistics (fp32, or
-    nested 8-bit) on the weight's device, the packed bytes in bitsandbytes' ``(ceil(n/2), 1)`` column (any
-    storage dtype) and long enough for the ``n`` values of ``quant_state.shape``."""
-    if quant_state.quant_type != "nf4" or quant_state.blocksize % 2 or quant_state.code is None:
+    """True when :func:`dequantize_nf4` handles this bitsandbytes weight: NF4; code tables and statistics
+    in the dtypes bitsandbytes makes (fp32, or nested 8-bit) and on the weight's device; the packed bytes
+    in bitsandbytes' ``(ceil(n/2), 1)`` column (any storage dtype), enough of them for the ``n`` values of
+    ``quant_state.shape``."""
+    code = quant_state.code
+    if quant_state.quant_type != "nf4" or quant_state.blocksize % 2 or code is None or code.dtype != torch.float32:
         return False
     if not (packed.is_contiguous() and packed.dim() == 2 and packed.shape[1] == 1):
         return False
@@ -76,12 +78,13 @@ def nf4_supported(quant_state, packed: torch.Tensor) -> bool:
     if packed.numel() * packed.element_size() < (n + 1) // 2:
         return False
     device = packed.device
-    tensors = [quant_state.code, quant_state.absmax]
+    tensors = [code, quant_state.absmax]
     if quant_state.nested:
         state2, offset = quant_state.state2, quant_state.offset
         if not (isinstance(offset, torch.Tensor) and offset.numel() == 1 and offset.dtype == torch.float32):
             return False
-        if quant_state.absmax.dtype != torch.uint8 or state2.absmax.dtype != torch.float32:
+        if (quant_state.absmax.dtype != torch.uint8 or state2.absmax.dtype != torch.float32
+                or state2.code.dtype != torch.float32):
             return False
         tensors += [state2.code, state2.absmax, offset]
     elif quant_state.absmax.dtype != torch.float32:
