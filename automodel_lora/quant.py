@@ -67,21 +67,30 @@ def dequantizer_4bit(module: nn.Linear, base_cls: type, x: torch.Tensor) -> Call
         return None
     packed = weight.data
     dtype = x.dtype  # dequantize into x's dtype directly (one rounding, as bitsandbytes' matmul)
+    state = _snapshot(quant_state)  # Params4bit.to() moves the module's quant state in place
     from .kernels import lora as kernels  # here, not at import: it may load triton
 
     if kernels.use_kernels_for(x):
         from .kernels import nf4
 
-        if nf4.nf4_supported(quant_state, packed):
+        if nf4.nf4_supported(state, packed):
 
             def dequantize_kernel() -> torch.Tensor:  # (out_features, in_features), one Triton launch
-                return kernels.on_device_of(packed, nf4.dequantize_nf4, packed, quant_state, dtype)
+                return kernels.on_device_of(packed, nf4.dequantize_nf4, packed, state, dtype)
 
             return dequantize_kernel
-    state = copy.copy(quant_state)
     state.dtype = dtype
 
     def dequantize() -> torch.Tensor:  # (out_features, in_features)
         return bnb.functional.dequantize_4bit(packed, state)
 
     return dequantize
+
+
+def _snapshot(quant_state):
+    """A shallow copy of a bitsandbytes ``QuantState`` and of its nested state: the tensors it holds now,
+    whatever later moves or replaces them in the original (``QuantState.to`` reassigns them in place)."""
+    state = copy.copy(quant_state)
+    if getattr(quant_state, "state2", None) is not None:
+        state.state2 = copy.copy(quant_state.state2)
+    return state

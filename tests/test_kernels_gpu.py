@@ -274,20 +274,39 @@ def test_nf4_base_fused_real_shape():
     assert calls == [(1536, K)]
 
 
+def _nf4_check(bnb, W, dtype, calls=1, **quant):
+    """Quantize W with bitsandbytes and compare ``calls`` NF4-kernel dequantizes with bitsandbytes' (CUDA)."""
+    from automodel_lora.kernels import nf4
+
+    packed, state = bnb.functional.quantize_4bit(W.to(dtype), quant_type="nf4", **quant)
+    assert nf4.nf4_supported(state, packed), quant
+    expected = bnb.functional.dequantize_4bit(packed, state)
+    for _ in range(calls):
+        got = nf4.dequantize_nf4(packed, state, dtype)
+        assert torch.equal(got, expected), (dtype, quant, (got.float() - expected.float()).abs().max().item())
+
+
 @pytest.mark.parametrize("nested, storage", [(True, torch.uint8), (False, torch.bfloat16)])
 def test_nf4_kernel_equals_bitsandbytes_real_shape(nested, storage):
     """The NF4 dequantize kernel gives bitsandbytes' CUDA dequantize_4bit bit for bit in bf16 and fp16 at
-    an 8B shape (58.7 M values), nested statistics (fp-contraction off) and a bf16 storage dtype included,
-    """
+    an 8B shape (58.7 M values), nested statistics (fp-contraction off) and a bf16 storage dtype included:
+    three calls (autotune and jit, the recorded plan, the cached launch), then another weight under the
+    same launch signature (the cached launch with its own pointers)."""
     bnb = pytest.importorskip("bitsandbytes")
-    from automodel_lora.kernels import nf4
-
     W = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
     for dtype in (torch.bfloat16, torch.float16):
-        packed, state = bnb.functional.quantize_4bit(W.to(dtype), blocksize=64, compress_statistics=nested,
-                                                     quant_type="nf4", quant_storage=storage)
-        assert nf4.nf4_supported(state, packed)
-        for _ in range(2):  # first call: autotune and jit; second: the cached launch
-            got = nf4.dequantize_nf4(packed, state, dtype)
-            expected = bnb.functional.dequantize_4bit(packed, state)
-            assert torch.equal(got, expected), (dtype, (got.float() - expected.float()).abs().max().item())
+        quant = dict(blocksize=64, compress_statistics=nested, quant_storage=storage)
+        _nf4_check(bnb, W, dtype, calls=3, **quant)
+        _nf4_check(bnb, torch.randn_like(W) * 3, dtype, **quant)
+
+
+def test_nf4_kernel_equals_bitsandbytes_blocksizes_and_odd_sizes():
+    """Every bitsandbytes 4-bit blocksize, nested and plain statistics, and an odd number of values (the last
+    byte holds one), in bf16 on the GPU."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    for shape in ((1001, 77), (512, 4096)):
+        W = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        for blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            for nested in (False, True):
+                _nf4_check(bnb, W, torch.bfloat16, calls=2, blocksize=blocksize, compress_statistics=nested)

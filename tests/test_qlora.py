@@ -292,5 +292,34 @@ def test_nf4_kernel_declines_what_it_does_not_cover():
     on_meta = copy.copy(state)
     on_meta.code = state.code.to("meta")  # statistics not on the weight's device
     assert not nf4.nf4_supported(on_meta, packed)
+    fp16_code = copy.copy(state)
+    fp16_code.code = state.code.half()  # the kernel (and its launch signature) read an fp32 table
+    assert not nf4.nf4_supported(fp16_code, packed)
+    short = copy.copy(state)
+    short.absmax = state.absmax[:-1]  # fewer statistics than the shape's blocks
+    assert not nf4.nf4_supported(short, packed)
     with pytest.raises(ValueError, match="torch.float64"):
         nf4.dequantize_nf4(packed, state, torch.float64)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_4bit_backward_uses_the_quant_state_its_forward_saw(nested):
+    """Moving the layer's quant state between forward and backward (QuantState.to reassigns its tensors, the
+    nested state's too, in place) does not reach the backward: it dequantizes what the forward did."""
+    torch.manual_seed(0)
+    dense = torch.randn(48, 64)
+    grads = []
+    for move in (False, True):
+        layer = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                                  compress_statistics=nested)
+        layer.weight = bnb.nn.Params4bit(dense.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=nested)
+        layer = layer.to("cpu")
+        al.patch_linear_module(layer, dim=4, alpha=8)
+        x = torch.linspace(-1, 1, 5 * 64).view(5, 64).requires_grad_(True)
+        y = layer(x)
+        if move:
+            layer.weight.quant_state.to("meta")
+        y.square().sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])

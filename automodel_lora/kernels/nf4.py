@@ -79,12 +79,16 @@ def nf4_supported(quant_state, packed: torch.Tensor) -> bool:
         return False
     device = packed.device
     tensors = [code, quant_state.absmax]
+    n_blocks = -(-n // quant_state.blocksize)
+    if quant_state.absmax.numel() < n_blocks:
+        return False
     if quant_state.nested:
         state2, offset = quant_state.state2, quant_state.offset
         if not (isinstance(offset, torch.Tensor) and offset.numel() == 1 and offset.dtype == torch.float32):
             return False
         if (quant_state.absmax.dtype != torch.uint8 or state2.absmax.dtype != torch.float32
-                or state2.code.dtype != torch.float32):
+                or state2.code.dtype != torch.float32 or state2.dtype != torch.float32
+                or state2.absmax.numel() < -(-n_blocks // state2.blocksize)):
             return False
         tensors += [state2.code, state2.absmax, offset]
     elif quant_state.absmax.dtype != torch.float32:
