@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_lora import _bench, _cfgs, _launch, _m_bucket, _run_cached
+from .triton_lora import _bench, _cdiv, _cfgs, _launch, _m_bucket, _run_cached
 
 
 @triton.jit
@@ -113,7 +113,8 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> tor
     n_out = out.numel()
     if n_out == 0:
         return out
-    q8 = packed.view(torch.uint8)  # bitsandbytes may store the bytes as bf16 etc. (FSDP "quant_storage")
+    # bitsandbytes may store the bytes as bf16 etc. (FSDP "quant_storage"); uint8 needs no view (host time)
+    q8 = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
     n_bytes = (n_out + 1) // 2
     nested = quant_state.nested
     absmax = quant_state.absmax
@@ -130,7 +131,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> tor
         return out
     _launch(
         "dequant_nf4", _dequant_tuned, _dequant_nf4_kernel,
-        lambda meta: (triton.cdiv(n_bytes, meta["BYTES"]),), dict(BYTES=64),
+        lambda meta: (_cdiv(n_bytes, meta["BYTES"]),), dict(BYTES=64),
         (_m_bucket(n_bytes), nested), ptrs, (n_bytes, n_out),
         dict(HALF_BLOCK=half_block, BLOCK2=block2, NESTED=nested, enable_fp_fusion=False), sig,
     )
