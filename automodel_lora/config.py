@@ -84,6 +84,11 @@ class PeftConfig:
         use_triton: run the adapter math in Triton kernels on CUDA (the PyTorch
             path is used on the CPU either way).
         use_rslora: rank-stabilised scale `alpha / sqrt(dim)`.
+        recompute_mlp_input: in gated MLPs (Llama, Mistral, Qwen2/3, Gemma, ...) whose
+            `down_proj` is adapted, make `down_proj`'s input `act(gate) * up` again in
+            backward instead of keeping it from forward (bit-identical results; saves
+            `tokens x intermediate` activations per layer for one elementwise pass; see
+            `automodel_lora.recompute`).
 
     Raises:
         ValueError: a field holds a value outside what is listed above.
@@ -100,13 +105,14 @@ class PeftConfig:
     lora_dtype: torch.dtype | str | None = None
     use_triton: bool = True
     use_rslora: bool = False
+    recompute_mlp_input: bool = True
 
     def __post_init__(self):
         self.target_modules = _as_name_list(self.target_modules, "target_modules")
         self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
         validate_adapter_hparams(self.dim, self.alpha, self.dropout, self.dropout_position, self.lora_A_init)
         self.lora_dtype = dtype_from_str(self.lora_dtype, "PeftConfig.lora_dtype")
-        for flag in ("match_all_linear", "use_triton", "use_rslora"):
+        for flag in ("match_all_linear", "use_triton", "use_rslora", "recompute_mlp_input"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"PeftConfig.{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.match_all_linear and self.target_modules:

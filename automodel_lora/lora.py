@@ -28,6 +28,7 @@ from .config import PeftConfig, dtype_from_str, lora_scale, validate_adapter_hpa
 from .kernels import lora_add, lora_linear, lora_linear_dequant
 from .matcher import ModuleMatcher
 from .quant import dequantizer_4bit, is_quantized_linear, quantized_compute_dtype
+from .recompute import recompute_mlp_inputs, restore_mlp_classes
 
 
 class LinearLoRA(nn.Linear):
@@ -336,6 +337,8 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
             use_triton=cfg.use_triton,
             use_rslora=cfg.use_rslora,
         )
+    if cfg.recompute_mlp_input:
+        recompute_mlp_inputs(model)
     return len(selected)
 
 
@@ -421,6 +424,7 @@ def remove_lora(model: nn.Module, merge: bool = False) -> int:
         merge_lora(model)
     else:
         unmerge_lora(model)
+    restore_mlp_classes(model)
     modules = lora_modules(model)
     for _, module in modules:
         del module.lora_A, module.lora_B, module.lora_dropout

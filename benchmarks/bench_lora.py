@@ -4,8 +4,8 @@
     python benchmarks/bench_lora.py --sections layer   # just the layer table
     python benchmarks/bench_lora.py --smoke            # tiny shapes, any device (checks the script itself)
 
-Variants, all on the same x, g and weights, interleaved (A B C A B C ...), three rounds,
-median of per-step CUDA-event times; ratios are to the frozen layer measured in the same run:
+Variants, all on the same x, g and weights, interleaved step by step (A B C, B C A, ...), three
+rounds, median of per-step CUDA-event times; ratios are to the frozen layer measured in the same run:
   frozen      plain frozen nn.Linear (the floor)
   peft        HF PEFT LoraConfig on the same linear, its defaults (fp32 adapters)
   torch_naive F.linear(x, W, b) + s * F.linear(F.linear(x, A), B), bf16 adapters
@@ -14,6 +14,8 @@ median of per-step CUDA-event times; ratios are to the frozen layer measured in 
               takes the low-rank term as an extra K step) + Triton skinny kernels
   triton_cublas  the same kernels with the cuBLAS base GEMM (low-rank term through beta=1)
   triton_tma  the same kernels with the Triton base GEMM forced (the TMA GEMM on Hopper)
+  triton_no_recompute  (model) the kernel path keeping down_proj's input from forward to backward
+              (PeftConfig.recompute_mlp_input=False; every other LoRA variant recomputes it)
 Prints the table last; writes the full JSON (GPU, date, commit, autotune choices).
 """
 
@@ -36,8 +38,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from automodel_lora import PeftConfig, apply_lora_to_linear_modules, patch_linear_module  # noqa: E402
 from automodel_lora import kernels as K  # noqa: E402
-from automodel_lora import patch_linear_module  # noqa: E402
 
 try:  # the NF4 dequantize kernel (needs triton)
     from automodel_lora.kernels import nf4 as NF4  # noqa: E402
@@ -91,17 +93,44 @@ def peak_delta_mib(step, prep=None) -> float:
 
 
 def interleaved(variants: dict, n: int, rounds: int, warmup: int, prep=None) -> dict:
+    """Median ms per step of each variant: steps interleaved one by one (A B C, then B C A, ...), so a
+    clock or power drift of the GPU lands on every variant alike; each step between its own CUDA events,
+    one synchronize per round (the host runs ahead as in training); ``rounds`` rounds of ``n`` steps each,
+    the median of the round medians."""
     for name, step in variants.items():
         for i in range(warmup):
             if prep:
                 prep(i)
             step(i)
     _sync()
-    res = {name: [] for name in variants}
+    names = list(variants)
+    res = {name: [] for name in names}
     for _ in range(rounds):
-        for name, step in variants.items():
-            res[name].append(statistics.median(time_block(step, n, prep)))
+        marks = {name: [] for name in names}  # (start, end) per step: CUDA events, or host seconds on the CPU
+        for i in range(n):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                if prep:
+                    prep(i)
+                marks[name].append(_mark())
+                variants[name](i)
+                marks[name][-1] = (marks[name][-1], _mark())
+        _sync()
+        for name in names:
+            res[name].append(statistics.median(_elapsed_ms(a, b) for a, b in marks[name]))
     return {name: statistics.median(v) for name, v in res.items()}
+
+
+def _mark():
+    if DEV != "cuda":
+        return time.perf_counter()
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
+
+
+def _elapsed_ms(a, b) -> float:
+    return (b - a) * 1e3 if DEV != "cuda" else a.elapsed_time(b)
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -484,14 +513,14 @@ def bench_model(args, results):
         m.model.embed_tokens.weight.requires_grad_(True)
         return m
 
-    def lora_model(use_triton):
+    def lora_model(use_triton, recompute=True):
         m = copy.deepcopy(base)
-        m.requires_grad_(False)
-        for name, mod in m.named_modules():
-            if name.split(".")[-1] in PROJ:
-                patch_linear_module(mod, dim=r, alpha=2 * r, use_triton=use_triton)
-                with torch.no_grad():
-                    mod.lora_B.weight.normal_(0, 0.01)
+        apply_lora_to_linear_modules(m, PeftConfig(target_modules=PROJ, dim=r, alpha=2 * r, use_triton=use_triton,
+                                                   recompute_mlp_input=recompute))
+        with torch.no_grad():
+            for name, p_ in m.named_parameters():
+                if "lora_B" in name:
+                    p_.normal_(0, 0.01)
         return m
 
     def peft_model():
@@ -508,6 +537,8 @@ def bench_model(args, results):
             print(f"peft unavailable: {e!r}")
     models["torch"] = lora_model(False)
     models["triton"] = lora_model(True)
+    if "triton_no_recompute" in args.variants:
+        models["triton_no_recompute"] = lora_model(True, recompute=False)
     for name in ("triton_cublas", "triton_tma"):
         if name in args.variants:
             models[name] = models["triton"]  # same model, run under BASE_GEMM[name]
