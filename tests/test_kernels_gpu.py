@@ -11,6 +11,8 @@ wrong term or mask is off by > 5e-2 (the adapter term is ~20% of y here).
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -347,14 +349,18 @@ def test_recompute_mlp_input_saves_its_bytes_and_changes_no_bit(quantized):
                     p.normal_(0, 0.01)
         model(input_ids=ids, labels=ids).loss.backward()  # warm-up (kernels compiled, caches filled)
         model.zero_grad(set_to_none=True)
+        gc.collect()  # the previous model's cycles now, not inside the measured forward
+        gc.disable()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         loss = model(input_ids=ids, labels=ids).loss
         torch.cuda.synchronize()
         held[recompute] = torch.cuda.memory_allocated() - before
+        gc.enable()
         loss.backward()
         losses[recompute] = loss.detach()
         grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        del model, loss
     assert torch.equal(losses[True], losses[False])
     assert grads[True].keys() == grads[False].keys()
     for name in grads[False]:

@@ -155,3 +155,21 @@ def test_only_listed_mlps_with_an_adapted_down_proj_switch():
 def test_recompute_flag_must_be_bool():
     with pytest.raises(ValueError, match="recompute_mlp_input must be true or false"):
         PeftConfig(target_modules=["q_proj"], recompute_mlp_input="yes")
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_torch_compile_fullgraph_with_switched_mlps_matches_eager(use_triton):
+    """Under torch.compile the switched MLP runs its plain forward (the compiler chooses what to keep):
+    one graph, and the same loss and gradients as eager with the recompute."""
+    ids = torch.randint(0, 128, (2, 9))
+    eager = _adapted(True, use_triton)
+    compiled_model = copy.deepcopy(eager)
+    loss_e, grads_e = _loss_and_grads(eager, ids)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(3)
+    loss_c = compiled(input_ids=ids, labels=ids).loss
+    loss_c.backward()
+    torch.testing.assert_close(loss_c.detach(), loss_e)
+    for name, param in compiled_model.named_parameters():
+        if name in grads_e:
+            torch.testing.assert_close(param.grad, grads_e[name], msg=name)
