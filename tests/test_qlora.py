@@ -14,6 +14,59 @@ from .conftest import assert_close, tiny_llama
 bnb = pytest.importorskip("bitsandbytes")
 
 
+def _dequantize_4bit_reference(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """bitsandbytes' generic 4-bit dequantize (its ``backends/default`` math) in plain torch: the code
+    value of each nibble (high nibble first) times its block's absmax, in fp32, rounded once to ``dtype``
+    (default: the quantized weight's)."""
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        absmax = bnb.functional.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
+    q8 = (packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)).reshape(-1)
+    n = quant_state.shape.numel()
+    nibbles = torch.stack((q8 >> 4, q8 & 15), dim=1).reshape(-1)[:n].long()
+    scale = absmax.float().repeat_interleave(quant_state.blocksize)[:n]
+    out = (quant_state.code.to(packed.device)[nibbles] * scale).reshape(quant_state.shape).to(dtype or quant_state.dtype)
+    return out.t() if packed.shape[0] == 1 else out
+
+
+def _cpu_dequantize_is_wrong() -> bool:
+    """bitsandbytes 0.50's native CPU kernels (dequantize_4bit, and gemm_4bit behind Linear4bit's forward)
+    decode blocks that straddle two rows wrongly on AVX512 CPUs (seen on an AMD EPYC with avx512f/bw/bf16:
+    max error 6.1 at (64, 96), blocksize 64; right when in_features is a multiple of the blocksize, and on
+    the CPU of earlier sessions)."""
+    torch.manual_seed(0)
+    packed, state = bnb.functional.quantize_4bit(torch.randn(8, 96), blocksize=64, quant_type="nf4")
+    return not torch.equal(bnb.functional.dequantize_4bit(packed, state), _dequantize_4bit_reference(packed, state))
+
+
+CPU_DEQUANTIZE_IS_WRONG = _cpu_dequantize_is_wrong()
+
+
+@pytest.fixture(autouse=True)
+def _bitsandbytes_reference_dequantize(monkeypatch):
+    """Where bitsandbytes' CPU kernels are wrong (above), the references of these tests (bitsandbytes'
+    dequantize_4bit and Linear4bit's product) use its generic math instead: the dequantized weight, then
+    F.linear, as its backward does; elsewhere they are bitsandbytes' own."""
+    if not CPU_DEQUANTIZE_IS_WRONG:
+        return
+    real = bnb.functional.dequantize_4bit
+
+    def dequantize_4bit(A, quant_state=None, *args, **kwargs):
+        if A.device.type == "cpu" and quant_state is not None and not args and not kwargs:
+            return _dequantize_4bit_reference(A, quant_state)
+        return real(A, quant_state, *args, **kwargs)
+
+    def matmul_4bit(A, B, quant_state, out=None, bias=None):  # Linear4bit's product: y = A W^T + b
+        if A.device.type != "cpu" or out is not None:
+            return real_matmul(A, B, quant_state, out=out, bias=bias)
+        # gemm_4bit dequantizes straight into A's dtype (no rounding through the weight's source dtype)
+        return torch.nn.functional.linear(A, _dequantize_4bit_reference(B.view(-1, 1), quant_state, A.dtype), bias)
+
+    real_matmul = bnb.matmul_4bit
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", dequantize_4bit)
+    monkeypatch.setattr(bnb, "matmul_4bit", matmul_4bit)
+
+
 def to_nf4(model: nn.Module, compute_dtype=torch.float32, skip=("lm_head",)) -> nn.Module:
     """Replace every nn.Linear (but `skip`) by an NF4 `Linear4bit` holding the same weights."""
     for module in list(model.modules()):
