@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .lora import lora_modules, patch_linear_module
+from .recompute import recompute_mlp_inputs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -214,6 +215,8 @@ def _patch_from_file(model, modules, pairs, peft_cfg, library_cfg, use_triton) -
             use_triton=use_triton if use_triton is not None else (library_cfg.use_triton if library_cfg else True),
             use_rslora=bool(peft_cfg.get("use_rslora", False)),
         )
+    if library_cfg.recompute_mlp_input if library_cfg else True:  # as apply_lora_to_linear_modules does
+        recompute_mlp_inputs(model)
 
 
 def _group_adapter_tensors(tensors: dict[str, torch.Tensor], source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -84,7 +84,8 @@ class PeftConfig:
         use_triton: run the adapter math in Triton kernels on CUDA (the PyTorch
             path is used on the CPU either way).
         use_rslora: rank-stabilised scale `alpha / sqrt(dim)`.
-        recompute_mlp_input: in gated MLPs (Llama, Mistral, Qwen2/3, Gemma, ...) whose
+        recompute_mlp_input: in gated MLPs (Llama, Mistral, Qwen2/3, Gemma, ...; see
+            `automodel_lora.recompute.is_gated_mlp`) whose
             `down_proj` is adapted, make `down_proj`'s input `act(gate) * up` again in
             backward instead of keeping it from forward (bit-identical results; saves
             `tokens x intermediate` activations per layer for one elementwise pass; see

@@ -6,18 +6,27 @@ kin) that input ``h = act(g) * u`` is ``[tokens, intermediate]``, the largest ac
 layer, and the frozen model never keeps it. Autograd keeps ``g`` and ``u`` anyway (for the backward
 of ``act`` and of the product), so ``h`` can be made again from them, bit for bit, when
 ``down_proj``'s backward asks for it: one elementwise pass in backward instead of
-``tokens * intermediate`` bytes held from forward to backward (4 x 117 MB in the 4-layer benchmark
+``tokens * intermediate`` bytes held from forward to backward (4 x 112 MiB in the 4-layer benchmark
 model, `benchmarks/NOTES.md`).
 
 How: the gated MLP's class is swapped in place (as the linears' are) for a subclass whose forward
 runs ``down_proj`` inside a ``saved_tensors_hooks`` context that stores, for any saved tensor that
-*is* ``h`` (or a contiguous view of it), a recipe instead of the tensor. Nothing else changes: the
-same kernels run, every other saved tensor is stored as before, parameters and FQNs are untouched.
-The forward falls back to the original one (keeping ``h``) where the recipe would not hold:
-under ``torch.compile`` (its partitioner makes its own recompute choices), when another
-saved-tensor hook is active (activation checkpointing or offloading, which already decide what to
-keep), or when ``g`` / ``u`` do not require grad (autograd would not keep them, so the recipe would
-keep two tensors to save one).
+*is* ``h`` (or a contiguous view of all of it, unmodified), a recipe instead of the tensor. Nothing
+else changes: the same kernels run, every other saved tensor is stored as before, parameters and
+FQNs are untouched.
+
+Which modules: those whose class's ``forward`` compiles to exactly
+``return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))`` (the bytecode is
+compared, so Llama, Mistral, Qwen2/3 (and their MoE experts), Gemma 1-3, OLMo, Granite, Cohere,
+SmolLM3, ... match, and a class of the same name with another forward does not), with an ``act_fn``
+whose backward keeps its input (SiLU and the GELUs; a ReLU keeps its output, so there ``g`` would be
+kept for the recipe alone and nothing saved).
+
+The forward keeps ``h`` as before where the recipe would not hold: under ``torch.compile`` (its
+partitioner makes its own recompute choices), under another saved-tensor hook (activation
+checkpointing or offloading, which already decide what to keep) or where saved-tensor hooks are
+disabled (``torch.func`` transforms), when ``g`` / ``u`` do not require grad (autograd would not keep
+them), for a non-contiguous ``h``, and on torch builds without the hook-stack query (before 2.8).
 """
 
 from __future__ import annotations
@@ -27,30 +36,44 @@ import weakref
 import torch
 from torch import nn
 
-# Class names of gated MLPs whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
-# (transformers' modeling code). Only these are patched: the recompute must reproduce the forward.
-GATED_MLP_CLASSES = frozenset({
-    "LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "OlmoMLP", "Olmo2MLP",
-    "GraniteMLP",
+# Activations whose backward keeps their input (so autograd keeps g anyway): by class name, torch's
+# and transformers' (ACT2FN) modules.
+INPUT_KEEPING_ACTIVATIONS = frozenset({
+    "SiLU", "SiLUActivation", "GELU", "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation",
+    "FastGELUActivation", "QuickGELUActivation",
 })
 
 _RECOMPUTE_CLASSES: dict[type, type] = {}
 
 
+def _gated_mlp_forward(self, x):  # the forward a module must have, compared by bytecode
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+
+
+def _same_code(fn, ref) -> bool:
+    code, want = getattr(fn, "__code__", None), ref.__code__
+    return code is not None and all(
+        getattr(code, attr) == getattr(want, attr) for attr in ("co_code", "co_names", "co_consts", "co_argcount")
+    )
+
+
 class _RecomputedInput:
-    """What is saved in place of ``h``: the recipe ``act(g) * u`` and the view to return.
+    """What is saved in place of ``h``: the recipe ``act(g) * u``, replayed under the forward's autocast
+    state, reshaped to the saved view.
 
     ``g`` and ``u`` are the tensors autograd already keeps for the backward of ``act`` and of the
     product; their versions are recorded so that an in-place change after forward is an error, as
     it would be for a tensor autograd saved itself.
     """
 
-    __slots__ = ("act", "g", "u", "versions", "shape", "value")
+    __slots__ = ("act", "g", "u", "versions", "shape", "dtype", "autocast", "value")
 
-    def __init__(self, act, g: torch.Tensor, u: torch.Tensor, shape: torch.Size):
+    def __init__(self, act, g: torch.Tensor, u: torch.Tensor, saved: torch.Tensor, autocast: tuple):
         self.act, self.g, self.u = act, g, u
         self.versions = (g._version, u._version)
-        self.shape = shape
+        self.shape, self.dtype = saved.shape, saved.dtype
+        self.autocast = autocast  # (device type, enabled, dtype) of the forward
         self.value = None
 
     def get(self) -> torch.Tensor:
@@ -61,13 +84,31 @@ class _RecomputedInput:
                     "in place after the forward pass; recompute_mlp_input needs them unchanged (set "
                     "PeftConfig.recompute_mlp_input=False to keep down_proj's input instead)"
                 )
-            with torch.no_grad():
-                self.value = (self.act(self.g) * self.u).reshape(self.shape)
+            device_type, enabled, dtype = self.autocast
+            with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                h = self.act(self.g)
+                if h.dtype == torch.result_type(h, self.u) and h.shape == self.u.shape and not _shares(h, self.g):
+                    h.mul_(self.u)  # the same bits as act(g) * u, without a second tensor of h's size
+                else:
+                    h = h * self.u
+            if h.dtype != self.dtype or h.numel() != self.shape.numel():
+                raise RuntimeError(
+                    f"down_proj's input recomputed in backward is {h.dtype} {tuple(h.shape)}, but the forward saved "
+                    f"{self.dtype} {tuple(self.shape)}; set PeftConfig.recompute_mlp_input=False for this model"
+                )
+            self.value = h.reshape(self.shape)
         return self.value
 
 
-def _views_whole(t: torch.Tensor, h: torch.Tensor) -> bool:
-    """True if ``t`` is ``h`` or a contiguous view of all of it (the flattened input a kernel saves)."""
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _views_whole(t: torch.Tensor, h: torch.Tensor, h_version: int) -> bool:
+    """True if ``t`` is the contiguous ``h`` or a contiguous view of all of it (the flattened input a
+    kernel saves), unchanged since the recipe was made (a view shares ``h``'s version counter)."""
+    if t._version != h_version:
+        return False
     if t is h:
         return True
     return (
@@ -75,7 +116,7 @@ def _views_whole(t: torch.Tensor, h: torch.Tensor) -> bool:
         and t.device == h.device
         and t.numel() == h.numel()
         and t.is_contiguous()
-        and t.untyped_storage().data_ptr() == h.untyped_storage().data_ptr()
+        and _shares(t, h)
         and t.storage_offset() == h.storage_offset()
     )
 
@@ -86,14 +127,16 @@ class _SaveRecipeFor(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, h: torch.Tensor, act, g: torch.Tensor, u: torch.Tensor):
         recipes: dict[torch.Size, _RecomputedInput] = {}
         # Every saved tensor keeps these hooks until its backward: they must not keep h alive.
-        h_ref = weakref.ref(h)
+        h_ref, h_version = weakref.ref(h), h._version
+        device_type = h.device.type
+        autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
 
         def pack(t: torch.Tensor):
             h = h_ref()
-            if h is None or not _views_whole(t, h):
+            if h is None or not _views_whole(t, h, h_version):
                 return t
             if t.shape not in recipes:  # one recomputation per shape, shared by every node that saved it
-                recipes[t.shape] = _RecomputedInput(act, g, u, t.shape)
+                recipes[t.shape] = _RecomputedInput(act, g, u, t, autocast)
             return recipes[t.shape]
 
         def unpack(saved):
@@ -102,13 +145,25 @@ class _SaveRecipeFor(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
-def _can_recompute(g: torch.Tensor, u: torch.Tensor) -> bool:
+def _hooks_are_free() -> bool:
+    """No other saved-tensor hook is active and hooks are allowed (False where torch cannot tell)."""
+    autograd = torch._C._autograd
+    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
+    enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
+    if top is None or enabled is None or not enabled():
+        return False
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return top(False) is None and (peek is None or peek() is None)
+
+
+def _can_recompute(h: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> bool:
     return (
         torch.is_grad_enabled()
         and g.requires_grad
         and u.requires_grad
         and not torch.compiler.is_compiling()
-        and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        and h.is_contiguous()
+        and _hooks_are_free()
     )
 
 
@@ -128,7 +183,7 @@ class GatedMLPRecompute(nn.Module):
         g = self.gate_proj(x)  # (..., intermediate)
         u = self.up_proj(x)  # (..., intermediate)
         h = self.act_fn(g) * u  # (..., intermediate): the forward's own h, bit for bit
-        if not _can_recompute(g, u):
+        if not _can_recompute(h, g, u):
             return down(h)
         with _SaveRecipeFor(h, self.act_fn, g, u):
             return down(h)
@@ -145,18 +200,21 @@ def _recompute_class_for(cls: type) -> type:
     return _RECOMPUTE_CLASSES[cls]
 
 
-def _is_gated_mlp(module: nn.Module) -> bool:
-    return type(module).__name__ in GATED_MLP_CLASSES and all(
-        isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj")
-    ) and callable(getattr(module, "act_fn", None))
+def is_gated_mlp(module: nn.Module) -> bool:
+    """True for a module whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (compared
+    by bytecode) with an ``act_fn`` whose backward keeps its input (`INPUT_KEEPING_ACTIVATIONS`)."""
+    return (
+        _same_code(type(module).forward, _gated_mlp_forward)
+        and all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj"))
+        and type(getattr(module, "act_fn", None)).__name__ in INPUT_KEEPING_ACTIVATIONS
+    )
 
 
 def recompute_mlp_inputs(model: nn.Module) -> int:
     """Swap, in place, every gated MLP of `model` whose ``down_proj`` has an adapter for its recompute subclass.
 
-    Gated MLPs are the classes in `GATED_MLP_CLASSES` (their forward is
-    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``); others are left alone. Results are the
-    same bit for bit; backward makes ``down_proj``'s input again instead of keeping it.
+    Gated MLPs are those `is_gated_mlp` accepts; others are left alone. Results are the same bit for
+    bit; backward makes ``down_proj``'s input again instead of keeping it.
 
     Returns:
         The number of MLPs switched (already switched ones are not counted again).
@@ -165,7 +223,7 @@ def recompute_mlp_inputs(model: nn.Module) -> int:
 
     count = 0
     for module in model.modules():
-        if isinstance(module, GatedMLPRecompute) or not _is_gated_mlp(module):
+        if isinstance(module, GatedMLPRecompute) or not is_gated_mlp(module):
             continue
         if is_lora_module(module.down_proj):
             module.__class__ = _recompute_class_for(type(module))
