@@ -70,6 +70,14 @@ class LinearLoRA(nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         _add_adapter(self, dim, alpha, dropout, dropout_position, lora_A_init_method, lora_dtype, use_rslora)
 
+    def __reduce_ex__(self, protocol):
+        """Pickle a patched module by its (adapter class, original class) pair, not by the generated class's
+        name, so a fresh process (``torch.load`` of a whole model) builds the class again."""
+        cls = type(self)
+        if _PATCHED_CLASSES.get(cls.__bases__) is not cls:  # LinearLoRA(...) built directly: importable
+            return super().__reduce_ex__(protocol)
+        return _new_patched, cls.__bases__, self.__dict__
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen layer alone: `x W^T + b`, through the original class's forward."""
         return self._lora_base_cls.forward(self, x)
@@ -179,6 +187,12 @@ def _lora_class_for(lora_cls: type[LinearLoRA], base_cls: type[nn.Linear]) -> ty
         globals()[name] = cls
         _PATCHED_CLASSES[key] = cls
     return _PATCHED_CLASSES[key]
+
+
+def _new_patched(lora_cls: type[LinearLoRA], base_cls: type[nn.Linear]) -> LinearLoRA:
+    """An empty instance of the patched class of (`lora_cls`, `base_cls`); pickle then sets its state."""
+    cls = _lora_class_for(lora_cls, base_cls)
+    return cls.__new__(cls)
 
 
 def is_lora_module(module: nn.Module) -> bool:

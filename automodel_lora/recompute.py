@@ -176,6 +176,10 @@ class GatedMLPRecompute(nn.Module):
 
     _recompute_base_cls: type[nn.Module] = nn.Module
 
+    def __reduce_ex__(self, protocol):
+        """Pickle by the original class (the generated one is rebuilt in a fresh process, as in `lora`)."""
+        return _new_switched, (self._recompute_base_cls,), self.__dict__
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down = self.down_proj
         if getattr(down, "lora_merged", True):  # no adapter (removed) or merged: nothing saves h
@@ -198,6 +202,12 @@ def _recompute_class_for(cls: type) -> type:
         globals()[name] = sub
         _RECOMPUTE_CLASSES[cls] = sub
     return _RECOMPUTE_CLASSES[cls]
+
+
+def _new_switched(cls: type) -> nn.Module:
+    """An empty instance of the recompute subclass of ``cls``; pickle then sets its state."""
+    sub = _recompute_class_for(cls)
+    return sub.__new__(sub)
 
 
 def is_gated_mlp(module: nn.Module) -> bool:

@@ -382,3 +382,33 @@ def test_merge_refuses_tied_weights_and_changes_nothing():
 def test_linear_lora_constructor_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
         al.LinearLoRA(8, 4, **kwargs)
+
+
+def test_whole_model_pickle_loads_in_a_fresh_process(tmp_path):
+    """torch.save(model) of a patched Llama (adapted linears and switched MLPs) loads with torch.load in a
+    new interpreter, where the generated classes do not exist yet, and gives the same logits."""
+    import os
+    import subprocess
+    import sys
+
+    model = tiny_llama()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]))
+    randomize_adapters(model)
+    ids = torch.arange(6).view(1, 6)
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits, tmp_path / "logits.pt")
+    torch.save(model, tmp_path / "model.pt")
+    script = (
+        "import torch, sys\n"
+        f"m = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+        f"want = torch.load({str(tmp_path / 'logits.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    got = m(input_ids=torch.arange(6).view(1, 6)).logits\n"
+        "print(type(m.model.layers[0].mlp.down_proj).__name__, type(m.model.layers[0].mlp).__name__)\n"
+        "sys.exit(0 if torch.equal(got, want) else 3)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "TritonLinearLoRA" in done.stdout and "Recompute_" in done.stdout
