@@ -27,6 +27,7 @@ from torch import nn
 from .config import PeftConfig, dtype_from_str, lora_scale, validate_adapter_hparams
 from .kernels import lora_add, lora_linear, lora_linear_dequant
 from .matcher import ModuleMatcher
+from .patching import is_swapped_class, swapped_class
 from .quant import dequantizer_4bit, is_quantized_linear, quantized_compute_dtype
 from .recompute import recompute_mlp_inputs, restore_mlp_classes
 
@@ -74,7 +75,7 @@ class LinearLoRA(nn.Linear):
         """Pickle a patched module by its (adapter class, original class) pair, not by the generated class's
         name, so a fresh process (``torch.load`` of a whole model) builds the class again."""
         cls = type(self)
-        if _PATCHED_CLASSES.get(cls.__bases__) is not cls:  # LinearLoRA(...) built directly: importable
+        if not is_swapped_class(cls):  # LinearLoRA(...) built directly: importable
             return super().__reduce_ex__(protocol)
         return _new_patched, cls.__bases__, self.__dict__
 
@@ -170,23 +171,9 @@ def _param(module: nn.Module, name: str):
     return params[name] if name in params else getattr(module, name)
 
 
-_PATCHED_CLASSES: dict[tuple[type, type], type] = {}
-
-
 def _lora_class_for(lora_cls: type[LinearLoRA], base_cls: type[nn.Linear]) -> type:
-    """The subclass of (`lora_cls`, `base_cls`), built once per pair and cached.
-
-    It is registered in this module's namespace under a unique name so that
-    `pickle` / `torch.save(model)` can find it by qualified name.
-    """
-    key = (lora_cls, base_cls)
-    if key not in _PATCHED_CLASSES:
-        name = f"{lora_cls.__name__}_{base_cls.__module__.replace('.', '_')}_{base_cls.__name__}"
-        cls = type(name, (lora_cls, base_cls), {"_lora_base_cls": base_cls, "__module__": __name__})
-        cls.__qualname__ = name
-        globals()[name] = cls
-        _PATCHED_CLASSES[key] = cls
-    return _PATCHED_CLASSES[key]
+    """The class a `base_cls` module is switched to: a subclass of (`lora_cls`, `base_cls`), built once."""
+    return swapped_class(lora_cls, base_cls, "_lora_base_cls")
 
 
 def _new_patched(lora_cls: type[LinearLoRA], base_cls: type[nn.Linear]) -> LinearLoRA:

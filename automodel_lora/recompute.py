@@ -36,15 +36,14 @@ import weakref
 import torch
 from torch import nn
 
+from .patching import swapped_class
+
 # Activations whose backward keeps their input (so autograd keeps g anyway): by class name, torch's
 # and transformers' (ACT2FN) modules.
 INPUT_KEEPING_ACTIVATIONS = frozenset({
     "SiLU", "SiLUActivation", "GELU", "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation",
     "FastGELUActivation", "QuickGELUActivation",
 })
-
-_RECOMPUTE_CLASSES: dict[type, type] = {}
-
 
 def _gated_mlp_forward(self, x):  # the forward a module must have, compared by bytecode
     down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -194,14 +193,8 @@ class GatedMLPRecompute(nn.Module):
 
 
 def _recompute_class_for(cls: type) -> type:
-    """The recompute subclass of ``cls``, built once and registered here for pickle (as `lora` does)."""
-    if cls not in _RECOMPUTE_CLASSES:
-        name = f"Recompute_{cls.__module__.replace('.', '_')}_{cls.__name__}"
-        sub = type(name, (GatedMLPRecompute, cls), {"_recompute_base_cls": cls, "__module__": __name__})
-        sub.__qualname__ = name
-        globals()[name] = sub
-        _RECOMPUTE_CLASSES[cls] = sub
-    return _RECOMPUTE_CLASSES[cls]
+    """The class a gated MLP of class ``cls`` is switched to: a subclass of (`GatedMLPRecompute`, ``cls``)."""
+    return swapped_class(GatedMLPRecompute, cls, "_recompute_base_cls")
 
 
 def _new_switched(cls: type) -> nn.Module:
