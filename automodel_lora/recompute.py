@@ -45,6 +45,7 @@ INPUT_KEEPING_ACTIVATIONS = frozenset({
     "FastGELUActivation", "QuickGELUActivation",
 })
 
+
 def _gated_mlp_forward(self, x):  # the forward a module must have, compared by bytecode
     down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
     return down_proj
