@@ -215,7 +215,7 @@ def _patch_from_file(model, modules, pairs, peft_cfg, library_cfg, use_triton) -
             use_triton=use_triton if use_triton is not None else (library_cfg.use_triton if library_cfg else True),
             use_rslora=bool(peft_cfg.get("use_rslora", False)),
         )
-    if library_cfg.recompute_mlp_input if library_cfg else True:  # as apply_lora_to_linear_modules does
+    if library_cfg is None or library_cfg.recompute_mlp_input:  # as apply_lora_to_linear_modules does
         recompute_mlp_inputs(model)
 
 

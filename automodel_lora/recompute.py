@@ -145,15 +145,18 @@ class _SaveRecipeFor(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
+# What tells whether saved-tensor hooks are free to use, looked up once (None where this torch has no
+# such query: the hook-stack query arrived in torch 2.8).
+_TOP_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_HOOKS_ENABLED = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+_FUNCTORCH_LEVEL = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+
+
 def _hooks_are_free() -> bool:
     """No other saved-tensor hook is active and hooks are allowed (False where torch cannot tell)."""
-    autograd = torch._C._autograd
-    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
-    enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
-    if top is None or enabled is None or not enabled():
+    if _TOP_HOOKS is None or _HOOKS_ENABLED is None or not _HOOKS_ENABLED():
         return False
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return top(False) is None and (peek is None or peek() is None)
+    return _TOP_HOOKS(False) is None and (_FUNCTORCH_LEVEL is None or _FUNCTORCH_LEVEL() is None)
 
 
 def _can_recompute(h: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> bool:

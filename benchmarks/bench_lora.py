@@ -112,9 +112,9 @@ def interleaved(variants: dict, n: int, rounds: int, warmup: int, prep=None) -> 
             for name in names[shift:] + names[:shift]:
                 if prep:
                     prep(i)
-                marks[name].append(_mark())
+                start = _mark()
                 variants[name](i)
-                marks[name][-1] = (marks[name][-1], _mark())
+                marks[name].append((start, _mark()))
         _sync()
         for name in names:
             res[name].append(statistics.median(_elapsed_ms(a, b) for a, b in marks[name]))

@@ -1,4 +1,4 @@
-"""The bandwidth-bound LoRA kernels (`proj`, `tn2`) forced to each config, against the copy rate (GPU time).
+"""The bandwidth-bound LoRA kernels (`proj`, `tn2`) forced to each config, with their read rate (GPU time).
 
     python benchmarks/skinny_configs.py [--shapes 4096x4096,4096x14336,14336x4096] [--ranks 16,64]
 
@@ -8,9 +8,10 @@ Problems (bf16, M = 8192), as the layer runs them:
   tn2:     dA = s dyB^T x, dB = s dy^T xa   reads x and dy
 Each kernel is checked against an fp32 reference, then timed from a CUDA graph (do_bench_cudagraph,
 median) for every config of its autotune set plus a few with more programs, in rounds that visit the
-variants in a rotating order. The floor is the bytes read at the rate of `read` (a sum over a tensor
-as large as x or dy, which reads it once), timed in the same rounds. Also reports which config the
-library's autotuner picks. Writes $OUT/skinny_configs.json (OUT defaults to "."); table last.
+variants in a rotating order, with `read` (torch's sum over the same inputs, which reads them once)
+in the same rounds as a yardstick; it reads at only ~2.9 TB/s on an H200, so compare TB/s with the
+~4.3 TB/s copy rate instead (benchmarks/NOTES.md). Also reports which config the library's
+autotuner picks. Writes $OUT/skinny_configs.json (OUT defaults to "."); table last.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def main():
                         continue
                     errs[plan_name(plan)] = rel_err(got, ref)
                     variants[plan_name(plan)] = (lambda pkey=pkey, plan=plan: (force(*pkey, plan), run()))
-                reads = [t for t in ((src,) if src is not None else (x, dy))]
+                reads = (src,) if src is not None else (x, dy)
                 variants["read"] = lambda: [t.sum(dtype=torch.float32) for t in reads]
                 names = list(variants)
                 times = {n: [] for n in names}
