@@ -340,22 +340,14 @@ def _gemm_lora_kernel(
 # FUSE_PROJ: P = X @ Rop is not an input but made here, from the X tiles the GEMM loads anyway
 # (no pass of its own over X).  The tiles of column block 0 come first in the tile order
 # ("producers"): each also accumulates its BM rows of P in its K loop, stores them (P is an
-# output: the caller keeps it for backward), and raises its row block's flag.  Every other tile
-# waits at its epilogue for its row block's flag (by then long raised: the producers run in the
-# first wave) and loads those rows.  A row block's tiles count themselves on a second lock; the
-# last one resets both, so the locks are zero between launches.  Waiting is safe because a tile
-# only waits for a tile earlier in the order, on a program that is resident (one per SM).
-# Rop is (K, R) (R_T: a transposed view of a row-major (R, K) tensor, the forward's lora_A^T).
+# output: the caller keeps it for backward), raises its row block's flag and counts itself done.
+# The other tiles load their rows of P at the epilogue.  Until a program has seen every producer
+# done (after that it checks nothing), it waits there for its row block's flag; only the first
+# wave's tiles can find it down.  Waiting is safe because a tile only waits for a tile earlier in
+# the order, on a program that is resident (one per SM).  The last program to finish zeroes the
+# flags and counters for the next launch.  Locks: flags[0:num_m], then the producer and program
+# counters.  Rop is (K, R) (R_T: a transposed view of a row-major (R, K) tensor, lora_A^T).
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _row_block_done(flag_ptr, pid_m, num_m, num_n):
-    """Count one tile of row block pid_m as done with its flag; the last of its num_n tiles resets both locks."""
-    done = tl.atomic_add(flag_ptr + num_m + pid_m, 1, sem="acq_rel", scope="gpu")
-    if done == num_n - 1:
-        tl.atomic_xchg(flag_ptr + pid_m, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(flag_ptr + num_m + pid_m, 0, sem="relaxed", scope="gpu")
-
-
 @triton.jit
 def _tma_store_tile(c_desc, bias_ptr, acc, off_m, off_n, N,
                     HAS_BIAS: tl.constexpr, BN: tl.constexpr, SPLIT_STORE: tl.constexpr):
@@ -405,18 +397,19 @@ def _tma_gemm_lora_kernel(
             rm = off_m + tl.arange(0, BM)
             tl.store(pm_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], pt,
                      mask=(rm < M)[:, None] & (rr < R)[None, :])
-            tl.debug_barrier()  # every thread's rows of P are written before the release below
+            tl.debug_barrier()  # every thread's rows of P are written before the releases below
             tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release", scope="gpu")
+            tl.atomic_add(flag_ptr + num_m, 1, sem="release", scope="gpu")
             if B_NK:
                 qt = q_desc.load([0, 0]).T
             else:
                 qt = q_desc.load([0, 0])
             acc = tl.dot(pt, (qt.to(tl.float32) * scale).to(pt.dtype), acc)
             _tma_store_tile(c_desc, bias_ptr, acc, off_m, 0, N, HAS_BIAS, BN, SPLIT_STORE)
-            _row_block_done(flag_ptr, pid_m, num_m, num_n)
         # the other tiles continue the order: tile num_m + t runs on program (num_m + t) % NUM_SMS
         first = (tl.program_id(0) + NUM_SMS - num_m % NUM_SMS) % NUM_SMS
         n_rest = num_n - 1
+    all_ready = False  # FUSE_PROJ: this program has seen every producer done
     num_in_group = GROUP_M * n_rest
     # the epilogue keeps its own tile counter (as Triton's persistent-matmul tutorial does) so the
     # flattened loop can overlap a tile's store with the next tile's loads
@@ -435,12 +428,14 @@ def _tma_gemm_lora_kernel(
                 b = b_desc.load([ki * BK, off_n])
             acc = tl.dot(a, b, acc)
         if FUSE_PROJ:  # this row block's P, once its producer has raised the flag
-            while tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire", scope="gpu") == 0:
-                pass
+            if not all_ready:
+                all_ready = tl.atomic_add(flag_ptr + num_m, 0, sem="acquire", scope="gpu") == num_m
+                if not all_ready:
+                    while tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire", scope="gpu") == 0:
+                        pass
             rm = off_m + tl.arange(0, BM)
             pt = tl.load(pm_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :],
                          mask=(rm < M)[:, None] & (rr < R)[None, :], other=0.0, cache_modifier=".cg")
-            _row_block_done(flag_ptr, pid_m, num_m, num_n)
         else:
             pt = p_desc.load([off_m, 0])  # the low-rank term: one more K step of depth BR
         if B_NK:
@@ -452,6 +447,11 @@ def _tma_gemm_lora_kernel(
         pid_m, pid_n = _tile_coords(tile_c, num_in_group, num_m, GROUP_M)
         pid_n += num_n - n_rest
         _tma_store_tile(c_desc, bias_ptr, acc, pid_m * BM, pid_n * BN, N, HAS_BIAS, BN, SPLIT_STORE)
+    if FUSE_PROJ:  # the last program done zeroes the locks for the next launch
+        if tl.atomic_add(flag_ptr + num_m + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+            for m0 in range(0, num_m + 2, BM):
+                rb = m0 + tl.arange(0, BM)
+                tl.store(flag_ptr + rb, tl.zeros((BM,), dtype=tl.int32), mask=rb < num_m + 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -1025,7 +1025,7 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out, rop=None) -> None:
     bias_ptr = bias if bias is not None else out
     fuse = rop is not None
     r_t = fuse and _is_transposed(rop)
-    flags = _tile_locks(x.device, 2 * _cdiv(M, 16)) if fuse else None  # 2 per row block of the smallest BM
+    flags = _tile_locks(x.device, _cdiv(M, 16) + 2) if fuse else None  # row blocks of the smallest BM, 2 counters
     sig = ("tma_gemm", out.get_device(), M, N, K, R, b_nk, x.dtype, pm.dtype, q.dtype, scale,
            None if bias is None else bias.dtype, (r_t, rop.dtype) if fuse else None)
     checked = (bias_ptr, pm, flags) if fuse else (bias_ptr,)
