@@ -14,6 +14,8 @@ rounds, median of per-step CUDA-event times; ratios are to the frozen layer meas
               takes the low-rank term as an extra K step) + Triton skinny kernels
   triton_cublas  the same kernels with the cuBLAS base GEMM (low-rank term through beta=1)
   triton_tma  the same kernels with the Triton base GEMM forced (the TMA GEMM on Hopper)
+  triton_proj_pass  the default kernels with a proj pass over x / dy before the TMA GEMM instead of
+              xa / dyB made inside it (set_fuse_proj(False))
   triton_no_recompute  (model) the kernel path keeping down_proj's input from forward to backward
               (PeftConfig.recompute_mlp_input=False; every other LoRA variant recomputes it)
 Prints the table last; writes the full JSON (GPU, date, commit, autotune choices).
@@ -185,15 +187,20 @@ def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Ten
     out["torch_naive"] = (lambda x: F.linear(x, W, b) + s * F.linear(F.linear(x, A), B), [A, B])
     for name, use_triton in (("torch", False), ("triton", True)):
         out[name] = lora_copy(lin, r, A0, B0, use_triton, share_weight=True)
-    for name in ("triton_cublas", "triton_tma"):
+    for name in ("triton_cublas", "triton_tma", PROJ_PASS):
         if name in want:
-            out[name] = out["triton"]  # same layer, run under BASE_GEMM[name]
+            out[name] = out["triton"]  # same layer, run under BASE_GEMM[name] / without the fused projection
     return out
 
 
 # Base GEMM of the kernel path per variant (forward and backward); every other variant: the default.
 BASE_GEMM = {"triton_cublas": "cublas", "triton_tma": "triton"}
 DEFAULT_BASE_GEMM = K.get_base_gemm()
+
+
+# The default kernels with the skinny products as a pass of their own (not made inside the TMA GEMM)
+PROJ_PASS = "triton_proj_pass"
+DEFAULT_FUSE_PROJ = K.get_fuse_proj()
 
 
 # QLoRA variant whose fused path dequantizes through bitsandbytes' dequantize_4bit instead of the NF4 kernel
@@ -205,6 +212,7 @@ def base_gemm_for(name: str):
     """The variant's base GEMM selected for everything inside (forward and backward); for BNB_DEQUANT,
     the NF4 kernel declined so that bitsandbytes dequantizes."""
     K.set_base_gemm(BASE_GEMM.get(name, DEFAULT_BASE_GEMM))
+    K.set_fuse_proj(DEFAULT_FUSE_PROJ and name != PROJ_PASS)
     nf4_supported = NF4.nf4_supported if NF4 is not None else None
     if name == BNB_DEQUANT:
         NF4.nf4_supported = lambda *_: False
@@ -212,6 +220,7 @@ def base_gemm_for(name: str):
         yield
     finally:
         K.set_base_gemm(DEFAULT_BASE_GEMM)
+        K.set_fuse_proj(DEFAULT_FUSE_PROJ)
         if nf4_supported is not None:
             NF4.nf4_supported = nf4_supported
 
@@ -539,9 +548,9 @@ def bench_model(args, results):
     models["triton"] = lora_model(True)
     if "triton_no_recompute" in args.variants:
         models["triton_no_recompute"] = lora_model(True, recompute=False)
-    for name in ("triton_cublas", "triton_tma"):
+    for name in ("triton_cublas", "triton_tma", PROJ_PASS):
         if name in args.variants:
-            models[name] = models["triton"]  # same model, run under BASE_GEMM[name]
+            models[name] = models["triton"]  # same model, run under BASE_GEMM[name] / without the fused projection
     ids = [torch.randint(0, cfg.vocab_size, (bsz, seq), device=DEV) for _ in range(2)]
 
     def make_step(name, m):

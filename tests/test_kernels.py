@@ -358,20 +358,97 @@ TMA_CASES = [(37, 64, 48, 16, True), (37, 64, 48, 8, False), (130, 96, 40, 64, T
 
 
 @interp_only
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused_proj", "proj_pass"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("M,K,N,r,bias", TMA_CASES)
-def test_tma_base_gemm_interp(M, K, N, r, bias, dtype, use_base_gemm, monkeypatch):
+def test_tma_base_gemm_interp(M, K, N, r, bias, dtype, fuse, use_base_gemm, monkeypatch):
+    """The TMA GEMM computes y and dx; with the fused projection on (the default) it also makes xa and dyB."""
     from automodel_lora.kernels import triton_lora as T
 
     x, W, b, A, B = make(M, K, N, r, dtype, bias, adapter_dtype=torch.float32)
     xa = torch.empty(M, r, dtype=dtype)
     assert T.tma_eligible(x.detach(), W.t(), xa, B.t()) and T.tma_eligible(torch.empty(M, N, dtype=dtype), W, xa, A)
-    calls = []
-    tma_gemm = T._gemm_lora_tma
-    monkeypatch.setattr(T, "_gemm_lora_tma", lambda *a: (calls.append(a[0].shape), tma_gemm(*a)))
+    assert T.tma_eligible_proj(x.detach(), W.t(), A.t(), B.t()) and T.tma_eligible_proj(
+        torch.empty(M, N, dtype=dtype), W, B, A)
+    calls, projs = [], []
+    tma_gemm, proj = T._gemm_lora_tma, T.proj
+    monkeypatch.setattr(T, "_gemm_lora_tma", lambda *a: (calls.append((a[0].shape, len(a) > 7)), tma_gemm(*a)))
+    monkeypatch.setattr(T, "proj", lambda *a, **k: (projs.append(a[0].shape), proj(*a, **k))[1])
+    monkeypatch.setattr(L, "_FUSE_PROJ", fuse)
     use_base_gemm("triton")
     run_and_check(x, W, b, A, B, 1.5, 0.0, "post", dtype)
-    assert calls == [(M, K), (M, N)], "the TMA kernel must compute y (from x) and dx (from dy)"
+    assert calls == [((M, K), fuse), ((M, N), fuse)], "the TMA kernel must compute y (from x) and dx (from dy)"
+    assert projs == ([] if fuse else [(M, K), (M, N)]), "a proj pass runs exactly when the GEMM does not fuse it"
+
+
+@interp_only
+@pytest.mark.parametrize("pos,p", [("pre", 0.25), ("post", 0.25)])
+def test_tma_dropout_takes_proj_interp(pos, p, use_base_gemm, monkeypatch):
+    """With dropout the masked products cannot be made inside the GEMM: proj runs, results still exact."""
+    from automodel_lora.kernels import triton_lora as T
+
+    fused = []
+    gemm_lora_proj = T.gemm_lora_proj
+    monkeypatch.setattr(T, "gemm_lora_proj", lambda *a, **k: (fused.append(1), gemm_lora_proj(*a, **k))[1])
+    use_base_gemm("triton")
+    x, W, b, A, B = make(37, 64, 48, 16, torch.float32, True)
+    run_and_check(x, W, b, A, B, 2.0, p, pos, torch.float32)
+    assert not fused
+
+
+# (M, K, N, R): one column block (no waiting tiles), several row and column blocks, padded rank, odd M
+PROJ_CASES = [(37, 64, 32, 16), (37, 48, 96, 8), (130, 96, 40, 64), (1, 32, 64, 24)]
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("r_transposed", [True, False], ids=["rop_T", "rop_rowmajor"])
+@pytest.mark.parametrize("M,K,N,R", PROJ_CASES)
+def test_gemm_lora_proj_interp(M, K, N, R, r_transposed, dtype):
+    """gemm_lora_proj against float64: pm = x @ rop and out = x @ y + pm @ (s q) + bias, with pm as rounded
+    to dtype (what the kernel feeds its epilogue); twice in a row (the row-block locks are reset each launch)."""
+    from automodel_lora.kernels import triton_lora as T
+
+    x = torch.randn(M, K, dtype=dtype)
+    y = (torch.randn(N, K) / K**0.5).to(dtype).t()  # the forward's layout: W^T
+    rop = (torch.randn(R, K) / K**0.5).t() if r_transposed else torch.randn(K, R) / K**0.5  # fp32 master
+    q = torch.randn(N, R).to(dtype).t()
+    bias = torch.randn(N).to(dtype)
+    for _ in range(2):
+        out, pm = T.gemm_lora_proj(x, y, rop, q, 1.5, bias=bias)
+        check(pm, x.double() @ rop.to(dtype).double(), dtype, "pm")
+        ref = x.double() @ y.double() + pm.double() @ (1.5 * q.double()) + bias.double()
+        check(out, ref, dtype, "out")
+        assert not T._tile_locks(x.device, 1).any(), "locks must be zero between launches"
+
+
+@interp_only
+def test_auto_fuses_proj_where_its_tiles_fit_interp(monkeypatch, use_base_gemm):
+    """"auto" makes xa in the GEMM launch only where the schedule's short last wave has room for the
+    projection tiles (counted for 132 SMs, the H100 / H200); elsewhere a proj pass runs first."""
+    from automodel_lora.kernels import triton_lora as T
+
+    monkeypatch.setattr(T, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    fits = {(8192, 4096): True, (8192, 14336): True, (4096, 4096): True, (4096, 14336): True,
+            (4096, 1024): False,  # 128 tiles: less than one wave, no program is short
+            (100000, 4096): False}  # 782 row blocks: more than two projection tiles per short program
+    assert {mn: T.proj_tiles_fit(*mn, cpu) for mn in fits} == fits
+    use_base_gemm("auto")
+    monkeypatch.setattr(L, "_AUTO_TMA_MIN_MNK", 1)
+    x, W, A, B = torch.randn(8, 64), torch.randn(48, 64), torch.randn(16, 64), torch.randn(48, 16)
+    for fit in (True, False):
+        monkeypatch.setattr(T, "proj_tiles_fit", lambda M, N, device, fit=fit: fit)
+        assert L._fuses_proj(x, W.t(), A.t(), B.t()) is fit
+
+
+@interp_only
+def test_gemm_lora_proj_rejects_what_tma_cannot_take():
+    from automodel_lora.kernels import triton_lora as T
+
+    x, W = torch.randn(8, 64), torch.randn(48, 64)
+    with pytest.raises(ValueError, match="call proj\\(\\) and gemm_lora\\(\\) instead"):
+        T.gemm_lora_proj(x, W.t(), torch.randn(64, 65), torch.randn(48, 65).t())  # rank 65 > one rank tile
 
 
 @interp_only

@@ -65,19 +65,22 @@ def _ref(x, W, b, A, B, s, keep=None, pos="post", p=0.0):
     return y, xf, Af, Bf
 
 
-@pytest.mark.parametrize("base_gemm", ["triton", "cublas", "portable"])
+@pytest.mark.parametrize("base_gemm", ["triton", "triton_proj_pass", "cublas", "portable"])
 @pytest.mark.parametrize("K,N,r", [(4096, 4096, 16), (4096, 14336, 64), (14336, 4096, 16), (4096, 1024, 256),
                                    (1000, 776, 8)])
 def test_bf16_real_shapes(K, N, r, base_gemm, monkeypatch, use_base_gemm):
-    """"triton" is the TMA GEMM on Hopper (r <= 64; the portable kernel beyond, and on older GPUs);
-    "portable" the non-TMA Triton GEMM everywhere; "cublas" the low-rank term added through beta=1."""
+    """"triton" is the TMA GEMM on Hopper, which also makes xa and dyB (r <= 64; the portable kernel beyond,
+    and on older GPUs); "triton_proj_pass" the same GEMM after a proj pass; "portable" the non-TMA Triton
+    GEMM everywhere; "cublas" the low-rank term added through beta=1."""
+    from automodel_lora.kernels import lora as L
     from automodel_lora.kernels import triton_lora as T
 
     M = 4095  # not a multiple of any tile: the last M tile is partial
     x, W, b, A, B = _inputs(M, K, N, r, bias=True)
     if base_gemm == "portable":
         monkeypatch.setattr(T, "TensorDescriptor", None)
-    use_base_gemm("triton" if base_gemm == "portable" else base_gemm)
+    monkeypatch.setattr(L, "_FUSE_PROJ", base_gemm != "triton_proj_pass")
+    use_base_gemm("cublas" if base_gemm == "cublas" else "triton")
     _check_lora_linear(x, W, b, A, B)
 
 
@@ -174,6 +177,35 @@ def test_repeat_launches_and_alignment():
         xv = views[i % 2].clone() if i == 5 else views[i % 2]
         _check_lora_linear(xv.detach().requires_grad_(True), W, None, A, B, what=f"launch {i}: ")
     assert len(T._COMPILED) > compiled_before, "repeat launches did not go through the cached compiled kernels"
+
+
+def test_gemm_lora_proj_many_row_blocks_two_streams():
+    """gemm_lora_proj with more row blocks than SMs (producers over several waves) against fp64, repeated
+    and on two streams at once (each with its own row-block locks): same bits every time, no hang."""
+    from automodel_lora.kernels import triton_lora as T
+
+    torch.manual_seed(0)
+    M, K, N, R = 50001, 1024, 2048, 16
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    A = torch.randn(R, K, device="cuda") / K**0.5  # fp32 master
+    B = (torch.randn(N, R, device="cuda") * 0.05).to(torch.bfloat16)
+    assert T.tma_eligible_proj(x, W.t(), A.t(), B.t()) and M / 128 > T._sm_count(x.device)
+    y, xa = T.gemm_lora_proj(x, W.t(), A.t(), B.t(), 2.0)
+    xa_ref = x.double() @ A.to(torch.bfloat16).double().t()
+    assert rel(xa, xa_ref) < BF16_TOL
+    y_ref = x.double() @ W.double().t() + 2.0 * xa.double() @ B.double().t()
+    assert rel(y, y_ref) < BF16_TOL
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    torch.cuda.synchronize()
+    outs = []
+    for _ in range(3):
+        for st in streams:
+            with torch.cuda.stream(st):
+                outs.append(T.gemm_lora_proj(x, W.t(), A.t(), B.t(), 2.0))
+    torch.cuda.synchronize()
+    for y2, xa2 in outs:
+        assert torch.equal(y2, y) and torch.equal(xa2, xa)
 
 
 def test_split_m_sum_deterministic_across_streams():

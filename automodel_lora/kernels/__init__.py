@@ -7,11 +7,13 @@ from .lora import (
     HAS_TRITON,
     dropout_keep_mask,
     get_base_gemm,
+    get_fuse_proj,
     lora_add,
     lora_linear,
     lora_linear_dequant,
     set_base_gemm,
+    set_fuse_proj,
 )
 
 __all__ = ["lora_linear", "lora_linear_dequant", "lora_add", "dropout_keep_mask", "set_base_gemm",
-           "get_base_gemm", "HAS_TRITON"]
+           "get_base_gemm", "set_fuse_proj", "get_fuse_proj", "HAS_TRITON"]

@@ -97,6 +97,34 @@ def _base_gemm_route(x, y, pm, q) -> Optional[bool]:
     return True if _tl.tma_eligible(x, y, pm, q) else None
 
 
+# Whether the TMA GEMM's launch also makes the skinny product (``triton_lora.gemm_lora_proj``): xa = x A^T with
+# the forward's GEMM and dyB = dy B with the backward's dx GEMM, in time the GEMM's schedule leaves idle,
+# instead of a ``proj`` launch before them.  Only without dropout (the masked products take ``proj``), and
+# with "auto" only where that idle time is enough (``proj_tiles_fit``).
+_FUSE_PROJ = os.environ.get("AUTOMODEL_LORA_FUSE_PROJ", "1") == "1"
+
+
+def set_fuse_proj(on: bool) -> None:
+    """Let the TMA base GEMM make ``x A^T`` / ``dy B`` itself (default on; off: a ``proj`` pass first)."""
+    global _FUSE_PROJ
+    _FUSE_PROJ = bool(on)
+
+
+def get_fuse_proj() -> bool:
+    return _FUSE_PROJ
+
+
+def _fuses_proj(x, y, rop, q) -> bool:
+    """Whether ``x @ y`` with the low-rank term ``(x @ rop) @ q`` runs as one ``gemm_lora_proj`` launch: the
+    base GEMM route would be the TMA kernel, and that kernel can take ``rop`` as well."""
+    if not _FUSE_PROJ or _BASE_GEMM == "cublas":
+        return False
+    if _BASE_GEMM == "auto" and (x.shape[0] * x.shape[1] * y.shape[1] < _AUTO_TMA_MIN_MNK
+                                 or not _tl.proj_tiles_fit(x.shape[0], y.shape[1], x.device)):
+        return False
+    return _tl.tma_eligible_proj(x, y, rop, q)
+
+
 def use_kernels_for(t: torch.Tensor) -> bool:
     """True when the Triton kernels run for tensors on ``t``'s device (CUDA, or the CPU interpreter)."""
     return HAS_TRITON and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
@@ -181,6 +209,8 @@ def _ref_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
 def _tri_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
     # A, B go to the kernels in their own dtype (fp32 masters too): the kernels cast the adapter
     # tiles to x's dtype after loading, so no per-step cast kernel runs
+    if base_out is None and p == 0.0 and _fuses_proj(x, weight.t(), A.t(), B.t()):
+        return _tl.gemm_lora_proj(x, weight.t(), A.t(), B.t(), scale, bias=bias)  # (y, xa) in one launch
     xa = _tl.proj(x, A.t(), seed=None if post else seed, p=0.0 if post else p)  # (M, r)
     if base_out is not None:  # lora_add: one pass writing base_out + low-rank term
         y = _tl.expand(xa, B.t(), scale, add=base_out, seed=seed if post else None, p=p if post else 0.0,
@@ -201,9 +231,11 @@ def _tri_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
     post_drop = p > 0.0 and post
     dx = dA = dB = None
     dyB = None
-    if need_dx or need_dA:
+    if need_dx and weight is not None and p == 0.0 and _fuses_proj(dy, weight, B, A):
+        dx, dyB = _tl.gemm_lora_proj(dy, weight, B, A, scale)  # dyB (M, r) made inside the dx GEMM
+    elif need_dx or need_dA:
         dyB = _tl.proj(dy, B, seed=seed if post_drop else None, p=p if post_drop else 0.0)  # (M, r)
-    if need_dx:
+    if need_dx and dx is None:
         if weight is None:
             dx = _tl.expand(dyB, A, scale, seed=seed if pre_drop else None, p=p if pre_drop else 0.0)
         else:

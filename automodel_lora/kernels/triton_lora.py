@@ -336,23 +336,70 @@ def _gemm_lora_kernel(
 # no masks.  B_NK: the B operand and Q are stored (N, K) / (N, R) and used transposed (the
 # forward, W and lora_B), else stored (K, N) / (R, N) (the backward's dx, W and lora_A).  Q may
 # be the fp32 master adapter: it is scaled in fp32 and rounded once to the compute dtype.
+#
+# FUSE_PROJ: P = X @ Rop is not an input but made in this launch, by projection tiles (BM rows of
+# P each, a bandwidth-bound pass over those rows of X) that run first on the programs the round-robin
+# tile schedule leaves one GEMM tile short, so they fill time those programs would otherwise spend
+# idle at the end.  Each stores its rows of P (an output: the caller keeps it for backward), raises
+# its row block's flag and counts itself done.  The GEMM tiles load their rows of P at the epilogue;
+# until a program has seen every projection done (after that it checks nothing), it waits there for
+# its row block's flag.  Waiting is safe: projection tiles wait for nothing and run first on resident
+# programs (one per SM).  The last program to finish zeroes the flags and counters for the next launch.
+# Locks: flags[0:num_m], then the projection and program counters.  Rop is (K, R) (R_T: a transposed
+# view of a row-major (R, K) tensor, lora_A^T).
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _tma_store_tile(c_desc, bias_ptr, acc, off_m, off_n, N,
+                    HAS_BIAS: tl.constexpr, BN: tl.constexpr, SPLIT_STORE: tl.constexpr):
+    if HAS_BIAS:
+        rn = off_n + tl.arange(0, BN)
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if SPLIT_STORE:  # two [BM, BN/2] stores: half the epilogue's shared memory (BN=256 at r=64)
+        c0, c1 = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, BN // 2)), (0, 2, 1)))
+        c_desc.store([off_m, off_n], c0.to(c_desc.dtype))
+        c_desc.store([off_m, off_n + BN // 2], c1.to(c_desc.dtype))
+    else:
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+@triton.jit
 def _tma_gemm_lora_kernel(
-    a_desc, b_desc, p_desc, q_desc, c_desc, bias_ptr,
-    M, N, K, scale,
-    B_NK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    a_desc, b_desc, p_desc, q_desc, c_desc, bias_ptr, r_desc, pm_ptr, flag_ptr,
+    M, N, K, R, scale,
+    B_NK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_PROJ: tl.constexpr, R_T: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr, STAGES: tl.constexpr, SPLIT_STORE: tl.constexpr, NUM_SMS: tl.constexpr,
 ):
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
+    num_tiles = num_m * num_n
+    if FUSE_PROJ:
+        rr = tl.arange(0, BR)
+        short = num_tiles % tl.num_programs(0)  # programs from `short` on have one GEMM tile fewer
+        if tl.program_id(0) >= short:
+            for pid_m in tl.range(tl.program_id(0) - short, num_m, tl.num_programs(0) - short):
+                off_m = pid_m * BM
+                pacc = tl.zeros((BM, BR), dtype=tl.float32)
+                for ki in tl.range(0, k_tiles, num_stages=2 * STAGES):  # a streaming loop: more in flight
+                    a = a_desc.load([off_m, ki * BK])
+                    if R_T:
+                        rt = r_desc.load([0, ki * BK]).T
+                    else:
+                        rt = r_desc.load([ki * BK, 0])
+                    pacc = tl.dot(a, rt.to(a.dtype), pacc)
+                rm = off_m + tl.arange(0, BM)
+                tl.store(pm_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], pacc.to(c_desc.dtype),
+                         mask=(rm < M)[:, None] & (rr < R)[None, :])
+                tl.debug_barrier()  # every thread's rows of P are written before the releases below
+                tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release", scope="gpu")
+                tl.atomic_add(flag_ptr + num_m, 1, sem="release", scope="gpu")
+    all_ready = False  # FUSE_PROJ: this program has seen every projection tile done
     num_in_group = GROUP_M * num_n
     # the epilogue keeps its own tile counter (as Triton's persistent-matmul tutorial does) so the
     # flattened loop can overlap a tile's store with the next tile's loads
     tile_c = tl.program_id(0) - NUM_SMS
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
         pid_m, pid_n = _tile_coords(tile, num_in_group, num_m, GROUP_M)
         off_m = pid_m * BM
         off_n = pid_n * BN
@@ -364,7 +411,17 @@ def _tma_gemm_lora_kernel(
             else:
                 b = b_desc.load([ki * BK, off_n])
             acc = tl.dot(a, b, acc)
-        pt = p_desc.load([off_m, 0])  # the low-rank term: one more K step of depth BR
+        if FUSE_PROJ:  # this row block's P, once its projection tile has raised the flag
+            if not all_ready:
+                all_ready = tl.atomic_add(flag_ptr + num_m, 0, sem="acquire", scope="gpu") == num_m
+                if not all_ready:
+                    while tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire", scope="gpu") == 0:
+                        pass
+            rm = off_m + tl.arange(0, BM)
+            pt = tl.load(pm_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :],
+                         mask=(rm < M)[:, None] & (rr < R)[None, :], other=0.0, cache_modifier=".cg")
+        else:
+            pt = p_desc.load([off_m, 0])  # the low-rank term: one more K step of depth BR
         if B_NK:
             qt = q_desc.load([off_n, 0]).T
         else:
@@ -372,17 +429,12 @@ def _tma_gemm_lora_kernel(
         acc = tl.dot(pt, (qt.to(tl.float32) * scale).to(pt.dtype), acc)
         tile_c += NUM_SMS
         pid_m, pid_n = _tile_coords(tile_c, num_in_group, num_m, GROUP_M)
-        off_m = pid_m * BM
-        off_n = pid_n * BN
-        if HAS_BIAS:
-            rn = off_n + tl.arange(0, BN)
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if SPLIT_STORE:  # two [BM, BN/2] stores: half the epilogue's shared memory (BN=256 at r=64)
-            c0, c1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
-            c_desc.store([off_m, off_n], c0.to(c_desc.dtype))
-            c_desc.store([off_m, off_n + BN // 2], c1.to(c_desc.dtype))
-        else:
-            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+        _tma_store_tile(c_desc, bias_ptr, acc, pid_m * BM, pid_n * BN, N, HAS_BIAS, BN, SPLIT_STORE)
+    if FUSE_PROJ:  # the last program done zeroes the locks for the next launch
+        if tl.atomic_add(flag_ptr + num_m + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+            for m0 in range(0, num_m + 2, BM):
+                rb = m0 + tl.arange(0, BM)
+                tl.store(flag_ptr + rb, tl.zeros((BM,), dtype=tl.int32), mask=rb < num_m + 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -465,6 +517,8 @@ def _tma_block_shapes(nargs) -> None:
     nargs["p_desc"].block_shape = [BM, BR]
     nargs["q_desc"].block_shape = [BN, BR] if b_nk else [BR, BN]
     nargs["c_desc"].block_shape = [BM, BN // 2 if nargs["SPLIT_STORE"] else BN]
+    if nargs["FUSE_PROJ"]:  # r_desc is also passed as the (unused) p_desc: its shape is set last
+        nargs["r_desc"].block_shape = [BR, BK] if nargs["R_T"] else [BK, BR]
 
 
 # Configs measured per problem by benchmarks/tma_configs.py on an H100 (BM=128, BK=64): BN=256 with 3
@@ -476,7 +530,7 @@ _tma_gemm_tuned = triton.autotune(
                            num_stages=st, pre_hook=_tma_block_shapes)
              for bn, st, w, sp, gm in ((256, 3, 8, False, 8), (256, 3, 8, True, 8), (256, 3, 8, False, 16),
                                        (256, 3, 8, True, 16), (128, 4, 4, False, 8))],
-    key=["M", "N", "K", "B_NK", "HAS_BIAS", "BR"], do_bench=_bench,
+    key=["M", "N", "K", "B_NK", "HAS_BIAS", "FUSE_PROJ", "R_T", "BR"], do_bench=_bench,
 )(_tma_gemm_lora_kernel)
 
 _tn2_tuned = triton.autotune(
@@ -821,6 +875,43 @@ def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 
     return out
 
 
+def proj_tiles_fit(M: int, N: int, device) -> bool:
+    """Whether ``gemm_lora_proj``'s projection tiles fit in the time its round-robin tile schedule leaves
+    idle, reckoned with the 128 x 256 tiles the TMA configs take at the sizes ``"auto"`` fuses: the last wave
+    is short, and no program of it gets more than two projection tiles (one costs ~0.3 of a GEMM tile's
+    time: BM rows read at one SM's share of the bandwidth, against 2 BM BN K flops at its share of the peak)."""
+    n_sm = _sm_count(device)
+    num_m = _cdiv(M, 128)
+    tiles = num_m * _cdiv(N, 256)
+    short = tiles % n_sm
+    return tiles > n_sm and short != 0 and _cdiv(num_m, n_sm - short) <= 2
+
+
+def gemm_lora_proj(x: torch.Tensor, y: torch.Tensor, rop: torch.Tensor, q: torch.Tensor, scale: float = 1.0,
+                   bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x @ y + pm @ (scale * q) + bias, pm)`` with ``pm = x @ rop`` made in the same TMA GEMM launch, by
+    projection tiles that run first on the programs its schedule leaves a tile short (no launch of its own;
+    see ``proj_tiles_fit`` for when that is free).  x ``(M, K)``, y ``(K, N)``, rop ``(K, R)``, q ``(R, N)``;
+    ``pm`` ``(M, R)`` comes back in x's dtype.  Needs ``tma_eligible_proj(x, y, rop, q)``.
+
+    Raises:
+        ValueError: when the TMA kernel cannot take these operands (use ``proj`` and ``gemm_lora`` then).
+    """
+    if not tma_eligible_proj(x, y, rop, q):
+        raise ValueError("gemm_lora_proj needs the TMA GEMM (Hopper or newer, 16-bit x, rank <= 64, TMA-aligned "
+                         f"operands); got x {tuple(x.shape)} {x.dtype}, rop {tuple(rop.shape)} {rop.dtype}: "
+                         "call proj() and gemm_lora() instead")
+    M, N = x.shape[0], y.shape[1]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    pm = torch.empty((M, rop.shape[1]), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out, pm
+    if N == 0:
+        return out, proj(x, rop)
+    _gemm_lora_tma(x, y, pm, q, scale, bias, out, rop)
+    return out, pm
+
+
 _CAPABILITY: dict = {}
 
 
@@ -842,6 +933,18 @@ def tma_eligible(x, y, pm, q) -> bool:
     """Whether ``gemm_lora(x, y, pm, q)`` runs the TMA kernel: Hopper or newer (or the interpreter),
     16-bit activations on the GPU, rank <= 64 (one rank tile), and operands laid out as TMA needs them (``y``, ``q``
     both transposed views of row-major (N, K) / (N, R) tensors, or both row-major)."""
+    return pm is not None and pm.dtype == x.dtype and _tma_operands_ready(x, y, q, pm.shape[1]) and _tma_ready(pm)
+
+
+def tma_eligible_proj(x, y, rop, q) -> bool:
+    """Whether ``gemm_lora_proj(x, y, rop, q)`` can run: as :func:`tma_eligible`, with ``rop`` ``(K, R)`` in
+    x's dtype or fp32, a transposed view of a row-major ``(R, K)`` tensor or row-major itself, TMA-addressable."""
+    return (rop is not None and rop.dtype in (x.dtype, torch.float32) and rop.shape[0] == x.shape[1]
+            and _tma_operands_ready(x, y, q, rop.shape[1]) and _tma_ready(rop, _is_transposed(rop)))
+
+
+def _tma_operands_ready(x, y, q, R: int) -> bool:
+    """The conditions the TMA GEMM puts on x, y, q and the rank R (see :func:`tma_eligible`)."""
     if TensorDescriptor is None:
         return False
     if INTERPRET:
@@ -849,13 +952,12 @@ def tma_eligible(x, y, pm, q) -> bool:
             return False
     elif not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _is_hopper_or_newer(x.device)):
         return False
-    if y.dtype != x.dtype or pm is None or not 0 < pm.shape[1] <= _MAX_BR or q.dtype not in (x.dtype, torch.float32):
+    if y.dtype != x.dtype or not 0 < R <= _MAX_BR or q.dtype not in (x.dtype, torch.float32):
         return False
     b_nk = _is_transposed(y)
     if b_nk != _is_transposed(q):
         return False
-    return ((y.shape[1] * x.element_size()) % 16 == 0 and _tma_ready(x) and _tma_ready(pm)
-            and _tma_ready(y, b_nk) and _tma_ready(q, b_nk))
+    return (y.shape[1] * x.element_size()) % 16 == 0 and _tma_ready(x) and _tma_ready(y, b_nk) and _tma_ready(q, b_nk)
 
 
 def _is_transposed(t: torch.Tensor) -> bool:
@@ -883,38 +985,52 @@ def _tma_desc(t: torch.Tensor, block, transposed: bool = False):
 _new_object = object.__new__
 
 
-def _tma_plan_key(x, y, pm, q, has_bias: bool) -> tuple:
+def _tma_plan_key(x, y, pm, q, has_bias: bool, rop=None) -> tuple:
     """The ``_PLANS`` key of the TMA GEMM's launch plan for ``gemm_lora(x, y, pm, q)`` (``("tma_gemm", key)``):
-    one autotuned config per M bucket, N, K, rank block, B layout, bias and dtypes."""
+    one autotuned config per M bucket, N, K, rank block, B layout, bias and dtypes; with ``rop``
+    (``gemm_lora_proj``), also its layout and dtype."""
     return (_m_bucket(x.shape[0]), y.shape[1], x.shape[1], _rank_block(pm.shape[1]), _is_transposed(y), has_bias,
-            x.dtype, q.dtype)
+            x.dtype, q.dtype, None if rop is None else (_is_transposed(rop), rop.dtype))
 
 
-# Block shapes ((BM, BK), B's, (BM, BR), Q's, C's) of the TMA descriptors of each recorded launch, by the
-# launch's call signature: a repeat call builds its descriptors from them and launches (_run_cached).
+# Block shapes ((BM, BK), B's, (BM, BR), Q's, C's, Rop's) of the TMA descriptors of each recorded launch, by
+# the launch's call signature: a repeat call builds its descriptors from them and launches (_run_cached).
 _TMA_BLOCKS: dict = {}
 
 
-def _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk: bool) -> tuple:
-    """The TMA GEMM's pointer arguments: descriptors of x, y, pm, q, out with ``blocks``, then the bias."""
-    bx, by, bp, bq, bc = blocks
-    return (_tma_desc(x, bx), _tma_desc(y, by, b_nk), _tma_desc(pm, bp), _tma_desc(q, bq, b_nk), _tma_desc(out, bc),
-            bias_ptr)
+def _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk: bool, rop, flags) -> tuple:
+    """The TMA GEMM's pointer arguments: descriptors of x, y, pm (or, with ``rop``, of rop), q, out with
+    ``blocks``, the bias, rop's descriptor, pm and the flags (unused stand-ins without ``rop``)."""
+    bx, by, bp, bq, bc, br = blocks
+    if rop is None:
+        p_desc = _tma_desc(pm, bp)
+        r_args = (p_desc, bias_ptr, bias_ptr)
+    else:
+        p_desc = _tma_desc(rop, br, _is_transposed(rop))
+        r_args = (p_desc, pm, flags)
+    return (_tma_desc(x, bx), _tma_desc(y, by, b_nk), p_desc, _tma_desc(q, bq, b_nk), _tma_desc(out, bc),
+            bias_ptr, *r_args)
 
 
-def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
-    """``out = x @ y + pm @ (scale * q) + bias`` through the TMA kernel (``tma_eligible`` holds)."""
+def _gemm_lora_tma(x, y, pm, q, scale, bias, out, rop=None) -> None:
+    """``out = x @ y + pm @ (scale * q) + bias`` through the TMA kernel (``tma_eligible`` holds); with ``rop``
+    (``tma_eligible_proj`` holds), the kernel first writes ``pm = x @ rop`` itself (FUSE_PROJ)."""
     M, K = x.shape
-    N = y.shape[1]
+    N, R = y.shape[1], pm.shape[1]
     b_nk = _is_transposed(y)  # y, q: transposed views of row-major (N, K) / (N, R) tensors
     bias_ptr = bias if bias is not None else out
-    sig = ("tma_gemm", out.get_device(), M, N, K, pm.shape[1], b_nk, x.dtype, pm.dtype, q.dtype, scale,
-           None if bias is None else bias.dtype)
+    fuse = rop is not None
+    r_t = fuse and _is_transposed(rop)
+    flags = _tile_locks(x.device, _cdiv(M, 16) + 2) if fuse else None  # row blocks of the smallest BM, 2 counters
+    sig = ("tma_gemm", out.get_device(), M, N, K, R, b_nk, x.dtype, pm.dtype, q.dtype, scale,
+           None if bias is None else bias.dtype, (r_t, rop.dtype) if fuse else None)
+    checked = (bias_ptr, pm, flags) if fuse else (bias_ptr,)
     blocks = _TMA_BLOCKS.get(sig)
-    if blocks is not None and _run_cached(sig, _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk), (bias_ptr,)):
+    if blocks is not None and _run_cached(sig, _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk, rop, flags),
+                                          checked):
         return
-    BR = _rank_block(pm.shape[1])
-    key = _tma_plan_key(x, y, pm, q, bias is not None)
+    BR = _rank_block(R)
+    key = _tma_plan_key(x, y, pm, q, bias is not None, rop)
     plan = None if INTERPRET else _PLANS.get(("tma_gemm", key))
     if INTERPRET:  # odd M takes the split-store epilogue, so CI runs both epilogues
         kw, warps, stages = dict(BM=16, BN=32, BK=16, GROUP_M=2, STAGES=1, SPLIT_STORE=M % 2 == 1), 4, 1
@@ -924,11 +1040,13 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
         kw = dict(BM=128, BN=128, BK=64, SPLIT_STORE=False)
     BM, BN, BK = kw["BM"], kw["BN"], kw["BK"]
     blocks = ([BM, BK], [BN, BK] if b_nk else [BK, BN], [BM, BR], [BN, BR] if b_nk else [BR, BN],
-              [BM, BN // 2 if kw["SPLIT_STORE"] else BN])
-    ptrs = _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk)
-    n_sm = _sm_count(x.device)
-    args = (*ptrs, M, N, K, float(scale))
-    consts = dict(B_NK=b_nk, HAS_BIAS=bias is not None, BR=BR, NUM_SMS=n_sm)
+              [BM, BN // 2 if kw["SPLIT_STORE"] else BN], [BR, BK] if r_t else [BK, BR])
+    ptrs = _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk, rop, flags)
+    # the interpreter runs programs one after another: with FUSE_PROJ one program walks every tile, so
+    # each producer runs before the tiles that wait for it
+    n_sm = 1 if INTERPRET and fuse else _sm_count(x.device)
+    args = (*ptrs, M, N, K, R, float(scale))
+    consts = dict(B_NK=b_nk, HAS_BIAS=bias is not None, FUSE_PROJ=fuse, R_T=r_t, BR=BR, NUM_SMS=n_sm)
 
     def grid(meta):
         return (min(n_sm, _cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"])),)
@@ -938,7 +1056,7 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out) -> None:
         _tma_gemm_tuned[grid](*args, **consts)
         _record_plan("tma_gemm", key, _tma_gemm_tuned)
     else:  # the descriptors' dtypes and block shapes follow from the signature and the plan
-        aligned = _aligned((bias_ptr,))
+        aligned = _aligned(checked)
         _launch_plan(_tma_gemm_lora_kernel, grid, plan, args, consts, len(ptrs), sig if aligned else None,
                      out.get_device())
         if aligned and sig in _COMPILED:

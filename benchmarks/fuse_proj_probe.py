@@ -1,0 +1,113 @@
+"""Where the time of the fused projection (FUSE_PROJ) goes: the TMA GEMM alone, per problem (GPU time).
+
+    python benchmarks/fuse_proj_probe.py [--rounds 3]
+
+Problems (bf16, M = 8192, the layer's layouts): fwd y = x W^T + (x A^T)(s B)^T, bwd dx = dy W + (dy B)(s A).
+Variants, all with one forced config (BM128 BN256 BK64, 3 stages, 8 warps, GROUP_M 8, split store at r=64):
+  proj        the proj pass alone
+  gemm        the TMA GEMM with pm given (what runs after proj without FUSE_PROJ)
+  fused       gemm_lora_proj as in the library
+  fused_nowait  the same kernel with the consumers' flag checks removed (timing only: may read pm early)
+  fused_nodot   the same kernel without the projection tiles' dot (timing only: pm is wrong)
+The two timing-only variants are built from a patched copy of triton_lora.py.  Median of per-variant
+do_bench_cudagraph times over --rounds rotated rounds.  Writes $OUT/fuse_proj_probe.json; table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from automodel_lora.kernels import triton_lora as T  # noqa: E402
+
+SRC = T.__file__
+PATCHES = {
+    "fused_nowait": ('''            if not all_ready:
+                all_ready = tl.atomic_add(flag_ptr + num_m, 0, sem="acquire", scope="gpu") == num_m
+                if not all_ready:
+                    while tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire", scope="gpu") == 0:
+                        pass
+''', ""),
+    "fused_nodot": ("                    pacc = tl.dot(a, rt.to(a.dtype), pacc)\n", ""),
+}
+
+
+def patched_module(name: str):
+    old, new = PATCHES[name]
+    src = open(SRC).read()
+    if old not in src:
+        raise SystemExit(f"patch for {name} does not apply")
+    path = os.path.join(tempfile.mkdtemp(), f"tl_{name}.py")
+    open(path, "w").write(src.replace(old, new, 1))
+    spec = importlib.util.spec_from_file_location(f"tl_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def force(mod, a, b, pm, q, r, rop=None):
+    cfg = dict(BM=128, BN=256, BK=64, GROUP_M=8, STAGES=3, SPLIT_STORE=r > 32)
+    mod._PLANS[("tma_gemm", mod._tma_plan_key(a, b, pm, q, False, rop))] = (cfg, 8, 3)
+
+
+def problem(direction, K, N, r, M=8192, dev="cuda", dt=torch.bfloat16):
+    """(a, b, rop, q): out = a @ b + (a @ rop) @ (s q), the layer's layouts."""
+    W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
+    A = torch.randn(r, K, device=dev, dtype=dt) / K**0.5
+    B = torch.randn(N, r, device=dev, dtype=dt) * 0.05
+    if direction == "fwd":
+        return torch.randn(M, K, device=dev, dtype=dt), W.t(), A.t(), B.t()
+    return torch.randn(M, N, device=dev, dtype=dt), W, B, A
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    mods = {"fused": T, **{n: patched_module(n) for n in PATCHES}}
+    rows = []
+    for K, N in ((4096, 4096), (4096, 14336), (14336, 4096)):
+        for r in (16, 64):
+            for direction in ("fwd", "bwd"):
+                a, b, rop, q = problem(direction, K, N, r)
+                pm = T.proj(a, rop)
+                force(T, a, b, pm, q, r)
+                fns = {"proj": lambda: T.proj(a, rop), "gemm": lambda: T.gemm_lora(a, b, pm, q, 2.0, tma=True)}
+                for name, mod in mods.items():
+                    force(mod, a, b, pm, q, r, rop)
+                    fns[name] = (lambda m: lambda: m.gemm_lora_proj(a, b, rop, q, 2.0))(mod)
+                ref = T.gemm_lora(a, b, pm, q, 2.0, tma=True).float()
+                out, pm_f = T.gemm_lora_proj(a, b, rop, q, 2.0)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                times = {n: [] for n in fns}
+                names = list(fns)
+                for rd in range(args.rounds):
+                    for n in names[rd % len(names):] + names[:rd % len(names)]:
+                        times[n].append(1e3 * triton.testing.do_bench_cudagraph(fns[n], rep=100))
+                row = dict(K=K, N=N, r=r, dir=direction, fused_vs_gemm_rel_err=err,
+                           **{n: statistics.median(v) for n, v in times.items()})
+                rows.append(row)
+                print(row, flush=True)
+    out_dir = os.environ.get("OUT", ".")
+    with open(os.path.join(out_dir, "fuse_proj_probe.json"), "w") as f:
+        json.dump(dict(gpu=torch.cuda.get_device_name(), commit=os.environ.get("GIT_COMMIT"), rows=rows), f, indent=1)
+    cols = ["proj", "gemm", "fused", "fused_nowait", "fused_nodot"]
+    print("\n| K, N | r | dir | " + " | ".join(f"{c} us" for c in cols) + " | proj+gemm - fused us |")
+    print("|---" * (len(cols) + 4) + "|")
+    for row in rows:
+        print(f"| {row['K']}, {row['N']} | {row['r']} | {row['dir']} | "
+              + " | ".join(f"{row[c]:.1f}" for c in cols) + f" | {row['proj'] + row['gemm'] - row['fused']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
