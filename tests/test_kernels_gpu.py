@@ -179,9 +179,23 @@ def test_repeat_launches_and_alignment():
     assert len(T._COMPILED) > compiled_before, "repeat launches did not go through the cached compiled kernels"
 
 
+def _on_two_streams(fn, rounds: int = 3) -> list:
+    """``fn()`` ``rounds`` times on each of two streams, launched alternately so that they run at once."""
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    torch.cuda.synchronize()
+    outs = []
+    for _ in range(rounds):
+        for st in streams:
+            with torch.cuda.stream(st):
+                outs.append(fn())
+    torch.cuda.synchronize()
+    return outs
+
+
 def test_gemm_lora_proj_many_row_blocks_two_streams():
-    """gemm_lora_proj with more row blocks than SMs (producers over several waves) against fp64, repeated
-    and on two streams at once (each with its own row-block locks): same bits every time, no hang."""
+    """gemm_lora_proj with 391 row blocks (10 projection tiles per short program, so GEMM tiles wait for
+    theirs) against fp64, repeated and on two streams at once (each with its own locks): same bits every
+    time, no hang."""
     from automodel_lora.kernels import triton_lora as T
 
     torch.manual_seed(0)
@@ -196,15 +210,7 @@ def test_gemm_lora_proj_many_row_blocks_two_streams():
     assert rel(xa, xa_ref) < BF16_TOL
     y_ref = x.double() @ W.double().t() + 2.0 * xa.double() @ B.double().t()
     assert rel(y, y_ref) < BF16_TOL
-    streams = [torch.cuda.Stream() for _ in range(2)]
-    torch.cuda.synchronize()
-    outs = []
-    for _ in range(3):
-        for st in streams:
-            with torch.cuda.stream(st):
-                outs.append(T.gemm_lora_proj(x, W.t(), A.t(), B.t(), 2.0))
-    torch.cuda.synchronize()
-    for y2, xa2 in outs:
+    for y2, xa2 in _on_two_streams(lambda: T.gemm_lora_proj(x, W.t(), A.t(), B.t(), 2.0)):
         assert torch.equal(y2, y) and torch.equal(xa2, xa)
 
 
@@ -227,15 +233,7 @@ def test_split_m_sum_deterministic_across_streams():
     assert rel(dA, ref_a) < 1e-5 and rel(dB, ref_b) < 1e-5  # fp32 accumulation and output
     h_a, h_b = T.tn2(pa, xa, pb, xb, 0.5, dtype_a=torch.bfloat16, dtype_b=torch.bfloat16)
     assert rel(h_a, ref_a) < BF16_TOL and rel(h_b, ref_b) < BF16_TOL
-    streams = [torch.cuda.Stream() for _ in range(2)]
-    torch.cuda.synchronize()
-    outs = []
-    for _ in range(3):
-        for st in streams:
-            with torch.cuda.stream(st):
-                outs.append(T.tn2(pa, xa, pb, xb, 0.5))
-    torch.cuda.synchronize()
-    for a, b in outs:
+    for a, b in _on_two_streams(lambda: T.tn2(pa, xa, pb, xb, 0.5)):
         assert torch.equal(a, dA) and torch.equal(b, dB)
 
 

@@ -4,10 +4,12 @@ weight gradients and a base GEMM with the low-rank term as an extra K step.
 Notation (all 2-D after flattening the leading dims): ``x: (M, K)``,
 ``W: (N, K)``, ``A: (r, K)``, ``B: (N, r)``, ``s`` the LoRA scale.
 
-    xa  = drop_pre(x) @ A^T                      (M, r)    _proj_kernel
+    xa  = drop_pre(x) @ A^T                      (M, r)    _proj_kernel, or without dropout the
+                                                           TMA GEMM's projection tiles (FUSE_PROJ)
     y   = x @ W^T + b + drop_post(s * xa @ B^T)  (M, N)    _expand_kernel + cuBLAS addmm_ (beta=1)
-                                                           or _gemm_lora_kernel (one Triton GEMM)
-    dyB = drop_post(dy) @ B                      (M, r)    _proj_kernel
+                                                           or _gemm_lora_kernel (one Triton GEMM; on
+                                                           Hopper _tma_gemm_lora_kernel)
+    dyB = drop_post(dy) @ B                      (M, r)    _proj_kernel, or as xa (FUSE_PROJ)
     dx  = dy @ W + drop_pre(s * dyB @ A)         (M, K)    _expand_kernel + addmm_ or _gemm_lora_kernel
     dA  = s * dyB^T @ drop_pre(x)                (r, K)    _tn_kernel (split-M, summed in-launch)
     dB  = s * drop_post(dy)^T @ xa               (N, r)    _tn_kernel
