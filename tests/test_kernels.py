@@ -449,6 +449,8 @@ def test_gemm_lora_proj_rejects_what_tma_cannot_take():
     x, W = torch.randn(8, 64), torch.randn(48, 64)
     with pytest.raises(ValueError, match="call proj\\(\\) and gemm_lora\\(\\) instead"):
         T.gemm_lora_proj(x, W.t(), torch.randn(64, 65), torch.randn(48, 65).t())  # rank 65 > one rank tile
+    with pytest.raises(ValueError, match="rop \\(64, 16\\)"):
+        T.gemm_lora_proj(x, W.t(), torch.randn(64, 16), torch.randn(48, 8).t())  # rop's rank is not q's
 
 
 @interp_only

@@ -214,6 +214,62 @@ def test_gemm_lora_proj_many_row_blocks_two_streams():
         assert torch.equal(y2, y) and torch.equal(xa2, xa)
 
 
+@pytest.mark.parametrize("M,N", [(128 * 132, 256), (1000, 512)], ids=["tiles_multiple_of_sms", "fewer_tiles_than_sms"])
+def test_gemm_lora_proj_schedule_edges(M, N):
+    """The projection tiles' schedule where no program is left short (every program takes projection tiles)
+    and where the grid is smaller than the SM count: against fp64, and the same bits as the GEMM given pm."""
+    from automodel_lora.kernels import triton_lora as T
+
+    torch.manual_seed(0)
+    K, R = 512, 16
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    A = (torch.randn(R, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    B = (torch.randn(N, R, device="cuda") * 0.05).to(torch.bfloat16)
+    y, xa = T.gemm_lora_proj(x, W.t(), A.t(), B.t(), 2.0)
+    assert rel(xa, x.double() @ A.double().t()) < BF16_TOL
+    assert torch.equal(y, T.gemm_lora(x, W.t(), xa, B.t(), 2.0, tma=True))
+    assert not T._tile_locks(x.device, 1).any()
+
+
+def test_cuda_graph_replays_fused_layer():
+    """lora_linear forward + backward at a layer shape where "auto" fuses the projections, captured in a CUDA
+    graph (its kernels' locks then belong to the graph) and replayed on new inputs: the same bits as eager."""
+    from automodel_lora.kernels import lora as L
+    from automodel_lora.kernels import lora_linear
+
+    M, K, N, r = 8192, 4096, 4096, 16
+    assert L.get_fuse_proj() and L._fuses_proj(torch.empty(M, K, device="cuda", dtype=torch.bfloat16),
+                                                torch.empty(N, K, device="cuda", dtype=torch.bfloat16).t(),
+                                                torch.empty(r, K, device="cuda", dtype=torch.bfloat16).t(),
+                                                torch.empty(N, r, device="cuda", dtype=torch.bfloat16).t())
+    x, W, b, A, B = _inputs(M, K, N, r)
+    g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    static_x = x.detach().clone().requires_grad_(True)
+
+    def step():
+        static_x.grad = A.grad = B.grad = None
+        lora_linear(static_x, W, None, A, B, 2.0).backward(g)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles and autotunes outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        static_x.data.copy_(torch.randn_like(static_x))
+        graph.replay()
+        torch.cuda.synchronize()
+        got = (static_x.grad.clone(), A.grad.clone(), B.grad.clone())
+        step()
+        for a, e in zip(got, (static_x.grad, A.grad, B.grad), strict=True):
+            assert torch.equal(a, e)
+
+
 def test_split_m_sum_deterministic_across_streams():
     """tn2 at a real shape (several split-M slices, summed inside the launch by the last slice of each
     tile): fp32 and bf16 outputs match the fp64 reference, repeat launches are bit-identical, and

@@ -340,15 +340,17 @@ def _gemm_lora_kernel(
 # be the fp32 master adapter: it is scaled in fp32 and rounded once to the compute dtype.
 #
 # FUSE_PROJ: P = X @ Rop is not an input but made in this launch, by projection tiles (BM rows of
-# P each, a bandwidth-bound pass over those rows of X) that run first on the programs the round-robin
-# tile schedule leaves one GEMM tile short, so they fill time those programs would otherwise spend
-# idle at the end.  Each stores its rows of P (an output: the caller keeps it for backward), raises
-# its row block's flag and counts itself done.  The GEMM tiles load their rows of P at the epilogue;
-# until a program has seen every projection done (after that it checks nothing), it waits there for
-# its row block's flag.  Waiting is safe: projection tiles wait for nothing and run first on resident
-# programs (one per SM).  The last program to finish zeroes the flags and counters for the next launch.
-# Locks: flags[0:num_m], then the projection and program counters.  Rop is (K, R) (R_T: a transposed
-# view of a row-major (R, K) tensor, lora_A^T).
+# P each, a bandwidth-bound pass over those rows of X).  The GEMM tiles are handed out round-robin
+# from the last program down, so the programs left one GEMM tile short are the first ones; those run
+# the projection tiles before their GEMM tiles, in time they would otherwise spend idle at the end.
+# Each projection tile stores its rows of P (an output: the caller keeps it for backward), raises its
+# row block's flag and counts itself done.  The GEMM tiles load their rows of P at the epilogue; until
+# a program has seen every projection done (after that it checks nothing), it waits there for its row
+# block's flag.  Waiting assumes, as stream-K GEMMs do, that the programs doing the projections are
+# resident.  They are the lowest-numbered ones, which the GPU places first, and row block m is done
+# by program m % (programs left short); nothing they do waits.  The last program to finish zeroes the
+# flags and counters for the next launch: flags[0:num_m], then the projection and program counters.
+# Rop is (K, R) (R_T: a transposed view of a row-major (R, K) tensor, lora_A^T).
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _tma_store_tile(c_desc, bias_ptr, acc, off_m, off_n, N,
@@ -368,7 +370,7 @@ def _tma_store_tile(c_desc, bias_ptr, acc, off_m, off_n, N,
 def _tma_gemm_lora_kernel(
     a_desc, b_desc, p_desc, q_desc, c_desc, bias_ptr, r_desc, pm_ptr, flag_ptr,
     M, N, K, R, scale,
-    B_NK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_PROJ: tl.constexpr, R_T: tl.constexpr,
+    B_NK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_PROJ: tl.constexpr, R_T: tl.constexpr, R_BYTES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr, STAGES: tl.constexpr, SPLIT_STORE: tl.constexpr, NUM_SMS: tl.constexpr,
 ):
@@ -376,14 +378,17 @@ def _tma_gemm_lora_kernel(
     num_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
     num_tiles = num_m * num_n
+    # GEMM tiles are handed out from the last program down: programs below `n_short` get one fewer
+    first_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     if FUSE_PROJ:
         rr = tl.arange(0, BR)
-        short = num_tiles % tl.num_programs(0)  # programs from `short` on have one GEMM tile fewer
-        if tl.program_id(0) >= short:
-            for pid_m in tl.range(tl.program_id(0) - short, num_m, tl.num_programs(0) - short):
+        n_short = tl.num_programs(0) - num_tiles % tl.num_programs(0)  # all of them when none is short
+        if tl.program_id(0) < n_short:
+            for pid_m in tl.range(tl.program_id(0), num_m, n_short):
                 off_m = pid_m * BM
                 pacc = tl.zeros((BM, BR), dtype=tl.float32)
-                for ki in tl.range(0, k_tiles, num_stages=2 * STAGES):  # a streaming loop: more in flight
+                # a streaming loop: more stages in flight, 2x those of the GEMM for a 16-bit Rop, 1x for fp32
+                for ki in tl.range(0, k_tiles, num_stages=STAGES * (3 - R_BYTES // 2)):
                     a = a_desc.load([off_m, ki * BK])
                     if R_T:
                         rt = r_desc.load([0, ki * BK]).T
@@ -400,8 +405,8 @@ def _tma_gemm_lora_kernel(
     num_in_group = GROUP_M * num_n
     # the epilogue keeps its own tile counter (as Triton's persistent-matmul tutorial does) so the
     # flattened loop can overlap a tile's store with the next tile's loads
-    tile_c = tl.program_id(0) - NUM_SMS
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+    tile_c = first_tile - NUM_SMS
+    for tile in tl.range(first_tile, num_tiles, NUM_SMS, flatten=True):
         pid_m, pid_n = _tile_coords(tile, num_in_group, num_m, GROUP_M)
         off_m = pid_m * BM
         off_n = pid_n * BN
@@ -532,8 +537,10 @@ _tma_gemm_tuned = triton.autotune(
                            num_stages=st, pre_hook=_tma_block_shapes)
              for bn, st, w, sp, gm in ((256, 3, 8, False, 8), (256, 3, 8, True, 8), (256, 3, 8, False, 16),
                                        (256, 3, 8, True, 16), (128, 4, 4, False, 8))],
-    key=["M", "N", "K", "B_NK", "HAS_BIAS", "FUSE_PROJ", "R_T", "BR"], do_bench=_bench,
+    key=["M", "N", "K", "B_NK", "HAS_BIAS", "FUSE_PROJ", "R_T", "R_BYTES", "BR"], do_bench=_bench,
 )(_tma_gemm_lora_kernel)
+
+_TMA_MIN_BM = 16 if INTERPRET else min(cfg.kwargs["BM"] for cfg in _tma_gemm_tuned.configs)
 
 _tn2_tuned = triton.autotune(
     configs=_tn_tuned.configs,
@@ -745,8 +752,12 @@ _TN_MIN_BD = 32  # the narrowest D block of any tn config (the interpreter's): t
 
 
 def _tile_locks(device, n: int) -> torch.Tensor:
-    """``n`` int32 tile locks of the split-M tn kernels, zero between launches (the last slice of a tile
-    resets its lock). One buffer per device and stream, so launches on two streams never share one."""
+    """``n`` int32 locks of the kernels whose programs count or wait on each other (split-M tn, the TMA GEMM's
+    projection tiles), zero between launches (each launch's last program resets its own).  One buffer per
+    device and stream, so launches on two streams never share one; under CUDA graph capture a fresh one that
+    the graph owns and zeroes at every replay, so no two graphs share one either."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
     stream = None if device.type != "cuda" else torch._C._cuda_getCurrentRawStream(device.index)
     key = (device, stream)
     locks = _LOCKS.get(key)
@@ -942,6 +953,7 @@ def tma_eligible_proj(x, y, rop, q) -> bool:
     """Whether ``gemm_lora_proj(x, y, rop, q)`` can run: as :func:`tma_eligible`, with ``rop`` ``(K, R)`` in
     x's dtype or fp32, a transposed view of a row-major ``(R, K)`` tensor or row-major itself, TMA-addressable."""
     return (rop is not None and rop.dtype in (x.dtype, torch.float32) and rop.shape[0] == x.shape[1]
+            and rop.shape[1] == q.shape[0]
             and _tma_operands_ready(x, y, q, rop.shape[1]) and _tma_ready(rop, _is_transposed(rop)))
 
 
@@ -1023,7 +1035,7 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out, rop=None) -> None:
     bias_ptr = bias if bias is not None else out
     fuse = rop is not None
     r_t = fuse and _is_transposed(rop)
-    flags = _tile_locks(x.device, _cdiv(M, 16) + 2) if fuse else None  # row blocks of the smallest BM, 2 counters
+    flags = _tile_locks(x.device, _cdiv(M, _TMA_MIN_BM) + 2) if fuse else None  # a flag per row block, 2 counters
     sig = ("tma_gemm", out.get_device(), M, N, K, R, b_nk, x.dtype, pm.dtype, q.dtype, scale,
            None if bias is None else bias.dtype, (r_t, rop.dtype) if fuse else None)
     checked = (bias_ptr, pm, flags) if fuse else (bias_ptr,)
@@ -1045,10 +1057,11 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out, rop=None) -> None:
               [BM, BN // 2 if kw["SPLIT_STORE"] else BN], [BR, BK] if r_t else [BK, BR])
     ptrs = _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk, rop, flags)
     # the interpreter runs programs one after another: with FUSE_PROJ one program walks every tile, so
-    # each producer runs before the tiles that wait for it
+    # each projection tile runs before the GEMM tiles that wait for it
     n_sm = 1 if INTERPRET and fuse else _sm_count(x.device)
     args = (*ptrs, M, N, K, R, float(scale))
-    consts = dict(B_NK=b_nk, HAS_BIAS=bias is not None, FUSE_PROJ=fuse, R_T=r_t, BR=BR, NUM_SMS=n_sm)
+    consts = dict(B_NK=b_nk, HAS_BIAS=bias is not None, FUSE_PROJ=fuse, R_T=r_t,
+                  R_BYTES=rop.element_size() if fuse else 0, BR=BR, NUM_SMS=n_sm)
 
     def grid(meta):
         return (min(n_sm, _cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"])),)
