@@ -259,15 +259,16 @@ def test_cuda_graph_replays_fused_layer():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
+    graph_grads = (static_x.grad, A.grad, B.grad)  # the graph's outputs (the .grad attributes move on below)
     for seed in (1, 2):
         torch.manual_seed(seed)
         static_x.data.copy_(torch.randn_like(static_x))
         graph.replay()
         torch.cuda.synchronize()
-        got = (static_x.grad.clone(), A.grad.clone(), B.grad.clone())
+        got = tuple(t.clone() for t in graph_grads)
         step()
-        for a, e in zip(got, (static_x.grad, A.grad, B.grad), strict=True):
-            assert torch.equal(a, e)
+        for name, a, e in zip(("dx", "dA", "dB"), got, (static_x.grad, A.grad, B.grad), strict=True):
+            assert torch.equal(a, e), f"replay {seed}: {name} differs from eager"
 
 
 def test_split_m_sum_deterministic_across_streams():
