@@ -7,7 +7,7 @@ Variants, all with one forced config (BM128 BN256 BK64, 3 stages, 8 warps, GROUP
   proj        the proj pass alone
   gemm        the TMA GEMM with pm given (what runs after proj without FUSE_PROJ)
   fused       gemm_lora_proj as in the library
-  fused_nowait  the same kernel with the consumers' flag checks removed (timing only: may read pm early)
+  fused_nowait  the same kernel with the GEMM tiles' flag checks removed (timing only: may read pm early)
   fused_nodot   the same kernel without the projection tiles' dot (timing only: pm is wrong)
 The two timing-only variants are built from a patched copy of triton_lora.py.  Median of per-variant
 do_bench_cudagraph times over --rounds rotated rounds.  Writes $OUT/fuse_proj_probe.json; table last.
