@@ -209,8 +209,8 @@ def _ref_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
 def _tri_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
     # A, B go to the kernels in their own dtype (fp32 masters too): the kernels cast the adapter
     # tiles to x's dtype after loading, so no per-step cast kernel runs
-    if base_out is None and p == 0.0 and _fuses_proj(x, weight.t(), A.t(), B.t()):
-        return _tl.gemm_lora_proj(x, weight.t(), A.t(), B.t(), scale, bias=bias)  # (y, xa) in one launch
+    if base_out is None and p == 0.0 and _fuses_proj(x, weight.t(), A.t(), B.t()):  # (y, xa) in one launch
+        return _tl.gemm_lora_proj(x, weight.t(), A.t(), B.t(), scale, bias=bias, eligible=True)
     xa = _tl.proj(x, A.t(), seed=None if post else seed, p=0.0 if post else p)  # (M, r)
     if base_out is not None:  # lora_add: one pass writing base_out + low-rank term
         y = _tl.expand(xa, B.t(), scale, add=base_out, seed=seed if post else None, p=p if post else 0.0,
@@ -232,7 +232,7 @@ def _tri_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, ne
     dx = dA = dB = None
     dyB = None
     if need_dx and weight is not None and p == 0.0 and _fuses_proj(dy, weight, B, A):
-        dx, dyB = _tl.gemm_lora_proj(dy, weight, B, A, scale)  # dyB (M, r) made inside the dx GEMM
+        dx, dyB = _tl.gemm_lora_proj(dy, weight, B, A, scale, eligible=True)  # dyB (M, r) made in the dx GEMM
     elif need_dx or need_dA:
         dyB = _tl.proj(dy, B, seed=seed if post_drop else None, p=p if post_drop else 0.0)  # (M, r)
     if need_dx and dx is None:

@@ -353,20 +353,6 @@ def _gemm_lora_kernel(
 # Rop is (K, R) (R_T: a transposed view of a row-major (R, K) tensor, lora_A^T).
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _tma_store_tile(c_desc, bias_ptr, acc, off_m, off_n, N,
-                    HAS_BIAS: tl.constexpr, BN: tl.constexpr, SPLIT_STORE: tl.constexpr):
-    if HAS_BIAS:
-        rn = off_n + tl.arange(0, BN)
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if SPLIT_STORE:  # two [BM, BN/2] stores: half the epilogue's shared memory (BN=256 at r=64)
-        c0, c1 = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, BN // 2)), (0, 2, 1)))
-        c_desc.store([off_m, off_n], c0.to(c_desc.dtype))
-        c_desc.store([off_m, off_n + BN // 2], c1.to(c_desc.dtype))
-    else:
-        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
-
-
-@triton.jit
 def _tma_gemm_lora_kernel(
     a_desc, b_desc, p_desc, q_desc, c_desc, bias_ptr, r_desc, pm_ptr, flag_ptr,
     M, N, K, R, scale,
@@ -436,7 +422,17 @@ def _tma_gemm_lora_kernel(
         acc = tl.dot(pt, (qt.to(tl.float32) * scale).to(pt.dtype), acc)
         tile_c += NUM_SMS
         pid_m, pid_n = _tile_coords(tile_c, num_in_group, num_m, GROUP_M)
-        _tma_store_tile(c_desc, bias_ptr, acc, pid_m * BM, pid_n * BN, N, HAS_BIAS, BN, SPLIT_STORE)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        if HAS_BIAS:
+            rn = off_n + tl.arange(0, BN)
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if SPLIT_STORE:  # two [BM, BN/2] stores: half the epilogue's shared memory (BN=256 at r=64)
+            c0, c1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            c_desc.store([off_m, off_n], c0.to(c_desc.dtype))
+            c_desc.store([off_m, off_n + BN // 2], c1.to(c_desc.dtype))
+        else:
+            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
     if FUSE_PROJ:  # the last program done zeroes the locks for the next launch
         if tl.atomic_add(flag_ptr + num_m + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
             for m0 in range(0, num_m + 2, BM):
@@ -901,16 +897,17 @@ def proj_tiles_fit(M: int, N: int, device) -> bool:
 
 
 def gemm_lora_proj(x: torch.Tensor, y: torch.Tensor, rop: torch.Tensor, q: torch.Tensor, scale: float = 1.0,
-                   bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   bias=None, eligible=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x @ y + pm @ (scale * q) + bias, pm)`` with ``pm = x @ rop`` made in the same TMA GEMM launch, by
     projection tiles that run first on the programs its schedule leaves a tile short (no launch of its own;
     see ``proj_tiles_fit`` for when that is free).  x ``(M, K)``, y ``(K, N)``, rop ``(K, R)``, q ``(R, N)``;
-    ``pm`` ``(M, R)`` comes back in x's dtype.  Needs ``tma_eligible_proj(x, y, rop, q)``.
+    ``pm`` ``(M, R)`` comes back in x's dtype.  Needs ``tma_eligible_proj(x, y, rop, q)``; ``eligible``: its
+    value if the caller already asked (the layer's path does), None: ask here.
 
     Raises:
         ValueError: when the TMA kernel cannot take these operands (use ``proj`` and ``gemm_lora`` then).
     """
-    if not tma_eligible_proj(x, y, rop, q):
+    if not (tma_eligible_proj(x, y, rop, q) if eligible is None else eligible):
         raise ValueError("gemm_lora_proj needs the TMA GEMM (Hopper or newer, 16-bit x, rank <= 64, TMA-aligned "
                          f"operands); got x {tuple(x.shape)} {x.dtype}, rop {tuple(rop.shape)} {rop.dtype}: "
                          "call proj() and gemm_lora() instead")
