@@ -27,7 +27,7 @@ from torch import nn
 from .config import PeftConfig, dtype_from_str, lora_scale, validate_adapter_hparams
 from .kernels import lora_add, lora_linear, lora_linear_dequant
 from .matcher import ModuleMatcher
-from .patching import is_swapped_class, swapped_class
+from .patching import is_swapped_class, swapped_class, swapped_reduce
 from .quant import dequantizer_4bit, is_quantized_linear, quantized_compute_dtype
 from .recompute import recompute_mlp_inputs, restore_mlp_classes
 
@@ -74,10 +74,9 @@ class LinearLoRA(nn.Linear):
     def __reduce_ex__(self, protocol):
         """Pickle a patched module by its (adapter class, original class) pair, not by the generated class's
         name, so a fresh process (``torch.load`` of a whole model) builds the class again."""
-        cls = type(self)
-        if not is_swapped_class(cls):  # LinearLoRA(...) built directly: importable
+        if not is_swapped_class(type(self)):  # LinearLoRA(...) built directly: importable
             return super().__reduce_ex__(protocol)
-        return _new_patched, cls.__bases__, self.__dict__
+        return swapped_reduce(self, "_lora_base_cls")
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen layer alone: `x W^T + b`, through the original class's forward."""
@@ -174,12 +173,6 @@ def _param(module: nn.Module, name: str):
 def _lora_class_for(lora_cls: type[LinearLoRA], base_cls: type[nn.Linear]) -> type:
     """The class a `base_cls` module is switched to: a subclass of (`lora_cls`, `base_cls`), built once."""
     return swapped_class(lora_cls, base_cls, "_lora_base_cls")
-
-
-def _new_patched(lora_cls: type[LinearLoRA], base_cls: type[nn.Linear]) -> LinearLoRA:
-    """An empty instance of the patched class of (`lora_cls`, `base_cls`); pickle then sets its state."""
-    cls = _lora_class_for(lora_cls, base_cls)
-    return cls.__new__(cls)
 
 
 def is_lora_module(module: nn.Module) -> bool:

@@ -1,8 +1,8 @@
 """The classes modules are switched to in place: a subclass of (mixin, the module's own class).
 
 `lora` switches adapted linears to (`LinearLoRA` or `TritonLinearLoRA`, their class) and `recompute`
-switches gated MLPs to (`GatedMLPRecompute`, their class). Each pair's class is built once; it
-pickles through its mixin's ``__reduce_ex__`` by the pair, so a fresh process builds it again.
+switches gated MLPs to (`GatedMLPRecompute`, their class). Each pair's class is built once; an
+instance pickles by the pair (`swapped_reduce`), so a fresh process builds the class again.
 """
 
 from __future__ import annotations
@@ -25,3 +25,16 @@ def swapped_class(mixin: type, base: type, base_attr: str) -> type:
 def is_swapped_class(cls: type) -> bool:
     """True for a class that `swapped_class` built."""
     return _SWAPPED.get(cls.__bases__) is cls
+
+
+def swapped_reduce(obj, base_attr: str) -> tuple:
+    """``obj.__reduce_ex__`` for an instance of a `swapped_class` class: rebuilt from its (mixin, base) pair,
+    not looked up by the generated class's name, which a fresh process does not have."""
+    mixin, base = type(obj).__bases__
+    return new_swapped, (mixin, base, base_attr), obj.__dict__
+
+
+def new_swapped(mixin: type, base: type, base_attr: str):
+    """An empty instance of the (`mixin`, `base`) class; pickle then sets its state."""
+    cls = swapped_class(mixin, base, base_attr)
+    return cls.__new__(cls)

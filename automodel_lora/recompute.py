@@ -36,7 +36,7 @@ import weakref
 import torch
 from torch import nn
 
-from .patching import swapped_class
+from .patching import swapped_class, swapped_reduce
 
 # Activations whose backward keeps their input (so autograd keeps g anyway): by class name, torch's
 # and transformers' (ACT2FN) modules.
@@ -180,8 +180,8 @@ class GatedMLPRecompute(nn.Module):
     _recompute_base_cls: type[nn.Module] = nn.Module
 
     def __reduce_ex__(self, protocol):
-        """Pickle by the original class (the generated one is rebuilt in a fresh process, as in `lora`)."""
-        return _new_switched, (self._recompute_base_cls,), self.__dict__
+        """Pickle by the (mixin, original class) pair: a fresh process builds the class again."""
+        return swapped_reduce(self, "_recompute_base_cls")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down = self.down_proj
@@ -199,12 +199,6 @@ class GatedMLPRecompute(nn.Module):
 def _recompute_class_for(cls: type) -> type:
     """The class a gated MLP of class ``cls`` is switched to: a subclass of (`GatedMLPRecompute`, ``cls``)."""
     return swapped_class(GatedMLPRecompute, cls, "_recompute_base_cls")
-
-
-def _new_switched(cls: type) -> nn.Module:
-    """An empty instance of the recompute subclass of ``cls``; pickle then sets its state."""
-    sub = _recompute_class_for(cls)
-    return sub.__new__(sub)
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
