@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -39,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench_common import run_env  # noqa: E402
 
 from automodel_lora import PeftConfig, apply_lora_to_linear_modules, patch_linear_module  # noqa: E402
 from automodel_lora import kernels as K  # noqa: E402
@@ -585,30 +585,7 @@ def bench_model(args, results):
 
 # ------------------------------------------------------------------------------------------
 def _env():
-    commit = os.environ.get("GIT_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                                             cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-        except Exception:
-            commit = "unknown"
-    dirty = ""
-    try:
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "automodel_lora", "benchmarks"], text=True,
-                                        stderr=subprocess.DEVNULL,
-                                        cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except Exception:
-        pass
-    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=commit, dirty=bool(dirty), torch=torch.__version__, device=DEV,
-                gpu=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
-                base_gemm_default=K.get_base_gemm())
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception:
-        pass
+    info = dict(run_env(), device=DEV, base_gemm_default=K.get_base_gemm())
     try:
         import peft
 

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import sys
 import tempfile
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench_common import rotated_cudagraph_us, run_env, write_json  # noqa: E402
 
 from automodel_lora.kernels import triton_lora as T  # noqa: E402
 
@@ -87,20 +87,14 @@ def main():
                     force(mod, a, b, pm, q, r, rop)
                     fns[name] = (lambda m: lambda: m.gemm_lora_proj(a, b, rop, q, 2.0))(mod)
                 ref = T.gemm_lora(a, b, pm, q, 2.0, tma=True).float()
-                out, pm_f = T.gemm_lora_proj(a, b, rop, q, 2.0)
+                out = T.gemm_lora_proj(a, b, rop, q, 2.0)[0]
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                times = {n: [] for n in fns}
-                names = list(fns)
-                for rd in range(args.rounds):
-                    for n in names[rd % len(names):] + names[:rd % len(names)]:
-                        times[n].append(1e3 * triton.testing.do_bench_cudagraph(fns[n], rep=100))
+                times = rotated_cudagraph_us(fns, args.rounds, rep=100)
                 row = dict(K=K, N=N, r=r, dir=direction, fused_vs_gemm_rel_err=err,
                            **{n: statistics.median(v) for n, v in times.items()})
                 rows.append(row)
                 print(row, flush=True)
-    out_dir = os.environ.get("OUT", ".")
-    with open(os.path.join(out_dir, "fuse_proj_probe.json"), "w") as f:
-        json.dump(dict(gpu=torch.cuda.get_device_name(), commit=os.environ.get("GIT_COMMIT"), rows=rows), f, indent=1)
+    print("wrote", write_json("fuse_proj_probe.json", dict(env=run_env(), rows=rows)))
     cols = ["proj", "gemm", "fused", "fused_nowait", "fused_nodot"]
     print("\n| K, N | r | dir | " + " | ".join(f"{c} us" for c in cols) + " | proj+gemm - fused us |")
     print("|---" * (len(cols) + 4) + "|")

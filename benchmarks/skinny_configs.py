@@ -17,7 +17,6 @@ autotuner picks. Writes $OUT/skinny_configs.json (OUT defaults to "."); table la
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench_common import rotated_cudagraph_us, run_env, write_json  # noqa: E402
 
 from automodel_lora.kernels import triton_lora as T  # noqa: E402
 
@@ -53,7 +54,6 @@ def rel_err(a, ref) -> float:
 
 
 def main():
-    import triton.testing as tt
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096")
@@ -99,10 +99,7 @@ def main():
                 reads = (src,) if src is not None else (x, dy)
                 variants["read"] = lambda: [t.sum(dtype=torch.float32) for t in reads]
                 names = list(variants)
-                times = {n: [] for n in names}
-                for rnd in range(args.rounds):
-                    for n in names[rnd % len(names):] + names[:rnd % len(names)]:
-                        times[n].append(tt.do_bench_cudagraph(variants[n], rep=20, return_mode="median") * 1e3)
+                times = rotated_cudagraph_us(variants, args.rounds, rep=20)
                 floor = statistics.median(times["read"])
                 for n in names:
                     us = statistics.median(times[n])
@@ -116,10 +113,8 @@ def main():
                       flush=True)
             x = dy = A = B = xa = dyB = None
             torch.cuda.empty_cache()
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=os.environ.get("GIT_COMMIT", "?"))
-    path = os.path.join(os.environ.get("OUT", "."), "skinny_configs.json")
-    with open(path, "w") as f:
-        json.dump(dict(env=env, rows=rows), f, indent=1)
+    env = run_env()
+    path = write_json("skinny_configs.json", dict(env=env, rows=rows))
     print(f"wrote {path}\n{env}")
     print("| problem | K, N | r | config | us | TB/s | vs read | autotuned | rel err |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -16,7 +16,6 @@ the spread of the rounds. Writes $OUT/tma_configs.json (OUT defaults to "."); ta
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench_common import rotated_cudagraph_us, run_env, write_json  # noqa: E402
 
 from automodel_lora.kernels import triton_lora as T  # noqa: E402
 
@@ -59,7 +60,6 @@ def problem(direction, K, N, r, dev="cuda", dt=torch.bfloat16):
 
 
 def main():
-    import triton.testing as tt
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x14336,14336x4096")
@@ -97,11 +97,7 @@ def main():
                     variants[name] = (lambda cfg=cfg: (force_plan(a, b, pm, q, cfg),
                                                        T.gemm_lora(a, b, pm, q, s, tma=True)))
                 names = list(variants)
-                times = {n: [] for n in names}
-                for rnd in range(args.rounds):
-                    order = names[rnd % len(names):] + names[:rnd % len(names)]
-                    for n in order:
-                        times[n].append(tt.do_bench_cudagraph(variants[n], rep=30, return_mode="median") * 1e3)
+                times = rotated_cudagraph_us(variants, args.rounds, rep=30)
                 mm = statistics.median(times["mm"])
                 for n in names:
                     med = statistics.median(times[n])
@@ -111,10 +107,8 @@ def main():
                       flush=True)
                 a = b = pm = q = ref = out_c = None
                 torch.cuda.empty_cache()
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=os.environ.get("GIT_COMMIT", "?"))
-    path = os.path.join(os.environ.get("OUT", "."), "tma_configs.json")
-    with open(path, "w") as f:
-        json.dump(dict(env=env, rows=rows), f, indent=1)
+    env = run_env()
+    path = write_json("tma_configs.json", dict(env=env, rows=rows))
     print(f"wrote {path}\n{env}")
     print("| dir | K, N | r | variant | us | vs mm | spread | rel err |")
     print("|---|---|---|---|---|---|---|---|")

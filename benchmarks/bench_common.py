@@ -1,0 +1,57 @@
+"""What the benchmark scripts share: the run's environment for their JSON, and side-by-side GPU timing."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+
+def run_env() -> dict:
+    """Date (UTC), commit ($GIT_COMMIT or git), whether automodel_lora/ or benchmarks/ had uncommitted changes
+    (None where git cannot say), torch / triton versions and the GPU: where a committed result came from."""
+    commit = os.environ.get("GIT_COMMIT")
+    dirty = None
+    try:
+        commit = commit or subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
+                                                   cwd=_ROOT).strip()
+        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--", "automodel_lora", "benchmarks"],
+                                             text=True, stderr=subprocess.DEVNULL, cwd=_ROOT).strip())
+    except Exception:  # no git here (the device machine gets the tree without .git): GIT_COMMIT says it
+        commit = commit or "unknown"
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=commit,
+                dirty=dirty, torch=torch.__version__,
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_json(filename: str, payload: dict) -> str:
+    """``payload`` as JSON under $OUT (default: the current directory); returns the path."""
+    path = os.path.join(os.environ.get("OUT", "."), filename)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path
+
+
+def rotated_cudagraph_us(fns: dict, rounds: int, rep: int) -> dict[str, list[float]]:
+    """Each callable's median GPU time in us (``do_bench_cudagraph`` over ``rep`` ms), once per round; each round
+    visits the callables in an order rotated by one, so a drift of the clocks lands on all of them alike."""
+    import triton.testing as tt
+
+    names = list(fns)
+    times = {n: [] for n in names}
+    for rnd in range(rounds):
+        for n in names[rnd % len(names):] + names[:rnd % len(names)]:
+            times[n].append(tt.do_bench_cudagraph(fns[n], rep=rep, return_mode="median") * 1e3)
+    return times
