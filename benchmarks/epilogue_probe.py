@@ -1,6 +1,6 @@
 """Where the TMA GEMM loses to cuBLAS: the plain product, the rank step, the tile config (GPU time).
 
-    python benchmarks/epilogue_probe.py [--rounds 3]
+    python benchmarks/epilogue_probe.py [--rounds 3] [--baseline PATH]
 
 Problems (bf16, M = 8192, the layer's layouts, pm given): fwd y = x W^T + pm (s B)^T, bwd dx = dy W + pm (s A).
 Variants:
@@ -8,6 +8,7 @@ Variants:
   gemm        the TMA GEMM as the library runs it, autotuned
   gemm_cfg    the same, one forced config (BM128 BN256 BK64, 3 stages, 8 warps, GROUP_M 8, split store at r=64)
   norank      gemm_cfg's kernel without the rank step (timing only: the low-rank term is missing)
+  baseline    with --baseline PATH (another version of triton_lora.py, e.g. from git show), its gemm_cfg
 The variants built from a patched copy of triton_lora.py are timing only.  Median of per-variant
 do_bench_cudagraph times over --rounds rotated rounds.  Writes $OUT/epilogue_probe.json; table last.
 """
@@ -31,11 +32,11 @@ from automodel_lora.kernels import triton_lora as T  # noqa: E402
 RANK_STEP = "        acc = tl.dot(pt, (qt.to(tl.float32) * scale).to(pt.dtype), acc)\n"
 
 
-def patched_module(name: str, old: str, new: str):
+def patched_module(name: str, old: str, new: str, path: str = T.__file__):
     import importlib.util
     import tempfile
 
-    src = open(T.__file__).read()
+    src = open(path).read()
     if old not in src:
         raise SystemExit(f"patch for {name} does not apply")
     path = os.path.join(tempfile.mkdtemp(), f"tl_{name}.py")
@@ -49,29 +50,34 @@ def patched_module(name: str, old: str, new: str):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--baseline", help="another triton_lora.py to time as 'baseline' (its forced config)")
     args = ap.parse_args()
     forced = patched_module("forced", "", "")
     norank = patched_module("norank", RANK_STEP, "")
+    baseline = patched_module("baseline", "", "", args.baseline) if args.baseline else None
     rows = []
     for K, N, r, direction in ((4096, 4096, 16, "fwd"), (4096, 4096, 16, "bwd"), (4096, 4096, 64, "fwd"),
                                (4096, 4096, 64, "bwd"), (4096, 14336, 16, "fwd"), (14336, 4096, 16, "fwd")):
         a, b, rop, q = problem(direction, K, N, r)
         pm = T.proj(a, rop)
-        for mod in (forced, norank):
-            force(mod, a, b, pm, q, r)
+        for mod in (forced, norank, baseline):
+            if mod is not None:
+                force(mod, a, b, pm, q, r)
         fns = {"mm": lambda: torch.mm(a, b),
                "gemm": lambda: T.gemm_lora(a, b, pm, q, 2.0, tma=True),
                "gemm_cfg": lambda: forced.gemm_lora(a, b, pm, q, 2.0, tma=True),
                "norank": lambda: norank.gemm_lora(a, b, pm, q, 2.0, tma=True)}
+        if baseline is not None:
+            fns["baseline"] = lambda: baseline.gemm_lora(a, b, pm, q, 2.0, tma=True)
         ref = (a.float() @ b.float() + pm.float() @ (2.0 * q.float()))
-        errs = {n: ((fns[n]().float() - ref).norm() / ref.norm()).item() for n in ("gemm", "gemm_cfg")}
+        errs = {n: ((fns[n]().float() - ref).norm() / ref.norm()).item() for n in fns if n not in ("mm", "norank")}
         times = rotated_cudagraph_us(fns, args.rounds, rep=100)
         row = dict(K=K, N=N, r=r, dir=direction, rel_err=errs, **{n: statistics.median(v) for n, v in times.items()},
                    all_times=times)
         rows.append(row)
         print({k: v for k, v in row.items() if k != "all_times"}, flush=True)
     print("wrote", write_json("epilogue_probe.json", dict(env=run_env(), autotune=T.autotune_choices(), rows=rows)))
-    cols = ["mm", "gemm", "gemm_cfg", "norank"]
+    cols = ["mm", "gemm", "gemm_cfg", "norank"] + (["baseline"] if baseline is not None else [])
     print("\n| K, N | r | dir | " + " | ".join(f"{c} us" for c in cols) + " | gemm/mm | norank/mm |")
     print("|---" * (len(cols) + 5) + "|")
     for row in rows:

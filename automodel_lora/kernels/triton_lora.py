@@ -336,8 +336,11 @@ def _gemm_lora_kernel(
 # The same GEMM for Hopper (sm_90+) through TMA: a persistent grid (one program per SM) walks
 # the output tiles in grouped order; TMA loads zero-fill past the edges and the store clips, so
 # no masks.  B_NK: the B operand and Q are stored (N, K) / (N, R) and used transposed (the
-# forward, W and lora_B), else stored (K, N) / (R, N) (the backward's dx, W and lora_A).  Q may
-# be the fp32 master adapter: it is scaled in fp32 and rounded once to the compute dtype.
+# forward, W and lora_B), else stored (K, N) / (R, N) (the backward's dx, W and lora_A).
+# The low-rank term is one more K step of depth BR after the main loop.  Its [BM, BR] tile of P comes
+# through registers (a plain load, issued before Q's TMA load so the two latencies overlap) and is
+# scaled there; Q's tile feeds the MMA from shared memory as loaded.  Q may be the fp32 master adapter:
+# then Q is scaled instead, in fp32, and rounded once to the compute dtype.
 #
 # FUSE_PROJ: P = X @ Rop is not an input but made in this launch, by projection tiles (BM rows of
 # P each, a bandwidth-bound pass over those rows of X).  The GEMM tiles are handed out round-robin
@@ -354,8 +357,8 @@ def _gemm_lora_kernel(
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _tma_gemm_lora_kernel(
-    a_desc, b_desc, p_desc, q_desc, c_desc, bias_ptr, r_desc, pm_ptr, flag_ptr,
-    M, N, K, R, scale,
+    a_desc, b_desc, q_desc, c_desc, bias_ptr, r_desc, pm_ptr, flag_ptr,
+    M, N, K, R, spm, scale,
     B_NK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_PROJ: tl.constexpr, R_T: tl.constexpr, R_BYTES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr, STAGES: tl.constexpr, SPLIT_STORE: tl.constexpr, NUM_SMS: tl.constexpr,
@@ -366,8 +369,8 @@ def _tma_gemm_lora_kernel(
     num_tiles = num_m * num_n
     # GEMM tiles are handed out from the last program down: programs below `n_short` get one fewer
     first_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    rr = tl.arange(0, BR)
     if FUSE_PROJ:
-        rr = tl.arange(0, BR)
         n_short = tl.num_programs(0) - num_tiles % tl.num_programs(0)  # all of them when none is short
         if tl.program_id(0) < n_short:
             for pid_m in tl.range(tl.program_id(0), num_m, n_short):
@@ -382,7 +385,7 @@ def _tma_gemm_lora_kernel(
                         rt = r_desc.load([ki * BK, 0])
                     pacc = tl.dot(a, rt.to(a.dtype), pacc)
                 rm = off_m + tl.arange(0, BM)
-                tl.store(pm_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], pacc.to(c_desc.dtype),
+                tl.store(pm_ptr + rm.to(tl.int64)[:, None] * spm + rr[None, :], pacc.to(c_desc.dtype),
                          mask=(rm < M)[:, None] & (rr < R)[None, :])
                 tl.debug_barrier()  # every thread's rows of P are written before the releases below
                 tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release", scope="gpu")
@@ -404,22 +407,26 @@ def _tma_gemm_lora_kernel(
             else:
                 b = b_desc.load([ki * BK, off_n])
             acc = tl.dot(a, b, acc)
+        rm = off_m + tl.arange(0, BM)
+        p_ptrs = pm_ptr + rm.to(tl.int64)[:, None] * spm + rr[None, :]
+        p_ok = (rm < M)[:, None] & (rr < R)[None, :]
         if FUSE_PROJ:  # this row block's P, once its projection tile has raised the flag
             if not all_ready:
                 all_ready = tl.atomic_add(flag_ptr + num_m, 0, sem="acquire", scope="gpu") == num_m
                 if not all_ready:
                     while tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire", scope="gpu") == 0:
                         pass
-            rm = off_m + tl.arange(0, BM)
-            pt = tl.load(pm_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :],
-                         mask=(rm < M)[:, None] & (rr < R)[None, :], other=0.0, cache_modifier=".cg")
+            pt = tl.load(p_ptrs, mask=p_ok, other=0.0, cache_modifier=".cg")  # written in this launch: from L2
         else:
-            pt = p_desc.load([off_m, 0])  # the low-rank term: one more K step of depth BR
+            pt = tl.load(p_ptrs, mask=p_ok, other=0.0)
         if B_NK:
             qt = q_desc.load([off_n, 0]).T
         else:
             qt = q_desc.load([0, off_n])
-        acc = tl.dot(pt, (qt.to(tl.float32) * scale).to(pt.dtype), acc)
+        if qt.dtype == pt.dtype:
+            acc = tl.dot((pt.to(tl.float32) * scale).to(pt.dtype), qt, acc)
+        else:
+            acc = tl.dot(pt, (qt.to(tl.float32) * scale).to(pt.dtype), acc)
         tile_c += NUM_SMS
         pid_m, pid_n = _tile_coords(tile_c, num_in_group, num_m, GROUP_M)
         off_m = pid_m * BM
@@ -517,10 +524,9 @@ def _tma_block_shapes(nargs) -> None:
     BM, BN, BK, BR, b_nk = nargs["BM"], nargs["BN"], nargs["BK"], nargs["BR"], nargs["B_NK"]
     nargs["a_desc"].block_shape = [BM, BK]
     nargs["b_desc"].block_shape = [BN, BK] if b_nk else [BK, BN]
-    nargs["p_desc"].block_shape = [BM, BR]
     nargs["q_desc"].block_shape = [BN, BR] if b_nk else [BR, BN]
     nargs["c_desc"].block_shape = [BM, BN // 2 if nargs["SPLIT_STORE"] else BN]
-    if nargs["FUSE_PROJ"]:  # r_desc is also passed as the (unused) p_desc: its shape is set last
+    if nargs["FUSE_PROJ"]:  # else r_desc is a stand-in: the kernel does not read it
         nargs["r_desc"].block_shape = [BR, BK] if nargs["R_T"] else [BK, BR]
 
 
@@ -1004,23 +1010,19 @@ def _tma_plan_key(x, y, pm, q, has_bias: bool, rop=None) -> tuple:
             x.dtype, q.dtype, None if rop is None else (_is_transposed(rop), rop.dtype))
 
 
-# Block shapes ((BM, BK), B's, (BM, BR), Q's, C's, Rop's) of the TMA descriptors of each recorded launch, by
+# Block shapes ((BM, BK), B's, Q's, C's, Rop's) of the TMA descriptors of each recorded launch, by
 # the launch's call signature: a repeat call builds its descriptors from them and launches (_run_cached).
 _TMA_BLOCKS: dict = {}
 
 
 def _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk: bool, rop, flags) -> tuple:
-    """The TMA GEMM's pointer arguments: descriptors of x, y, pm (or, with ``rop``, of rop), q, out with
-    ``blocks``, the bias, rop's descriptor, pm and the flags (unused stand-ins without ``rop``)."""
-    bx, by, bp, bq, bc, br = blocks
-    if rop is None:
-        p_desc = _tma_desc(pm, bp)
-        r_args = (p_desc, bias_ptr, bias_ptr)
-    else:
-        p_desc = _tma_desc(rop, br, _is_transposed(rop))
-        r_args = (p_desc, pm, flags)
-    return (_tma_desc(x, bx), _tma_desc(y, by, b_nk), p_desc, _tma_desc(q, bq, b_nk), _tma_desc(out, bc),
-            bias_ptr, *r_args)
+    """The TMA GEMM's pointer arguments: descriptors of x, y, q, out with ``blocks``, the bias, rop's
+    descriptor, pm and the flags (without ``rop``, x's descriptor and the bias stand in for the last two)."""
+    bx, by, bq, bc, br = blocks
+    x_desc = _tma_desc(x, bx)
+    r_desc = x_desc if rop is None else _tma_desc(rop, br, _is_transposed(rop))
+    return (x_desc, _tma_desc(y, by, b_nk), _tma_desc(q, bq, b_nk), _tma_desc(out, bc), bias_ptr, r_desc, pm,
+            bias_ptr if flags is None else flags)
 
 
 def _gemm_lora_tma(x, y, pm, q, scale, bias, out, rop=None) -> None:
@@ -1033,9 +1035,9 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out, rop=None) -> None:
     fuse = rop is not None
     r_t = fuse and _is_transposed(rop)
     flags = _tile_locks(x.device, _cdiv(M, _TMA_MIN_BM) + 2) if fuse else None  # a flag per row block, 2 counters
-    sig = ("tma_gemm", out.get_device(), M, N, K, R, b_nk, x.dtype, pm.dtype, q.dtype, scale,
+    sig = ("tma_gemm", out.get_device(), M, N, K, R, pm.stride(0), b_nk, x.dtype, pm.dtype, q.dtype, scale,
            None if bias is None else bias.dtype, (r_t, rop.dtype) if fuse else None)
-    checked = (bias_ptr, pm, flags) if fuse else (bias_ptr,)
+    checked = (bias_ptr, pm, flags) if fuse else (bias_ptr, pm)
     blocks = _TMA_BLOCKS.get(sig)
     if blocks is not None and _run_cached(sig, _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk, rop, flags),
                                           checked):
@@ -1050,13 +1052,13 @@ def _gemm_lora_tma(x, y, pm, q, scale, bias, out, rop=None) -> None:
     else:  # first call for this key: autotune (the pre-hook sets the descriptors' block shapes)
         kw = dict(BM=128, BN=128, BK=64, SPLIT_STORE=False)
     BM, BN, BK = kw["BM"], kw["BN"], kw["BK"]
-    blocks = ([BM, BK], [BN, BK] if b_nk else [BK, BN], [BM, BR], [BN, BR] if b_nk else [BR, BN],
+    blocks = ([BM, BK], [BN, BK] if b_nk else [BK, BN], [BN, BR] if b_nk else [BR, BN],
               [BM, BN // 2 if kw["SPLIT_STORE"] else BN], [BR, BK] if r_t else [BK, BR])
     ptrs = _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk, rop, flags)
     # the interpreter runs programs one after another: with FUSE_PROJ one program walks every tile, so
     # each projection tile runs before the GEMM tiles that wait for it
     n_sm = 1 if INTERPRET and fuse else _sm_count(x.device)
-    args = (*ptrs, M, N, K, R, float(scale))
+    args = (*ptrs, M, N, K, R, pm.stride(0), float(scale))
     consts = dict(B_NK=b_nk, HAS_BIAS=bias is not None, FUSE_PROJ=fuse, R_T=r_t,
                   R_BYTES=rop.element_size() if fuse else 0, BR=BR, NUM_SMS=n_sm)
 
