@@ -29,7 +29,11 @@ from fuse_proj_probe import force, problem  # noqa: E402
 
 from automodel_lora.kernels import triton_lora as T  # noqa: E402
 
-RANK_STEP = "        acc = tl.dot(pt, (qt.to(tl.float32) * scale).to(pt.dtype), acc)\n"
+RANK_STEP = """        if qt.dtype == pt.dtype:
+            acc = tl.dot((pt.to(tl.float32) * scale).to(pt.dtype), qt, acc)
+        else:
+            acc = tl.dot(pt, (qt.to(tl.float32) * scale).to(pt.dtype), acc)
+"""
 
 
 def patched_module(name: str, old: str, new: str, path: str = T.__file__):
