@@ -14,15 +14,20 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repos
 
 def run_env() -> dict:
     """Date (UTC), commit ($GIT_COMMIT or git), whether automodel_lora/ or benchmarks/ had uncommitted changes
-    (None where git cannot say), torch / triton versions and the GPU: where a committed result came from."""
+    (None where git cannot say), torch / triton versions and the GPU: where a committed result came from.
+
+    The device machine's copy of the tree may carry a .git from an older commit: where $GIT_COMMIT names
+    another commit than git's HEAD, git's answer is about the wrong commit and ``dirty`` is None."""
     commit = os.environ.get("GIT_COMMIT")
     dirty = None
     try:
-        commit = commit or subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                                                   cwd=_ROOT).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--", "automodel_lora", "benchmarks"],
-                                             text=True, stderr=subprocess.DEVNULL, cwd=_ROOT).strip())
-    except Exception:  # no git here (the device machine gets the tree without .git): GIT_COMMIT says it
+        head = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
+                                       cwd=_ROOT).strip()
+        if not commit or head.startswith(commit):
+            dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--", "automodel_lora", "benchmarks"],
+                                                 text=True, stderr=subprocess.DEVNULL, cwd=_ROOT).strip())
+        commit = commit or head
+    except Exception:  # no git here: GIT_COMMIT says it
         commit = commit or "unknown"
     info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=commit,
                 dirty=dirty, torch=torch.__version__,
