@@ -84,6 +84,24 @@ def test_bf16_real_shapes(K, N, r, base_gemm, monkeypatch, use_base_gemm):
     _check_lora_linear(x, W, b, A, B)
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused_proj", "proj_pass"])
+@pytest.mark.parametrize("K,N,r", [(4096, 4096, 16), (4096, 14336, 64)])
+def test_bf16_fp32_master_adapters_tma(K, N, r, fuse, monkeypatch, use_base_gemm):
+    """fp32 master adapters through the TMA GEMM: its rank step then scales Q in fp32 and rounds it once
+    (a 16-bit Q is used as loaded and P is scaled instead); both GEMMs must take that path."""
+    from automodel_lora.kernels import lora as L
+    from automodel_lora.kernels import triton_lora as T
+
+    x, W, b, A, B = _inputs(4095, K, N, r, adapter_dtype=torch.float32, bias=True)
+    q_dtypes = []
+    tma_gemm = T._gemm_lora_tma
+    monkeypatch.setattr(T, "_gemm_lora_tma", lambda *a: (q_dtypes.append(a[3].dtype), tma_gemm(*a))[1])
+    monkeypatch.setattr(L, "_FUSE_PROJ", fuse)
+    use_base_gemm("triton")
+    _check_lora_linear(x, W, b, A, B)
+    assert q_dtypes == [torch.float32, torch.float32], "y and dx must come from the TMA GEMM with the fp32 Q"
+
+
 @pytest.mark.parametrize("pos", ["pre", "post"])
 def test_bf16_dropout_fp32_adapters(pos):
     _check_dropout(pos, "cuda")
