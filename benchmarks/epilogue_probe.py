@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_common import rotated_cudagraph_us, run_env, write_json  # noqa: E402
+from bench_common import patched_copy, rotated_cudagraph_us, run_env, write_json  # noqa: E402
 from fuse_proj_probe import force, problem  # noqa: E402
 
 from automodel_lora.kernels import triton_lora as T  # noqa: E402
@@ -36,29 +36,14 @@ RANK_STEP = """        if qt.dtype == pt.dtype:
 """
 
 
-def patched_module(name: str, old: str, new: str, path: str = T.__file__):
-    import importlib.util
-    import tempfile
-
-    src = open(path).read()
-    if old not in src:
-        raise SystemExit(f"patch for {name} does not apply")
-    path = os.path.join(tempfile.mkdtemp(), f"tl_{name}.py")
-    open(path, "w").write(src.replace(old, new, 1))
-    spec = importlib.util.spec_from_file_location(f"tl_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline", help="another triton_lora.py to time as 'baseline' (its forced config)")
     args = ap.parse_args()
-    forced = patched_module("forced", "", "")
-    norank = patched_module("norank", RANK_STEP, "")
-    baseline = patched_module("baseline", "", "", args.baseline) if args.baseline else None
+    forced = patched_copy(T.__file__, "forced", "", "")
+    norank = patched_copy(T.__file__, "norank", RANK_STEP, "")
+    baseline = patched_copy(args.baseline, "baseline", "", "") if args.baseline else None
     rows = []
     for K, N, r, direction in ((4096, 4096, 16, "fwd"), (4096, 4096, 16, "bwd"), (4096, 4096, 64, "fwd"),
                                (4096, 4096, 64, "bwd"), (4096, 14336, 16, "fwd"), (14336, 4096, 16, "fwd")):

@@ -17,21 +17,18 @@ do_bench_cudagraph times over --rounds rotated rounds.  Writes $OUT/fuse_proj_pr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_common import rotated_cudagraph_us, run_env, write_json  # noqa: E402
+from bench_common import patched_copy, rotated_cudagraph_us, run_env, write_json  # noqa: E402
 
 from automodel_lora.kernels import triton_lora as T  # noqa: E402
 
-SRC = T.__file__
 PATCHES = {
     "fused_nowait": ('''            if not all_ready:
                 all_ready = tl.atomic_add(flag_ptr + num_m, 0, sem="acquire", scope="gpu") == num_m
@@ -44,19 +41,6 @@ PATCHES = {
     "fused_p12": ("num_stages=STAGES * (3 - R_BYTES // 2)", "num_stages=12"),
 }
 EXACT = ("fused", "fused_p9", "fused_p12")  # the variants that compute the right result
-
-
-def patched_module(name: str):
-    old, new = PATCHES[name]
-    src = open(SRC).read()
-    if old not in src:
-        raise SystemExit(f"patch for {name} does not apply")
-    path = os.path.join(tempfile.mkdtemp(), f"tl_{name}.py")
-    open(path, "w").write(src.replace(old, new, 1))
-    spec = importlib.util.spec_from_file_location(f"tl_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def force(mod, a, b, pm, q, r, rop=None):
@@ -80,7 +64,7 @@ def main():
     ap.add_argument("--kn", default="4096x4096,4096x14336,14336x4096", help="comma-separated KxN problems")
     ap.add_argument("--variants", default=",".join(PATCHES), help="comma-separated patched variants")
     args = ap.parse_args()
-    mods = {"fused": T, **{n: patched_module(n) for n in args.variants.split(",") if n}}
+    mods = {"fused": T, **{n: patched_copy(T.__file__, n, *PATCHES[n]) for n in args.variants.split(",") if n}}
     rows = []
     for K, N in (tuple(int(v) for v in kn.split("x")) for kn in args.kn.split(",")):
         for r in (16, 64):

@@ -58,6 +58,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench_common import rotated_cudagraph_us, run_env, write_json  # noqa: E402
+from fuse_proj_probe import problem  # noqa: E402
 
 SMEM_LIMIT = 232448  # bytes of dynamic shared memory per block on sm_90 (227 KB)
 CONSUMER_REGS, LOADER_REGS = 232, 40
@@ -73,6 +74,16 @@ SCALE = 2.0
 
 
 # ----------------------------------------------------------------------------------------------------- kernel
+
+
+@gluon.jit
+def _schedule(M, N, K, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
+    """This program's share: (pid, programs, row blocks, column blocks, its number of tiles, K steps)."""
+    pid = gl.program_id(0)
+    num_progs = gl.num_programs(0)
+    num_pid_m = gl.cdiv(M, BM)
+    num_pid_n = gl.cdiv(N, BN)
+    return pid, num_progs, num_pid_m, num_pid_n, gl.cdiv(num_pid_m * num_pid_n - pid, num_progs), gl.cdiv(K, BK)
 
 
 @gluon.jit
@@ -93,12 +104,7 @@ def _loader(a_desc, b_desc, p_desc, q_desc, a_bufs, b_bufs, ready, empty, p_buf,
             M, N, K, HAS_RANK: gl.constexpr, B_NK: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
             BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
     """TMA producer (1 warp): per tile, P / Q (when HAS_RANK), then the k_tiles A / B stages of the ring."""
-    pid = gl.program_id(0)
-    num_progs = gl.num_programs(0)
-    num_pid_m = gl.cdiv(M, BM)
-    num_pid_n = gl.cdiv(N, BN)
-    n_local = gl.cdiv(num_pid_m * num_pid_n - pid, num_progs)
-    k_tiles = gl.cdiv(K, BK)
+    pid, num_progs, num_pid_m, num_pid_n, n_local, k_tiles = _schedule(M, N, K, BM, BN, BK)
     it = 0
     for t in range(n_local):
         off_m, off_n = _tile_offsets(t, pid, num_progs, num_pid_m, num_pid_n, BM, BN, GROUP_M)
@@ -131,12 +137,7 @@ def _consumer(c_desc, a_bufs, b_bufs, ready, empty, p_buf, q_buf, rank_ready, ra
     """One math warpgroup: this program's tiles t with t % 2 == CONSUMER; rank step, K loop, TMA-store epilogue."""
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BN, 16])
-    pid = gl.program_id(0)
-    num_progs = gl.num_programs(0)
-    num_pid_m = gl.cdiv(M, BM)
-    num_pid_n = gl.cdiv(N, BN)
-    n_local = gl.cdiv(num_pid_m * num_pid_n - pid, num_progs)
-    k_tiles = gl.cdiv(K, BK)
+    pid, num_progs, num_pid_m, num_pid_n, n_local, k_tiles = _schedule(M, N, K, BM, BN, BK)
     c_smem = c_bufs.index(CONSUMER)  # [BM, BN]
     for t in range(CONSUMER, n_local, 2):
         off_m, off_n = _tile_offsets(t, pid, num_progs, num_pid_m, num_pid_n, BM, BN, GROUP_M)
@@ -324,16 +325,6 @@ def _ptxas_usage(ptx):
 
 
 # ---------------------------------------------------------------------------------------------------- problems
-
-
-def problem(direction, K, N, r, M=8192, dev="cuda", dt=torch.bfloat16):
-    """(a, b, rop, q): out = a @ b + (a @ rop) @ (s q), the layer's layouts (as fuse_proj_probe.problem)."""
-    W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
-    A = torch.randn(r, K, device=dev, dtype=dt) / K**0.5
-    B = torch.randn(N, r, device=dev, dtype=dt) * 0.05
-    if direction == "fwd":
-        return torch.randn(M, K, device=dev, dtype=dt), W.t(), A.t(), B.t()
-    return torch.randn(M, N, device=dev, dtype=dt), W, B, A
 
 
 def rel_err(out, a, b, pm, q, scale):
