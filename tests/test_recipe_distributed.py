@@ -137,3 +137,33 @@ def test_qlora_with_ddp_on_two_processes_trains_the_same_adapter_as_one(tmp_path
     assert got.keys() == ref.keys() and len(ref) == 28
     for key in ref:
         assert_close(got[key], ref[key], what=f"qlora ddp {key}")
+
+
+def test_cleanup_frees_the_trained_model_before_destroying_the_group(tmp_path, monkeypatch):
+    """A model kept alive only by reference cycles (as FSDP2 / DDP models are after a run) is freed by
+    ``cleanup`` before the process group goes; left to interpreter shutdown it outlived the group and a
+    rank could abort at exit."""
+    import gc
+    import weakref
+
+    import torch
+    import torch.distributed as dist
+
+    from automodel_lora.recipe.distributed import DistEnv, cleanup
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    gc.disable()  # no automatic collection may free the cycle before cleanup does
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        model.keep = model  # a reference cycle, as the trained model's hooks and states make
+        alive = weakref.ref(model)
+        del model
+        seen = []
+        destroy = dist.destroy_process_group
+        monkeypatch.setattr(dist, "destroy_process_group", lambda *a: (seen.append(alive() is None), destroy(*a)))
+        cleanup(DistEnv())
+    finally:
+        gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert seen == [True], "the model must be gone when the process group is destroyed"
