@@ -92,9 +92,14 @@ def _base_gemm_route(x, y, pm, q) -> Optional[bool]:
         return None
     if _BASE_GEMM == "triton":
         return _tl.tma_eligible(x, y, pm, q)
-    if x.shape[0] * x.shape[1] * y.shape[1] < _AUTO_TMA_MIN_MNK:
+    if _below_auto_tma_size(x, y):
         return None
     return True if _tl.tma_eligible(x, y, pm, q) else None
+
+
+def _below_auto_tma_size(x, y) -> bool:
+    """``x @ y`` is smaller than the GEMMs ``"auto"`` gives the TMA kernel."""
+    return x.shape[0] * x.shape[1] * y.shape[1] < _AUTO_TMA_MIN_MNK
 
 
 # Whether the TMA GEMM's launch also makes the skinny product (``triton_lora.gemm_lora_proj``): xa = x A^T with
@@ -119,8 +124,8 @@ def _fuses_proj(x, y, rop, q) -> bool:
     base GEMM route would be the TMA kernel, and that kernel can take ``rop`` as well."""
     if not _FUSE_PROJ or _BASE_GEMM == "cublas":
         return False
-    if _BASE_GEMM == "auto" and (x.shape[0] * x.shape[1] * y.shape[1] < _AUTO_TMA_MIN_MNK
-                                 or not _tl.proj_tiles_fit(x.shape[0], y.shape[1], x.device)):
+    if _BASE_GEMM == "auto" and (_below_auto_tma_size(x, y) or not _tl.proj_tiles_fit(x.shape[0], y.shape[1],
+                                                                                       x.device)):
         return False
     return _tl.tma_eligible_proj(x, y, rop, q)
 
