@@ -479,6 +479,23 @@ def test_portable_triton_gemm_interp(M, K, N, r, bias, monkeypatch, use_base_gem
         run_and_check(x, W, b, A, B, 2.0, 0.0, "post", torch.float32)
 
 
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_tma_gemm_reads_pm_at_any_row_offset_interp(dtype):
+    """pm is read with plain loads: a view starting mid-row-block (no 16-byte aligned base) still takes the TMA
+    kernel, and rows with a stride wider than the rank are read from the right places; a pm strided along the
+    rank does not take it."""
+    from automodel_lora.kernels import triton_lora as T
+
+    M, K, N, r = 37, 64, 48, 16
+    x, W, q = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+    for pm in (torch.randn(M + 1, r, dtype=dtype)[1:], torch.randn(M, r + 8, dtype=dtype)[:, 3:3 + r]):
+        assert T.tma_eligible(x, W.t(), pm, q.t())
+        out = T.gemm_lora(x, W.t(), pm, q.t(), 2.0)
+        check(out, x.double() @ W.double().t() + pm.double() @ (2.0 * q.double().t()), dtype, "out")
+    assert not T.tma_eligible(x, W.t(), torch.randn(r, M, dtype=dtype).t(), q.t())
+
+
 def test_set_base_gemm_rejects_unknown():
     with pytest.raises(ValueError, match="base gemm must be one of"):
         set_base_gemm("cutlass")

@@ -947,9 +947,11 @@ def _tma_ready(t: torch.Tensor, transposed: bool = False) -> bool:
 
 def tma_eligible(x, y, pm, q) -> bool:
     """Whether ``gemm_lora(x, y, pm, q)`` runs the TMA kernel: Hopper or newer (or the interpreter),
-    16-bit activations on the GPU, rank <= 64 (one rank tile), and operands laid out as TMA needs them (``y``, ``q``
-    both transposed views of row-major (N, K) / (N, R) tensors, or both row-major)."""
-    return pm is not None and pm.dtype == x.dtype and _tma_operands_ready(x, y, q, pm.shape[1]) and _tma_ready(pm)
+    16-bit activations on the GPU, rank <= 64 (one rank tile), x, y, q laid out as TMA needs them (``y``, ``q``
+    both transposed views of row-major (N, K) / (N, R) tensors, or both row-major), and ``pm`` with unit
+    stride along the rank (the kernel reads its rows with plain loads)."""
+    return (pm is not None and pm.dtype == x.dtype and pm.stride(1) == 1
+            and _tma_operands_ready(x, y, q, pm.shape[1]))
 
 
 def tma_eligible_proj(x, y, rop, q) -> bool:
