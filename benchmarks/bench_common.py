@@ -64,15 +64,18 @@ def rotated_cudagraph_us(fns: dict, rounds: int, rep: int) -> dict[str, list[flo
     return times
 
 
-def patched_copy(path: str, name: str, old: str, new: str):
-    """A new module made from the source file at ``path`` with its first ``old`` replaced by ``new``: a timing
-    variant of a kernel, imported next to the original in one process.  Exits when ``old`` is not in the file."""
+def patched_copy(path: str, name: str, *patches: tuple[str, str]):
+    """A new module made from the source file at ``path`` with the first ``old`` of each ``(old, new)`` patch
+    replaced by ``new``, in order: a timing variant of a kernel, imported next to the original in one process.
+    Exits when an ``old`` is not in the file."""
     src = open(path).read()
-    if old not in src:
-        raise SystemExit(f"patch {name} does not apply to {path}")
+    for old, new in patches:
+        if old not in src:
+            raise SystemExit(f"patch {name} does not apply to {path}: {old.strip().splitlines()[0]!r}")
+        src = src.replace(old, new, 1)
     copy = os.path.join(tempfile.mkdtemp(), f"tl_{name}.py")
     with open(copy, "w") as f:
-        f.write(src.replace(old, new, 1))
+        f.write(src)
     spec = importlib.util.spec_from_file_location(f"tl_{name}", copy)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -41,9 +41,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline", help="another triton_lora.py to time as 'baseline' (its forced config)")
     args = ap.parse_args()
-    forced = patched_copy(T.__file__, "forced", "", "")
-    norank = patched_copy(T.__file__, "norank", RANK_STEP, "")
-    baseline = patched_copy(args.baseline, "baseline", "", "") if args.baseline else None
+    forced = patched_copy(T.__file__, "forced")
+    norank = patched_copy(T.__file__, "norank", (RANK_STEP, ""))
+    baseline = patched_copy(args.baseline, "baseline") if args.baseline else None
     rows = []
     for K, N, r, direction in ((4096, 4096, 16, "fwd"), (4096, 4096, 16, "bwd"), (4096, 4096, 64, "fwd"),
                                (4096, 4096, 64, "bwd"), (4096, 14336, 16, "fwd"), (14336, 4096, 16, "fwd")):

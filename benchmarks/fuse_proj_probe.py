@@ -64,7 +64,7 @@ def main():
     ap.add_argument("--kn", default="4096x4096,4096x14336,14336x4096", help="comma-separated KxN problems")
     ap.add_argument("--variants", default=",".join(PATCHES), help="comma-separated patched variants")
     args = ap.parse_args()
-    mods = {"fused": T, **{n: patched_copy(T.__file__, n, *PATCHES[n]) for n in args.variants.split(",") if n}}
+    mods = {"fused": T, **{n: patched_copy(T.__file__, n, PATCHES[n]) for n in args.variants.split(",") if n}}
     rows = []
     for K, N in (tuple(int(v) for v in kn.split("x")) for kn in args.kn.split(",")):
         for r in (16, 64):
