@@ -45,9 +45,6 @@ except ImportError:  # pragma: no cover - older Triton: always launch through th
     knobs = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# FUSE_PROJ: a program left short makes its rows of P this many rounds of the tile schedule before the round
-# of the first GEMM tile that needs them (benchmarks/NOTES.md, Version 13)
-_PROJ_LEAD = tl.constexpr(1)
 
 # --------------------------------------------------------------------------------------
 # Block-size choices.  Bandwidth-bound kernels (_proj, _tn) are autotuned on the GPU,
@@ -348,38 +345,57 @@ def _gemm_lora_kernel(
 # FUSE_PROJ: P = X @ Rop is not an input but made in this launch, by projection tiles (BM rows of
 # P each, a bandwidth-bound pass over those rows of X).  The GEMM tiles are handed out round-robin
 # from the last program down, so the programs left one GEMM tile short are the first ones; those run
-# the projection tiles, in time they would otherwise spend idle at the end.  Program p of them makes a
-# run of consecutive row blocks, and makes them between its own GEMM tiles: one round of the schedule
-# before the round of the first GEMM tile that needs them.  The projections are thus spread over the
-# launch, a few programs at a time, and read rows of X about when the GEMM tiles read them (rather than
-# all at the start, where they slowed the first rounds of GEMM tiles: NOTES.md, Version 13).
+# the projection tiles before their GEMM tiles, in time they would otherwise spend idle at the end.
 # Each projection tile stores its rows of P (an output: the caller keeps it for backward), raises its
 # row block's flag and counts itself done.  The GEMM tiles load their rows of P at the epilogue; until
 # a program has seen every projection done (after that it checks nothing), it waits there for its row
-# block's flag.  No wait is circular: a projection waits for nothing but its own program's earlier GEMM
-# tiles, and a row block's projection comes no later in its program's order than the round of every
-# GEMM tile that needs it.  Waiting assumes, as stream-K GEMMs do, that all programs are resident; the
-# ones doing the projections are the lowest-numbered, which the GPU places first.  The last program to
-# finish zeroes the flags and counters for the next launch: flags[0:num_m], then the projection and
-# program counters.
+# block's flag.  Waiting assumes, as stream-K GEMMs do, that the programs doing the projections are
+# resident.  They are the lowest-numbered ones, which the GPU places first, and row block m is done
+# by program m % (programs left short); nothing they do waits.  The last program to finish zeroes the
+# flags and counters for the next launch: flags[0:num_m], then the projection and program counters.
 # Rop is (K, R) (R_T: a transposed view of a row-major (R, K) tensor, lora_A^T).
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _tma_gemm_tiles(
-    a_desc, b_desc, q_desc, c_desc, bias_ptr, pm_ptr, flag_ptr,
-    M, N, R, spm, scale, num_m, num_n, k_tiles, start, end, all_ready,
-    B_NK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_PROJ: tl.constexpr,
+def _tma_gemm_lora_kernel(
+    a_desc, b_desc, q_desc, c_desc, bias_ptr, r_desc, pm_ptr, flag_ptr,
+    M, N, K, R, spm, scale,
+    B_NK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_PROJ: tl.constexpr, R_T: tl.constexpr, R_BYTES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr, STAGES: tl.constexpr, SPLIT_STORE: tl.constexpr, NUM_SMS: tl.constexpr,
 ):
-    """The output tiles start, start + NUM_SMS, ... below end; returns ``all_ready`` (FUSE_PROJ: this program
-    has seen every projection tile done)."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    num_tiles = num_m * num_n
+    # GEMM tiles are handed out from the last program down: programs below `n_short` get one fewer
+    first_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     rr = tl.arange(0, BR)
+    if FUSE_PROJ:
+        n_short = tl.num_programs(0) - num_tiles % tl.num_programs(0)  # all of them when none is short
+        if tl.program_id(0) < n_short:
+            for pid_m in tl.range(tl.program_id(0), num_m, n_short):
+                off_m = pid_m * BM
+                pacc = tl.zeros((BM, BR), dtype=tl.float32)
+                # a streaming loop: more stages in flight, 2x those of the GEMM for a 16-bit Rop, 1x for fp32
+                for ki in tl.range(0, k_tiles, num_stages=STAGES * (3 - R_BYTES // 2)):
+                    a = a_desc.load([off_m, ki * BK])
+                    if R_T:
+                        rt = r_desc.load([0, ki * BK]).T
+                    else:
+                        rt = r_desc.load([ki * BK, 0])
+                    pacc = tl.dot(a, rt.to(a.dtype), pacc)
+                rm = off_m + tl.arange(0, BM)
+                tl.store(pm_ptr + rm.to(tl.int64)[:, None] * spm + rr[None, :], pacc.to(c_desc.dtype),
+                         mask=(rm < M)[:, None] & (rr < R)[None, :])
+                tl.debug_barrier()  # every thread's rows of P are written before the releases below
+                tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release", scope="gpu")
+                tl.atomic_add(flag_ptr + num_m, 1, sem="release", scope="gpu")
+    all_ready = False  # FUSE_PROJ: this program has seen every projection tile done
     num_in_group = GROUP_M * num_n
     # the epilogue keeps its own tile counter (as Triton's persistent-matmul tutorial does) so the
     # flattened loop can overlap a tile's store with the next tile's loads
-    tile_c = start - NUM_SMS
-    for tile in tl.range(start, end, NUM_SMS, flatten=True):
+    tile_c = first_tile - NUM_SMS
+    for tile in tl.range(first_tile, num_tiles, NUM_SMS, flatten=True):
         pid_m, pid_n = _tile_coords(tile, num_in_group, num_m, GROUP_M)
         off_m = pid_m * BM
         off_n = pid_n * BN
@@ -424,63 +440,6 @@ def _tma_gemm_tiles(
             c_desc.store([off_m, off_n + BN // 2], c1.to(c_desc.dtype))
         else:
             c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
-    return all_ready
-
-
-@triton.jit
-def _tma_gemm_lora_kernel(
-    a_desc, b_desc, q_desc, c_desc, bias_ptr, r_desc, pm_ptr, flag_ptr,
-    M, N, K, R, spm, scale,
-    B_NK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_PROJ: tl.constexpr, R_T: tl.constexpr, R_BYTES: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-    GROUP_M: tl.constexpr, STAGES: tl.constexpr, SPLIT_STORE: tl.constexpr, NUM_SMS: tl.constexpr,
-):
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    k_tiles = tl.cdiv(K, BK)
-    num_tiles = num_m * num_n
-    # GEMM tiles are handed out from the last program down: programs below `n_short` get one fewer
-    first_tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    split = first_tile  # this program's GEMM tiles before its projection tiles: first_tile, ... below split
-    if FUSE_PROJ:
-        n_short = tl.num_programs(0) - num_tiles % tl.num_programs(0)  # all of them when none is short
-        per_short = tl.cdiv(num_m, n_short)
-        m_lo = tl.program_id(0) * per_short  # this program's row blocks of P: m_lo, ... below m_hi
-        m_hi = tl.minimum(m_lo + per_short, num_m)
-        if tl.program_id(0) < n_short and m_lo < num_m:
-            # the first GEMM tile (in grouped order) of row block m_lo, and the round of the schedule it runs in:
-            # project one round ahead of that
-            t_need = (m_lo // GROUP_M) * GROUP_M * num_n + m_lo % GROUP_M
-            split = first_tile + tl.maximum(t_need // NUM_SMS - _PROJ_LEAD, 0) * NUM_SMS
-    all_ready = tl.program_id(0) < 0  # False, as a tensor: the loops below carry it
-    all_ready = _tma_gemm_tiles(
-        a_desc, b_desc, q_desc, c_desc, bias_ptr, pm_ptr, flag_ptr,
-        M, N, R, spm, scale, num_m, num_n, k_tiles, first_tile, tl.minimum(split, num_tiles), all_ready,
-        B_NK, HAS_BIAS, FUSE_PROJ, BM, BN, BK, BR, GROUP_M, STAGES, SPLIT_STORE, NUM_SMS)
-    if FUSE_PROJ:
-        rr = tl.arange(0, BR)
-        if tl.program_id(0) < n_short:
-            for pid_m in tl.range(m_lo, m_hi):
-                off_m = pid_m * BM
-                pacc = tl.zeros((BM, BR), dtype=tl.float32)
-                # a streaming loop: more stages in flight, 2x those of the GEMM for a 16-bit Rop, 1x for fp32
-                for ki in tl.range(0, k_tiles, num_stages=STAGES * (3 - R_BYTES // 2)):
-                    a = a_desc.load([off_m, ki * BK])
-                    if R_T:
-                        rt = r_desc.load([0, ki * BK]).T
-                    else:
-                        rt = r_desc.load([ki * BK, 0])
-                    pacc = tl.dot(a, rt.to(a.dtype), pacc)
-                rm = off_m + tl.arange(0, BM)
-                tl.store(pm_ptr + rm.to(tl.int64)[:, None] * spm + rr[None, :], pacc.to(c_desc.dtype),
-                         mask=(rm < M)[:, None] & (rr < R)[None, :])
-                tl.debug_barrier()  # every thread's rows of P are written before the releases below
-                tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release", scope="gpu")
-                tl.atomic_add(flag_ptr + num_m, 1, sem="release", scope="gpu")
-    _tma_gemm_tiles(
-        a_desc, b_desc, q_desc, c_desc, bias_ptr, pm_ptr, flag_ptr,
-        M, N, R, spm, scale, num_m, num_n, k_tiles, split, num_tiles, all_ready,
-        B_NK, HAS_BIAS, FUSE_PROJ, BM, BN, BK, BR, GROUP_M, STAGES, SPLIT_STORE, NUM_SMS)
     if FUSE_PROJ:  # the last program done zeroes the locks for the next launch
         if tl.atomic_add(flag_ptr + num_m + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
             for m0 in range(0, num_m + 2, BM):
