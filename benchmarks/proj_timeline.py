@@ -9,11 +9,13 @@ forced config (BM128 BN256 BK64, 3 stages, 8 warps, GROUP_M 8, split store at r=
   u2s3, u2s4, u4s2 the projection tiles' loop unrolled: 2 or 4 x tiles per iteration, 3 / 4 / 2 stages of them
   projonly         fused without its GEMM tiles: the projection tiles alone on the short programs (pm only)
   projonly_u4s2    the same, unrolled as u4s2
+  m2               fused, a program's two projection tiles in one pass over K (Rop's tile read once for both)
   nowait           fused without the GEMM tiles' flag checks (timing only: may read P early)
   noproj           fused without projection tiles or flag checks: the fused kernel's GEMM tiles alone (timing only)
 Problems are KxNxRxDIR (bf16, M = 8192, the layer's layouts; fwd y = x W^T + (x A^T)(s B)^T, bwd dx = dy W +
-(dy B)(s A)).  For each: the median GPU time of rotated CUDA-graph rounds of `proj`, `gemm` (pm given) and every
-variant, then one eager run's timeline per variant.  Writes $OUT/proj_timeline.json; table last.
+(dy B)(s A)).  For each: the median GPU time of rotated CUDA-graph rounds of `proj`, `gemm` (pm given) and
+every variant, then per variant the timeline of one eager run and of the last of 20 replays of a CUDA graph.
+Writes $OUT/proj_timeline.json; table last.
 The schedule that spread the projections between GEMM tiles (55427863, reverted) was timed by that commit's
 version of this script: results/proj_timeline_h200_2026-12-01_schedule_55427863.json.
 """
@@ -51,7 +53,10 @@ TIMERS = (
         tl.store(tb + 3, smid())
     if FUSE_PROJ:  # the last program done zeroes the locks"""),
     # room for the timestamps in the lock buffer, eager and under graph capture
-    ("torch.zeros(max(n, 1), dtype=torch.int32", "torch.zeros(max(n, 1 << 16), dtype=torch.int32"),
+    ("        return torch.zeros(max(n, 1), dtype=torch.int32, device=device)\n",
+     "        _CAPTURED.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))\n"
+     "        return _CAPTURED[-1]\n"),
+    ("_LOCKS: dict = {}\n", "_LOCKS: dict = {}\n_CAPTURED: list = []  # the lock buffers made under graph capture\n"),
     ("torch.zeros(max(n, 1024), dtype=torch.int32", "torch.zeros(max(n, 1 << 16), dtype=torch.int32"),
 )
 PROJ_LOOP = """                for ki in tl.range(0, k_tiles, num_stages=STAGES * (3 - R_BYTES // 2)):
@@ -61,6 +66,51 @@ PROJ_LOOP = """                for ki in tl.range(0, k_tiles, num_stages=STAGES 
                     else:
                         rt = r_desc.load([ki * BK, 0])
                     pacc = tl.dot(a, rt.to(a.dtype), pacc)
+"""
+PROJ_TILE = """            for pid_m in tl.range(tl.program_id(0), num_m, n_short):
+                off_m = pid_m * BM
+                pacc = tl.zeros((BM, BR), dtype=tl.float32)
+                # a streaming loop: more stages in flight, 2x those of the GEMM for a 16-bit Rop, 1x for fp32
+                for ki in tl.range(0, k_tiles, num_stages=STAGES * (3 - R_BYTES // 2)):
+                    a = a_desc.load([off_m, ki * BK])
+                    if R_T:
+                        rt = r_desc.load([0, ki * BK]).T
+                    else:
+                        rt = r_desc.load([ki * BK, 0])
+                    pacc = tl.dot(a, rt.to(a.dtype), pacc)
+                rm = off_m + tl.arange(0, BM)
+                tl.store(pm_ptr + rm.to(tl.int64)[:, None] * spm + rr[None, :], pacc.to(c_desc.dtype),
+                         mask=(rm < M)[:, None] & (rr < R)[None, :])
+                tl.debug_barrier()  # every thread's rows of P are written before the releases below
+                tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release", scope="gpu")
+                tl.atomic_add(flag_ptr + num_m, 1, sem="release", scope="gpu")
+"""
+# two row blocks of a program (m and m + n_short) in one pass over K: Rop's tile is read once for both
+PROJ_TILE_M2 = """            for pid_m in tl.range(tl.program_id(0), num_m, 2 * n_short):
+                pid_m2 = pid_m + n_short  # past num_m: its loads zero-fill, its store is masked, no flag
+                pacc = tl.zeros((BM, BR), dtype=tl.float32)
+                pacc2 = tl.zeros((BM, BR), dtype=tl.float32)
+                for ki in tl.range(0, k_tiles, num_stages=5):
+                    a = a_desc.load([pid_m * BM, ki * BK])
+                    a2 = a_desc.load([pid_m2 * BM, ki * BK])
+                    if R_T:
+                        rt = r_desc.load([0, ki * BK]).T
+                    else:
+                        rt = r_desc.load([ki * BK, 0])
+                    pacc = tl.dot(a, rt.to(a.dtype), pacc)
+                    pacc2 = tl.dot(a2, rt.to(a.dtype), pacc2)
+                rm = pid_m * BM + tl.arange(0, BM)
+                tl.store(pm_ptr + rm.to(tl.int64)[:, None] * spm + rr[None, :], pacc.to(c_desc.dtype),
+                         mask=(rm < M)[:, None] & (rr < R)[None, :])
+                rm2 = pid_m2 * BM + tl.arange(0, BM)
+                tl.store(pm_ptr + rm2.to(tl.int64)[:, None] * spm + rr[None, :], pacc2.to(c_desc.dtype),
+                         mask=(rm2 < M)[:, None] & (rr < R)[None, :])
+                tl.debug_barrier()  # every thread's rows of P are written before the releases below
+                tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release", scope="gpu")
+                tl.atomic_add(flag_ptr + num_m, 1, sem="release", scope="gpu")
+                if pid_m2 < num_m:
+                    tl.atomic_xchg(flag_ptr + pid_m2, 1, sem="release", scope="gpu")
+                    tl.atomic_add(flag_ptr + num_m, 1, sem="release", scope="gpu")
 """
 NO_GEMM_TILES = ("    for tile in tl.range(first_tile, num_tiles, NUM_SMS, flatten=True):",
                  "    for tile in tl.range(first_tile, 0, NUM_SMS, flatten=True):")
@@ -93,17 +143,33 @@ VARIANTS = {
     "u4s2": (unrolled(4, 2),),
     "projonly": (NO_GEMM_TILES,),
     "projonly_u4s2": (unrolled(4, 2), NO_GEMM_TILES),
+    "m2": ((PROJ_TILE, PROJ_TILE_M2),),
     "nowait": (NO_WAITS,),
     "noproj": (NO_PROJ_TILES, NO_WAITS),
 }
-EXACT = ("fused", "u2s3", "u2s4", "u4s2")  # the variants whose output is the product
+EXACT = ("fused", "u2s3", "u2s4", "u4s2", "m2")  # the variants whose output is the product
 
 
-def timeline(mod, fn, n_prog: int, n_short: int) -> dict:
-    """One eager run's per-program (start, projection done, end) in us from the first start, and a summary."""
-    fn()
-    torch.cuda.synchronize()
-    buf = next(b for b in mod._LOCKS.values() if b.numel() >= TIMES_AT + 4 * n_prog)
+def timeline(mod, fn, n_prog: int, n_short: int, graph: bool) -> dict:
+    """Per-program (start, projection done, end) in us from the first start, and a summary: of one eager run, or
+    (graph) of the last of 20 back-to-back replays of a CUDA graph of one launch (the steady state of the timing)."""
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        for _ in range(20):
+            g.replay()
+        torch.cuda.synchronize()
+        buf = mod._CAPTURED[-1]
+    else:
+        fn()
+        torch.cuda.synchronize()
+        buf = next(b for b in mod._LOCKS.values() if b.numel() >= TIMES_AT + 4 * n_prog)
     raw = buf[TIMES_AT:TIMES_AT + 4 * n_prog].view(n_prog, 4).cpu().to(torch.int64)
     t = raw[:, :3] & 0xFFFFFFFF
     rel = ((t - t[:, 0].min()) % (1 << 32)).double() / 1e3  # us
@@ -123,7 +189,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--problems", default="4096x4096x64xfwd,4096x4096x64xbwd,4096x4096x16xfwd,4096x14336x64xbwd")
-    ap.add_argument("--variants", default="fused,nowait,noproj")
+    ap.add_argument("--variants", default="fused,m2,noproj")
     args = ap.parse_args()
     mods = {n: patched_copy(T.__file__, f"t_{n}", *TIMERS, *VARIANTS[n]) for n in args.variants.split(",")}
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
@@ -148,7 +214,8 @@ def main():
         tiles = (8192 // 128) * -(-N // 256)
         n_prog = min(n_sm, tiles)
         n_short = n_prog - tiles % n_prog
-        lines = {name: timeline(mod, fns[name], n_prog, n_short) for name, mod in mods.items()}
+        lines = {f"{name}, {mode}": timeline(mod, fns[name], n_prog, n_short, mode == "graph")
+                 for name, mod in mods.items() for mode in ("eager", "graph")}
         row = dict(K=K, N=N, r=r, dir=direction, n_prog=n_prog, n_short=n_short, rel_err=errs,
                    us={n: statistics.median(v) for n, v in times.items()}, timeline=lines)
         rows.append(row)
@@ -163,7 +230,8 @@ def main():
     for row in rows:
         print(f"| {row['K']}, {row['N']} | {row['r']} | {row['dir']} | "
               + " | ".join(f"{row['us'][c]:.1f}" for c in cols) + " |")
-    print("\nTimeline of one eager run, us from the first program's start: short programs' projection phase "
+    print("\nTimeline of one eager run or of a graph's last replay, us from the first program's start: short "
+          "programs' projection phase "
           "(median / max), their end (median / max), the other programs' end (median / max)")
     print("| K, N | r | dir | variant | short: proj | short: end | long: end | span |")
     print("|---|---|---|---|---|---|---|---|")
