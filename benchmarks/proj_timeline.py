@@ -59,32 +59,20 @@ TIMERS = (
     ("_LOCKS: dict = {}\n", "_LOCKS: dict = {}\n_CAPTURED: list = []  # the lock buffers made under graph capture\n"),
     ("torch.zeros(max(n, 1024), dtype=torch.int32", "torch.zeros(max(n, 1 << 16), dtype=torch.int32"),
 )
-PROJ_LOOP = """                for ki in tl.range(0, k_tiles, num_stages=STAGES * (3 - R_BYTES // 2)):
-                    a = a_desc.load([off_m, ki * BK])
-                    if R_T:
-                        rt = r_desc.load([0, ki * BK]).T
-                    else:
-                        rt = r_desc.load([ki * BK, 0])
-                    pacc = tl.dot(a, rt.to(a.dtype), pacc)
-"""
-PROJ_TILE = """            for pid_m in tl.range(tl.program_id(0), num_m, n_short):
-                off_m = pid_m * BM
-                pacc = tl.zeros((BM, BR), dtype=tl.float32)
-                # a streaming loop: more stages in flight, 2x those of the GEMM for a 16-bit Rop, 1x for fp32
-                for ki in tl.range(0, k_tiles, num_stages=STAGES * (3 - R_BYTES // 2)):
-                    a = a_desc.load([off_m, ki * BK])
-                    if R_T:
-                        rt = r_desc.load([0, ki * BK]).T
-                    else:
-                        rt = r_desc.load([ki * BK, 0])
-                    pacc = tl.dot(a, rt.to(a.dtype), pacc)
-                rm = off_m + tl.arange(0, BM)
-                tl.store(pm_ptr + rm.to(tl.int64)[:, None] * spm + rr[None, :], pacc.to(c_desc.dtype),
-                         mask=(rm < M)[:, None] & (rr < R)[None, :])
-                tl.debug_barrier()  # every thread's rows of P are written before the releases below
-                tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release", scope="gpu")
-                tl.atomic_add(flag_ptr + num_m, 1, sem="release", scope="gpu")
-"""
+_SRC = open(T.__file__).read()
+
+
+def _between(start: str, end: str) -> str:
+    """The library kernel's text from ``start`` up to ``end``: the ``old`` side of a patch, read, not copied."""
+    i = _SRC.index(start)
+    return _SRC[i:_SRC.index(end, i)]
+
+
+# a projection tile's loop over K, and the whole projection tile of the library's kernel
+PROJ_LOOP = _between("                for ki in tl.range(0, k_tiles, num_stages=STAGES * (3 - R_BYTES // 2)):\n",
+                     "                rm = off_m + tl.arange(0, BM)\n")
+PROJ_TILE = _between("            for pid_m in tl.range(tl.program_id(0), num_m, n_short):\n",
+                     "    all_ready = False  # FUSE_PROJ")
 # two row blocks of a program (m and m + n_short) in one pass over K: Rop's tile is read once for both
 PROJ_TILE_M2 = """            for pid_m in tl.range(tl.program_id(0), num_m, 2 * n_short):
                 pid_m2 = pid_m + n_short  # past num_m: its loads zero-fill, its store is masked, no flag
