@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench_common import patched_copy, rotated_cudagraph_us, run_env, write_json  # noqa: E402
-from fuse_proj_probe import force, problem  # noqa: E402
+from fuse_proj_probe import PATCHES, force, problem  # noqa: E402
 
 from automodel_lora.kernels import triton_lora as T  # noqa: E402
 
@@ -117,12 +117,7 @@ def unrolled(u: int, stages: int) -> tuple[str, str]:
     return PROJ_LOOP, "\n".join(lines) + "\n"
 
 
-NO_WAITS = ("""            if not all_ready:
-                all_ready = tl.atomic_add(flag_ptr + num_m, 0, sem="acquire", scope="gpu") == num_m
-                if not all_ready:
-                    while tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire", scope="gpu") == 0:
-                        pass
-""", "")
+NO_WAITS = PATCHES["fused_nowait"]  # the GEMM tiles' flag checks removed
 NO_PROJ_TILES = ("        if tl.program_id(0) < n_short:\n", "        if tl.program_id(0) < 0:\n")
 VARIANTS = {
     "fused": (),
@@ -199,7 +194,7 @@ def main():
             if name in EXACT:
                 errs[name]["out"] = ((out.float() - ref).norm() / ref.norm()).item()
         times = rotated_cudagraph_us(fns, args.rounds, rep=100)
-        tiles = (8192 // 128) * -(-N // 256)
+        tiles = T._cdiv(a.shape[0], 128) * T._cdiv(N, 256)  # the forced config's tiles
         n_prog = min(n_sm, tiles)
         n_short = n_prog - tiles % n_prog
         lines = {f"{name}, {mode}": timeline(mod, fns[name], n_prog, n_short, mode == "graph")
@@ -219,8 +214,7 @@ def main():
         print(f"| {row['K']}, {row['N']} | {row['r']} | {row['dir']} | "
               + " | ".join(f"{row['us'][c]:.1f}" for c in cols) + " |")
     print("\nTimeline of one eager run or of a graph's last replay, us from the first program's start: short "
-          "programs' projection phase "
-          "(median / max), their end (median / max), the other programs' end (median / max)")
+          "programs' projection phase (median / max), their end (median / max), the other programs' end (median / max)")
     print("| K, N | r | dir | variant | short: proj | short: end | long: end | span |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:

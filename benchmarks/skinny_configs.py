@@ -54,7 +54,6 @@ def rel_err(a, ref) -> float:
 
 
 def main():
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096")
     ap.add_argument("--ranks", default="16,64")
