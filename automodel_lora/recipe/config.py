@@ -318,6 +318,11 @@ class TrainConfig:
         log_every: Progress-bar / console refresh interval in steps (metrics are logged every step).
         compile: Wrap the model in ``torch.compile``.
         device: auto | cpu | cuda.
+        nonfinite: What a step with a non-finite loss or gradient norm does: skip (the optimizer
+            does not step; the data and the lr schedule move on; counted in ``metrics.jsonl`` as
+            ``nonfinite_steps``) | stop (end the run at once, exit code 3).
+        max_nonfinite_skips: With ``nonfinite: skip``, end the run (exit code 3) after this many
+            non-finite steps in a row: a diverged run stops instead of skipping to the end.
     """
 
     lr: float = 2e-4
@@ -341,6 +346,8 @@ class TrainConfig:
     log_every: int = 10
     compile: bool = False
     device: str = "auto"
+    nonfinite: str = "skip"
+    max_nonfinite_skips: int = 5
 
     def __post_init__(self):
         _positive("train.lr", self.lr)
@@ -371,6 +378,8 @@ class TrainConfig:
         _positive("train.eval_max_batches", self.eval_max_batches, allow_none=True)
         _positive("train.log_every", self.log_every)
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.nonfinite", self.nonfinite, ("skip", "stop"))
+        _positive("train.max_nonfinite_skips", self.max_nonfinite_skips)
 
 
 @dataclass
@@ -383,10 +392,12 @@ class CheckpointConfig:
             ``config.yaml`` and, for ``model.tiny``, ``base_model/``.
         save_every: Save a resumable checkpoint every N steps (0: only at the end / on a signal).
         keep_last: Keep the newest K checkpoints (older ones are deleted).
-        resume: auto (continue from the newest checkpoint in output_dir, if any; ``true`` means
-            the same) | null (start fresh; ``false`` and ``none`` mean the same; existing
-            checkpoints are left in place and overwritten as the run advances) | a checkpoint
-            directory path.
+        resume: auto (continue from the newest intact checkpoint in output_dir, if any; ``true``
+            means the same) | null (start fresh; ``false`` and ``none`` mean the same; refused if
+            output_dir holds checkpoints, unless ``overwrite``) | a checkpoint directory path.
+        overwrite: Start a new run in an output_dir that holds another run's checkpoints by first
+            renaming that directory to a timestamped sibling (``<output_dir>.old-YYYYmmdd-HHMMSS``);
+            nothing is deleted.
         save_base_model: Save the (random-init) base model with ``save_pretrained`` into
             ``output_dir/base_model`` so the adapter can be loaded with PEFT:
             auto (only for ``model.tiny``) | true | false.
@@ -397,6 +408,7 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str | bool | None = "auto"
     save_base_model: bool | str = "auto"
+    overwrite: bool = False
 
     def __post_init__(self):
         _positive("checkpoint.save_every", self.save_every, allow_zero=True)
