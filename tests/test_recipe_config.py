@@ -62,22 +62,41 @@ def test_defaults_fill_every_section_and_round_trip_through_yaml(tmp_path):
     assert again.to_dict() == cfg.to_dict()
 
 
-def test_yaml_scalars_are_coerced_to_the_field_types(tmp_path):
-    # PyYAML reads `1e-4` (no dot) as a string; counts written as 2.0 are integers.
+def test_yaml_scalars_arrive_typed_and_only_what_yaml_cannot_give_is_converted(tmp_path):
+    # YAML 1.2 floats: `1e-4` (no dot) is a number, not PyYAML's string; a whole float is an integer
+    # where one is declared; an integer is a float where one is declared.
     text = f"""
 model: {{tiny: {{vocab_size: 259, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 4}}}}
-peft: {{target_modules: q_proj, alpha: 16.0, dim: "8"}}
+peft: {{target_modules: q_proj, alpha: 16.0, dim: 8, dropout: 5e-2}}
 data: {{path: {tmp_path / "d.jsonl"}, tokenizer: byte}}
-train: {{lr: 1e-4, max_steps: 2.0, bf16: false}}
+train: {{lr: 1e-4, eps: 1E-6, max_steps: 2.0, min_lr_ratio: 0, bf16: false}}
 checkpoint: {{resume: false}}
 """
     (tmp_path / "r.yaml").write_text(text)
     cfg = load_recipe(tmp_path / "r.yaml")
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.eps == 1e-6 and isinstance(cfg.train.eps, float)
     assert cfg.train.max_steps == 2 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.min_lr_ratio == 0.0 and isinstance(cfg.train.min_lr_ratio, float)
     assert cfg.train.bf16 is False
     assert cfg.peft.target_modules == ["q_proj"] and cfg.peft.alpha == 16 and cfg.peft.dim == 8
+    assert cfg.peft.dropout == 0.05
     assert cfg.checkpoint.resume is None
+
+
+def test_a_quoted_number_is_a_string_and_its_error_names_the_key(tmp_path):
+    # A quoted value is a string in YAML; the recipe does not second-guess it.
+    with pytest.raises(ConfigError, match=r"peft.dim must be a positive integer \(the LoRA rank\), got '8'"):
+        RecipeConfig.from_dict(with_values(tiny_raw_recipe(tmp_path), {"peft.dim": "8"}))
+    with pytest.raises(ConfigError, match=r"`train.lr` must be a number, got '1e-4'"):
+        RecipeConfig.from_dict(with_values(tiny_raw_recipe(tmp_path), {"train.lr": "1e-4"}))
+
+
+@pytest.mark.parametrize("written, stored", [("bf16", "bfloat16"), ("torch.float16", "float16"), ("fp32", "float32")])
+def test_dtypes_take_every_spelling_of_the_core_parser_and_store_the_full_name(tmp_path, written, stored):
+    raw = with_values(tiny_raw_recipe(tmp_path), {"model.dtype": written, "quantization.bnb_4bit_compute_dtype": written})
+    cfg = RecipeConfig.from_dict(raw)
+    assert cfg.model.dtype == stored and cfg.quantization.bnb_4bit_compute_dtype == stored
 
 
 @pytest.mark.parametrize(
@@ -101,7 +120,11 @@ ERRORS = [
     ({"model.foo": 1}, "unknown key `model.foo`; valid keys for `model` are: name_or_path, tiny, dtype"),
     # quantization
     ({"quantization.bnb_4bit_quant_type": "int4"}, "`quantization.bnb_4bit_quant_type` must be one of nf4, fp4; got 'int4'"),
-    ({"quantization.bnb_4bit_compute_dtype": "int8"}, "`quantization.bnb_4bit_compute_dtype` must be one of bfloat16"),
+    (
+        {"quantization.bnb_4bit_compute_dtype": "int8"},
+        "`quantization.bnb_4bit_compute_dtype` must be one of float32, bfloat16, float16; got 'int8'",
+    ),
+    ({"model.dtype": None}, "`model.dtype` must be a string, got None"),
     (
         {"quantization.load_in_4bit": True, "distributed.strategy": "fsdp2"},
         "`distributed.strategy: fsdp2` does not support a 4-bit base (`quantization.load_in_4bit: true`); "
@@ -118,6 +141,8 @@ ERRORS = [
     # train
     ({"train.lr": 0}, "`train.lr` must be a positive number, got 0"),
     ({"train.lr": "fast"}, "`train.lr` must be a number, got 'fast'"),
+    ({"train.lr": float("nan")}, "`train.lr` must be a positive number, got nan"),
+    ({"train.max_grad_norm": float("inf")}, "`train.max_grad_norm` must be a positive number, got inf"),
     ({"train.weight_decay": -0.1}, "`train.weight_decay` must be a non-negative number, got -0.1"),
     ({"train.betas": [0.9]}, "`train.betas` must be two numbers in [0, 1), got [0.9]"),
     ({"train.betas": [0.9, 1.0]}, "`train.betas` must be two numbers in [0, 1), got [0.9, 1.0]"),
@@ -149,7 +174,7 @@ ERRORS = [
     ({"distributed.strategy": "zero3"}, "`distributed.strategy` must be one of auto, fsdp2, ddp, none; got 'zero3'"),
     ({"distributed.backend": "mpi"}, "`distributed.backend` must be one of auto, nccl, gloo; got 'mpi'"),
     # peft (validated by the core PeftConfig)
-    ({"peft.dim": 0}, "dim must be a positive integer (the LoRA rank), got 0"),
+    ({"peft.dim": 0}, "peft.dim must be a positive integer (the LoRA rank), got 0"),
     ({"peft.rank": 4}, "unknown PeftConfig key(s) ['rank']; valid keys are"),
     ({"peft.target_modules": ["q_proj"]}, "match_all_linear=True together with target_modules=['q_proj']"),
     ({"peft.dropout": 1.5}, "dropout must be a probability in [0, 1), got 1.5"),
@@ -213,6 +238,8 @@ def test_load_recipe_file_errors(tmp_path):
     [
         ("peft.dim=16", ["peft", "dim"], 16),
         ("train.lr=0.001", ["train", "lr"], 0.001),
+        ("train.lr=1e-4", ["train", "lr"], 1e-4),  # YAML 1.2: a float without a dot
+        ("peft.kernels.base_gemm=cublas", ["peft", "kernels", "base_gemm"], "cublas"),
         ("train.bf16=false", ["train", "bf16"], False),
         ("checkpoint.resume=null", ["checkpoint", "resume"], None),
         ("data.path=", ["data", "path"], None),
@@ -249,6 +276,23 @@ def test_overrides_apply_on_top_of_the_file_and_leave_the_input_alone(tmp_path):
     assert cfg.peft.dim == 16 and cfg.train.lr == 1e-4 and cfg.model.tiny["hidden_size"] == 64
     assert cfg.quantization.load_in_4bit is True
     assert cfg.model.tiny["num_hidden_layers"] == 2  # siblings of an overridden nested key survive
+
+
+def test_a_nested_override_creates_the_missing_mappings_and_keeps_siblings():
+    merged = apply_overrides({"peft": {"dim": 4}}, ["peft.kernels.base_gemm=cublas", "peft.kernels.fuse_proj=false"])
+    assert merged == {"peft": {"dim": 4, "kernels": {"base_gemm": "cublas", "fuse_proj": False}}}
+
+
+def test_peft_kernels_override_reaches_the_kernel_options():
+    from automodel_lora import PeftConfig
+
+    if "kernels" not in {f.name for f in dataclasses.fields(PeftConfig)}:
+        pytest.skip("this PeftConfig has no `kernels` field")
+    cfg = load_recipe(QUICKSTART, ["peft.kernels.base_gemm=cublas", "peft.kernels.fuse_proj=false"])
+    assert cfg.peft.kernels.base_gemm == "cublas" and cfg.peft.kernels.fuse_proj is False
+    assert RecipeConfig.from_dict(yaml.safe_load(cfg.to_yaml())).peft.kernels == cfg.peft.kernels
+    with pytest.raises(ConfigError, match=r"peft\.kernels\.base_gemm='cutlass' is not allowed"):
+        load_recipe(QUICKSTART, ["peft.kernels.base_gemm=cutlass"])
 
 
 def test_override_of_an_unknown_section_names_the_valid_ones(tmp_path):

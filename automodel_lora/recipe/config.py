@@ -1,37 +1,49 @@
 """Recipe configuration: one validated dataclass per YAML section, plus dotted overrides.
 
-A recipe YAML has these top-level sections (all optional except ``data``)::
+A recipe YAML has these top-level sections (all optional except ``data`` and ``model``)::
 
     model:          # what to fine-tune (a local HF checkpoint, or a tiny Llama built from a config)
-    peft:           # automodel_lora.PeftConfig fields (which linears get adapters, rank, alpha, ...)
+    peft:           # automodel_lora.PeftConfig fields (which linears get adapters, rank, alpha, kernels, ...)
     quantization:   # bitsandbytes 4-bit base weights (QLoRA)
     data:           # local JSONL file, tokenizer, sequence length, packing, validation split
     train:          # optimizer, schedule, batch sizes, steps, precision, evaluation
     checkpoint:     # output directory, save / keep / resume
     distributed:    # torchrun strategy: fsdp2 | ddp | none
 
-Command-line overrides use dotted keys whose values are parsed as YAML scalars::
+Command-line overrides use dotted keys whose values are parsed as YAML; a key may reach into a
+mapping (``model.tiny.hidden_size=64``, ``peft.kernels.base_gemm=cublas``)::
 
     peft.dim=16 train.max_steps=50 train.lr=1e-4 peft.target_modules=[q_proj,v_proj]
+
+YAML is read with YAML 1.2 floats (``1e-4`` is a number; PyYAML's YAML 1.1 reads it as a string),
+so values arrive typed. The only conversions left are the ones YAML cannot make: an integer where
+a float is declared, a whole float (``2.0``) where an integer is, a number where a string is.
 
 Relative ``data.path`` / ``data.validation_path`` / ``data.tokenizer`` / ``model.name_or_path``
 values written *in a YAML file* are resolved against that file's directory (so a recipe works
 from any working directory); values given on the command line are relative to the current
 directory. ``checkpoint.output_dir`` is always relative to the current directory.
+
+Every problem is a ``ConfigError`` (a ``ValueError``) whose message names the key or file, the bad
+value and what is allowed; the command line prints it and exits with code 2.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
+
+from ..config import PeftConfig, dtype_from_str, dtype_to_str
 
 __all__ = [
     "ConfigError",
@@ -46,112 +58,125 @@ __all__ = [
     "load_recipe",
     "apply_overrides",
     "parse_override",
+    "decode_utf8",
 ]
 
-_DTYPES = ("float32", "bfloat16", "float16", "auto")
-# `Optional[int]` and `int | None` (what annotations read as under `from __future__ import annotations`).
-_UNION_TYPES = (Union, types.UnionType)
+# The dtypes a recipe names; `dtype_from_str` also reads their short spellings (bf16, fp16, fp32, ...).
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
-    """A recipe is invalid: the message names the key, the bad value and what is allowed."""
+    """A recipe or its data is invalid: the message names the key or file, the bad value and the fix."""
 
 
 # --------------------------------------------------------------------------------------------
-# Generic dataclass construction with type coercion
+# Reading YAML and text
 # --------------------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in _UNION_TYPES:
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+class _YamlLoader(yaml.SafeLoader):
+    """``SafeLoader`` that also reads YAML 1.2 floats without a dot (``1e-4``, ``5E3``) as floats."""
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Coerce a YAML value to the annotated type ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in _UNION_TYPES:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
-            return None
-        for a in args:  # an exact type match wins (`true` stays a bool in `bool | str`)
-            if a in (bool, int, float, str) and type(value) is a:
-                return value
-        for a in args:
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"`{key}` must be {_type_name(tp)}, got {value!r}")
-    if tp is Any:
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _read_yaml(text: str, bad: str) -> Any:
+    """``text`` parsed as YAML; ``bad`` opens the error message (``"r.yaml: not valid YAML"``)."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: builds no Python objects
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{bad}: {e}") from e
+    except RecursionError as e:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{bad}: nested too deep to read; flatten the nesting") from e
+
+
+def decode_utf8(data: bytes, path: str | os.PathLike, first_line: int = 1) -> str:
+    """Decode ``data`` (the bytes of ``path`` from line ``first_line`` on) as UTF-8.
+
+    Raises:
+        ConfigError: a byte sequence that is not UTF-8, naming the file, the 1-based line and column.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # Lines end at \n, \r\n or a lone \r, as Python's text files and YAML count them.
+        before = data[: e.start]
+        line = first_line + before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n")
+        column = e.start - max(before.rfind(b"\n"), before.rfind(b"\r"))
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Building a section from a mapping
+# --------------------------------------------------------------------------------------------
+
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as the annotated field type ``tp`` (a plain type or a union), or a ConfigError naming ``key``.
+
+    YAML has already typed ``value``; this converts only what YAML can't: int -> float,
+    a whole float -> int, a number -> str. Annotations other than the six YAML kinds pass
+    through for the dataclass to check.
+    """
+    union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    kinds = typing.get_args(tp) if union else (tp,)
+    if value is None and type(None) in kinds:
+        return None
+    kinds = tuple(typing.get_origin(k) or k for k in kinds if k is not type(None))
+    if not all(k in _KIND_WORDS for k in kinds):
         return value
-    if tp is bool:
-        if isinstance(value, bool):
+    for k in kinds:  # an exact kind wins: `true` stays a bool in `bool | str`, and a bool is no int
+        if isinstance(value, k) and (k is bool or not isinstance(value, bool)):
             return value
-        raise ConfigError(f"`{key}` must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"`{key}` must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value)
-            except ValueError:
-                pass
-            else:
-                if f.is_integer():
-                    return int(f)
-        raise ConfigError(f"`{key}` must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"`{key}` must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"`{key}` must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"`{key}` must be a string, got {value!r}")
-    if tp is list or origin is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        if isinstance(value, str):
-            return [value]
-        raise ConfigError(f"`{key}` must be a list, got {value!r}")
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise ConfigError(f"`{key}` must be a mapping, got {value!r}")
-    return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and float in kinds:
+        return float(value)
+    if number and int in kinds and float(value).is_integer():
+        return int(value)
+    if number and str in kinds:
+        return str(value)
+    expected = " | ".join("null" if k is type(None) else k.__name__ for k in typing.get_args(tp))
+    raise ConfigError(f"`{key}` must be {expected if union else _KIND_WORDS[tp]}, got {value!r}")
+
+
+def _mapping(raw: Any, section: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section `{section}` must be a mapping of keys to values, got {raw!r}")
+    return raw
 
 
 def _build_section(cls: type, raw: Any, section: str):
-    """Build dataclass ``cls`` from mapping ``raw``; unknown keys raise naming the valid ones."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"section `{section}` must be a mapping of keys to values, got {raw!r}")
+    """Build dataclass ``cls`` from mapping ``raw``; an unknown key raises naming the valid ones."""
+    raw = _mapping(raw, section)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in raw if k not in names]
     if unknown:
         raise ConfigError(f"unknown key `{section}.{unknown[0]}`; valid keys for `{section}` are: {', '.join(names)}")
     hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in raw.items()}
-    return cls(**kwargs)
+    return cls(**{k: _check_type(v, hints[k], f"{section}.{k}") for k, v in raw.items()})
+
+
+def _build_peft(cls: type[PeftConfig], raw: Any, section: str) -> PeftConfig:
+    """``PeftConfig`` from the ``peft:`` mapping (it checks its own keys and values); its errors
+    become ConfigErrors that name the keys as a recipe writes them (``peft.dim``)."""
+    raw = _mapping(raw, section)
+    try:
+        return cls.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        msg = str(e).replace("PeftConfig.", f"{section}.")
+        raise ConfigError(msg if section in msg.lower() else f"[{section}] {msg}") from e
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -159,12 +184,25 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"`{key}` must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
+def _dtype_name(key: str, value: Any, extra: tuple[str, ...] = ()) -> str:
+    """The canonical name (``bfloat16``) of a dtype written any way ``dtype_from_str`` reads, or one of ``extra``."""
+    if value in extra:
+        return value
+    try:
+        dtype = dtype_from_str(value, key) if isinstance(value, str) else None
+    except ValueError:
+        dtype = None
+    if dtype is None:
+        raise ConfigError(f"`{key}` must be one of {', '.join(_DTYPE_NAMES + extra)}; got {value!r}")
+    return dtype_to_str(dtype)
+
+
 def _positive(key: str, value: float | None, allow_none: bool = False, allow_zero: bool = False) -> None:
     if value is None:
         if allow_none:
             return
         raise ConfigError(f"`{key}` is required")
-    if value < 0 or (value == 0 and not allow_zero):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         kind = "a non-negative" if allow_zero else "a positive"
         raise ConfigError(f"`{key}` must be {kind} number, got {value!r}")
 
@@ -183,7 +221,8 @@ class ModelConfig:
             for ``AutoModelForCausalLM.from_pretrained``. Exclusive with ``tiny``.
         tiny: ``LlamaConfig`` keyword arguments for a small randomly initialised Llama built in
             process (no download), e.g. ``{hidden_size: 128, num_hidden_layers: 4, ...}``.
-        dtype: Base weight dtype: float32 | bfloat16 | float16 | auto (the checkpoint's).
+        dtype: Base weight dtype: float32 | bfloat16 | float16 | auto (the checkpoint's); bf16, fp16,
+            fp32 are read too and stored by their full names.
         trust_remote_code: Passed to ``from_pretrained``; off by default.
         gradient_checkpointing: Recompute activations in the backward (non-reentrant).
         attn_implementation: Optional ``attn_implementation`` for transformers (sdpa, eager, ...).
@@ -202,7 +241,7 @@ class ModelConfig:
                 "set exactly one of `model.name_or_path` (a local Hugging Face checkpoint) "
                 "and `model.tiny` (LlamaConfig kwargs for a small model built from scratch)"
             )
-        _choice("model.dtype", self.dtype, _DTYPES)
+        self.dtype = _dtype_name("model.dtype", self.dtype, extra=("auto",))
         if self.tiny is not None:
             _check_tiny_keys(self.tiny)
 
@@ -229,7 +268,8 @@ class QuantizationConfig:
     Attributes:
         load_in_4bit: Quantize every base linear except the output head to 4 bits.
         bnb_4bit_quant_type: nf4 | fp4.
-        bnb_4bit_compute_dtype: dtype the 4-bit matmul computes in: bfloat16 | float16 | float32.
+        bnb_4bit_compute_dtype: dtype the 4-bit matmul computes in: bfloat16 | float16 | float32 (or
+            bf16, fp16, fp32).
         bnb_4bit_use_double_quant: Also quantize the per-block scales (saves ~0.4 bit/param).
     """
 
@@ -240,7 +280,7 @@ class QuantizationConfig:
 
     def __post_init__(self):
         _choice("quantization.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
-        _choice("quantization.bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, ("bfloat16", "float16", "float32"))
+        self.bnb_4bit_compute_dtype = _dtype_name("quantization.bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype)
 
 
 @dataclass
@@ -446,7 +486,7 @@ class DistributedConfig:
 
 SECTIONS = {
     "model": ModelConfig,
-    "peft": None,  # automodel_lora.PeftConfig (validated by the core library)
+    "peft": PeftConfig,  # the core library's config, validated there
     "quantization": QuantizationConfig,
     "data": DataConfig,
     "train": TrainConfig,
@@ -460,7 +500,7 @@ class RecipeConfig:
     """A whole recipe: one attribute per section."""
 
     model: ModelConfig
-    peft: Any  # automodel_lora.PeftConfig
+    peft: PeftConfig
     quantization: QuantizationConfig
     data: DataConfig
     train: TrainConfig
@@ -488,10 +528,8 @@ class RecipeConfig:
             raise ConfigError("the `model` section is required (`model.name_or_path` or `model.tiny`)")
         sections = {}
         for name, scls in SECTIONS.items():
-            if name == "peft":
-                sections[name] = _build_peft(raw.get("peft"))
-            else:
-                sections[name] = _build_section(scls, raw.get(name), name)
+            build = _build_peft if scls is PeftConfig else _build_section
+            sections[name] = build(scls, raw.get(name), name)
         cfg = cls(**sections, source=source)
         cfg._cross_validate()
         return cfg
@@ -514,28 +552,8 @@ class RecipeConfig:
         return out
 
     def to_yaml(self) -> str:
+        """``to_dict`` as block-style YAML, sections in order (what ``--print-config`` prints)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
-
-
-def _build_peft(raw: Any):
-    from automodel_lora import PeftConfig
-
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"section `peft` must be a mapping of keys to values, got {raw!r}")
-    raw = dict(raw)
-    # PyYAML reads `1e-4`-style numbers as strings; coerce the numeric PeftConfig fields.
-    for key, tp in (("dim", int), ("alpha", float), ("dropout", float)):
-        if key in raw and isinstance(raw[key], str):
-            raw[key] = _coerce(raw[key], tp, f"peft.{key}")
-    if "alpha" in raw and isinstance(raw["alpha"], float) and raw["alpha"].is_integer():
-        raw["alpha"] = int(raw["alpha"])
-    try:  # PeftConfig also turns a single target/exclude string into a list
-        return PeftConfig.from_dict(raw)
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        raise ConfigError(msg if "peft" in msg.lower() else f"[peft] {msg}") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +562,11 @@ def _build_peft(raw: Any):
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``a.b.c=value`` into (["a", "b", "c"], value parsed as a YAML scalar/flow value)."""
+    """Split ``a.b.c=value`` into (["a", "b", "c"], value parsed as YAML); an empty value is null.
+
+    Raises:
+        ConfigError: no ``=``, a key that is not dotted, or a value that is not YAML.
+    """
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like `section.key=value` (e.g. train.max_steps=50)")
     key, _, text = item.partition("=")
@@ -552,18 +574,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override key {key!r} must be dotted as `section.key` (e.g. peft.dim=16)")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
-    return parts, value
+    return parts, _read_yaml(text, f"override {item!r}: value is not valid YAML") if text.strip() else None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Return a deep copy of ``raw`` with dotted ``key=value`` overrides applied.
 
-    Section names are checked here; keys within a section are checked when the section's
-    dataclass is built (so the error lists that section's valid keys).
+    A key may reach into a mapping (``peft.kernels.base_gemm=cublas``): missing levels are
+    created, siblings are kept. Section names are checked here; keys within a section are
+    checked when the section is built (so the error lists that section's valid keys).
+
+    Raises:
+        ConfigError: a malformed override or an unknown section.
     """
     raw = copy.deepcopy(raw) if raw else {}
     for item in overrides:
@@ -599,6 +621,22 @@ def _resolve_yaml_paths(raw: dict, base: Path) -> None:
             section[key] = str(candidate)
 
 
+def _read_recipe_file(path: str | os.PathLike) -> dict:
+    """The mapping in a recipe YAML, its relative paths resolved against its directory."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: can't read the recipe: {e.strerror}") from e
+    raw = _read_yaml(decode_utf8(data, path), f"{path}: not valid YAML") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    _resolve_yaml_paths(raw, p.resolve().parent)
+    return raw
+
+
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RecipeConfig:
     """Read a recipe YAML, apply dotted overrides, and validate every section.
 
@@ -610,19 +648,9 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         The validated RecipeConfig.
 
     Raises:
-        ConfigError: a missing file, bad YAML, an unknown section/key or an invalid value.
+        ConfigError: a missing or unreadable file, text that is not UTF-8 (naming the line), bad
+            YAML, an unknown section/key or an invalid value.
     """
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a recipe must be a mapping of sections")
-        _resolve_yaml_paths(raw, p.resolve().parent)
+    raw = _read_recipe_file(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     return RecipeConfig.from_dict(raw, source=str(path) if path else None)

@@ -14,6 +14,7 @@ samples ``perm_epoch[(t % steps_per_epoch) * G : ... + G]`` with G = global batc
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, DataConfig
+from .config import ConfigError, DataConfig, decode_utf8
 
 __all__ = ["Example", "load_jsonl", "tokenize_records", "build_datasets", "StepSampler", "collate", "IGNORE_INDEX"]
 
@@ -35,26 +36,46 @@ class Example:
 
 
 def load_jsonl(path: str | Path, what: str = "data.path") -> list[dict]:
-    """Read a JSONL file; errors name the file and line."""
+    """Read a JSONL file: one JSON object per non-blank line (UTF-8, an optional BOM).
+
+    Lines end at ``\n``, ``\r\n`` or ``\r`` (as Python's text files split them); a line
+    separator inside a JSON string (U+2028) does not end a record.
+
+    Raises:
+        ConfigError: a missing or unreadable file, or no records; bytes that are not UTF-8, a line
+            that is not JSON, is nested too deep or is not an object (naming the file and 1-based line).
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"`{what}`: file not found: {path}")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"`{what}`: can't read {path}: {e.strerror}") from e
+    text = decode_utf8(data, path).removeprefix("\ufeff")
     records = []
-    with p.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict):
-                raise ConfigError(f"{path}:{lineno}: each line must be a JSON object, got {type(rec).__name__}")
-            records.append(rec)
+    for lineno, line in enumerate(io.StringIO(text, newline=None), 1):
+        line = line.strip()
+        if line:
+            records.append(_parse_record(line, path, lineno))
     if not records:
         raise ConfigError(f"`{what}`: dataset is empty: {path} has no records")
     return records
+
+
+def _parse_record(line: str, path: str | Path, lineno: int) -> dict:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+    except RecursionError as e:  # json's decoder recurses once per nesting level
+        raise ConfigError(
+            f"{path}:{lineno}: JSON nested too deep to read (beyond Python's recursion limit); "
+            "each record needs only `text` or `prompt` and `completion` strings"
+        ) from e
+    if not isinstance(rec, dict):
+        raise ConfigError(f"{path}:{lineno}: each line must be a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 def _detect_format(records: list[dict], cfg: DataConfig, path: str) -> str:
@@ -82,7 +103,7 @@ def tokenize_records(records: list[dict], tokenizer, cfg: DataConfig, path: str 
             text = rec.get(cfg.text_field)
             if not isinstance(text, str):
                 raise ConfigError(f"{path}: record {i} has no string `{cfg.text_field}` field (keys: {sorted(rec)})")
-            ids = bos + tokenizer.encode(text) + eos
+            ids = bos + _encode(tokenizer, text, path, i) + eos
             labels = list(ids)
         else:
             prompt, completion = rec.get(cfg.prompt_field), rec.get(cfg.completion_field)
@@ -91,13 +112,23 @@ def tokenize_records(records: list[dict], tokenizer, cfg: DataConfig, path: str 
                     f"{path}: record {i} needs string `{cfg.prompt_field}` and `{cfg.completion_field}` fields "
                     f"(keys: {sorted(rec)})"
                 )
-            p_ids = bos + tokenizer.encode(prompt)
-            c_ids = tokenizer.encode(completion) + eos
+            p_ids = bos + _encode(tokenizer, prompt, path, i)
+            c_ids = _encode(tokenizer, completion, path, i) + eos
             ids = p_ids + c_ids
             labels = [IGNORE_INDEX] * len(p_ids) + list(c_ids)
         if len(ids) >= 2:
             out.append(Example(ids, labels))
     return out
+
+
+def _encode(tokenizer, text: str, path: str, i: int) -> list[int]:
+    try:
+        return tokenizer.encode(text)
+    except UnicodeEncodeError as e:  # JSON can escape a lone surrogate ("\ud800"), which no encoding writes
+        raise ConfigError(
+            f"{path}: record {i} holds {text[e.start : e.end]!r}, an unpaired UTF-16 surrogate escape that is "
+            "no character; fix or remove that escape"
+        ) from e
 
 
 def pack(examples: list[Example], seq_len: int) -> list[Example]:

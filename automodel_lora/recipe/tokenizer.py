@@ -10,6 +10,8 @@ Both expose the same small interface the data pipeline needs::
 
 from __future__ import annotations
 
+from .config import ConfigError
+
 __all__ = ["ByteTokenizer", "HFTokenizer", "build_tokenizer"]
 
 
@@ -60,12 +62,25 @@ class HFTokenizer:
 
 
 def build_tokenizer(spec: str | None, model_name_or_path: str | None, trust_remote_code: bool = False):
-    """``spec``: ``byte``, a tokenizer directory, or None (use the model's directory)."""
+    """The recipe's tokenizer.
+
+    Args:
+        spec: ``byte``, a tokenizer directory, or None (use the model's directory).
+        model_name_or_path: The model's directory, used when ``spec`` is None.
+        trust_remote_code: Passed to ``AutoTokenizer.from_pretrained``.
+
+    Raises:
+        ConfigError: no tokenizer named, or none can be loaded from the directory.
+    """
     if spec == "byte":
         return ByteTokenizer()
     path = spec or model_name_or_path
     if path is None:
-        from .config import ConfigError
-
         raise ConfigError("no tokenizer: set `data.tokenizer` (`byte` or a tokenizer directory)")
-    return HFTokenizer(path, trust_remote_code=trust_remote_code)
+    try:
+        return HFTokenizer(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # transformers: no tokenizer files there, or an unknown kind
+        key = "data.tokenizer" if spec else "model.name_or_path"
+        raise ConfigError(
+            f"`{key}`: can't load a tokenizer from {path!r} ({e}); set `data.tokenizer` to `byte` or a tokenizer directory"
+        ) from e
