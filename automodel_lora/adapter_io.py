@@ -17,23 +17,29 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections import Counter
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import PeftConfig
+from .adapter_format import (
+    PEFT_KEY_PREFIX,
+    AdapterConfig,
+    AdapterFormatError,
+    read_adapter_config,
+    read_adapter_tensors,
+    read_json_object,
+)
+from .config import LoraSettings, PeftConfig
+from .kernels.options import KernelOptions
 from .lora import lora_modules, patch_linear_module
 from .recompute import recompute_mlp_inputs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 LIBRARY_CONFIG_NAME = "automodel_lora_config.json"
-PEFT_KEY_PREFIX = "base_model.model."
-
-# `<prefix><fqn>.lora_A.weight`, also with PEFT's in-memory adapter name (`.lora_A.default.weight`).
-_ADAPTER_KEY = re.compile(r"^(?P<fqn>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -95,11 +101,12 @@ def save_adapter(
 def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """The `adapter_config.json` contents describing `model`'s adapters, as HF PEFT's `LoraConfig` writes it."""
     modules = lora_modules(model)
-    ranks = Counter(m.lora_dim for _, m in modules)
-    alphas = Counter(m.lora_alpha for _, m in modules)
+    settings = {name: m.lora_settings for name, m in modules}
+    ranks = Counter(s.dim for s in settings.values())
+    alphas = Counter(s.alpha for s in settings.values())
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     dropouts = {m.lora_dropout.p for _, m in modules}
-    rslora = {m.lora_use_rslora for _, m in modules}
+    rslora = {s.use_rslora for s in settings.values()}
     if len(rslora) > 1:
         raise ValueError("PEFT's format has one use_rslora flag per adapter, but this model mixes rsLoRA and plain LoRA")
     if base_model_name_or_path is None:
@@ -123,151 +130,203 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": {_exact(name): m.lora_dim for name, m in modules if m.lora_dim != rank},
-        "alpha_pattern": {_exact(name): m.lora_alpha for name, m in modules if m.lora_alpha != alpha},
+        "rank_pattern": {_exact(name): s.dim for name, s in settings.items() if s.dim != rank},
+        "alpha_pattern": {_exact(name): s.alpha for name, s in settings.items() if s.alpha != alpha},
         "use_dora": False,
     }
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, use_triton: bool | None = None) -> int:
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    use_triton: bool | None = None,
+    *,
+    kernels: KernelOptions | None = None,
+    strict: bool = True,
+) -> int:
     """Load a PEFT-format LoRA adapter (ours or one trained with HF PEFT) into `model`.
 
     If `model` has no adapters yet it is frozen and patched from the file's
     config first (ranks from the tensors, `alpha_pattern`/`rank_pattern`
     honoured); otherwise its adapters must match the file one for one.
+    Everything is checked before the model is touched: after an error the model
+    is as it was.
+
+    Missing layers: loading into a patched model whose adapted modules get no
+    weights from the file is always an error. Loading into an unpatched model, a
+    linear module that the file's `target_modules` select but that has no weights
+    in the file is an error with `strict` (the default) and a warning naming the
+    modules otherwise (such a module would keep the base output only).
 
     Args:
-        model: the base model (with or without adapters).
+        model: the base model (with or without adapters; not merged).
         path: directory holding `adapter_config.json` and `adapter_model.safetensors`.
         use_triton: kernel path for modules patched here; default: the saved
             `automodel_lora_config.json` if any, else True.
+        kernels: `KernelOptions` for modules patched here (default: `KernelOptions()`, the
+            environment defaults; kernel options are not read from the directory).
+        strict: whether target modules missing from the file are an error (True) or a warning.
 
     Returns:
         The number of adapted modules loaded.
 
     Raises:
         FileNotFoundError: a file is missing.
-        ValueError: the adapter is not plain LoRA (DoRA, bias, modules_to_save...),
-            or a key names no linear module, or a shape or name does not match
-            (the message names the key).
+        AdapterFormatError: (a `ValueError`) a file is not valid (not JSON, not an object, nested too
+            deep, `lora_alpha` missing or not positive, `use_rslora` not a JSON boolean, a bad
+            `alpha_pattern`/`rank_pattern` regex, NaN/Inf or integer tensors, not plain LoRA), or it
+            does not fit the model (a key naming no linear module, a shape, scale or name mismatch,
+            missing layers); the message names the file and the key.
+        ValueError: the model's adapters are merged (call `unmerge_lora` first).
     """
-    peft_cfg = _read_json(os.path.join(path, ADAPTER_CONFIG_NAME))
-    _check_supported(peft_cfg, path)
-    library_cfg_path = os.path.join(path, LIBRARY_CONFIG_NAME)
-    library_cfg = PeftConfig.from_dict(_read_json(library_cfg_path)) if os.path.exists(library_cfg_path) else None
+    path = os.fspath(path)
+    peft_cfg = read_adapter_config(os.path.join(path, ADAPTER_CONFIG_NAME))
+    library_cfg = _read_library_config(os.path.join(path, LIBRARY_CONFIG_NAME))
     weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
-    if not os.path.exists(weights_path):
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {os.fspath(path)!r}")
-    from safetensors.torch import load_file
-
-    pairs = _group_adapter_tensors(load_file(weights_path), weights_path)
-    modules = dict(model.named_modules())
-    if not lora_modules(model):
-        _patch_from_file(model, modules, pairs, peft_cfg, library_cfg, use_triton)
+    pairs = read_adapter_tensors(weights_path)
     adapted = dict(lora_modules(model))
+    if adapted:
+        _check_patched_model(adapted, pairs, peft_cfg, path)
+    else:
+        modules = dict(model.named_modules())
+        _check_unpatched_model(model, modules, pairs, weights_path)
+        _check_targets_covered(model, pairs, peft_cfg, strict)
+        _patch_from_file(model, modules, pairs, peft_cfg, library_cfg, use_triton, kernels)
+        adapted = dict(lora_modules(model))
+    with torch.no_grad():
+        for fqn, (lora_A, lora_B) in pairs.items():
+            _copy_into(adapted[fqn].lora_A.weight, lora_A)
+            _copy_into(adapted[fqn].lora_B.weight, lora_B)
+    return len(pairs)
+
+
+def _read_library_config(path: str) -> PeftConfig | None:
+    if not os.path.exists(path):
+        return None
+    raw = read_json_object(path)
+    try:
+        return PeftConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise AdapterFormatError(
+            f"{path!r}: {e}; fix the file or delete it (it only adds settings PEFT has no field for)"
+        ) from None
+
+
+def _check_patched_model(adapted: dict[str, nn.Module], pairs, peft_cfg: AdapterConfig, path: str) -> None:
+    """The file must give every adapted module its weights, of its shapes, at its scale."""
+    merged = sorted(fqn for fqn, m in adapted.items() if m.lora_merged)
+    if merged:
+        raise ValueError(f"the model's adapters are merged (e.g. {merged[:3]}); call unmerge_lora(model) before load_adapter")
     missing = sorted(set(adapted) - set(pairs))
     if missing:
-        raise ValueError(
-            f"{os.fspath(path)!r} holds no adapter for {len(missing)} adapted module(s) of the model, e.g. {missing[:5]}"
+        raise AdapterFormatError(
+            f"{path!r} holds no adapter for {len(missing)} adapted module(s) of the model, e.g. {missing[:5]}; "
+            "load a complete adapter, or patch only the modules the file has"
         )
     for fqn, (lora_A, lora_B) in pairs.items():
         module = adapted.get(fqn)
         if module is None:
-            raise ValueError(
+            raise AdapterFormatError(
                 f"adapter key {PEFT_KEY_PREFIX}{fqn}.lora_A.weight names {fqn!r}, which has no LoRA adapter in the model"
             )
+        _check_shape(module.lora_A.weight, lora_A, f"{fqn}.lora_A.weight")
+        _check_shape(module.lora_B.weight, lora_B, f"{fqn}.lora_B.weight")
         _check_scaling(module, fqn, peft_cfg, path)
-        _copy_into(module.lora_A.weight, lora_A, f"{fqn}.lora_A.weight")
-        _copy_into(module.lora_B.weight, lora_B, f"{fqn}.lora_B.weight")
-    return len(pairs)
 
 
-def _check_scaling(module, fqn: str, peft_cfg: dict[str, Any], path) -> None:
+def _check_unpatched_model(model: nn.Module, modules: dict[str, nn.Module], pairs, source: str) -> None:
+    """Every key must name a linear module whose (in, out) features the tensors fit."""
+    for fqn, (lora_A, lora_B) in pairs.items():
+        module = modules.get(fqn)
+        if not isinstance(module, nn.Linear):
+            what = "no such module" if module is None else f"a {type(module).__name__}, not a linear layer"
+            raise AdapterFormatError(
+                f"adapter key {PEFT_KEY_PREFIX}{fqn}.lora_A.weight names {fqn!r}: {what} in {type(model).__name__}"
+            )
+        if lora_A.shape[1] != module.in_features or lora_B.shape[0] != module.out_features:
+            raise AdapterFormatError(
+                f"{source}: {fqn!r} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, but the model's "
+                f"layer is ({module.out_features}, {module.in_features}) (out, in); is this the adapter of another model?"
+            )
+
+
+def _check_targets_covered(model: nn.Module, pairs, peft_cfg: AdapterConfig, strict: bool) -> None:
+    """Linear modules the file's `target_modules` select (HF PEFT's rules) must all have weights in it."""
+    targets = peft_cfg.target_modules
+    if targets is None or targets == "all-linear" or peft_cfg.selects_by_layer:
+        return
+    missing = sorted(
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and name not in pairs
+        and _peft_selects(targets, name)
+        and not (peft_cfg.exclude_modules and _peft_selects(peft_cfg.exclude_modules, name))
+    )
+    if not missing:
+        return
+    msg = (
+        f"{peft_cfg.path!r}: target_modules={targets!r} selects {len(missing)} linear module(s) of "
+        f"{type(model).__name__} that the adapter has no weights for, e.g. {missing[:5]}; the file is incomplete "
+        "or belongs to another model"
+    )
+    if strict:
+        raise AdapterFormatError(msg + " (pass strict=False to load the rest with a warning)")
+    warnings.warn(msg + "; those modules stay unadapted", stacklevel=3)
+
+
+def _peft_selects(targets: list[str] | str, fqn: str) -> bool:
+    """HF PEFT's target rule: one string is a full-match regex; a list matches a FQN or a dotted suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, fqn) is not None
+    return any(fqn == t or fqn.endswith("." + t) for t in targets)
+
+
+def _check_scaling(module, fqn: str, peft_cfg: AdapterConfig, path: str) -> None:
     """The file's alpha and rsLoRA flag for `fqn` must be the ones the patched module scales with."""
-    alpha = _pattern_value(peft_cfg.get("alpha_pattern") or {}, fqn, peft_cfg["lora_alpha"])
-    rslora = bool(peft_cfg.get("use_rslora", False))
-    if float(alpha) != float(module.lora_alpha) or rslora != module.lora_use_rslora:
-        raise ValueError(
-            f"{os.fspath(path)!r} was trained with lora_alpha={alpha}, use_rslora={rslora} for {fqn!r}, but the "
-            f"model's adapter there has lora_alpha={module.lora_alpha}, use_rslora={module.lora_use_rslora}; the "
+    alpha, rslora = peft_cfg.alpha_for(fqn), peft_cfg.use_rslora
+    settings = module.lora_settings
+    if float(alpha) != float(settings.alpha) or rslora != settings.use_rslora:
+        raise AdapterFormatError(
+            f"{path!r} was trained with lora_alpha={alpha}, use_rslora={rslora} for {fqn!r}, but the "
+            f"model's adapter there has lora_alpha={settings.alpha}, use_rslora={settings.use_rslora}; the "
             "outputs would be scaled differently. Load into an unpatched model (load_adapter patches it from the "
             "file) or patch with the file's values"
         )
 
 
-def _patch_from_file(model, modules, pairs, peft_cfg, library_cfg, use_triton) -> None:
-    for fqn in pairs:
-        module = modules.get(fqn)
-        if not isinstance(module, nn.Linear):
-            what = "no such module" if module is None else f"a {type(module).__name__}, not a linear layer"
-            raise ValueError(f"adapter key {PEFT_KEY_PREFIX}{fqn}.lora_A.weight names {fqn!r}: {what} in {type(model).__name__}")
+def _patch_from_file(model, modules, pairs, peft_cfg: AdapterConfig, library_cfg, use_triton, kernels) -> None:
+    shared = LoraSettings(
+        dropout=library_cfg.dropout if library_cfg else peft_cfg.lora_dropout,
+        # PEFT drops the adapter's input; keep that unless this library saved otherwise.
+        dropout_position=library_cfg.dropout_position if library_cfg else "pre",
+        lora_A_init=library_cfg.lora_A_init if library_cfg else "kaiming",
+        lora_dtype=library_cfg.lora_dtype if library_cfg else None,
+        use_rslora=peft_cfg.use_rslora,
+        kernels=kernels if kernels is not None else KernelOptions(),
+    )
+    if use_triton is None:
+        use_triton = library_cfg.use_triton if library_cfg else True
     model.requires_grad_(False)
     for fqn, (lora_A, _) in pairs.items():
-        patch_linear_module(
-            modules[fqn],
-            dim=lora_A.shape[0],
-            alpha=_pattern_value(peft_cfg.get("alpha_pattern") or {}, fqn, peft_cfg["lora_alpha"]),
-            dropout=library_cfg.dropout if library_cfg else float(peft_cfg.get("lora_dropout") or 0.0),
-            # PEFT drops the adapter's input; keep that unless this library saved otherwise.
-            dropout_position=library_cfg.dropout_position if library_cfg else "pre",
-            lora_A_init_method=library_cfg.lora_A_init if library_cfg else "kaiming",
-            lora_dtype=library_cfg.lora_dtype if library_cfg else None,
-            use_triton=use_triton if use_triton is not None else (library_cfg.use_triton if library_cfg else True),
-            use_rslora=bool(peft_cfg.get("use_rslora", False)),
-        )
+        patch_linear_module(modules[fqn], shared, use_triton=use_triton, dim=lora_A.shape[0], alpha=peft_cfg.alpha_for(fqn))
     if library_cfg is None or library_cfg.recompute_mlp_input:  # as apply_lora_to_linear_modules does
         recompute_mlp_inputs(model)
 
 
-def _group_adapter_tensors(tensors: dict[str, torch.Tensor], source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _ADAPTER_KEY.match(key.removeprefix(PEFT_KEY_PREFIX))
-        if match is None:
-            raise ValueError(f"{source}: key {key!r} is not a LoRA lora_A/lora_B weight; only plain LoRA adapters are supported")
-        halves.setdefault(match["fqn"], {})[match["which"]] = tensor
-    pairs = {}
-    for fqn, half in halves.items():
-        if set(half) != {"A", "B"}:
-            lacking = "lora_B" if "A" in half else "lora_A"
-            raise ValueError(f"{source}: {fqn!r} has no {lacking}.weight (key {PEFT_KEY_PREFIX}{fqn}.{lacking}.weight)")
-        lora_A, lora_B = half["A"], half["B"]
-        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
-            raise ValueError(
-                f"{source}: {fqn!r} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}; "
-                "expected (r, in_features) and (out_features, r)"
-            )
-        pairs[fqn] = (lora_A, lora_B)
-    if not pairs:
-        raise ValueError(f"{source} holds no adapter tensors")
-    return pairs
-
-
-def _check_supported(peft_cfg: dict[str, Any], path) -> None:
-    if peft_cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{os.fspath(path)!r} holds a {peft_cfg['peft_type']} adapter; only LORA adapters can be loaded")
-    unsupported = {
-        "use_dora": "DoRA",
-        "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
-        "modules_to_save": "modules_to_save (fully trained extra modules)",
-        "lora_bias": "lora_bias",
-    }
-    for key, what in unsupported.items():
-        if peft_cfg.get(key):
-            raise ValueError(f"{os.fspath(path)!r}: {key}={peft_cfg[key]!r}; {what} is not supported, only plain LoRA")
-    if peft_cfg.get("bias", "none") != "none":
-        raise ValueError(f"{os.fspath(path)!r}: bias={peft_cfg['bias']!r}; only bias='none' adapters are supported")
-
-
-def _copy_into(param: torch.Tensor, value: torch.Tensor, key: str) -> None:
+def _check_shape(param: torch.Tensor, value: torch.Tensor, key: str) -> None:
     if tuple(param.shape) != tuple(value.shape):
-        raise ValueError(f"adapter key {key!r}: the file has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
-    with torch.no_grad():
-        if _is_dtensor(param):
-            from torch.distributed.tensor import distribute_tensor
+        raise AdapterFormatError(
+            f"adapter key {key!r}: the file has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}"
+        )
 
-            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-        param.copy_(value.to(param.dtype))
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    param.copy_(value.to(param.dtype))
 
 
 def _target_module_names(model: nn.Module, adapted: list[str]) -> list[str]:
@@ -279,14 +338,6 @@ def _target_module_names(model: nn.Module, adapted: list[str]) -> list[str]:
         - {f"{name}.lora_B" for name in adapted}
     )
     return sorted(short) if selected_by_short == set(adapted) else sorted(adapted)
-
-
-def _pattern_value(patterns: dict[str, Any], fqn: str, default):
-    """PEFT's rank/alpha_pattern lookup: the first pattern matching the FQN or a dotted suffix of it."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", fqn):
-            return value
-    return default
 
 
 def _exact(fqn: str) -> str:
@@ -303,15 +354,6 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if _is_dtensor(t) else t).detach()
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path!r} does not exist; an adapter directory needs {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
-        )
-    with open(path) as f:
-        return json.load(f)
 
 
 def _atomic_write(path: str, write) -> None:

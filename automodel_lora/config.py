@@ -1,20 +1,29 @@
-"""`PeftConfig`: what to adapt and how, as a validated dataclass.
+"""`PeftConfig` (what to adapt and how) and `LoraSettings` (one adapter's settings), validated dataclasses.
 
-The same object comes from three places: Python (`PeftConfig(dim=16, ...)`),
-the `peft:` section of a YAML recipe (`PeftConfig.from_dict`), or a YAML file
-of its own (`PeftConfig.from_yaml`). Every check lives in `__post_init__`, so
-a bad value fails where it is written, with the field, the value and the fix.
+`PeftConfig` comes from three places: Python (`PeftConfig(dim=16, ...)`), the
+`peft:` section of a YAML recipe (`PeftConfig.from_dict`), or a YAML file of its
+own (`PeftConfig.from_yaml`). It holds which modules to adapt plus the adapter
+settings as flat fields; `PeftConfig.lora_settings()` gives those settings as the
+frozen `LoraSettings` that `patch_linear_module` takes and every adapted module
+keeps (`module.lora_settings`). The names are the same everywhere: `dim`,
+`alpha`, `dropout`, `dropout_position`, `lora_A_init`, `lora_dtype`,
+`use_rslora`, `kernels` (HF PEFT's file format calls `dim` `r` and `alpha`
+`lora_alpha`; only `adapter_io` translates). Every check lives in a
+`__post_init__`, so a bad value fails where it is written, with the field, the
+value and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .kernels.options import KernelOptions
 from .matcher import validate_pattern
 
 DROPOUT_POSITIONS = ("pre", "post")
@@ -84,6 +93,10 @@ class PeftConfig:
         use_triton: run the adapter math in Triton kernels on CUDA (the PyTorch
             path is used on the CPU either way).
         use_rslora: rank-stabilised scale `alpha / sqrt(dim)`.
+        kernels: how the Triton kernel path runs (`KernelOptions`: `base_gemm`,
+            `fuse_proj`, `fast_launch`); a mapping in YAML (`kernels: {base_gemm: cublas}`).
+            Missing keys take their environment defaults. Change it on a patched
+            model with `set_kernel_options`.
         recompute_mlp_input: in gated MLPs (Llama, Mistral, Qwen2/3, Gemma, ...; see
             `automodel_lora.recompute.is_gated_mlp`) whose
             `down_proj` is adapted, make `down_proj`'s input `act(gate) * up` again in
@@ -107,12 +120,18 @@ class PeftConfig:
     use_triton: bool = True
     use_rslora: bool = False
     recompute_mlp_input: bool = True
+    kernels: KernelOptions = field(default_factory=KernelOptions)
 
     def __post_init__(self):
         self.target_modules = _as_name_list(self.target_modules, "target_modules")
         self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
-        validate_adapter_hparams(self.dim, self.alpha, self.dropout, self.dropout_position, self.lora_A_init)
         self.lora_dtype = dtype_from_str(self.lora_dtype, "PeftConfig.lora_dtype")
+        try:
+            self.kernels = KernelOptions.from_dict(self.kernels)
+            self.lora_settings()  # validates the adapter fields
+        except ValueError as e:  # name the class the user wrote
+            msg = str(e).replace("LoraSettings.", "PeftConfig.").replace("KernelOptions", "PeftConfig.kernels")
+            raise ValueError(msg) from None
         for flag in ("match_all_linear", "use_triton", "use_rslora", "recompute_mlp_input"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"PeftConfig.{flag} must be true or false, got {getattr(self, flag)!r}")
@@ -127,8 +146,26 @@ class PeftConfig:
         """The factor applied to the adapter output: `alpha / dim`, or `alpha / sqrt(dim)` with rsLoRA."""
         return lora_scale(self.alpha, self.dim, self.use_rslora)
 
+    def lora_settings(self) -> LoraSettings:
+        """The per-adapter settings of this config, as `patch_linear_module` takes them.
+
+        Raises:
+            ValueError: an adapter field is invalid (also raised when the config is built).
+        """
+        return LoraSettings(
+            dim=self.dim,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            dropout_position=self.dropout_position,
+            lora_A_init=self.lora_A_init,
+            lora_dtype=self.lora_dtype,
+            use_rslora=self.use_rslora,
+            kernels=self.kernels,
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python dict (dtype as a string) that `from_dict` turns back into an equal config."""
+        """Plain-Python dict (dtype as a string, `kernels` as a mapping) that `from_dict` turns back into an equal
+        config."""
         d = dataclasses.asdict(self)
         d["lora_dtype"] = dtype_to_str(self.lora_dtype)
         return d
@@ -160,22 +197,104 @@ class PeftConfig:
         return cls.from_dict(d)
 
 
-def validate_adapter_hparams(dim, alpha, dropout, dropout_position, lora_A_init, owner: str = "PeftConfig") -> None:
-    """Check one adapter's hyper-parameters; shared by `PeftConfig` and `patch_linear_module`.
+@dataclass(frozen=True)
+class LoraSettings:
+    """One adapter's settings: what `patch_linear_module` takes and an adapted module keeps in `lora_settings`.
+
+    Frozen, so modules can share one value; `replace(**changes)` gives a validated copy. The field names are
+    `PeftConfig`'s (`PeftConfig.lora_settings()` builds one).
+
+    Args:
+        dim: LoRA rank `r` (a positive integer).
+        alpha: scale numerator (a positive finite number): the adapter output is scaled by `alpha / dim`
+            (`alpha / sqrt(dim)` with `use_rslora`).
+        dropout: adapter dropout probability in `[0, 1)`.
+        dropout_position: `"pre"` (on the adapter's input, as HF PEFT) or `"post"` (on its output).
+        lora_A_init: `"xavier"`, `"kaiming"` or `"gaussian"` (std `1 / dim`); `lora_B` starts at zero.
+        lora_dtype: adapter weight dtype (a `torch.dtype` or a name such as `"bf16"`); None = the base
+            weight's (the compute dtype for a 4-bit base). A patched module keeps the resolved dtype.
+        use_rslora: rank-stabilised scale `alpha / sqrt(dim)`.
+        kernels: `KernelOptions` for the fused kernel path (a mapping is converted); ignored by the
+            PyTorch reference path.
+
+    Attributes:
+        scale: `alpha / dim` (or `alpha / sqrt(dim)`), derived.
 
     Raises:
-        ValueError: naming the field, the bad value and what is allowed.
+        ValueError: a field outside the values above, naming the field, the value and what is allowed.
     """
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-        raise ValueError(f"{owner}.dim must be a positive integer (the LoRA rank), got {dim!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"{owner}.alpha must be a finite number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{owner}.dropout must be a probability in [0, 1), got {dropout!r}")
-    if dropout_position not in DROPOUT_POSITIONS:
-        raise ValueError(f"{owner}.dropout_position={dropout_position!r} is not allowed; use one of {DROPOUT_POSITIONS}")
-    if lora_A_init not in LORA_A_INITS:
-        raise ValueError(f"{owner}.lora_A_init={lora_A_init!r} is not allowed; use one of {LORA_A_INITS}")
+
+    dim: int = 8
+    alpha: float = 32
+    dropout: float = 0.0
+    dropout_position: str = "post"
+    lora_A_init: str = "xavier"
+    lora_dtype: torch.dtype | None = None
+    use_rslora: bool = False
+    kernels: KernelOptions = field(default_factory=KernelOptions)
+    scale: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        dim, alpha, dropout = self.dim, self.alpha, self.dropout
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"LoraSettings.dim must be a positive integer (the LoRA rank), got {dim!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(
+                f"LoraSettings.alpha must be a positive finite number (the adapter is scaled by alpha / dim), got {alpha!r}"
+            )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoraSettings.dropout must be a probability in [0, 1), got {dropout!r}")
+        if self.dropout_position not in DROPOUT_POSITIONS:
+            raise ValueError(
+                f"LoraSettings.dropout_position={self.dropout_position!r} is not allowed; use one of {DROPOUT_POSITIONS}"
+            )
+        if self.lora_A_init not in LORA_A_INITS:
+            raise ValueError(f"LoraSettings.lora_A_init={self.lora_A_init!r} is not allowed; use one of {LORA_A_INITS}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoraSettings.use_rslora must be true or false, got {self.use_rslora!r}")
+        object.__setattr__(self, "lora_dtype", dtype_from_str(self.lora_dtype, "LoraSettings.lora_dtype"))
+        object.__setattr__(self, "kernels", KernelOptions.from_dict(self.kernels))
+        object.__setattr__(self, "scale", lora_scale(alpha, dim, self.use_rslora))
+
+    def replace(self, **changes: Any) -> LoraSettings:
+        """A validated copy with `changes` applied (`scale` follows).
+
+        Raises:
+            TypeError: a key that is not a field.
+            ValueError: a bad value.
+        """
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def resolve(cls, settings: LoraSettings | None, overrides: dict[str, Any], owner: str) -> LoraSettings:
+        """`settings` (or the defaults) with keyword `overrides` applied: what `patch_linear_module(linear,
+        settings, **overrides)` and `LinearLoRA(..., **overrides)` mean. `lora_A_init_method` (the old keyword)
+        is taken as `lora_A_init` with a `DeprecationWarning`.
+
+        Raises:
+            TypeError: `settings` is not a `LoraSettings`, or a key is not a field.
+            ValueError: a bad value.
+        """
+        if settings is not None and not isinstance(settings, cls):
+            raise TypeError(
+                f"{owner}: settings must be a LoraSettings (or None), got {type(settings).__name__} {settings!r}; "
+                "pass the adapter fields by keyword, e.g. dim=16, alpha=32"
+            )
+        if "lora_A_init_method" in overrides:
+            warnings.warn(
+                f"{owner}(lora_A_init_method=...) is deprecated; use lora_A_init=... (PeftConfig's name)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            if "lora_A_init" in overrides:
+                raise TypeError(f"{owner}: pass lora_A_init only (lora_A_init_method is its deprecated name)")
+            overrides = dict(overrides)
+            overrides["lora_A_init"] = overrides.pop("lora_A_init_method")
+        valid = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise TypeError(f"{owner} got unexpected keyword argument(s) {unknown}; the adapter settings are {valid}")
+        return settings.replace(**overrides) if settings is not None else cls(**overrides)
 
 
 def lora_scale(alpha: float, dim: int, use_rslora: bool = False) -> float:

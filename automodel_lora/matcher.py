@@ -122,3 +122,13 @@ def name_matches(pattern: str, fqn: str) -> bool:
     if _GLOB_CHARS & set(pattern):
         return fnmatch.fnmatchcase(fqn, pattern)
     return fqn == pattern or fqn.endswith("." + pattern)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """FQNs of the model's output head: `lm_head` or whatever `get_output_embeddings()` returns."""
+    names = {name for name, _ in model.named_modules() if name == "lm_head" or name.endswith(".lm_head")}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None:
+        names |= {name for name, m in model.named_modules() if m is head}
+    return names

@@ -1,6 +1,6 @@
 """The classes modules are switched to in place: a subclass of (mixin, the module's own class).
 
-`lora` switches adapted linears to (`LinearLoRA` or `TritonLinearLoRA`, their class) and `recompute`
+`lora` switches adapted linears to (`FusedLinearLoRA` or `LinearLoRA`, their class) and `recompute`
 switches gated MLPs to (`GatedMLPRecompute`, their class). Each pair's class is built once; an
 instance pickles by the pair (`swapped_reduce`), so a fresh process builds the class again.
 """

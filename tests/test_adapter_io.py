@@ -80,7 +80,8 @@ def test_mixed_ranks_are_written_as_rank_pattern_and_load_in_peft(tmp_path):
     assert_close(logits(peft_model), logits(model), what="PEFT logits")
     fresh = tiny_llama()
     al.load_adapter(fresh, tmp_path)
-    assert fresh.model.layers[1].mlp.down_proj.lora_dim == 2 and fresh.model.layers[1].mlp.down_proj.lora_alpha == 3
+    settings = fresh.model.layers[1].mlp.down_proj.lora_settings
+    assert settings.dim == 2 and settings.alpha == 3
     assert_close(logits(fresh), logits(model))
 
 
@@ -97,7 +98,7 @@ def test_adapter_trained_with_peft_loads_here_with_same_logits(tmp_path, extra):
     peft_model.save_pretrained(str(tmp_path))
     model = tiny_llama()
     assert al.load_adapter(model, tmp_path) == 6
-    assert model.model.layers[0].self_attn.q_proj.lora_dropout_position == "pre"  # PEFT's semantics
+    assert model.model.layers[0].self_attn.q_proj.lora_settings.dropout_position == "pre"  # PEFT's semantics
     assert_close(logits(model), logits(peft_model), what="logits")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 12 and all("lora_" in n for n in trainable)
@@ -114,7 +115,7 @@ def test_load_into_already_patched_model_and_round_trip(tmp_path):
     unpatched = tiny_llama()
     al.load_adapter(unpatched, tmp_path)  # restores the library-only settings from automodel_lora_config.json
     q_proj = unpatched.model.layers[0].self_attn.q_proj
-    assert q_proj.lora_dropout_position == "pre" and q_proj.lora_A.weight.dtype == torch.float32
+    assert q_proj.lora_settings.dropout_position == "pre" and q_proj.lora_A.weight.dtype == torch.float32
 
 
 def test_shape_mismatch_names_the_key(tmp_path):
@@ -194,7 +195,7 @@ def test_resave_without_config_drops_the_stale_library_config(tmp_path):
     assert not os.path.exists(tmp_path / "automodel_lora_config.json")
     fresh = tiny_llama()
     al.load_adapter(fresh, tmp_path)
-    assert fresh.model.layers[0].self_attn.q_proj.lora_dropout_position == "pre"  # PEFT's semantics, not the stale file's
+    assert fresh.model.layers[0].self_attn.q_proj.lora_settings.dropout_position == "pre"  # PEFT's, not the stale file's
 
 
 def test_adapter_files_are_readable_by_others(tmp_path):

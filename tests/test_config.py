@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 import torch
 
-from automodel_lora import PeftConfig
+from automodel_lora import KernelOptions, LoraSettings, PeftConfig
 
 
 def test_defaults_match_the_documented_ones():
@@ -87,3 +89,78 @@ def test_lora_dtype_objects_outside_the_training_dtypes_are_refused(value):
 def test_a_non_list_of_names_is_a_value_error_naming_the_field(field):
     with pytest.raises(ValueError, match=rf"PeftConfig\.{field} must be a list of module names.*got 5 \(int\)"):
         PeftConfig(**{field: 5})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoraSettings (one adapter's settings) and PeftConfig.kernels
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_lora_settings_defaults_are_peft_configs_and_frozen():
+    settings = LoraSettings()
+    cfg = PeftConfig(match_all_linear=True)
+    assert cfg.lora_settings() == settings and settings.scale == cfg.scale == 4.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.dim = 16
+    assert settings.replace(dim=16).scale == 2.0 and settings.replace(use_rslora=True).scale == pytest.approx(32 / 8**0.5)
+
+
+def test_lora_settings_normalises_dtype_and_kernels():
+    settings = LoraSettings(lora_dtype="bf16", kernels={"base_gemm": "cublas"})
+    assert settings.lora_dtype is torch.bfloat16
+    assert settings.kernels == KernelOptions(base_gemm="cublas")
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(dim=0), ["LoraSettings.dim", "positive integer"]),
+        (dict(alpha=0), ["LoraSettings.alpha", "positive"]),
+        (dict(alpha=-2.0), ["LoraSettings.alpha", "-2.0"]),
+        (dict(alpha=float("inf")), ["LoraSettings.alpha", "inf"]),
+        (dict(use_rslora="false"), ["LoraSettings.use_rslora", "'false'"]),
+        (dict(dropout_position="mid"), ["dropout_position", "'mid'"]),
+        (dict(lora_A_init="orthogonal"), ["lora_A_init", "'orthogonal'"]),
+        (dict(kernels={"base_gemm": "cutlass"}), ["base_gemm", "'cutlass'"]),
+    ],
+)
+def test_lora_settings_validate_in_post_init(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        LoraSettings(**kwargs)
+    for word in words:
+        assert word in str(err.value)
+    with pytest.raises(ValueError):
+        LoraSettings().replace(**kwargs)
+
+
+def test_resolve_applies_overrides_and_refuses_unknown_keys():
+    base = LoraSettings(dim=4)
+    assert LoraSettings.resolve(base, {"alpha": 8}, "f") == LoraSettings(dim=4, alpha=8)
+    assert LoraSettings.resolve(None, {}, "f") == LoraSettings()
+    with pytest.raises(TypeError, match=r"f got unexpected keyword argument\(s\) \['rank'\].*'dim'"):
+        LoraSettings.resolve(None, {"rank": 8}, "f")
+    with pytest.raises(TypeError, match="settings must be a LoraSettings"):
+        LoraSettings.resolve(16, {}, "f")
+    with pytest.warns(DeprecationWarning, match="lora_A_init_method"):
+        assert LoraSettings.resolve(None, {"lora_A_init_method": "kaiming"}, "f").lora_A_init == "kaiming"
+
+
+def test_peft_config_kernels_from_a_mapping_and_round_trip(tmp_path):
+    cfg = PeftConfig(target_modules=["q_proj"], kernels={"base_gemm": "cublas", "fuse_proj": False})
+    assert cfg.kernels == KernelOptions(base_gemm="cublas", fuse_proj=False)
+    assert cfg.lora_settings().kernels is cfg.kernels
+    d = cfg.to_dict()
+    assert d["kernels"] == {"base_gemm": "cublas", "fuse_proj": False, "fast_launch": cfg.kernels.fast_launch}
+    assert PeftConfig.from_dict(d) == cfg
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("peft:\n  target_modules: [q_proj]\n  kernels: {base_gemm: triton}\n")
+    assert PeftConfig.from_yaml(recipe).kernels.base_gemm == "triton"
+    assert PeftConfig(target_modules=["q_proj"]).kernels == KernelOptions()  # environment defaults
+
+
+@pytest.mark.parametrize("kernels, words", [({"gemm": "cublas"}, ["PeftConfig.kernels", "'gemm'"]), ("cublas", ["mapping"])])
+def test_bad_peft_config_kernels_name_the_field(kernels, words):
+    with pytest.raises(ValueError) as err:
+        PeftConfig(target_modules=["q_proj"], kernels=kernels)
+    for word in words:
+        assert word in str(err.value)

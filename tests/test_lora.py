@@ -54,9 +54,9 @@ def test_patched_class_is_built_once_per_pair():
     al.patch_linear_module(a)
     al.patch_linear_module(b)
     assert type(a) is type(b)
-    assert type(a).__mro__[1:3] == (al.TritonLinearLoRA, al.LinearLoRA)
+    assert type(a).__mro__[1:3] == (al.FusedLinearLoRA, al.LinearLoRA)
     c = al.patch_linear_module(nn.Linear(3, 3), use_triton=False)
-    assert type(c) is not type(a) and not isinstance(c, al.TritonLinearLoRA)
+    assert type(c) is not type(a) and not isinstance(c, al.FusedLinearLoRA)
 
 
 def test_trainable_parameters_are_exactly_the_adapters():
@@ -160,7 +160,7 @@ def test_fp32_adapters_compute_in_activation_dtype_without_fp32_copy_of_x(use_tr
     assert not [s for s in saved if s[0] == torch.float32 and s[1] >= x.numel()], saved
     y.float().sum().backward()
     assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
-    ref = reference_lora(x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight, layer.lora_scale)
+    ref = reference_lora(x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight, layer.lora_settings.scale)
     assert_close(y, ref, dtype=torch.bfloat16)
 
 
@@ -180,7 +180,7 @@ def test_default_adapter_dtype_follows_base():
     ],
 )
 def test_lora_A_init_methods(init, check):
-    layer = al.patch_linear_module(nn.Linear(256, 64), dim=16, lora_A_init_method=init)
+    layer = al.patch_linear_module(nn.Linear(256, 64), dim=16, lora_A_init=init)
     w = layer.lora_A.weight
     assert w.abs().sum() > 0 and check(w, 256, 64, 16)
     assert torch.count_nonzero(layer.lora_B.weight) == 0
@@ -188,7 +188,7 @@ def test_lora_A_init_methods(init, check):
 
 def test_rslora_scale_used_in_forward():
     layer = al.patch_linear_module(nn.Linear(8, 8), dim=16, alpha=8, use_rslora=True)
-    assert layer.lora_scale == pytest.approx(2.0)  # alpha / sqrt(dim), not alpha / dim = 0.5
+    assert layer.lora_settings.scale == pytest.approx(2.0)  # alpha / sqrt(dim), not alpha / dim = 0.5
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(3, 8)
     delta = x @ layer.lora_A.weight.t() @ layer.lora_B.weight.t()
@@ -233,7 +233,8 @@ def test_merge_unmerge_agree_with_adapter_forward_per_layer(dtype):
     with torch.no_grad():
         y = layer(x)
         assert al.merge_lora(layer) == 1 and layer.lora_merged
-        assert al.merge_lora(layer) == 0  # already merged
+        with pytest.warns(UserWarning, match="already merged"):
+            assert al.merge_lora(layer) == 0  # nothing done
         y_merged = layer(x)
         assert al.unmerge_lora(layer) == 1 and not layer.lora_merged
         y_unmerged = layer(x)
@@ -377,7 +378,7 @@ def test_merge_refuses_tied_weights_and_changes_nothing():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(dim=0), "dim"), (dict(lora_A_init_method="bogus"), "bogus"), (dict(dropout_position="middle"), "middle")],
+    [(dict(dim=0), "dim"), (dict(lora_A_init="bogus"), "bogus"), (dict(dropout_position="middle"), "middle")],
 )
 def test_linear_lora_constructor_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -411,4 +412,114 @@ def test_whole_model_pickle_loads_in_a_fresh_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "TritonLinearLoRA" in done.stdout and "Recompute_" in done.stdout
+    assert "FusedLinearLoRA" in done.stdout and "Recompute_" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One settings object per module, kernel options per module, deprecated names
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_module_keeps_one_settings_object_with_the_configs_names():
+    model = tiny_llama()
+    cfg = al.PeftConfig(target_modules=["q_proj"], dim=4, alpha=8, dropout=0.1, lora_A_init="gaussian")
+    al.apply_lora_to_linear_modules(model, cfg)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.lora_settings == cfg.lora_settings().replace(lora_dtype=torch.float32)  # the resolved dtype
+    assert q_proj.lora_dropout.p == 0.1
+    # the old attribute names still read the same values
+    assert (q_proj.lora_dim, q_proj.lora_alpha, q_proj.lora_scale, q_proj.lora_A_init_method) == (4, 8, 2.0, "gaussian")
+    with pytest.raises(AttributeError):
+        q_proj.lora_dim = 8  # read-only: the settings object is the one place
+
+
+def test_patch_takes_a_settings_object_and_overrides():
+    settings = al.LoraSettings(dim=4, alpha=16)
+    layer = al.patch_linear_module(nn.Linear(8, 8), settings, dropout_position="pre")
+    assert layer.lora_settings == settings.replace(dropout_position="pre", lora_dtype=torch.float32)
+    with pytest.raises(TypeError, match="settings must be a LoraSettings"):
+        al.patch_linear_module(nn.Linear(8, 8), 16)  # the rank goes by keyword: dim=16
+    with pytest.raises(TypeError, match="'rank'"):
+        al.patch_linear_module(nn.Linear(8, 8), rank=16)
+
+
+def test_lora_A_init_method_keyword_is_deprecated_but_works():
+    with pytest.warns(DeprecationWarning, match=r"lora_A_init_method=.*lora_A_init="):
+        layer = al.patch_linear_module(nn.Linear(8, 8), lora_A_init_method="kaiming")
+    assert layer.lora_settings.lora_A_init == "kaiming"
+    with pytest.warns(DeprecationWarning, match="lora_A_init_method"):
+        assert al.LinearLoRA(8, 4, lora_A_init_method="gaussian").lora_settings.lora_A_init == "gaussian"
+
+
+def test_triton_linear_lora_is_a_deprecated_alias_of_fused_linear_lora():
+    import automodel_lora.lora as lora_module
+
+    with pytest.warns(DeprecationWarning, match="FusedLinearLoRA"):
+        assert al.TritonLinearLoRA is al.FusedLinearLoRA
+    with pytest.warns(DeprecationWarning, match="FusedLinearLoRA"):
+        assert lora_module.TritonLinearLoRA is al.FusedLinearLoRA
+
+
+def test_a_pickle_from_before_the_rename_and_the_settings_object_still_loads():
+    """Old pickles name the mixin `automodel_lora.lora.TritonLinearLoRA` and keep `lora_dim`, `lora_alpha`, ...
+    as separate attributes; they load into `FusedLinearLoRA` with `lora_settings` rebuilt."""
+    layer = al.patch_linear_module(nn.Linear(12, 10), dim=4, alpha=8, dropout_position="pre", use_rslora=True)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 12)
+    expected = layer(x)
+    state = layer.__dict__
+    settings = state.pop("lora_settings")
+    state.update(lora_dim=4, lora_alpha=8, lora_scale=settings.scale, lora_use_rslora=True,
+                 lora_dropout_position="pre", lora_A_init_method="xavier")
+    old = pickle.dumps(layer, protocol=2).replace(b"\nFusedLinearLoRA\n", b"\nTritonLinearLoRA\n")
+    assert b"TritonLinearLoRA" in old
+    with pytest.warns(DeprecationWarning, match="TritonLinearLoRA"):
+        loaded = pickle.loads(old)
+    assert isinstance(loaded, al.FusedLinearLoRA) and "lora_dim" not in loaded.__dict__
+    assert loaded.lora_settings == settings
+    assert torch.equal(loaded(x), expected)
+
+
+def _spy_on_kernel_options(monkeypatch):
+    import automodel_lora.lora as lora_module
+
+    seen = []
+    real = lora_module.lora_linear
+
+    def spy(*args, options=None, **kwargs):
+        seen.append(options)
+        return real(*args, options=options, **kwargs)
+
+    monkeypatch.setattr(lora_module, "lora_linear", spy)
+    return seen
+
+
+def test_two_models_in_one_process_run_their_own_kernel_options(monkeypatch):
+    seen = _spy_on_kernel_options(monkeypatch)
+    cublas, triton = al.KernelOptions(base_gemm="cublas"), al.KernelOptions(base_gemm="triton", fuse_proj=False)
+    a, b = ToyModel(), ToyModel()
+    al.apply_lora_to_linear_modules(a, al.PeftConfig(target_modules=["fc1"], kernels=cublas))
+    al.apply_lora_to_linear_modules(b, al.PeftConfig(target_modules=["fc1"], kernels={"base_gemm": "triton", "fuse_proj": False}))
+    ids = torch.randint(0, 16, (2, 3))
+    a(ids)
+    assert seen and all(o == cublas for o in seen)
+    seen.clear()
+    b(ids)
+    assert seen and all(o == triton for o in seen)
+
+
+def test_kernel_options_per_module_and_set_on_a_patched_model(monkeypatch):
+    seen = _spy_on_kernel_options(monkeypatch)
+    own = al.KernelOptions(fast_launch=False)
+    layer = al.patch_linear_module(nn.Linear(8, 8), dim=2, kernels=own)
+    layer(torch.randn(2, 8))
+    assert seen == [own]
+    model = ToyModel()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["fc1", "fc2"]))
+    assert al.set_kernel_options(model, {"base_gemm": "cublas"}) == 8
+    assert {m.lora_settings.kernels.base_gemm for _, m in al.lora_modules(model)} == {"cublas"}
+    assert al.set_kernel_options(model.layers[0]["fc1"], own) == 1
+    assert model.layers[0]["fc1"].lora_settings.kernels == own and model.layers[0]["fc2"].lora_settings.kernels != own
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        al.set_kernel_options(tiny_llama(), own)

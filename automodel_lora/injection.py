@@ -1,0 +1,247 @@
+"""Whole-model operations on adapters: apply, initialise, merge, unmerge, remove, set kernel options.
+
+This is the injection layer (HF PEFT's `model.py` role): it walks a model, picks modules with
+`ModuleMatcher`, patches them with the layer of `automodel_lora.lora`, and switches gated MLPs with
+`automodel_lora.recompute`. Imports run one way: config -> lora -> recompute -> injection.
+
+Merging is all-or-nothing: every merged (or unmerged) weight is computed and checked before any
+base weight is written, so an error leaves every base weight as it was.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .kernels.options import KernelOptions
+from .lora import LORA_ATTRIBUTES, LinearLoRA, is_lora_module, lora_modules, patch_linear_module
+from .matcher import ModuleMatcher, output_head_names
+from .quant import is_quantized_linear
+from .recompute import recompute_mlp_inputs, restore_mlp_classes
+
+
+def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dict) -> int:
+    """Freeze `model` and patch, in place, every linear module that `peft_config` selects.
+
+    Every patched module gets `peft_config.lora_settings()` (kernel options included) and the
+    `FusedLinearLoRA` path if `peft_config.use_triton`, else the `LinearLoRA` reference.
+
+    Args:
+        model: any `nn.Module` (a model built on the meta device too).
+        peft_config: a `PeftConfig`, or a dict for `PeftConfig.from_dict`.
+
+    Returns:
+        The number of modules patched.
+
+    Raises:
+        ValueError: the config selects nothing (the message lists linear modules
+            that exist), a plain target names a non-linear module, or a selected
+            module already has an adapter. The model is left untouched.
+    """
+    cfg = PeftConfig.from_dict(peft_config) if isinstance(peft_config, dict) else peft_config
+    matcher = ModuleMatcher(cfg.target_modules, cfg.exclude_modules, cfg.match_all_linear, output_head_names(model))
+    adapter_children = {id(child) for _, m in lora_modules(model) for child in (m.lora_A, m.lora_B)}
+    selected = []
+    for name, module in model.named_modules():
+        if id(module) in adapter_children or not matcher.match(module, name):
+            continue
+        if is_lora_module(module):
+            raise ValueError(f"module {name!r} already has a LoRA adapter; call remove_lora(model) before re-applying")
+        selected.append(module)
+    if not selected:
+        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapter_children]
+        raise ValueError(
+            f"PeftConfig(target_modules={cfg.target_modules!r}, exclude_modules={cfg.exclude_modules!r}, "
+            f"match_all_linear={cfg.match_all_linear}) matches no linear module of {type(model).__name__}. "
+            f"It has {len(linear_names)} linear modules, e.g. {linear_names[:8]}; "
+            "a plain name matches a FQN or its dotted suffix ('q_proj'), a glob the whole FQN ('*.mlp.*')"
+        )
+    model.requires_grad_(False)
+    settings = cfg.lora_settings()
+    for module in selected:
+        patch_linear_module(module, settings, use_triton=cfg.use_triton)
+    if cfg.recompute_mlp_input:
+        recompute_mlp_inputs(model)
+    return len(selected)
+
+
+def init_lora_weights(model: nn.Module) -> int:
+    """Initialise every adapter of `model` (after `to_empty` on a meta-built model). Returns the count."""
+    modules = lora_modules(model)
+    for _, module in modules:
+        module.reset_lora_parameters()
+    return len(modules)
+
+
+def set_kernel_options(model: nn.Module, options: KernelOptions | Mapping[str, Any]) -> int:
+    """Set the `KernelOptions` of every adapted module of `model` (or of `model` itself if it is one).
+
+    The next forward of each module uses them; nothing else about the adapter changes. To give one
+    module its own options, call this on that module (or pass `kernels=` to `patch_linear_module`).
+
+    Args:
+        model: a model with adapters, or one adapted module.
+        options: a `KernelOptions`, or a mapping such as ``{"base_gemm": "cublas"}`` (missing keys take
+            their environment defaults).
+
+    Returns:
+        The number of modules changed.
+
+    Raises:
+        ValueError: `model` has no adapters, or `options` is not valid.
+    """
+    options = KernelOptions.from_dict(dict(options) if isinstance(options, Mapping) else options)
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters; call apply_lora_to_linear_modules first")
+    for _, module in modules:
+        module.lora_settings = module.lora_settings.replace(kernels=options)
+    return len(modules)
+
+
+def _folded(module: LinearLoRA, sign: float) -> torch.Tensor:
+    """The base weight with `sign * s * B @ A` added, in the weight's dtype (not written)."""
+    weight = module.weight
+    delta = (module.lora_B.weight.float() @ module.lora_A.weight.float()) * (sign * module.lora_settings.scale)  # (N, K)
+    return (weight.float() + delta).to(weight.dtype)
+
+
+def _check_finite(modules: Iterable[tuple[str, LinearLoRA]], sign: float, verb: str) -> None:
+    """Raise before anything is written if folding any adapter would give a non-finite weight."""
+    for name, module in modules:
+        bad = int((~torch.isfinite(_folded(module, sign))).sum())
+        if bad:
+            adapter_finite = all(bool(torch.isfinite(p).all()) for p in (module.lora_A.weight, module.lora_B.weight))
+            reason = (
+                f"the base weight itself is not finite or the sum overflows {module.weight.dtype}"
+                if adapter_finite
+                else "its lora_A / lora_B hold NaN or Inf (a diverged training run?)"
+            )
+            raise ValueError(
+                f"cannot {verb} the adapter of {name!r}: the result would have {bad} non-finite values ({reason}). "
+                "No base weight was changed. Load finite adapter weights, or keep the adapter unmerged"
+            )
+
+
+@torch.no_grad()
+def _fold_all(modules: list[tuple[str, LinearLoRA]], sign: float, safe: bool) -> None:
+    """Fold (sign +1) or unfold (-1) every adapter: all checked first, then all written, so an error changes
+    nothing. Each weight is computed twice when `safe` (one extra GEMM of (N, r) x (r, K) per module)
+    rather than keeping every new weight at once (a second copy of the model's adapted weights)."""
+    if safe:
+        _check_finite(modules, sign, "merge" if sign > 0 else "unmerge")
+    for _, module in modules:
+        module.weight.copy_(_folded(module, sign))
+        module.lora_merged = sign > 0
+
+
+def _check_mergeable(model: nn.Module, modules: list[tuple[str, LinearLoRA]]) -> None:
+    """Refuse to merge into a quantized weight, or one that another module shares (tied embeddings)."""
+    names_of: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(pname)
+    for name, module in modules:
+        if is_quantized_linear(module):
+            raise ValueError(
+                f"cannot merge the adapter of {name!r} into its {module._lora_base_cls.__name__} base: "
+                "the base weight is quantized (4-bit), and adding B @ A to it would need a dequantize / requantize "
+                "round trip that loses the adapter's precision. Keep the adapter separate, or merge into a "
+                "bf16 copy of the base model loaded without quantization"
+            )
+        sharers = [n for n in names_of.get(id(module.weight), []) if n != (f"{name}.weight" if name else "weight")]
+        if sharers:
+            raise ValueError(
+                f"cannot merge the adapter of {name!r}: its weight is shared with {sharers} (tied weights), so "
+                "merging would change those modules too. Untie the weights first (e.g. clone the weight into a "
+                "new nn.Parameter) or keep the adapter unmerged"
+            )
+
+
+def merge_lora(model: nn.Module, safe: bool = True) -> int:
+    """Fold `s * B @ A` into each adapted base weight; adapters are then skipped in forward.
+
+    All or nothing: every module is checked (and, with `safe`, every merged weight computed and checked
+    for NaN/Inf) before any weight is written, so after an error every base weight is unchanged.
+    Merging an already merged model warns and does nothing.
+
+    Args:
+        model: a model with adapters (or one adapted module).
+        safe: check each merged weight for NaN/Inf before writing (one `isfinite` pass and one extra
+            low-rank product per module).
+
+    Returns:
+        The number of modules merged (already merged ones are left as they are).
+
+    Raises:
+        ValueError: an adapted base is 4-bit quantized, its weight is tied to another module's, or (with
+            `safe`) a merged weight would hold NaN/Inf; the message names the module. Nothing is changed.
+    """
+    modules = lora_modules(model)
+    pending = [(n, m) for n, m in modules if not m.lora_merged]
+    if modules and not pending:
+        warnings.warn("merge_lora: every adapter of this model is already merged; nothing was done", stacklevel=2)
+        return 0
+    _check_mergeable(model, pending)
+    _fold_all(pending, 1.0, safe)
+    return len(pending)
+
+
+def unmerge_lora(model: nn.Module, safe: bool = True) -> int:
+    """Undo `merge_lora`: subtract `s * B @ A` again (exact up to the base dtype's rounding).
+
+    All or nothing as `merge_lora`. Unmerging a model with no merged adapter warns and does nothing.
+
+    Args:
+        model: a model with merged adapters.
+        safe: check each restored weight for NaN/Inf before writing.
+
+    Returns:
+        The number of modules unmerged.
+
+    Raises:
+        ValueError: (with `safe`) a restored weight would hold NaN/Inf (an adapter changed to NaN after
+            the merge); the message names the module. Nothing is changed.
+    """
+    modules = lora_modules(model)
+    merged = [(n, m) for n, m in modules if m.lora_merged]
+    if modules and not merged:
+        warnings.warn("unmerge_lora: no adapter of this model is merged; nothing was done", stacklevel=2)
+        return 0
+    _fold_all(merged, -1.0, safe)
+    return len(merged)
+
+
+def remove_lora(model: nn.Module, merge: bool = False) -> int:
+    """Take every adapter off and give each module back its original class.
+
+    Args:
+        model: a model with adapters.
+        merge: fold the adapters into the base weights first (as `merge_lora`);
+            otherwise merged adapters are unmerged so the base is the original.
+
+    Returns:
+        The number of modules restored.
+
+    Raises:
+        ValueError: as `merge_lora` / `unmerge_lora` (checked before anything changes: after an error the
+            model keeps its adapters and its base weights).
+    """
+    modules = lora_modules(model)
+    if merge:
+        pending = [(n, m) for n, m in modules if not m.lora_merged]
+        _check_mergeable(model, pending)
+        _fold_all(pending, 1.0, safe=True)
+    else:
+        _fold_all([(n, m) for n, m in modules if m.lora_merged], -1.0, safe=True)
+    restore_mlp_classes(model)
+    for _, module in modules:
+        del module.lora_A, module.lora_B, module.lora_dropout
+        for attr in LORA_ATTRIBUTES:
+            delattr(module, attr)
+        module.__class__ = module._lora_base_cls
+    return len(modules)
