@@ -12,10 +12,12 @@ rounds, median of per-step CUDA-event times; ratios are to the frozen layer meas
   torch       automodel_lora LinearLoRA (use_triton=False): the project's PyTorch path
   triton      automodel_lora kernels, the default base GEMM ("auto": on Hopper a Triton TMA GEMM that
               takes the low-rank term as an extra K step) + Triton skinny kernels
-  triton_cublas  the same kernels with the cuBLAS base GEMM (low-rank term through beta=1)
-  triton_tma  the same kernels with the Triton base GEMM forced (the TMA GEMM on Hopper)
+  triton_cublas  the same kernels with the cuBLAS base GEMM (low-rank term through beta=1;
+              KernelOptions(base_gemm="cublas"))
+  triton_tma  the same kernels with the Triton base GEMM forced (the TMA GEMM on Hopper;
+              KernelOptions(base_gemm="triton"))
   triton_proj_pass  the default kernels with a proj pass over x / dy before the TMA GEMM instead of
-              xa / dyB made inside it (set_fuse_proj(False))
+              xa / dyB made inside it (KernelOptions(fuse_proj=False))
   triton_no_recompute  (model) the kernel path keeping down_proj's input from forward to backward
               (PeftConfig.recompute_mlp_input=False; every other LoRA variant recomputes it)
 Prints the table last; writes the full JSON (GPU, date, commit, autotune choices).
@@ -40,7 +42,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench_common import run_env  # noqa: E402
 
-from automodel_lora import PeftConfig, apply_lora_to_linear_modules, patch_linear_module  # noqa: E402
+from automodel_lora import (  # noqa: E402
+    KernelOptions,
+    PeftConfig,
+    apply_lora_to_linear_modules,
+    patch_linear_module,
+    set_kernel_options,
+)
 from automodel_lora import kernels as K  # noqa: E402
 
 try:  # the NF4 dequantize kernel (needs triton)
@@ -189,45 +197,51 @@ def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Ten
         out[name] = lora_copy(lin, r, A0, B0, use_triton, share_weight=True)
     for name in ("triton_cublas", "triton_tma", PROJ_PASS):
         if name in want:
-            out[name] = out["triton"]  # same layer, run under BASE_GEMM[name] / without the fused projection
+            out[name] = out["triton"]  # same layer, run under OPTION_CHANGES[name]
     return out
 
 
-# Base GEMM of the kernel path per variant (forward and backward); every other variant: the default.
-BASE_GEMM = {"triton_cublas": "cublas", "triton_tma": "triton"}
-DEFAULT_BASE_GEMM = K.get_base_gemm()
+# The kernel path's settings per variant (forward and backward): the environment's defaults
+# (KernelOptions()), with the base GEMM or the fused projection changed for the variants below.
+DEFAULT_OPTIONS = KernelOptions()
+OPTION_CHANGES = {"triton_cublas": dict(base_gemm="cublas"), "triton_tma": dict(base_gemm="triton")}
 
 
 # The default kernels with the skinny products as a pass of their own (not made inside the TMA GEMM)
 PROJ_PASS = "triton_proj_pass"
-DEFAULT_FUSE_PROJ = K.get_fuse_proj()
+OPTION_CHANGES[PROJ_PASS] = dict(fuse_proj=False)
 
 
 # QLoRA variant whose fused path dequantizes through bitsandbytes' dequantize_4bit instead of the NF4 kernel
 BNB_DEQUANT = "triton_bnb_dequant"
 
+# The options last set on each shared adapted layer / model (id -> KernelOptions): set again only on a change
+_SET: dict = {}
+
 
 @contextlib.contextmanager
-def base_gemm_for(name: str):
-    """The variant's base GEMM selected for everything inside (forward and backward); for BNB_DEQUANT,
-    the NF4 kernel declined so that bitsandbytes dequantizes."""
-    K.set_base_gemm(BASE_GEMM.get(name, DEFAULT_BASE_GEMM))
-    K.set_fuse_proj(DEFAULT_FUSE_PROJ and name != PROJ_PASS)
+def base_gemm_for(name: str, module):
+    """``module``'s (an adapted layer or model of a "triton*" variant) KernelOptions set to the variant's for
+    everything inside (forward and backward); for BNB_DEQUANT, the NF4 kernel declined as well, so that
+    bitsandbytes dequantizes."""
+    if name.startswith("triton"):
+        options = DEFAULT_OPTIONS.replace(**OPTION_CHANGES.get(name, {}))
+        if _SET.get(id(module)) != options:  # variants sharing a module alternate step by step
+            set_kernel_options(module, options)
+            _SET[id(module)] = options
     nf4_supported = NF4.nf4_supported if NF4 is not None else None
     if name == BNB_DEQUANT:
         NF4.nf4_supported = lambda *_: False
     try:
         yield
     finally:
-        K.set_base_gemm(DEFAULT_BASE_GEMM)
-        K.set_fuse_proj(DEFAULT_FUSE_PROJ)
         if nf4_supported is not None:
             NF4.nf4_supported = nf4_supported
 
 
 def fwd_bwd(name: str, fn, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``y = fn(x); y.backward(g)`` under the variant's base GEMM."""
-    with base_gemm_for(name):
+    """``y = fn(x); y.backward(g)`` under the variant's kernel options."""
+    with base_gemm_for(name, fn):
         y = fn(x)
         y.backward(g)
         return y
@@ -310,7 +324,10 @@ def bench_layer(args, results):
 def bench_ops(args, results):
     if DEV != "cuda" or not K.HAS_TRITON:
         return
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels.expand import expand
+    from automodel_lora.kernels.grad_ab import tn
+    from automodel_lora.kernels.proj import proj
+    from automodel_lora.kernels.tma_gemm import gemm_lora
 
     dt = torch.bfloat16
     M = args.M
@@ -327,8 +344,8 @@ def bench_ops(args, results):
             W = torch.randn(N, Kd, device=DEV, dtype=dt) / Kd**0.5
             A = torch.randn(r, Kd, device=DEV, dtype=dt) / Kd**0.5
             B = torch.randn(N, r, device=DEV, dtype=dt) * 0.05
-            xa = T.proj(x, A.t())
-            dyB = T.proj(dy, B)
+            xa = proj(x, A.t())
+            dyB = proj(dy, B)
             y = torch.empty(M, N, device=DEV, dtype=dt)
             dx = torch.empty(M, Kd, device=DEV, dtype=dt)
             ops = {
@@ -336,17 +353,17 @@ def bench_ops(args, results):
                 "base_bwd_mm": lambda i: torch.mm(dy, W, out=dx),
                 "fwd_addmm_beta1": lambda i: y.addmm_(x, W.t()),
                 "bwd_addmm_beta1": lambda i: dx.addmm_(dy, W),
-                "proj_xa": lambda i: T.proj(x, A.t()),
-                "expand_y": lambda i: T.expand(xa, B.t(), 2.0),
-                "proj_dyB": lambda i: T.proj(dy, B),
-                "expand_dx": lambda i: T.expand(dyB, A, 2.0),
-                "tn_dA": lambda i: T.tn(dyB, x, 2.0),
-                "tn_dB": lambda i: T.tn(xa, dy, 2.0, transpose_out=True),
+                "proj_xa": lambda i: proj(x, A.t()),
+                "expand_y": lambda i: expand(xa, B.t(), 2.0),
+                "proj_dyB": lambda i: proj(dy, B),
+                "expand_dx": lambda i: expand(dyB, A, 2.0),
+                "tn_dA": lambda i: tn(dyB, x, 2.0),
+                "tn_dB": lambda i: tn(xa, dy, 2.0, transpose_out=True),
                 "torch_xa": lambda i: torch.mm(x, A.t()),
                 "torch_dB": lambda i: torch.mm(dy.t(), xa),
-                "tgemm_fwd": lambda i: T.gemm_lora(x, W.t(), xa, B.t(), 2.0),
-                "tgemm_bwd": lambda i: T.gemm_lora(dy, W, dyB, A, 2.0),
-                "tgemm_fwd_nolora": lambda i: T.gemm_lora(x, W.t()),
+                "tgemm_fwd": lambda i: gemm_lora(x, W.t(), xa, B.t(), 2.0),
+                "tgemm_bwd": lambda i: gemm_lora(dy, W, dyB, A, 2.0),
+                "tgemm_fwd_nolora": lambda i: gemm_lora(x, W.t()),
             }
             import triton.testing as tt
 
@@ -550,12 +567,12 @@ def bench_model(args, results):
         models["triton_no_recompute"] = lora_model(True, recompute=False)
     for name in ("triton_cublas", "triton_tma", PROJ_PASS):
         if name in args.variants:
-            models[name] = models["triton"]  # same model, run under BASE_GEMM[name] / without the fused projection
+            models[name] = models["triton"]  # same model, run under OPTION_CHANGES[name]
     ids = [torch.randint(0, cfg.vocab_size, (bsz, seq), device=DEV) for _ in range(2)]
 
     def make_step(name, m):
         def step(i):
-            with base_gemm_for(name):
+            with base_gemm_for(name, m):
                 m(input_ids=ids[i % 2], labels=ids[i % 2]).loss.backward()
         return step
 
@@ -585,7 +602,7 @@ def bench_model(args, results):
 
 # ------------------------------------------------------------------------------------------
 def _env():
-    info = dict(run_env(), device=DEV, base_gemm_default=K.get_base_gemm())
+    info = dict(run_env(), device=DEV, kernel_options_default=DEFAULT_OPTIONS.to_dict())
     try:
         import peft
 
@@ -675,9 +692,9 @@ def main():
     if "model" in secs:
         bench_model(args, results)
     if K.HAS_TRITON and DEV == "cuda":
-        from automodel_lora.kernels import triton_lora as T
+        from automodel_lora.kernels.launch import autotune_choices
 
-        results["autotune"] = T.autotune_choices()
+        results["autotune"] = autotune_choices()
     out = args.out
     if out is None:
         d = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -38,17 +38,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+KERNEL_ENV = ("AUTOMODEL_LORA_BASE_GEMM", "AUTOMODEL_LORA_FUSE_PROJ", "AUTOMODEL_LORA_FAST_LAUNCH")
+
+
 @pytest.fixture
-def use_base_gemm(monkeypatch):
-    """``use_base_gemm(kind)``: the kernel path's base GEMM for this test (``set_base_gemm``), restored after it."""
-    from automodel_lora.kernels import lora as kernel_lora
-    from automodel_lora.kernels import set_base_gemm
+def kernel_options(monkeypatch):
+    """``kernel_options(**fields)``: a ``KernelOptions`` with ``fields`` and the built-in defaults for the rest
+    (the AUTOMODEL_LORA_* environment defaults are cleared for this test, so a CI environment cannot change
+    what a test runs)."""
+    from automodel_lora.kernels import KernelOptions
 
-    def use(kind: str) -> None:
-        monkeypatch.setattr(kernel_lora, "_BASE_GEMM", kernel_lora._BASE_GEMM)  # restored at teardown
-        set_base_gemm(kind)
+    for name in KERNEL_ENV:
+        monkeypatch.delenv(name, raising=False)
 
-    return use
+    def build(**fields) -> KernelOptions:
+        return KernelOptions(**fields)
+
+    return build
 
 
 def tiny_llama_config(**overrides):

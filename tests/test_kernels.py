@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from automodel_lora.kernels import dropout_keep_mask, lora_add, lora_linear, set_base_gemm
+from automodel_lora.kernels import KernelOptions, dropout_keep_mask, lora_add, lora_linear
 from automodel_lora.kernels import lora as L
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -85,9 +85,9 @@ def make(M, K, N, r, dtype, bias=True, adapter_dtype=None, lead=None):
     return x, W, b, A, B
 
 
-def run_and_check(x, W, b, A, B, s, p, pos, dtype, call_seed=7):
+def run_and_check(x, W, b, A, B, s, p, pos, dtype, call_seed=7, options=None):
     torch.manual_seed(call_seed)
-    y = lora_linear(x, W, b, A, B, s, p, pos)
+    y = lora_linear(x, W, b, A, B, s, p, pos, options=options)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], W.shape[0])
     g = torch.randn_like(y)
     y.backward(g)
@@ -346,10 +346,9 @@ def test_backend_is_triton_under_interpreter_interp():
 @pytest.mark.parametrize("base_gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("M,K,N,r,bias,pos,p", [CASES[2], CASES[5], CASES[7]])
-def test_base_gemm_choice_interp(M, K, N, r, bias, pos, p, dtype, base_gemm, use_base_gemm):
-    use_base_gemm(base_gemm)
+def test_base_gemm_choice_interp(M, K, N, r, bias, pos, p, dtype, base_gemm, kernel_options):
     x, W, b, A, B = make(M, K, N, r, dtype, bias)
-    run_and_check(x, W, b, A, B, 2.0, p, pos, dtype)
+    run_and_check(x, W, b, A, B, 2.0, p, pos, dtype, options=kernel_options(base_gemm=base_gemm))
 
 
 # TMA-addressable shapes (16-byte aligned rows): the "triton" base GEMM runs the TMA kernel in
@@ -357,42 +356,55 @@ def test_base_gemm_choice_interp(M, K, N, r, bias, pos, p, dtype, base_gemm, use
 TMA_CASES = [(37, 64, 48, 16, True), (37, 64, 48, 8, False), (130, 96, 40, 64, True), (1, 32, 64, 16, False)]
 
 
+def _spy(monkeypatch, module, name: str) -> list:
+    """Record the first argument's shape and the ``tma`` keyword of every call of ``module.name`` (a public
+    launcher as the dispatch module calls it) from now on, this test only."""
+    calls, real = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append((tuple(args[0].shape), kwargs.get("tma")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 @interp_only
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused_proj", "proj_pass"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("M,K,N,r,bias", TMA_CASES)
-def test_tma_base_gemm_interp(M, K, N, r, bias, dtype, fuse, use_base_gemm, monkeypatch):
+def test_tma_base_gemm_interp(M, K, N, r, bias, dtype, fuse, kernel_options, monkeypatch):
     """The TMA GEMM computes y and dx; with the fused projection on (the default) it also makes xa and dyB."""
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels import dispatch as D
+    from automodel_lora.kernels.tma_desc import tma_eligible, tma_eligible_proj
 
     x, W, b, A, B = make(M, K, N, r, dtype, bias, adapter_dtype=torch.float32)
     xa = torch.empty(M, r, dtype=dtype)
-    assert T.tma_eligible(x.detach(), W.t(), xa, B.t()) and T.tma_eligible(torch.empty(M, N, dtype=dtype), W, xa, A)
-    assert T.tma_eligible_proj(x.detach(), W.t(), A.t(), B.t()) and T.tma_eligible_proj(
+    assert tma_eligible(x.detach(), W.t(), xa, B.t()) and tma_eligible(torch.empty(M, N, dtype=dtype), W, xa, A)
+    assert tma_eligible_proj(x.detach(), W.t(), A.t(), B.t()) and tma_eligible_proj(
         torch.empty(M, N, dtype=dtype), W, B, A)
-    calls, projs = [], []
-    tma_gemm, proj = T._gemm_lora_tma, T.proj
-    monkeypatch.setattr(T, "_gemm_lora_tma", lambda *a: (calls.append((a[0].shape, len(a) > 7)), tma_gemm(*a)))
-    monkeypatch.setattr(T, "proj", lambda *a, **k: (projs.append(a[0].shape), proj(*a, **k))[1])
-    monkeypatch.setattr(L, "_FUSE_PROJ", fuse)
-    use_base_gemm("triton")
-    run_and_check(x, W, b, A, B, 1.5, 0.0, "post", dtype)
-    assert calls == [((M, K), fuse), ((M, N), fuse)], "the TMA kernel must compute y (from x) and dx (from dy)"
-    assert projs == ([] if fuse else [(M, K), (M, N)]), "a proj pass runs exactly when the GEMM does not fuse it"
+    options = kernel_options(base_gemm="triton", fuse_proj=fuse)
+    route = "fused_proj" if fuse else "tma"
+    assert D.forward_route(x, W, None, A, B, 0.0, True, options) == route
+    assert D.dx_route(torch.empty(M, N, dtype=dtype), W, A, B, 0.0, True, options) == route
+    fused, gemms, projs = (_spy(monkeypatch, D, name) for name in ("gemm_lora_proj", "gemm_lora", "proj"))
+    run_and_check(x, W, b, A, B, 1.5, 0.0, "post", dtype, options=options)
+    assert fused == ([((M, K), None), ((M, N), None)] if fuse else []), "y (from x) and dx (from dy), xa / dyB made"
+    assert gemms == ([] if fuse else [((M, K), True), ((M, N), True)]), "the TMA kernel must compute y and dx"
+    assert projs == ([] if fuse else [((M, K), None), ((M, N), None)]), "a proj pass runs exactly when not fused"
 
 
 @interp_only
 @pytest.mark.parametrize("pos,p", [("pre", 0.25), ("post", 0.25)])
-def test_tma_dropout_takes_proj_interp(pos, p, use_base_gemm, monkeypatch):
+def test_tma_dropout_takes_proj_interp(pos, p, kernel_options, monkeypatch):
     """With dropout the masked products cannot be made inside the GEMM: proj runs, results still exact."""
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels import dispatch as D
 
-    fused = []
-    gemm_lora_proj = T.gemm_lora_proj
-    monkeypatch.setattr(T, "gemm_lora_proj", lambda *a, **k: (fused.append(1), gemm_lora_proj(*a, **k))[1])
-    use_base_gemm("triton")
+    fused = _spy(monkeypatch, D, "gemm_lora_proj")
+    options = kernel_options(base_gemm="triton")
     x, W, b, A, B = make(37, 64, 48, 16, torch.float32, True)
-    run_and_check(x, W, b, A, B, 2.0, p, pos, torch.float32)
+    assert D.forward_route(x, W, None, A, B, p, pos == "post", options) == ("cublas" if pos == "post" else "tma")
+    run_and_check(x, W, b, A, B, 2.0, p, pos, torch.float32, options=options)
     assert not fused
 
 
@@ -407,7 +419,8 @@ PROJ_CASES = [(37, 64, 32, 16), (37, 48, 96, 8), (130, 96, 40, 64), (1, 32, 64, 
 def test_gemm_lora_proj_interp(M, K, N, R, r_transposed, dtype):
     """gemm_lora_proj against float64: pm = x @ rop and out = x @ y + pm @ (s q) + bias, with pm as rounded
     to dtype (what the kernel feeds its epilogue); twice in a row (the row-block locks are reset each launch)."""
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels.launch import tile_locks
+    from automodel_lora.kernels.tma_gemm import gemm_lora_proj
 
     x = torch.randn(M, K, dtype=dtype)
     y = (torch.randn(N, K) / K**0.5).to(dtype).t()  # the forward's layout: W^T
@@ -415,68 +428,81 @@ def test_gemm_lora_proj_interp(M, K, N, R, r_transposed, dtype):
     q = torch.randn(N, R).to(dtype).t()
     bias = torch.randn(N).to(dtype)
     for _ in range(2):
-        out, pm = T.gemm_lora_proj(x, y, rop, q, 1.5, bias=bias)
+        out, pm = gemm_lora_proj(x, y, rop, q, 1.5, bias=bias)
         check(pm, x.double() @ rop.to(dtype).double(), dtype, "pm")
         ref = x.double() @ y.double() + pm.double() @ (1.5 * q.double()) + bias.double()
         check(out, ref, dtype, "out")
-        assert not T._tile_locks(x.device, 1).any(), "locks must be zero between launches"
+        assert not tile_locks(x.device, 1).any(), "locks must be zero between launches"
+
+
+def test_proj_tiles_fit_on_an_h100():
+    """The projection tiles fit the TMA schedule's idle time where its short last wave has room for them,
+    counted for 132 SMs (the H100 / H200)."""
+    pytest.importorskip("triton")
+    from automodel_lora.kernels.tma_gemm import proj_tiles_fit
+
+    fits = {(8192, 4096): True, (8192, 14336): True, (4096, 4096): True, (4096, 14336): True,
+            (4096, 1024): False,  # 128 tiles: less than one wave, no program is short
+            (128 * 132, 256): False,  # 132 tiles: a whole wave, no program is short
+            (100000, 4096): False}  # 782 row blocks: more than two projection tiles per short program
+    assert {mn: proj_tiles_fit(*mn, 132) for mn in fits} == fits
 
 
 @interp_only
-def test_auto_fuses_proj_where_its_tiles_fit_interp(monkeypatch, use_base_gemm):
-    """"auto" makes xa in the GEMM launch only where the schedule's short last wave has room for the
-    projection tiles (counted for 132 SMs, the H100 / H200); elsewhere a proj pass runs first."""
-    from automodel_lora.kernels import triton_lora as T
+def test_auto_fuses_proj_where_its_tiles_fit_interp(kernel_options):
+    """"auto" makes xa in the GEMM launch only where the projection tiles fit (above) and the GEMM is one
+    "auto" gives the TMA kernel; elsewhere a proj pass runs first.  "triton" fuses wherever the kernel can."""
+    from automodel_lora.kernels.dispatch import AUTO_TMA_MIN_MNK, fuses_proj
 
-    monkeypatch.setattr(T, "_sm_count", lambda device: 132)
-    cpu = torch.device("cpu")
-    fits = {(8192, 4096): True, (8192, 14336): True, (4096, 4096): True, (4096, 14336): True,
-            (4096, 1024): False,  # 128 tiles: less than one wave, no program is short
-            (100000, 4096): False}  # 782 row blocks: more than two projection tiles per short program
-    assert {mn: T.proj_tiles_fit(*mn, cpu) for mn in fits} == fits
-    use_base_gemm("auto")
-    monkeypatch.setattr(L, "_AUTO_TMA_MIN_MNK", 1)
-    x, W, A, B = torch.randn(8, 64), torch.randn(48, 64), torch.randn(16, 64), torch.randn(48, 16)
-    for fit in (True, False):
-        monkeypatch.setattr(T, "proj_tiles_fit", lambda M, N, device, fit=fit: fit)
-        assert L._fuses_proj(x, W.t(), A.t(), B.t()) is fit
+    K = 16
+    auto, triton_ = kernel_options(base_gemm="auto"), kernel_options(base_gemm="triton")
+    for (M, N), fit in (((8192, 4096), True), ((4096, 1024), False)):
+        x, W, A, B = torch.empty(M, K), torch.empty(N, K), torch.empty(16, K), torch.empty(N, 16)
+        assert fuses_proj(x, W.t(), A.t(), B.t(), auto, n_sm=132, auto_min_mnk=1) is fit
+        assert fuses_proj(x, W.t(), A.t(), B.t(), triton_, n_sm=132, auto_min_mnk=1)
+        assert M * K * N < AUTO_TMA_MIN_MNK and not fuses_proj(x, W.t(), A.t(), B.t(), auto, n_sm=132)
+        assert not fuses_proj(x, W.t(), A.t(), B.t(), auto.replace(fuse_proj=False), n_sm=132, auto_min_mnk=1)
 
 
 @interp_only
 def test_gemm_lora_proj_rejects_what_tma_cannot_take():
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels.tma_gemm import gemm_lora_proj
 
     x, W = torch.randn(8, 64), torch.randn(48, 64)
     with pytest.raises(ValueError, match="call proj\\(\\) and gemm_lora\\(\\) instead"):
-        T.gemm_lora_proj(x, W.t(), torch.randn(64, 65), torch.randn(48, 65).t())  # rank 65 > one rank tile
+        gemm_lora_proj(x, W.t(), torch.randn(64, 65), torch.randn(48, 65).t())  # rank 65 > one rank tile
     with pytest.raises(ValueError, match="rop \\(64, 16\\)"):
-        T.gemm_lora_proj(x, W.t(), torch.randn(64, 16), torch.randn(48, 8).t())  # rop's rank is not q's
+        gemm_lora_proj(x, W.t(), torch.randn(64, 16), torch.randn(48, 8).t())  # rop's rank is not q's
 
 
 @interp_only
-def test_auto_base_gemm_policy_interp(monkeypatch, use_base_gemm):
+def test_auto_base_gemm_policy_interp():
     """"auto" fuses the low-rank term into the TMA GEMM up to rank 64 and from a GEMM size on; cuBLAS otherwise."""
-    use_base_gemm("auto")
+    from automodel_lora.kernels.dispatch import base_gemm_route
+
     x, W = torch.randn(8, 64), torch.randn(48, 64)
-    assert L._base_gemm_route(x, W.t(), torch.empty(8, 16), torch.randn(48, 16).t()) is None  # small GEMM
-    monkeypatch.setattr(L, "_AUTO_TMA_MIN_MNK", 8 * 64 * 48)
-    for r, fused in ((16, True), (64, True), (65, False)):
+    assert base_gemm_route(x, W.t(), torch.randn(48, 16).t(), 16, "auto") == "cublas"  # small GEMM
+    for r, route in ((16, "tma"), (64, "tma"), (65, "cublas")):
         B = torch.randn(48, r)
-        assert (L._base_gemm_route(x, W.t(), torch.empty(8, r), B.t()) is not None) is fused, r
+        assert base_gemm_route(x, W.t(), B.t(), r, "auto", auto_min_mnk=8 * 64 * 48) == route, r
+    assert base_gemm_route(x, W.t(), torch.randn(48, 65).t(), 65, "triton") == "portable"
+    assert base_gemm_route(x, W.t(), torch.randn(48, 16).t(), 16, "cublas") == "cublas"
 
 
 @interp_only
 @pytest.mark.parametrize("M,K,N,r,bias", TMA_CASES[:2])
-def test_portable_triton_gemm_interp(M, K, N, r, bias, monkeypatch, use_base_gemm):
+def test_portable_triton_gemm_interp(M, K, N, r, bias, monkeypatch, kernel_options):
     """Without TMA descriptors (older Triton) "triton" runs the portable GEMM kernel and "auto" cuBLAS's path."""
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels import dispatch as D
+    from automodel_lora.kernels import tma_desc
 
-    monkeypatch.setattr(T, "TensorDescriptor", None)
-    for kind in ("triton", "auto"):
-        use_base_gemm(kind)
+    monkeypatch.setattr(tma_desc, "TensorDescriptor", None)  # a Triton without host-side TMA descriptors
+    for kind, route in (("triton", "portable"), ("auto", "cublas")):
+        options = kernel_options(base_gemm=kind)
         x, W, b, A, B = make(M, K, N, r, torch.float32, bias)
-        assert not T.tma_eligible(x.detach(), W.t(), torch.empty(M, r), B.t())
-        run_and_check(x, W, b, A, B, 2.0, 0.0, "post", torch.float32)
+        assert not tma_desc.tma_eligible(x.detach(), W.t(), torch.empty(M, r), B.t())
+        assert D.forward_route(x, W, None, A, B, 0.0, True, options) == route
+        run_and_check(x, W, b, A, B, 2.0, 0.0, "post", torch.float32, options=options)
 
 
 @interp_only
@@ -485,43 +511,48 @@ def test_tma_gemm_reads_pm_at_any_row_offset_interp(dtype):
     """pm is read with plain loads: a view starting mid-row-block (no 16-byte aligned base) still takes the TMA
     kernel, and rows with a stride wider than the rank are read from the right places; a pm strided along the
     rank does not take it."""
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels.tma_desc import tma_eligible
+    from automodel_lora.kernels.tma_gemm import gemm_lora
 
     M, K, N, r = 37, 64, 48, 16
     x, W, q = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
     for pm in (torch.randn(M + 1, r, dtype=dtype)[1:], torch.randn(M, r + 8, dtype=dtype)[:, 3:3 + r]):
-        assert T.tma_eligible(x, W.t(), pm, q.t())
-        out = T.gemm_lora(x, W.t(), pm, q.t(), 2.0)
+        assert tma_eligible(x, W.t(), pm, q.t())
+        out = gemm_lora(x, W.t(), pm, q.t(), 2.0)
         check(out, x.double() @ W.double().t() + pm.double() @ (2.0 * q.double().t()), dtype, "out")
-    assert not T.tma_eligible(x, W.t(), torch.randn(r, M, dtype=dtype).t(), q.t())
+    assert not tma_eligible(x, W.t(), torch.randn(r, M, dtype=dtype).t(), q.t())
 
 
-def test_set_base_gemm_rejects_unknown():
-    with pytest.raises(ValueError, match="base gemm must be one of"):
-        set_base_gemm("cutlass")
+def test_kernel_options_reject_unknown_base_gemm():
+    with pytest.raises(ValueError, match="base_gemm='cutlass' is not allowed"):
+        KernelOptions(base_gemm="cutlass")
+    x, W, b, A, B = make(4, 8, 6, 2, torch.float32)
+    with pytest.raises(TypeError, match="options must be a KernelOptions"):
+        lora_linear(x, W, b, A, B, 1.0, options={"base_gemm": "cublas"})
 
 
 @interp_only
 def test_split_m_partials_interp():
     """M large enough for several split-M partials in tn / tn2 (the multi-split sum path)."""
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels.grad_ab import num_splits, tn, tn2
+    from automodel_lora.kernels.launch import sm_count, tile_locks
 
     M, D1, D2, R = 1100, 33, 20, 5
     pa, xa = torch.randn(M, R), torch.randn(M, D1)
     pb, xb = torch.randn(M, R), torch.randn(M, D2)
-    assert T._num_splits(M, D1 + D2, R, 16, T._sm_count(xa.device)) > 1
+    assert num_splits(M, D1 + D2, R, 16, sm_count(xa.device)) > 1
     ref_a, ref_b = 0.5 * pa.double().t() @ xa.double(), 0.5 * (pb.double().t() @ xb.double()).t()
-    dA, dB = T.tn2(pa, xa, pb, xb, 0.5)
+    dA, dB = tn2(pa, xa, pb, xb, 0.5)
     check(dA, ref_a, torch.float32, "tn2 A")
     check(dB, ref_b, torch.float32, "tn2 B")
     # the last slice of each tile resets its lock: a second launch sums the same way, bit for bit
-    assert not T._tile_locks(xa.device, 1).any()
-    dA2, dB2 = T.tn2(pa, xa, pb, xb, 0.5)
+    assert not tile_locks(xa.device, 1).any()
+    dA2, dB2 = tn2(pa, xa, pb, xb, 0.5)
     assert torch.equal(dA, dA2) and torch.equal(dB, dB2)
     # the in-launch sum writes the output dtype directly
-    dA16, dB16 = T.tn2(pa, xa, pb, xb, 0.5, dtype_a=torch.float16, dtype_b=torch.float32)
+    dA16, dB16 = tn2(pa, xa, pb, xb, 0.5, dtype_a=torch.float16, dtype_b=torch.float32)
     assert dA16.dtype == torch.float16 and dB16.dtype == torch.float32
     check(dA16, ref_a, torch.float16, "tn2 A fp16 out")
     check(dB16, ref_b, torch.float32, "tn2 B")
-    check(T.tn(pa, xa, 0.5), ref_a, torch.float32, "tn")
-    check(T.tn(pb, xb, 0.5, transpose_out=True), ref_b, torch.float32, "tn transposed")
+    check(tn(pa, xa, 0.5), ref_a, torch.float32, "tn")
+    check(tn(pb, xb, 0.5, transpose_out=True), ref_b, torch.float32, "tn transposed")

@@ -16,6 +16,8 @@ import gc
 import pytest
 import torch
 
+from automodel_lora.kernels import KernelOptions
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 BF16_TOL = 1e-2
@@ -37,12 +39,12 @@ def _inputs(M, K, N, r, dtype=torch.bfloat16, adapter_dtype=None, bias=False, de
     return x, W, b, A, B
 
 
-def _check_lora_linear(x, W, b, A, B, what=""):
+def _check_lora_linear(x, W, b, A, B, what="", options=None):
     """lora_linear (s=2) forward and backward against the fp32 reference: y, dx, dA, dB within BF16_TOL."""
     from automodel_lora.kernels import lora_linear
 
     x.grad = A.grad = B.grad = None
-    y = lora_linear(x, W, b, A, B, 2.0)
+    y = lora_linear(x, W, b, A, B, 2.0, options=options)
     g = torch.randn_like(y)
     y.backward(g)
     yr, xr, Ar, Br = _ref(x, W, b, A, B, 2.0)
@@ -68,37 +70,38 @@ def _ref(x, W, b, A, B, s, keep=None, pos="post", p=0.0):
 @pytest.mark.parametrize("base_gemm", ["triton", "triton_proj_pass", "cublas", "portable"])
 @pytest.mark.parametrize("K,N,r", [(4096, 4096, 16), (4096, 14336, 64), (14336, 4096, 16), (4096, 1024, 256),
                                    (1000, 776, 8)])
-def test_bf16_real_shapes(K, N, r, base_gemm, monkeypatch, use_base_gemm):
+def test_bf16_real_shapes(K, N, r, base_gemm, monkeypatch, kernel_options):
     """"triton" is the TMA GEMM on Hopper, which also makes xa and dyB (r <= 64; the portable kernel beyond,
     and on older GPUs); "triton_proj_pass" the same GEMM after a proj pass; "portable" the non-TMA Triton
     GEMM everywhere; "cublas" the low-rank term added through beta=1."""
-    from automodel_lora.kernels import lora as L
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels import tma_desc
 
     M = 4095  # not a multiple of any tile: the last M tile is partial
     x, W, b, A, B = _inputs(M, K, N, r, bias=True)
     if base_gemm == "portable":
-        monkeypatch.setattr(T, "TensorDescriptor", None)
-    monkeypatch.setattr(L, "_FUSE_PROJ", base_gemm != "triton_proj_pass")
-    use_base_gemm("cublas" if base_gemm == "cublas" else "triton")
-    _check_lora_linear(x, W, b, A, B)
+        monkeypatch.setattr(tma_desc, "TensorDescriptor", None)  # a Triton without host-side TMA descriptors
+    options = kernel_options(base_gemm="cublas" if base_gemm == "cublas" else "triton",
+                             fuse_proj=base_gemm != "triton_proj_pass")
+    _check_lora_linear(x, W, b, A, B, options=options)
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused_proj", "proj_pass"])
 @pytest.mark.parametrize("K,N,r", [(4096, 4096, 16), (4096, 14336, 64)])
-def test_bf16_fp32_master_adapters_tma(K, N, r, fuse, monkeypatch, use_base_gemm):
+def test_bf16_fp32_master_adapters_tma(K, N, r, fuse, monkeypatch, kernel_options):
     """fp32 master adapters through the TMA GEMM: its rank step then scales Q in fp32 and rounds it once
     (a 16-bit Q is used as loaded and P is scaled instead); both GEMMs must take that path."""
-    from automodel_lora.kernels import lora as L
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels import dispatch as D
 
     x, W, b, A, B = _inputs(4095, K, N, r, adapter_dtype=torch.float32, bias=True)
+    options = kernel_options(base_gemm="triton", fuse_proj=fuse)
+    route = "fused_proj" if fuse else "tma"
+    assert D.forward_route(x, W, None, A, B, 0.0, True, options) == route
+    assert D.dx_route(torch.empty(4095, N, device="cuda", dtype=x.dtype), W, A, B, 0.0, True, options) == route
     q_dtypes = []
-    tma_gemm = T._gemm_lora_tma
-    monkeypatch.setattr(T, "_gemm_lora_tma", lambda *a: (q_dtypes.append(a[3].dtype), tma_gemm(*a))[1])
-    monkeypatch.setattr(L, "_FUSE_PROJ", fuse)
-    use_base_gemm("triton")
-    _check_lora_linear(x, W, b, A, B)
+    name = "gemm_lora_proj" if fuse else "gemm_lora"
+    real = getattr(D, name)
+    monkeypatch.setattr(D, name, lambda *a, **k: (q_dtypes.append(a[3].dtype), real(*a, **k))[1])
+    _check_lora_linear(x, W, b, A, B, options=options)
     assert q_dtypes == [torch.float32, torch.float32], "y and dx must come from the TMA GEMM with the fp32 Q"
 
 
@@ -181,11 +184,11 @@ def test_repeat_launches_and_alignment():
     (no Triton argument binding): they must give the reference result every time, also when an
     input's alignment differs from the one the kernel was compiled for (a view offset by one
     element is only 2-byte aligned, so it needs its own specialization)."""
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels import launch
 
-    if not T._FAST_LAUNCH:
-        pytest.skip("the direct launch path is off (AUTOMODEL_LORA_FAST_LAUNCH=0 or Triton < 3.4)")
-    compiled_before = len(T._COMPILED)
+    if launch.FAST_LAUNCH_UNAVAILABLE is not None:
+        pytest.skip(f"the direct launch path is off: {launch.FAST_LAUNCH_UNAVAILABLE}")
+    compiled_before = len(launch.COMPILED)
     M, K, N, r = 1000, 520, 264, 16
     x, W, b, A, B = _inputs(M, K + 1, N, r)
     W = W[:, :K].contiguous()
@@ -193,8 +196,9 @@ def test_repeat_launches_and_alignment():
     views = [x.detach()[:, :K], x.detach()[:, 1:]]  # 16-byte aligned and 2-byte aligned, same strides
     for i in range(6):
         xv = views[i % 2].clone() if i == 5 else views[i % 2]
-        _check_lora_linear(xv.detach().requires_grad_(True), W, None, A, B, what=f"launch {i}: ")
-    assert len(T._COMPILED) > compiled_before, "repeat launches did not go through the cached compiled kernels"
+        _check_lora_linear(xv.detach().requires_grad_(True), W, None, A, B, what=f"launch {i}: ",
+                           options=KernelOptions(fast_launch=True))
+    assert len(launch.COMPILED) > compiled_before, "repeat launches did not go through the cached compiled kernels"
 
 
 def _on_two_streams(fn, rounds: int = 3) -> list:
@@ -214,7 +218,9 @@ def test_gemm_lora_proj_many_row_blocks_two_streams():
     """gemm_lora_proj with 391 row blocks (10 projection tiles per short program, so GEMM tiles wait for
     theirs) against fp64, repeated and on two streams at once (each with its own locks): same bits every
     time, no hang."""
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels.launch import sm_count
+    from automodel_lora.kernels.tma_desc import tma_eligible_proj
+    from automodel_lora.kernels.tma_gemm import gemm_lora_proj
 
     torch.manual_seed(0)
     M, K, N, R = 50001, 1024, 2048, 16
@@ -222,13 +228,13 @@ def test_gemm_lora_proj_many_row_blocks_two_streams():
     W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
     A = torch.randn(R, K, device="cuda") / K**0.5  # fp32 master
     B = (torch.randn(N, R, device="cuda") * 0.05).to(torch.bfloat16)
-    assert T.tma_eligible_proj(x, W.t(), A.t(), B.t()) and M / 128 > T._sm_count(x.device)
-    y, xa = T.gemm_lora_proj(x, W.t(), A.t(), B.t(), 2.0)
+    assert tma_eligible_proj(x, W.t(), A.t(), B.t()) and M / 128 > sm_count(x.device)
+    y, xa = gemm_lora_proj(x, W.t(), A.t(), B.t(), 2.0)
     xa_ref = x.double() @ A.to(torch.bfloat16).double().t()
     assert rel(xa, xa_ref) < BF16_TOL
     y_ref = x.double() @ W.double().t() + 2.0 * xa.double() @ B.double().t()
     assert rel(y, y_ref) < BF16_TOL
-    for y2, xa2 in _on_two_streams(lambda: T.gemm_lora_proj(x, W.t(), A.t(), B.t(), 2.0)):
+    for y2, xa2 in _on_two_streams(lambda: gemm_lora_proj(x, W.t(), A.t(), B.t(), 2.0)):
         assert torch.equal(y2, y) and torch.equal(xa2, xa)
 
 
@@ -236,7 +242,8 @@ def test_gemm_lora_proj_many_row_blocks_two_streams():
 def test_gemm_lora_proj_schedule_edges(M, N):
     """The projection tiles' schedule where no program is left short (every program takes projection tiles)
     and where the grid is smaller than the SM count: against fp64, and the same bits as the GEMM given pm."""
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels.launch import tile_locks
+    from automodel_lora.kernels.tma_gemm import gemm_lora, gemm_lora_proj
 
     torch.manual_seed(0)
     K, R = 512, 16
@@ -244,30 +251,31 @@ def test_gemm_lora_proj_schedule_edges(M, N):
     W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
     A = (torch.randn(R, K, device="cuda") / K**0.5).to(torch.bfloat16)
     B = (torch.randn(N, R, device="cuda") * 0.05).to(torch.bfloat16)
-    y, xa = T.gemm_lora_proj(x, W.t(), A.t(), B.t(), 2.0)
+    y, xa = gemm_lora_proj(x, W.t(), A.t(), B.t(), 2.0)
     assert rel(xa, x.double() @ A.double().t()) < BF16_TOL
-    assert torch.equal(y, T.gemm_lora(x, W.t(), xa, B.t(), 2.0, tma=True))
-    assert not T._tile_locks(x.device, 1).any()
+    assert torch.equal(y, gemm_lora(x, W.t(), xa, B.t(), 2.0, tma=True))
+    assert not tile_locks(x.device, 1).any()
 
 
 def test_cuda_graph_replays_fused_layer():
     """lora_linear forward + backward at a layer shape where "auto" fuses the projections, captured in a CUDA
     graph (its kernels' locks then belong to the graph) and replayed on new inputs: the same bits as eager."""
-    from automodel_lora.kernels import lora as L
+    from automodel_lora.kernels import dispatch as D
     from automodel_lora.kernels import lora_linear
 
     M, K, N, r = 8192, 4096, 4096, 16
-    assert L.get_fuse_proj() and L._fuses_proj(torch.empty(M, K, device="cuda", dtype=torch.bfloat16),
-                                                torch.empty(N, K, device="cuda", dtype=torch.bfloat16).t(),
-                                                torch.empty(r, K, device="cuda", dtype=torch.bfloat16).t(),
-                                                torch.empty(N, r, device="cuda", dtype=torch.bfloat16).t())
+    options = KernelOptions(base_gemm="auto", fuse_proj=True)
+    assert D.fuses_proj(torch.empty(M, K, device="cuda", dtype=torch.bfloat16),
+                        torch.empty(N, K, device="cuda", dtype=torch.bfloat16).t(),
+                        torch.empty(r, K, device="cuda", dtype=torch.bfloat16).t(),
+                        torch.empty(N, r, device="cuda", dtype=torch.bfloat16).t(), options)
     x, W, b, A, B = _inputs(M, K, N, r)
     g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
     static_x = x.detach().clone().requires_grad_(True)
 
     def step():
         static_x.grad = A.grad = B.grad = None
-        lora_linear(static_x, W, None, A, B, 2.0).backward(g)
+        lora_linear(static_x, W, None, A, B, 2.0, options=options).backward(g)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -293,7 +301,8 @@ def test_split_m_sum_deterministic_across_streams():
     """tn2 at a real shape (several split-M slices, summed inside the launch by the last slice of each
     tile): fp32 and bf16 outputs match the fp64 reference, repeat launches are bit-identical, and
     launches on two streams at once (each with its own tile locks) give the same bits."""
-    from automodel_lora.kernels import triton_lora as T
+    from automodel_lora.kernels.grad_ab import split_rows, tn2
+    from automodel_lora.kernels.launch import rank_block
 
     torch.manual_seed(0)
     M, DA, DB, R = 8192, 4096, 4096, 16
@@ -301,14 +310,14 @@ def test_split_m_sum_deterministic_across_streams():
     xa = torch.randn(M, DA, device="cuda", dtype=torch.bfloat16)
     pb = torch.randn(M, R, device="cuda", dtype=torch.bfloat16)
     xb = torch.randn(M, DB, device="cuda", dtype=torch.bfloat16)
-    assert T._split_rows(M, DA + DB, R, T._rank_block(R), xa.device)[0] > 1
+    assert split_rows(M, DA + DB, R, rank_block(R), xa.device)[0] > 1
     ref_a = 0.5 * pa.double().t() @ xa.double()
     ref_b = 0.5 * (pb.double().t() @ xb.double()).t()
-    dA, dB = T.tn2(pa, xa, pb, xb, 0.5)
+    dA, dB = tn2(pa, xa, pb, xb, 0.5)
     assert rel(dA, ref_a) < 1e-5 and rel(dB, ref_b) < 1e-5  # fp32 accumulation and output
-    h_a, h_b = T.tn2(pa, xa, pb, xb, 0.5, dtype_a=torch.bfloat16, dtype_b=torch.bfloat16)
+    h_a, h_b = tn2(pa, xa, pb, xb, 0.5, dtype_a=torch.bfloat16, dtype_b=torch.bfloat16)
     assert rel(h_a, ref_a) < BF16_TOL and rel(h_b, ref_b) < BF16_TOL
-    for a, b in _on_two_streams(lambda: T.tn2(pa, xa, pb, xb, 0.5)):
+    for a, b in _on_two_streams(lambda: tn2(pa, xa, pb, xb, 0.5)):
         assert torch.equal(a, dA) and torch.equal(b, dB)
 
 

@@ -1,19 +1,18 @@
 """LoRA kernels: ``lora_linear`` (dense frozen base + adapter), ``lora_linear_dequant`` (the same on a
 weight dequantized on the fly, e.g. bitsandbytes 4-bit) and ``lora_add`` (adapter on a caller-computed
 base output).  Triton on CUDA (and on the CPU under ``TRITON_INTERPRET=1``), pure PyTorch otherwise;
-all behind one autograd.Function built on torch custom ops."""
+all behind one autograd.Function built on torch custom ops.  ``KernelOptions`` (per call, ``options=``)
+says how the Triton path runs.
 
-from .lora import (
-    HAS_TRITON,
-    dropout_keep_mask,
-    get_base_gemm,
-    get_fuse_proj,
-    lora_add,
-    lora_linear,
-    lora_linear_dequant,
-    set_base_gemm,
-    set_fuse_proj,
-)
+Modules, in the order the math runs: ``options`` (the settings), ``launch`` (the launch cache),
+``dropout`` (Philox keep-masks), ``proj`` (x A^T, dy B), ``expand`` (the low-rank term at full width),
+``grad_ab`` (dA, dB), ``gemm`` / ``tma_gemm`` / ``tma_desc`` (the base GEMM with the low-rank term as
+a K step), ``nf4`` (4-bit weights), ``dispatch`` (which kernels a call takes), ``lora`` (custom ops,
+the autograd.Function and the public functions).
+"""
 
-__all__ = ["lora_linear", "lora_linear_dequant", "lora_add", "dropout_keep_mask", "set_base_gemm",
-           "get_base_gemm", "set_fuse_proj", "get_fuse_proj", "HAS_TRITON"]
+from .lora import HAS_TRITON, dropout_keep_mask, lora_add, lora_linear, lora_linear_dequant
+from .options import KernelOptions, all_programs_resident
+
+__all__ = ["lora_linear", "lora_linear_dequant", "lora_add", "dropout_keep_mask", "HAS_TRITON", "KernelOptions",
+           "all_programs_resident"]

@@ -8,7 +8,7 @@ statistics ("compress_statistics", QLoRA's default) ``absmax`` is itself 8-bit:
 
 Why a kernel of our own: bitsandbytes' ``dequantize_4bit`` is a Python wrapper, a custom-op dispatch,
 a second op for the nested statistics, a torch add and a ctypes call; on the H100 machine's CPU it
-measured ~106 us of host time per call (benchmarks/NOTES.md, Version 5), and a QLoRA layer calls it
+measured ~106 us of host time per call (benchmarks/DESIGN.md), and a QLoRA layer calls it
 twice per step.  This kernel is one cached launch that computes the same fp32 products (fp-contraction
 off, so the nested ``mul + add`` rounds as bitsandbytes' two separate ops do).
 """
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_lora import _bench, _cdiv, _cfgs, _launch, _m_bucket, _run_cached
+from .launch import bench, cdiv, configs, launch, m_bucket, run_cached
 
 
 @triton.jit
@@ -50,13 +50,13 @@ def _dequant_nf4_kernel(
 
 
 _dequant_tuned = triton.autotune(
-    configs=_cfgs([
+    configs=configs([
         (dict(BYTES=512), 4, 1),
         (dict(BYTES=1024), 4, 1),
         (dict(BYTES=2048), 8, 1),
         (dict(BYTES=4096), 8, 1),
     ]),
-    key=["n_bytes", "NESTED"], do_bench=_bench,
+    key=["n_bytes", "NESTED"], do_bench=bench,
 )(_dequant_nf4_kernel)
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -96,12 +96,13 @@ def nf4_supported(quant_state, packed: torch.Tensor) -> bool:
     return all(t.device == device for t in tensors)
 
 
-def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype, *,
+                   fast_launch: bool = True) -> torch.Tensor:
     """The dense weight of a bitsandbytes NF4 tensor, ``quant_state.shape``, in ``dtype``.
 
     Equal to ``bitsandbytes.functional.dequantize_4bit(packed, quant_state)`` with ``quant_state.dtype =
     dtype`` (the same fp32 products, rounded once).  ``packed`` is the ``Params4bit`` data; check
-    :func:`nf4_supported` first.
+    :func:`nf4_supported` first.  ``fast_launch``: as ``KernelOptions.fast_launch``.
 
     Raises:
         ValueError: ``dtype`` is not bf16/fp16/fp32.
@@ -127,12 +128,12 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> tor
     ptrs = (q8, absmax, quant_state.code, absmax2, code2, offset, out)
     half_block = quant_state.blocksize // 2
     sig = ("dequant_nf4", q8.get_device(), n_out, dtype, half_block, block2, nested)
-    if _run_cached(sig, ptrs):
+    if run_cached(sig, ptrs, fast=fast_launch):
         return out
-    _launch(
+    launch(
         "dequant_nf4", _dequant_tuned, _dequant_nf4_kernel,
-        lambda meta: (_cdiv(n_bytes, meta["BYTES"]),), dict(BYTES=64),
-        (_m_bucket(n_bytes), nested), ptrs, (n_bytes, n_out),
-        dict(HALF_BLOCK=half_block, BLOCK2=block2, NESTED=nested, enable_fp_fusion=False), sig,
+        lambda meta: (cdiv(n_bytes, meta["BYTES"]),), dict(BYTES=64),
+        (m_bucket(n_bytes), nested), ptrs, (n_bytes, n_out),
+        dict(HALF_BLOCK=half_block, BLOCK2=block2, NESTED=nested, enable_fp_fusion=False), sig, fast_launch,
     )
     return out
