@@ -333,3 +333,26 @@ def test_load_adapter_switches_the_mlps(tmp_path):
     fresh = tiny_llama()
     load_adapter(fresh, str(tmp_path / "off"))
     assert not any(isinstance(m, GatedMLPRecompute) for m in fresh.modules())
+
+
+def test_imports_run_one_way_layer_then_recompute_then_injection():
+    """`lora` (the layer) imports neither `recompute` nor `injection`; `recompute` imports `lora` at module
+    level (no import inside a function to dodge a circle)."""
+    import ast
+    import inspect
+
+    import automodel_lora.injection
+    import automodel_lora.lora
+
+    def imported(module) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                names.add(node.module or "")
+        return names
+
+    assert not imported(automodel_lora.lora) & {"recompute", "injection"}
+    assert "lora" in imported(rc) and "injection" not in imported(rc)
+    top_level = {n.module for n in ast.parse(inspect.getsource(rc)).body if isinstance(n, ast.ImportFrom)}
+    assert "lora" in top_level
+    assert {"lora", "recompute"} <= imported(automodel_lora.injection)
