@@ -87,9 +87,8 @@ FAST_LAUNCH_TESTED = ((3, 4), (3, 6))
 _COMPILED_KERNEL_API = ("run", "function", "packed_metadata", "launch_metadata")
 
 
-def fast_launch_status(version: str, module=None) -> str | None:
-    """None where the direct launch can run with Triton ``version`` (``module``: the imported ``triton``
-    package, to check its launch hooks; None: skip that check), else the reason it cannot."""
+def untested_release(version: str) -> str | None:
+    """None where Triton ``version`` is one of the releases ``FAST_LAUNCH_TESTED`` names, else why not."""
     try:
         release = tuple(int(v) for v in version.split(".")[:2])
     except ValueError:
@@ -98,6 +97,15 @@ def fast_launch_status(version: str, module=None) -> str | None:
     if not lo <= release <= hi:
         return (f"Triton {version} is outside the releases its direct launch was tested with "
                 f"({lo[0]}.{lo[1]} to {hi[0]}.{hi[1]})")
+    return None
+
+
+def fast_launch_status(version: str, module=None) -> str | None:
+    """None where the direct launch can run with Triton ``version`` (``module``: the imported ``triton``
+    package, to check its launch hooks; None: skip that check) and this torch, else the reason it cannot."""
+    reason = untested_release(version)
+    if reason is not None:
+        return reason
     if module is not None:
         runtime = getattr(getattr(module, "knobs", None), "runtime", None)
         if not (hasattr(runtime, "launch_enter_hook") and hasattr(runtime, "launch_exit_hook")):
@@ -109,15 +117,15 @@ def fast_launch_status(version: str, module=None) -> str | None:
 
 # Why the direct launch is off for the whole process (None: it may run); fixed at import.
 FAST_LAUNCH_UNAVAILABLE = fast_launch_status(triton.__version__, triton)
-_WARNED: set = set()
+PLAIN_LAUNCH_WARNED: set = set()  # the reasons warn_plain_launch has warned about in this process
 
 
 def warn_plain_launch(reason: str) -> bool:
     """Warn, once per ``reason`` for the process, that kernels launch through the plain path; True when it
     warned now."""
-    if reason in _WARNED:
+    if reason in PLAIN_LAUNCH_WARNED:
         return False
-    _WARNED.add(reason)
+    PLAIN_LAUNCH_WARNED.add(reason)
     warnings.warn(f"automodel_lora: Triton kernels launch through the plain kernel[grid](...) path, with more "
                   f"host time per launch ({reason}). Results are the same; KernelOptions(fast_launch=False) "
                   "silences this.", RuntimeWarning, stacklevel=3)

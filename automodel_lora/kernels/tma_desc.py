@@ -14,8 +14,9 @@ conditions in ``tma_eligible``); with any other release they are built through i
 from __future__ import annotations
 
 import torch
+import triton
 
-from .launch import FAST_LAUNCH_UNAVAILABLE, INTERPRET, MAX_BR
+from .launch import INTERPRET, MAX_BR, untested_release
 
 try:  # Triton >= 3.4: host-side TMA descriptors (the Hopper base GEMM); without them that GEMM is off
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -23,7 +24,7 @@ except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
 # Set the descriptor's fields directly (the field set of the tested releases), else use the constructor.
-DIRECT_DESCRIPTORS = FAST_LAUNCH_UNAVAILABLE is None
+DIRECT_DESCRIPTORS = untested_release(triton.__version__) is None
 
 _CAPABILITY: dict = {}
 
