@@ -99,7 +99,13 @@ def test_two_processes_train_the_same_adapter_as_one(single_process, torchrun_ru
     assert not any(tag in log1 for tag in ("[data]", "[model]", "step 1/", "[done]")), log1
     # Each rank saves its own RNG in the (shared) checkpoint; the rest is rank 0's.
     last = tmp_path / "run" / "checkpoints" / f"step_{STEPS:07d}"
-    assert sorted(p.name for p in last.iterdir()) == ["adapter", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.pt"]
+    assert sorted(p.name for p in last.iterdir()) == [
+        "adapter",
+        "optimizer.pt",
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+        "trainer_state.json",
+    ]
 
 
 def test_fsdp2_checkpoint_resumes_in_one_process(tmp_path, single_process, torchrun_run):

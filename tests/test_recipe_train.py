@@ -22,6 +22,7 @@ from automodel_lora.recipe.checkpoint import CheckpointManager
 from automodel_lora.recipe.config import ConfigError
 from automodel_lora.recipe.data import IGNORE_INDEX, StepSampler, build_datasets, collate, eval_batches
 from automodel_lora.recipe.distributed import DistEnv
+from automodel_lora.recipe.files import clean_stale
 from automodel_lora.recipe.model import prepare_model
 from automodel_lora.recipe.progress import MetricsWriter
 from automodel_lora.recipe.tokenizer import ByteTokenizer
@@ -97,10 +98,11 @@ def test_quickstart_writes_adapter_metrics_checkpoints_summary(quickstart_run):
     # save_every=20, keep_last=2: step 20 rotated out, nothing half-written left behind.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000040", "step_0000060"]
     last = out / "checkpoints" / "step_0000060"
-    assert {p.name for p in last.iterdir()} == {"adapter", "trainer_state.pt", "rng_rank0.pt"}
-    state = torch.load(last / "trainer_state.pt", weights_only=False)
+    assert {p.name for p in last.iterdir()} == {"adapter", "trainer_state.json", "optimizer.pt", "rng_rank0.pt"}
+    state = json.loads((last / "trainer_state.json").read_text())
     assert state["step"] == QUICK_STEPS and state["scheduler"]["last_epoch"] == QUICK_STEPS
-    assert len(state["optimizer"]["state"]) == 2 * 28  # lora_A and lora_B of 28 linears
+    optimizer = torch.load(last / "optimizer.pt", weights_only=True)  # tensors and plain values only
+    assert len(optimizer["state"]) == 2 * 28  # lora_A and lora_B of 28 linears
     final, saved = adapter_tensors(out / "adapter"), adapter_tensors(last / "adapter")
     assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
 
@@ -216,16 +218,18 @@ def test_resume_from_an_explicit_checkpoint_path(tmp_path):
 def test_incomplete_checkpoints_are_ignored_and_cleaned_up(tmp_path):
     root = tmp_path / "checkpoints"
     (root / ".tmp-step_0000009").mkdir(parents=True)  # a save that crashed before its rename
-    (root / "step_0000005" / "adapter").mkdir(parents=True)  # no trainer_state.pt: not a checkpoint
+    (root / ".trash-step_0000001-1").mkdir(parents=True)  # a rotation killed mid-delete
+    (root / "step_0000005" / "adapter").mkdir(parents=True)  # no trainer_state.json: not a checkpoint
     (root / "step_0000003" / "adapter").mkdir(parents=True)
-    (root / "step_0000003" / "trainer_state.pt").write_bytes(b"")
+    (root / "step_0000003" / "trainer_state.json").write_text("{}")
     manager = CheckpointManager(tmp_path, keep_last=1, env=DistEnv())
     assert manager.latest() == root / "step_0000003"
-    assert manager.resolve("auto") == root / "step_0000003" and manager.resolve(None) is None
+    assert manager.candidates("auto") == [root / "step_0000005", root / "step_0000003"]  # read() decides
+    assert manager.candidates(None) == []
     with pytest.raises(ConfigError, match="`checkpoint.resume`: .* is not a checkpoint directory"):
-        manager.resolve(str(root / "step_0000005"))
-    manager._rotate()
-    assert not (root / ".tmp-step_0000009").exists()
+        manager.candidates(str(root / "step_0000005"))
+    assert sorted(p.name for p in clean_stale(root)) == [".tmp-step_0000009", ".trash-step_0000001-1"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000003", "step_0000005"]
 
 
 def test_ctrl_c_in_a_real_process_saves_a_checkpoint(tmp_path):

@@ -8,9 +8,13 @@ What you run is ``scripts/finetune.py`` / ``automodel-lora finetune``; what you 
 - ``data``: JSONL -> tokens -> packed blocks -> deterministic, resumable, rank-sharded batches.
 - ``model``: base model (local HF checkpoint or tiny Llama), 4-bit quantization.
 - ``distributed``: torchrun process group, FSDP2 / DDP wrapping.
-- ``checkpoint``: atomic, resumable checkpoints (adapter, optimizer, scheduler, RNG, step).
+- ``rundir``: one writer per output directory (a lock), another run moved aside, never overwritten.
+- ``checkpoint``: atomic, resumable checkpoints (adapter, optimizer, scheduler, RNG, step) that
+  load without executing code; ``rng`` and ``files`` are its helpers.
 - ``progress``: progress bar and metrics JSONL.
-- ``train``: the loop, ``finetune(cfg)``.
+- ``setup_phase`` / ``train``: the ``Recipe`` in phases (setup, train, evaluate, save_checkpoint,
+  finish, cleanup) and ``finetune(cfg)``; ``loop``: loss, lr schedule, evaluation, signals.
+- ``errors``: how a run ends when it can't go on (exit code 2 for its files, 3 for non-finite values).
 """
 
 from .config import (
@@ -25,20 +29,25 @@ from .config import (
     apply_overrides,
     load_recipe,
 )
+from .errors import CheckpointError, RunDirError, TrainingStopped
 from .tokenizer import ByteTokenizer
-from .train import TrainingInterrupted, finetune
+from .train import Recipe, TrainingInterrupted, finetune
 
 __all__ = [
     "ByteTokenizer",
     "CheckpointConfig",
+    "CheckpointError",
     "ConfigError",
     "DataConfig",
     "DistributedConfig",
     "ModelConfig",
     "QuantizationConfig",
+    "Recipe",
     "RecipeConfig",
+    "RunDirError",
     "TrainConfig",
     "TrainingInterrupted",
+    "TrainingStopped",
     "apply_overrides",
     "finetune",
     "load_recipe",
