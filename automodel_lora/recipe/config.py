@@ -95,8 +95,8 @@ def _read_yaml(text: str, bad: str) -> Any:
         raise ConfigError(f"{bad}: nested too deep to read; flatten the nesting") from e
 
 
-def decode_utf8(data: bytes, path: str | os.PathLike, first_line: int = 1) -> str:
-    """Decode ``data`` (the bytes of ``path`` from line ``first_line`` on) as UTF-8.
+def decode_utf8(data: bytes, path: str | os.PathLike) -> str:
+    """Decode ``data``, the bytes of the file ``path``, as UTF-8.
 
     Raises:
         ConfigError: a byte sequence that is not UTF-8, naming the file, the 1-based line and column.
@@ -106,7 +106,7 @@ def decode_utf8(data: bytes, path: str | os.PathLike, first_line: int = 1) -> st
     except UnicodeDecodeError as e:
         # Lines end at \n, \r\n or a lone \r, as Python's text files and YAML count them.
         before = data[: e.start]
-        line = first_line + before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n")
+        line = 1 + before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n")
         column = e.start - max(before.rfind(b"\n"), before.rfind(b"\r"))
         raise ConfigError(
             f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
