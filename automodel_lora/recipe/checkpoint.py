@@ -216,6 +216,12 @@ class CheckpointManager:
         try:
             state = json.loads(state_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
+            if (path / "trainer_state.pt").is_file():
+                raise CheckpointError(
+                    f"{path} was written by an older version (trainer_state.pt, readable only by unpickling "
+                    "arbitrary objects) and is not resumed from; start a new run (checkpoint.overwrite=true "
+                    "or another checkpoint.output_dir)"
+                ) from None
             raise CheckpointError(f"{state_file} is missing (not a complete checkpoint)") from None
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{state_file} is not valid JSON ({e})") from None

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..lora import output_head_names
 from .config import ConfigError, ModelConfig, QuantizationConfig, RecipeConfig
-from .files import fresh_dir, fsync_files, replace_dir
+from .files import fresh_dir, fsync_files, replace_dir, writing
 
 __all__ = [
     "resolve_dtype",
@@ -110,14 +110,18 @@ def save_base_model(model: nn.Module, path: Path) -> None:
 
     A crash mid-write leaves no half-written ``path``; an existing ``path`` is replaced. The files are
     flushed to disk before the rename, as a checkpoint's are.
+
+    Raises:
+        RunDirError: a write failed (disk full, not writable); the temporary directory is removed.
     """
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    fresh_dir(tmp)
-    with _no_hf_progress_bars():
-        model.save_pretrained(str(tmp))
-    fsync_files(p for p in tmp.rglob("*") if p.is_file())
-    replace_dir(tmp, path)
+    with writing("the base model", path.parent, cleanup=tmp):
+        fresh_dir(tmp)
+        with _no_hf_progress_bars():
+            model.save_pretrained(str(tmp))
+        fsync_files(p for p in tmp.rglob("*") if p.is_file())
+        replace_dir(tmp, path)
 
 
 def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Path | None = None) -> tuple[nn.Module, str]:

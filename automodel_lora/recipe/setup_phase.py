@@ -230,10 +230,10 @@ class RecipeSetup:
         if not others:
             return
         if not self.ck.overwrite:
-            what = "a resume from another run" if own is not None else "a fresh start (checkpoint.resume=null)"
+            what = "resumes from another run's checkpoint" if own is not None else "would start fresh"
             raise RunDirError(
                 f"`checkpoint.output_dir`: {self.out_dir} holds another run ({', '.join(p.name for p in others[:3])}) "
-                f"and this is {what}. Choose one: resume it (checkpoint.resume=auto), write to another "
+                f"and this run {what}. Choose one: resume it (checkpoint.resume=auto), write to another "
                 f"directory (checkpoint.output_dir=...), or move the old run aside to a timestamped sibling "
                 f"(checkpoint.overwrite=true; nothing is deleted)"
             )
@@ -260,8 +260,7 @@ class RecipeSetup:
         write_base = (
             self.save_base and self.env.is_main and (self.loaded is None or not (self.base_dir / "config.json").is_file())
         )
-        with writing("the base model", self.out_dir):
-            model, description = prepare_model(cfg, self.env.device, save_base_to=self.base_dir if write_base else None)
+        model, description = prepare_model(cfg, self.env.device, save_base_to=self.base_dir if write_base else None)
         self.say(f"[model] {description}")
         self.raw_model = model
 
