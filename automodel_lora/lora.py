@@ -32,7 +32,6 @@ from torch import nn
 
 from .config import LoraSettings
 from .kernels import lora_add, lora_linear, lora_linear_dequant
-from .matcher import output_head_names  # noqa: F401  (re-exported: its old home, still imported from here)
 from .patching import is_swapped_class, swapped_class, swapped_reduce
 from .quant import dequantizer_4bit, is_quantized_linear, quantized_compute_dtype
 

@@ -1,18 +1,21 @@
 """How a run ends when it cannot go on: each error names what went wrong, where, and what to do.
 
-- :class:`RunDirError` / :class:`CheckpointError` subclass ``ConfigError``: the command line
-  prints the message and exits with code 2 (no traceback), as for a bad recipe key.
+- :class:`ConfigError`: a recipe or its data is invalid (re-exported by ``recipe.config``).
+  :class:`RunDirError` / :class:`CheckpointError` subclass it: the command line prints the
+  message and exits with code 2 (no traceback), as for a bad recipe key.
 - :class:`TrainingInterrupted` (exit ``128 + signal``) and :class:`TrainingStopped` (exit 3) are
   ``SystemExit``: raised once the run's files are in order, they end the process with that code.
 """
 
 from __future__ import annotations
 
-from .config import ConfigError
-
-__all__ = ["RunDirError", "CheckpointError", "TrainingInterrupted", "TrainingStopped", "EXIT_NONFINITE"]
+__all__ = ["ConfigError", "RunDirError", "CheckpointError", "TrainingInterrupted", "TrainingStopped", "EXIT_NONFINITE"]
 
 EXIT_NONFINITE = 3
+
+
+class ConfigError(ValueError):
+    """A recipe or its data is invalid: the message names the key or file, the bad value and the fix."""
 
 
 class RunDirError(ConfigError):

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..lora import output_head_names
+from ..config import dtype_from_str
+from ..matcher import output_head_names
 from .config import ConfigError, ModelConfig, QuantizationConfig, RecipeConfig
 from .files import fresh_dir, fsync_files, replace_dir, writing
 
@@ -30,7 +31,8 @@ __all__ = [
 
 
 def resolve_dtype(name: str) -> torch.dtype | str:
-    return "auto" if name == "auto" else getattr(torch, name)
+    """``model.dtype`` as a ``torch.dtype``, or ``"auto"`` (the checkpoint's own dtype) unchanged."""
+    return "auto" if name == "auto" else dtype_from_str(name, "model.dtype")
 
 
 def load_model_config(cfg: ModelConfig):
@@ -94,7 +96,7 @@ def build_model(cfg: ModelConfig, qcfg: QuantizationConfig, device: torch.device
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type=qcfg.bnb_4bit_quant_type,
-                bnb_4bit_compute_dtype=getattr(torch, qcfg.bnb_4bit_compute_dtype),
+                bnb_4bit_compute_dtype=dtype_from_str(qcfg.bnb_4bit_compute_dtype, "quantization.bnb_4bit_compute_dtype"),
                 bnb_4bit_use_double_quant=qcfg.bnb_4bit_use_double_quant,
             )
             kwargs["device_map"] = {"": device}
@@ -179,7 +181,7 @@ def quantize_linears_4bit(model: nn.Module, qcfg: QuantizationConfig, device: to
     import bitsandbytes as bnb
 
     heads = output_head_names(model)  # the same head that LoRA's match_all_linear leaves out
-    compute_dtype = getattr(torch, qcfg.bnb_4bit_compute_dtype)
+    compute_dtype = dtype_from_str(qcfg.bnb_4bit_compute_dtype, "quantization.bnb_4bit_compute_dtype")
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n not in heads]
     for name, lin in targets:
         q = bnb.nn.Linear4bit(
