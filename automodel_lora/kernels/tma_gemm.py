@@ -112,6 +112,7 @@ def _tma_gemm_lora_kernel(
     a_desc, b_desc, q_desc, c_desc, bias_ptr, r_desc, pm_ptr, flag_ptr,
     M, N, K, R, spm, scale,
     B_NK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_PROJ: tl.constexpr, R_T: tl.constexpr, R_BYTES: tl.constexpr,
+    Q_BYTES: tl.constexpr,  # Q's element size: only an autotune key (descriptors give the autotuner no dtype)
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr, STAGES: tl.constexpr, SPLIT_STORE: tl.constexpr, NUM_SMS: tl.constexpr,
 ):
@@ -195,7 +196,8 @@ _tma_gemm_tuned = triton.autotune(
                            num_stages=st, pre_hook=_tma_block_shapes)
              for bn, st, w, sp, gm in ((256, 3, 8, False, 8), (256, 3, 8, True, 8), (256, 3, 8, False, 16),
                                        (256, 3, 8, True, 16), (128, 4, 4, False, 8))],
-    key=["M", "N", "K", "B_NK", "HAS_BIAS", "FUSE_PROJ", "R_T", "R_BYTES", "BR"], do_bench=bench,
+    # Q_BYTES: an fp32 Q tile takes twice the shared memory, so a config chosen for a 16-bit Q may not fit
+    key=["M", "N", "K", "B_NK", "HAS_BIAS", "FUSE_PROJ", "R_T", "R_BYTES", "Q_BYTES", "BR"], do_bench=bench,
 )(_tma_gemm_lora_kernel)
 
 # The smallest BM of any config: the most row blocks (hence flags) a launch can have.
@@ -265,7 +267,7 @@ def gemm_lora_tma(x, y, pm, q, scale, bias, out, rop=None, *, fast_launch: bool 
     n_sm = 1 if INTERPRET and fuse else sm_count(x.device)
     args = (*ptrs, M, N, K, R, pm.stride(0), float(scale))
     consts = dict(B_NK=b_nk, HAS_BIAS=bias is not None, FUSE_PROJ=fuse, R_T=r_t,
-                  R_BYTES=rop.element_size() if fuse else 0, BR=BR, NUM_SMS=n_sm)
+                  R_BYTES=rop.element_size() if fuse else 0, Q_BYTES=q.element_size(), BR=BR, NUM_SMS=n_sm)
 
     def grid(meta):
         return (min(n_sm, cdiv(M, meta["BM"]) * cdiv(N, meta["BN"])),)
