@@ -53,11 +53,13 @@ class KernelOptions:
         fuse_proj: let the TMA base GEMM make the skinny product (``x A^T`` / ``dy B``) itself in
             time its schedule leaves idle. Its programs wait on one another's flags, so it is only
             used where every program can be resident at once (never under MPS with a thread
-            percentage below 100, nor with fewer free SMs than the device has), whatever this says.
+            percentage below 100, nor with fewer free SMs than the device has: ``all_programs_resident``),
+            whatever this says.
             Default: ``AUTOMODEL_LORA_FUSE_PROJ`` or on.
         fast_launch: launch compiled kernels through the cached direct path (less host time per
-            call) where the installed Triton is one it was tested with; otherwise, and with
-            ``False``, through the plain ``kernel[grid](...)`` launch.
+            call) where the installed Triton is one it was tested with (``launch.FAST_LAUNCH_TESTED``:
+            3.4 to 3.6) and torch has the stream API it uses; otherwise (with one warning on the GPU), and
+            with ``False``, through the plain ``kernel[grid](...)`` launch.  Results are the same either way.
             Default: ``AUTOMODEL_LORA_FAST_LAUNCH`` or on.
 
     Raises:
