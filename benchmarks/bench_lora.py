@@ -319,7 +319,7 @@ def bench_layer(args, results):
 
 
 # ------------------------------------------------------------------------------------------
-# op-level timings (where the time goes; the floors in NOTES.md)
+# op-level timings (where the time goes; the floors in DESIGN.md)
 # ------------------------------------------------------------------------------------------
 def bench_ops(args, results):
     if DEV != "cuda" or not K.HAS_TRITON:
