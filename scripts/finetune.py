@@ -4,7 +4,7 @@
     python scripts/finetune.py --config configs/quickstart.yaml [section.key=value ...]
     torchrun --nproc-per-node 8 scripts/finetune.py --config configs/llama3_8b_lora.yaml
 
-Same as ``automodel-lora finetune ...``; see ``automodel_lora/recipe/config.py`` for every key.
+Same as ``automodel-lora finetune ...``; see ``automodel_lora/recipe/sections.py`` for every key.
 """
 
 import os

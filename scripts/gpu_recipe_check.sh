@@ -60,6 +60,7 @@ run_case() {  # run_case NAME PROCS ARGS... : one recipe run into $RUNS/NAME, it
     local launch=("$PY" scripts/finetune.py)
     [[ $procs -gt 1 ]] && launch=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$procs" scripts/finetune.py)
     echo "[check] $name: ${launch[*]} $*"
+    rm -rf "${RUNS:?}/$name"  # this script's own scratch run: each check starts fresh (a run refuses another's directory)
     if "${launch[@]}" "$@" checkpoint.output_dir="$RUNS/$name" >"$RUNS/$name.log" 2>&1; then
         grep -E '^\[(model|done)\] (Llama|train|val)' "$RUNS/$name.log" | sed "s/^/    /"
     else

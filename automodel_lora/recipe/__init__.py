@@ -3,7 +3,8 @@
 What you run is ``scripts/finetune.py`` / ``automodel-lora finetune``; what you configure is
 ``configs/*.yaml``. Modules, in the order a run touches them:
 
-- ``config``: one validated dataclass per YAML section, dotted ``key=value`` overrides.
+- ``sections``: one validated dataclass per YAML section (the schema); ``config``: reading YAML,
+  dotted ``key=value`` overrides, ``RecipeConfig``.
 - ``tokenizer``: the built-in byte-level tokenizer and an HF ``AutoTokenizer`` wrapper.
 - ``data``: JSONL -> tokens -> packed blocks -> deterministic, resumable, rank-sharded batches.
 - ``model``: base model (local HF checkpoint or tiny Llama), 4-bit quantization.
