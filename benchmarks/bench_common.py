@@ -1,17 +1,25 @@
-"""What the benchmark scripts share: the run's environment for their JSON, and side-by-side GPU timing."""
+"""What the benchmark sections share: the device, the run's environment for their JSON, CUDA-event timing of
+variants interleaved step by step, a step's peak memory, relative error, and writing the results JSON.
+
+Importing it puts the repository root first on sys.path, so that ``automodel_lora`` is the checkout's when a
+script runs as ``python benchmarks/<script>.py``: the section modules import it before ``automodel_lora``."""
 
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import os
+import statistics
 import subprocess
-import tempfile
+import sys
+import time
 
 import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, _ROOT)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_env() -> dict:
@@ -43,40 +51,102 @@ def run_env() -> dict:
     return info
 
 
-def write_json(filename: str, payload: dict) -> str:
-    """``payload`` as JSON under $OUT (default: the current directory); returns the path."""
-    path = os.path.join(os.environ.get("OUT", "."), filename)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
-    return path
+def write_results(results: dict, out: str | None, filename: str = "bench_lora.json") -> str:
+    """``results`` as JSON at ``out`` (default: ``filename`` under $OUT, else benchmarks/results/); returns the path."""
+    if out is None:
+        d = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        os.makedirs(d, exist_ok=True)
+        out = os.path.join(d, filename)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    return out
 
 
-def rotated_cudagraph_us(fns: dict, rounds: int, rep: int) -> dict[str, list[float]]:
-    """Each callable's median GPU time in us (``do_bench_cudagraph`` over ``rep`` ms), once per round; each round
-    visits the callables in an order rotated by one, so a drift of the clocks lands on all of them alike."""
-    import triton.testing as tt
-
-    names = list(fns)
-    times = {n: [] for n in names}
-    for rnd in range(rounds):
-        for n in names[rnd % len(names):] + names[:rnd % len(names)]:
-            times[n].append(tt.do_bench_cudagraph(fns[n], rep=rep, return_mode="median") * 1e3)
-    return times
+# ------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
-def patched_copy(path: str, name: str, *patches: tuple[str, str]):
-    """A new module made from the source file at ``path`` with the first ``old`` of each ``(old, new)`` patch
-    replaced by ``new``, in order: a timing variant of a kernel, imported next to the original in one process.
-    Exits when an ``old`` is not in the file."""
-    src = open(path).read()
-    for old, new in patches:
-        if old not in src:
-            raise SystemExit(f"patch {name} does not apply to {path}: {old.strip().splitlines()[0]!r}")
-        src = src.replace(old, new, 1)
-    copy = os.path.join(tempfile.mkdtemp(), f"tl_{name}.py")
-    with open(copy, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(f"tl_{name}", copy)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def time_block(step, n: int, prep=None) -> list[float]:
+    """n steps, each timed alone (ms): CUDA events around the step, host prep outside."""
+    if DEV != "cuda":
+        out = []
+        for i in range(n):
+            if prep:
+                prep(i)
+            t = time.perf_counter()
+            step(i)
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for i in range(n):
+        if prep:
+            prep(i)
+        ev[i][0].record()
+        step(i)
+        ev[i][1].record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in ev]
+
+
+def peak_delta_mib(step, prep=None) -> float:
+    """MiB allocated at the peak of one step above what was allocated before it (nan off CUDA)."""
+    if DEV != "cuda":
+        return float("nan")
+    if prep:
+        prep(0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    m0 = torch.cuda.memory_allocated()
+    step(0)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - m0) / 2**20
+
+
+def interleaved(variants: dict, n: int, rounds: int, warmup: int, prep=None) -> dict:
+    """Median ms per step of each variant: steps interleaved one by one (A B C, then B C A, ...), so a
+    clock or power drift of the GPU lands on every variant alike; each step between its own CUDA events,
+    one synchronize per round (the host runs ahead as in training); ``rounds`` rounds of ``n`` steps each,
+    the median of the round medians."""
+    for name, step in variants.items():
+        for i in range(warmup):
+            if prep:
+                prep(i)
+            step(i)
+    sync()
+    names = list(variants)
+    res = {name: [] for name in names}
+    for _ in range(rounds):
+        marks = {name: [] for name in names}  # (start, end) per step: CUDA events, or host seconds on the CPU
+        for i in range(n):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                if prep:
+                    prep(i)
+                start = _mark()
+                variants[name](i)
+                marks[name].append((start, _mark()))
+        sync()
+        for name in names:
+            res[name].append(statistics.median(_elapsed_ms(a, b) for a, b in marks[name]))
+    return {name: statistics.median(v) for name, v in res.items()}
+
+
+def _mark():
+    if DEV != "cuda":
+        return time.perf_counter()
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
+
+
+def _elapsed_ms(a, b) -> float:
+    return (b - a) * 1e3 if DEV != "cuda" else a.elapsed_time(b)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()

@@ -1,0 +1,238 @@
+"""Section 1 of bench_lora.py: one adapted linear, every variant on the same x, g and weights, fwd+bwd,
+ratio to the frozen nn.Linear; with two side sections: op-level timings of the kernels (``ops``: where the
+time goes, the floors in DESIGN.md) and the host overhead of a step at tiny shapes (``host``)."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from bench_common import DEV, rel_err, sync, time_block
+from bench_variants import SHARED_TRITON, Wrap, fwd_bwd, lora_copy, time_layer_variants
+from torch import nn
+
+from automodel_lora import kernels as K
+
+
+def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Tensor, want: list[str]):
+    """Each variant: (callable x -> y, list of trainable params)."""
+    s = 2.0 * r / r  # alpha = 2r
+    out = {}
+    out["frozen"] = (lin, [])
+    if "peft" in want:
+        try:
+            import peft
+
+            m = peft.get_peft_model(Wrap(copy.deepcopy(lin)), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"]))
+            pl = m.base_model.model.lin
+            with torch.no_grad():
+                pl.lora_A["default"].weight.copy_(A0)
+                pl.lora_B["default"].weight.copy_(B0)
+            out["peft"] = (m, [pl.lora_A["default"].weight, pl.lora_B["default"].weight])
+        except Exception as e:  # pragma: no cover
+            print(f"peft unavailable: {e!r}")
+    A = nn.Parameter(A0.clone())
+    B = nn.Parameter(B0.clone())
+    W, b = lin.weight, lin.bias
+    out["torch_naive"] = (lambda x: F.linear(x, W, b) + s * F.linear(F.linear(x, A), B), [A, B])
+    for name, use_triton in (("torch", False), ("triton", True)):
+        out[name] = lora_copy(lin, r, A0, B0, use_triton, share_weight=True)
+    for name in SHARED_TRITON:
+        if name in want:
+            out[name] = out["triton"]  # same layer, run under OPTION_CHANGES[name]
+    return out
+
+
+def layer_errors(variants: dict, lin: nn.Linear, A0: torch.Tensor, B0: torch.Tensor, x, g) -> dict:
+    """Each variant's relative error of y, dx (and dA, dB where it trains) against an fp32 reference on the
+    same bf16 values."""
+    xf, Wf, Af, Bf, gf = x.float(), lin.weight.float(), A0.float(), B0.float(), g.float()
+    s = 2.0
+    ref_y = xf @ Wf.t() + s * (xf @ Af.t()) @ Bf.t()
+    ref_dx = gf @ Wf + s * (gf @ Bf) @ Af
+    ref_dA = s * (gf @ Bf).t() @ xf
+    ref_dB = s * gf.t() @ (xf @ Af.t())
+    errs = {}
+    for name, (fn, params) in variants.items():
+        x.grad = None
+        for p_ in params:
+            p_.grad = None
+        y = fwd_bwd(name, fn, x, g)
+        e = {"y": rel_err(y, ref_y), "dx": rel_err(x.grad, ref_dx)}
+        if params:
+            e["dA"] = rel_err(params[0].grad, ref_dA)
+            e["dB"] = rel_err(params[1].grad, ref_dB)
+        errs[name] = e
+        del y
+    return errs
+
+
+def run(args) -> dict:
+    """{"layer": one row per (shape, rank, variant)}: median ms, ratio to frozen, peak MiB, errors."""
+    dt = torch.bfloat16
+    M = args.M
+    rows = []
+    for (Kd, N) in args.shapes:
+        for r in args.ranks:
+            torch.manual_seed(0)
+            lin = nn.Linear(Kd, N, bias=False, device=DEV, dtype=dt).requires_grad_(False)
+            A0 = (torch.randn(r, Kd, device=DEV) / Kd**0.5).to(dt)
+            B0 = (torch.randn(N, r, device=DEV) * 0.05).to(dt)
+            xs = [torch.randn(M, Kd, device=DEV, dtype=dt).requires_grad_(True) for _ in range(2)]
+            gs = [torch.randn(M, N, device=DEV, dtype=dt) for _ in range(2)]
+            variants = build_layer_variants(lin, r, A0, B0, args.variants)
+            variants = {k: v for k, v in variants.items() if k in args.variants}
+            errs = layer_errors(variants, lin, A0, B0, xs[0], gs[0])
+
+            times, mem = time_layer_variants(variants, xs, gs, args)
+            f = times["frozen"]
+            for name in variants:
+                row = dict(K=Kd, N=N, r=r, variant=name, ms=times[name], ratio=times[name] / f,
+                           peak_mib=mem[name], err=errs[name])
+                rows.append(row)
+            print(f"[layer] K={Kd} N={N} r={r}: " + ", ".join(f"{n}={times[n]:.3f}ms ({times[n]/f:.2f}x)" for n in times),
+                  flush=True)
+            variants = xs = gs = lin = None  # free the buffers before the next shape
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+    return {"layer": rows}
+
+
+def run_ops(args) -> dict:
+    """{"copy_GBps", "ops_us"}: GPU us of each kernel and cuBLAS call of a layer step (CUDA only)."""
+    if DEV != "cuda" or not K.HAS_TRITON:
+        return {}
+    from automodel_lora.kernels.expand import expand
+    from automodel_lora.kernels.grad_ab import tn
+    from automodel_lora.kernels.proj import proj
+    from automodel_lora.kernels.tma_gemm import gemm_lora
+
+    dt = torch.bfloat16
+    M = args.M
+    rows = []
+    results = {}
+    big = torch.empty(2**28, dtype=torch.uint8, device=DEV)  # 256 MiB copy: achievable bandwidth
+    big2 = torch.empty_like(big)
+    ms = statistics.median(time_block(lambda i: big2.copy_(big), 20))
+    results["copy_GBps"] = 2 * big.numel() / ms / 1e6
+    big = big2 = None
+    for (Kd, N) in args.shapes:
+        for r in args.ranks:
+            x = torch.randn(M, Kd, device=DEV, dtype=dt)
+            dy = torch.randn(M, N, device=DEV, dtype=dt)
+            W = torch.randn(N, Kd, device=DEV, dtype=dt) / Kd**0.5
+            A = torch.randn(r, Kd, device=DEV, dtype=dt) / Kd**0.5
+            B = torch.randn(N, r, device=DEV, dtype=dt) * 0.05
+            xa = proj(x, A.t())
+            dyB = proj(dy, B)
+            y = torch.empty(M, N, device=DEV, dtype=dt)
+            dx = torch.empty(M, Kd, device=DEV, dtype=dt)
+            ops = {
+                "base_fwd_mm": lambda i: torch.mm(x, W.t(), out=y),
+                "base_bwd_mm": lambda i: torch.mm(dy, W, out=dx),
+                "fwd_addmm_beta1": lambda i: y.addmm_(x, W.t()),
+                "bwd_addmm_beta1": lambda i: dx.addmm_(dy, W),
+                "proj_xa": lambda i: proj(x, A.t()),
+                "expand_y": lambda i: expand(xa, B.t(), 2.0),
+                "proj_dyB": lambda i: proj(dy, B),
+                "expand_dx": lambda i: expand(dyB, A, 2.0),
+                "tn_dA": lambda i: tn(dyB, x, 2.0),
+                "tn_dB": lambda i: tn(xa, dy, 2.0, transpose_out=True),
+                "torch_xa": lambda i: torch.mm(x, A.t()),
+                "torch_dB": lambda i: torch.mm(dy.t(), xa),
+                "tgemm_fwd": lambda i: gemm_lora(x, W.t(), xa, B.t(), 2.0),
+                "tgemm_bwd": lambda i: gemm_lora(dy, W, dyB, A, 2.0),
+                "tgemm_fwd_nolora": lambda i: gemm_lora(x, W.t()),
+            }
+            rows.extend(_op_rows(ops, Kd, N, r))
+            x = dy = W = A = B = xa = dyB = y = dx = None
+            torch.cuda.empty_cache()
+    results["ops_us"] = rows
+    return results
+
+
+def _op_rows(ops: dict, Kd: int, N: int, r: int) -> list:
+    """One row per op: its median GPU us over CUDA-graph replays."""
+    import triton.testing as tt
+
+    rows = []
+    for name, fn in ops.items():
+        fn(0)
+        fn(0)
+    sync()
+    for name, fn in ops.items():
+        # CUDA-graph replay: GPU time alone (eager event timing of one launch was host-bound)
+        t = tt.do_bench_cudagraph(lambda: fn(0), rep=20, return_mode="median")
+        rows.append(dict(K=Kd, N=N, r=r, op=name, us=t * 1e3))
+        torch.cuda.empty_cache()
+    print(f"[ops] K={Kd} N={N} r={r}: " + ", ".join(f"{d['op']}={d['us']:.0f}" for d in rows), flush=True)
+    return rows
+
+
+def run_host(args) -> dict:
+    """{"host_us_per_step", "host_profile_triton"}: tiny shapes, so a step's time is its Python/launch time."""
+    import cProfile
+    import io
+    import pstats
+
+    dt = torch.bfloat16
+    lin = nn.Linear(256, 256, bias=False, device=DEV, dtype=dt).requires_grad_(False)
+    A0 = torch.randn(16, 256, device=DEV, dtype=dt) / 16
+    B0 = torch.randn(256, 16, device=DEV, dtype=dt) * 0.05
+    variants = build_layer_variants(lin, 16, A0, B0, ["frozen", "torch_naive", "torch", "triton"])
+    x = torch.randn(64, 256, device=DEV, dtype=dt, requires_grad=True)
+    g = torch.randn(64, 256, device=DEV, dtype=dt)
+    rows = {}
+    for name, (fn, params) in variants.items():
+        def step(fn=fn):
+            y = fn(x)
+            y.backward(g)
+        for _ in range(5):
+            step()
+        sync()
+        t = time.perf_counter()
+        for _ in range(100):
+            step()
+        sync()
+        rows[name] = (time.perf_counter() - t) / 100 * 1e6
+    results = {"host_us_per_step": rows}
+    print("[host] us per fwd+bwd step at tiny shapes: " + ", ".join(f"{k}={v:.0f}" for k, v in rows.items()), flush=True)
+    if "triton" in variants:
+        fn = variants["triton"][0]
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(50):
+            fn(x).backward(g)
+        sync()
+        pr.disable()
+        sio = io.StringIO()
+        pstats.Stats(pr, stream=sio).sort_stats("tottime").print_stats(30)
+        results["host_profile_triton"] = sio.getvalue()
+    return results
+
+
+def table(results: dict) -> list[str]:
+    """The layer table's lines (markdown): one row per (shape, rank), a ratio column per variant."""
+    lines = [f"\n## Layer: bf16, M={results['args']['M']}, fwd+bwd, ratio to frozen nn.Linear "
+             f"({results['env']['gpu']}, commit {results['env']['commit'][:10]})"]
+    names = []
+    for row in results["layer"]:
+        if row["variant"] not in names:
+            names.append(row["variant"])
+    head = " | ".join(n for n in names if n != "frozen")
+    lines.append(f"| K, N | r | frozen ms | {head} | triton peak MiB (frozen) | max rel err triton |")
+    lines.append("|---" * (len(names) + 4) + "|")
+    keyed = {}
+    for row in results["layer"]:
+        keyed.setdefault((row["K"], row["N"], row["r"]), {})[row["variant"]] = row
+    for (Kd, N, r), d in keyed.items():
+        cells = [f"{d[n]['ratio']:.3f}x" if n in d else "-" for n in names if n != "frozen"]
+        tri = next((d[n] for n in ("triton", "triton_tma", "triton_cublas") if n in d), None)
+        err = max(tri["err"].values()) if tri and tri["err"] else float("nan")
+        tri = tri or d["frozen"]
+        lines.append(f"| {Kd}, {N} | {r} | {d['frozen']['ms']:.3f} | " + " | ".join(cells)
+                     + f" | {tri['peak_mib']:.0f} ({d['frozen']['peak_mib']:.0f}) | {err:.1e} |")
+    return lines
