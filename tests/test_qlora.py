@@ -33,7 +33,7 @@ def _cpu_dequantize_is_wrong() -> bool:
     """bitsandbytes 0.50's native CPU kernels (dequantize_4bit, and gemm_4bit behind Linear4bit's forward)
     decode blocks that straddle two rows wrongly on AVX512 CPUs (seen on an AMD EPYC with avx512f/bw/bf16:
     max error 6.1 at (64, 96), blocksize 64; right when in_features is a multiple of the blocksize, and on
-    the CPU of earlier sessions)."""
+    other CPUs seen)."""
     torch.manual_seed(0)
     packed, state = bnb.functional.quantize_4bit(torch.randn(8, 96), blocksize=64, quant_type="nf4")
     return not torch.equal(bnb.functional.dequantize_4bit(packed, state), _dequantize_4bit_reference(packed, state))
