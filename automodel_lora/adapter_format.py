@@ -1,9 +1,16 @@
-"""Reading an adapter directory's files and refusing what is wrong in them, before a model is touched.
+r"""Reading an adapter directory's files and refusing what is wrong in them, before a model is touched.
 
 `read_adapter_config` turns `adapter_config.json` into checked values (HF PEFT's names: `r`,
 `lora_alpha`, `use_rslora`, `alpha_pattern`, ...); `read_adapter_tensors` groups
-`adapter_model.safetensors` into `(lora_A, lora_B)` pairs per module FQN and checks them. Every
+`adapter_model.safetensors` into `(lora_A, lora_B)` pairs per module FQN and checks them;
+`check_tensors_fit_config` checks the two files against each other (ranks, selected modules). Every
 problem with a file's content is an `AdapterFormatError` naming the file, the key and what to fix.
+
+PEFT's rules, as `peft.tuners.tuners_utils.check_target_module_exists` and `get_pattern_key` apply them
+to a module name (the FQN in the base model): `target_modules` as one string is a regex that must match
+the whole name (`re.fullmatch`); as a list, an entry matches the name itself or a dotted suffix of it;
+`exclude_modules` the same, and it wins; `rank_pattern` / `alpha_pattern` keys are regexes matched
+against the name or a dotted suffix (`(.*\.)?(key)$`), the first matching key giving the value.
 """
 
 from __future__ import annotations
@@ -27,7 +34,14 @@ _UNSUPPORTED = {
     "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
     "lora_bias": "lora_bias",
+    "target_parameters": "target_parameters (LoRA on raw parameters)",
+    "layer_replication": "layer_replication (a model with repeated layers)",
 }
+
+# PEFT keys that narrow `target_modules` to some layers. Not implemented yet: their absence (null, or an
+# empty list / string, which PEFT treats as absent) is required, since loading the file's tensors while
+# ignoring them could adapt other layers than PEFT would.
+_LAYER_SELECTION = ("layers_to_transform", "layers_pattern")
 
 
 class AdapterFormatError(ValueError):
@@ -42,35 +56,69 @@ class AdapterConfig:
 
     Attributes:
         path: the file.
+        r: the default rank (a positive integer), or None where the file has no `r`.
         lora_alpha: the default alpha (positive).
         use_rslora: scale by `alpha / sqrt(r)`.
         lora_dropout: dropout probability in `[0, 1)`.
+        rank_pattern: regex -> rank for modules whose rank differs (PEFT's lookup).
         alpha_pattern: regex -> alpha for modules whose alpha differs (PEFT's lookup).
-        target_modules: PEFT's `target_modules`: a list of names, one regex string, or None.
+        target_modules: PEFT's `target_modules`: a list of names, one regex string (full match), or None.
         exclude_modules: the same for `exclude_modules`.
-        selects_by_layer: `layers_to_transform` / `layers_pattern` narrow the targets.
     """
 
     path: str
+    r: int | None
     lora_alpha: float
     use_rslora: bool
     lora_dropout: float
+    rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     target_modules: list[str] | str | None
     exclude_modules: list[str] | str | None
-    selects_by_layer: bool
 
     def alpha_for(self, fqn: str) -> float:
         """PEFT's alpha_pattern lookup: the first pattern matching the FQN or a dotted suffix of it."""
         return pattern_value(self.alpha_pattern, fqn, self.lora_alpha)
 
+    def rank_for(self, fqn: str) -> tuple[int | None, str]:
+        """`(rank, key)`: the rank PEFT gives `fqn` (`rank_pattern`, else `r`; None if neither) and the config
+        key it came from (`"rank_pattern['<pattern>']"` or `"r"`)."""
+        pattern = pattern_key(self.rank_pattern, fqn)
+        if pattern is None:
+            return self.r, "r"
+        return self.rank_pattern[pattern], f"rank_pattern[{pattern!r}]"
+
+    def selects(self, fqn: str) -> bool | None:
+        """Whether PEFT would put an adapter on the module `fqn` (`target_modules` selects it and
+        `exclude_modules` does not); None where `target_modules` is None or `"all-linear"`, which this
+        rule cannot decide without the model."""
+        if self.target_modules is None or self.target_modules == "all-linear":
+            return None
+        if self.exclude_modules and peft_selects(self.exclude_modules, fqn):
+            return False
+        return peft_selects(self.target_modules, fqn)
+
+
+def peft_selects(targets: list[str] | str, fqn: str) -> bool:
+    """HF PEFT's `target_modules` / `exclude_modules` rule: one string is a regex matched against the whole
+    FQN (`re.fullmatch`); a list matches the FQN itself or a dotted suffix of it."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, fqn) is not None
+    return any(fqn == t or fqn.endswith("." + t) for t in targets)
+
+
+def pattern_key(patterns: dict[str, Any], fqn: str) -> str | None:
+    """PEFT's rank/alpha_pattern lookup: the first pattern matching the FQN or a dotted suffix of it, or None."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", fqn):
+            return pattern
+    return None
+
 
 def pattern_value(patterns: dict[str, Any], fqn: str, default):
-    """PEFT's rank/alpha_pattern lookup: the first pattern matching the FQN or a dotted suffix of it."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", fqn):
-            return value
-    return default
+    """The value of `pattern_key(patterns, fqn)`, else `default`."""
+    pattern = pattern_key(patterns, fqn)
+    return default if pattern is None else patterns[pattern]
 
 
 def read_json_object(path: str) -> dict[str, Any]:
@@ -112,6 +160,15 @@ def _number(path: str, key: str, value: Any, *, positive: bool, what: str) -> fl
     return value
 
 
+def _rank(path: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AdapterFormatError(
+            f"{path!r}: {key}={value!r} is not allowed; it must be a positive integer rank written as a JSON "
+            f"integer (e.g. 8, not \"8\", 8.0 or true)"
+        )
+    return value
+
+
 def _flag(path: str, key: str, value: Any) -> bool:
     if value is None:
         return False
@@ -135,9 +192,9 @@ def _patterns(path: str, key: str, value: Any, *, integer: bool) -> dict[str, fl
             raise AdapterFormatError(
                 f"{path!r}: {key} key {pattern!r} is not a valid regular expression ({e}); fix or remove it"
             ) from None
-        if integer and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise AdapterFormatError(f"{path!r}: {key}[{pattern!r}]={v!r} must be a positive integer rank")
-        if not integer:
+        if integer:
+            _rank(path, f"{key}[{pattern!r}]", v)
+        else:
             _number(path, f"{key}[{pattern!r}]", v, positive=True, what="a positive number (the alpha for those modules)")
     return dict(value)
 
@@ -155,14 +212,30 @@ def _module_names(path: str, key: str, value: Any) -> list[str] | str | None:
     return value
 
 
+def _no_layer_selection(path: str, raw: dict[str, Any]) -> None:
+    for key in _LAYER_SELECTION:
+        value = raw.get(key)
+        if value is None or (isinstance(value, (list, str)) and len(value) == 0):
+            continue
+        raise AdapterFormatError(
+            f"{path!r}: {key}={value!r} is not supported yet (it narrows target_modules to some layers, and "
+            f"loading without it could adapt other layers than PEFT does); set \"{key}\": null if the "
+            "adapter's tensors are exactly the modules it was trained on, or load it with HF PEFT"
+        )
+
+
 def read_adapter_config(path: str) -> AdapterConfig:
     """Read and check an `adapter_config.json` (HF PEFT's `LoraConfig` fields).
 
     Raises:
         FileNotFoundError: no such file.
-        AdapterFormatError: unreadable JSON, not an object, not plain LoRA (DoRA, bias, modules_to_save...),
-            `lora_alpha` missing or not a positive number, `use_rslora` not a JSON boolean, a bad
-            `alpha_pattern` / `rank_pattern` regex or value, or a `lora_dropout` outside `[0, 1)`.
+        AdapterFormatError: unreadable JSON, not an object, not plain LoRA (DoRA, bias, modules_to_save,
+            target_parameters, layer_replication...), `layers_to_transform` / `layers_pattern` set (not
+            supported yet), `r` not a positive JSON integer, `lora_alpha` missing or not a positive number,
+            `use_rslora` not a JSON boolean, a bad `alpha_pattern` / `rank_pattern` regex or a value that
+            is not a positive number (alpha) / positive integer (rank), a `target_modules` /
+            `exclude_modules` that is neither a list of names nor one valid regex, or a `lora_dropout`
+            outside `[0, 1)`.
     """
     raw = read_json_object(path)
     if raw.get("peft_type", "LORA") != "LORA":
@@ -170,6 +243,7 @@ def read_adapter_config(path: str) -> AdapterConfig:
     for key, what in _UNSUPPORTED.items():
         if raw.get(key):
             raise AdapterFormatError(f"{path!r}: {key}={raw[key]!r}; {what} is not supported, only plain LoRA")
+    _no_layer_selection(path, raw)
     if raw.get("bias", "none") != "none":
         raise AdapterFormatError(f"{path!r}: bias={raw['bias']!r}; only bias='none' adapters are supported")
     if "lora_alpha" not in raw:
@@ -178,21 +252,50 @@ def read_adapter_config(path: str) -> AdapterConfig:
             "lora_alpha / r)"
         )
     alpha = _number(path, "lora_alpha", raw["lora_alpha"], positive=True, what="a positive number (scale = lora_alpha / r)")
-    _patterns(path, "rank_pattern", raw.get("rank_pattern"), integer=True)
+    rank = None if raw.get("r") is None else _rank(path, "r", raw["r"])
     dropout = raw.get("lora_dropout")
     dropout = 0.0 if dropout is None else _number(path, "lora_dropout", dropout, positive=False, what="a number in [0, 1)")
     if not 0.0 <= dropout < 1.0:
         raise AdapterFormatError(f"{path!r}: lora_dropout={dropout!r} must be a probability in [0, 1)")
     return AdapterConfig(
         path=path,
+        r=rank,
         lora_alpha=alpha,
         use_rslora=_flag(path, "use_rslora", raw.get("use_rslora")),
         lora_dropout=float(dropout),
+        rank_pattern=_patterns(path, "rank_pattern", raw.get("rank_pattern"), integer=True),
         alpha_pattern=_patterns(path, "alpha_pattern", raw.get("alpha_pattern"), integer=False),
         target_modules=_module_names(path, "target_modules", raw.get("target_modules")),
         exclude_modules=_module_names(path, "exclude_modules", raw.get("exclude_modules")),
-        selects_by_layer=raw.get("layers_to_transform") is not None or raw.get("layers_pattern") is not None,
     )
+
+
+def check_tensors_fit_config(config: AdapterConfig, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                             weights_path: str) -> None:
+    """The tensors must be the adapter the config describes, as PEFT would build it: each module's rank is
+    the one `r` / `rank_pattern` give it (else the scale `alpha / r` would not be the trained one), and
+    each module is one that `target_modules` / `exclude_modules` select (else PEFT would not load it).
+
+    Raises:
+        AdapterFormatError: naming the config file, its key, the module and the tensor key.
+    """
+    for fqn, (lora_A, _) in pairs.items():
+        key = f"{PEFT_KEY_PREFIX}{fqn}.lora_A.weight"
+        rank, rank_key = config.rank_for(fqn)
+        if rank is not None and rank != lora_A.shape[0]:
+            raise AdapterFormatError(
+                f"{config.path!r}: {rank_key}={rank} is the rank of {fqn!r}, but {weights_path} holds "
+                f"{key} of shape {tuple(lora_A.shape)} (rank {lora_A.shape[0]}); the scale lora_alpha / r would "
+                "not be the one it was trained with. Fix r / rank_pattern, or save the adapter again"
+            )
+        if config.selects(fqn) is False:
+            what = ("exclude_modules" if config.exclude_modules and peft_selects(config.exclude_modules, fqn)
+                    else "target_modules")
+            raise AdapterFormatError(
+                f"{config.path!r}: {what}={getattr(config, what)!r} does not select {fqn!r} (HF PEFT's rule: one "
+                f"string is a full-match regex, a list entry matches the name or a dotted suffix), but "
+                f"{weights_path} holds {key}; PEFT would not load it. Fix {what}, or save the adapter again"
+            )
 
 
 def read_adapter_tensors(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -28,6 +28,7 @@ from .adapter_format import (
     PEFT_KEY_PREFIX,
     AdapterConfig,
     AdapterFormatError,
+    check_tensors_fit_config,
     read_adapter_config,
     read_adapter_tensors,
     read_json_object,
@@ -173,10 +174,14 @@ def load_adapter(
     Raises:
         FileNotFoundError: a file is missing.
         AdapterFormatError: (a `ValueError`) a file is not valid (not JSON, not an object, nested too
-            deep, `lora_alpha` missing or not positive, `use_rslora` not a JSON boolean, a bad
-            `alpha_pattern`/`rank_pattern` regex, NaN/Inf or integer tensors, not plain LoRA), or it
-            does not fit the model (a key naming no linear module, a shape, scale or name mismatch,
-            missing layers); the message names the file and the key.
+            deep, `r` not a positive integer, `lora_alpha` missing or not positive, `use_rslora` not a
+            JSON boolean, a bad `alpha_pattern`/`rank_pattern` regex or value, `layers_to_transform` /
+            `layers_pattern` set (not supported yet), NaN/Inf or integer tensors, not plain LoRA), the
+            two files disagree (a tensor's rank is not the one `r`/`rank_pattern` give its module; a
+            tensor of a module that `target_modules`/`exclude_modules` do not select, by HF PEFT's rule:
+            one string is a full-match regex, a list entry a name or dotted suffix), or it does not fit
+            the model (a key naming no linear module, a shape, scale or name mismatch, missing layers);
+            the message names the file and the key.
         ValueError: the model's adapters are merged (call `unmerge_lora` first).
     """
     path = os.fspath(path)
@@ -187,9 +192,11 @@ def load_adapter(
     adapted = dict(lora_modules(model))
     if adapted:
         _check_patched_model(adapted, pairs, peft_cfg, path)
+        check_tensors_fit_config(peft_cfg, pairs, weights_path)
     else:
         modules = dict(model.named_modules())
         _check_unpatched_model(model, modules, pairs, weights_path)
+        check_tensors_fit_config(peft_cfg, pairs, weights_path)
         _check_targets_covered(model, pairs, peft_cfg, strict)
         _patch_from_file(model, modules, pairs, peft_cfg, library_cfg, use_triton, kernels)
         adapted = dict(lora_modules(model))
@@ -253,15 +260,14 @@ def _check_unpatched_model(model: nn.Module, modules: dict[str, nn.Module], pair
 def _check_targets_covered(model: nn.Module, pairs, peft_cfg: AdapterConfig, strict: bool) -> None:
     """Linear modules the file's `target_modules` select (HF PEFT's rules) must all have weights in it."""
     targets = peft_cfg.target_modules
-    if targets is None or targets == "all-linear" or peft_cfg.selects_by_layer:
+    if targets is None or targets == "all-linear":
         return
     missing = sorted(
         name
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear)
         and name not in pairs
-        and _peft_selects(targets, name)
-        and not (peft_cfg.exclude_modules and _peft_selects(peft_cfg.exclude_modules, name))
+        and peft_cfg.selects(name)
     )
     if not missing:
         return
@@ -273,13 +279,6 @@ def _check_targets_covered(model: nn.Module, pairs, peft_cfg: AdapterConfig, str
     if strict:
         raise AdapterFormatError(msg + " (pass strict=False to load the rest with a warning)")
     warnings.warn(msg + "; those modules stay unadapted", stacklevel=3)
-
-
-def _peft_selects(targets: list[str] | str, fqn: str) -> bool:
-    """HF PEFT's target rule: one string is a full-match regex; a list matches a FQN or a dotted suffix."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, fqn) is not None
-    return any(fqn == t or fqn.endswith("." + t) for t in targets)
 
 
 def _check_scaling(module, fqn: str, peft_cfg: AdapterConfig, path: str) -> None:

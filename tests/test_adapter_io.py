@@ -104,6 +104,36 @@ def test_adapter_trained_with_peft_loads_here_with_same_logits(tmp_path, extra):
     assert len(trainable) == 12 and all("lora_" in n for n in trainable)
 
 
+def test_adapter_trained_with_peft_on_a_target_modules_regex_loads_the_modules_peft_adapted(tmp_path):
+    """A single-string target_modules is PEFT's full-match regex: the file keeps the string, and loading it
+    here adapts exactly the modules PEFT adapted, with PEFT's logits."""
+    regex = r".*layers\.1\.self_attn\.(q|v)_proj"
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=regex, task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(tiny_llama(), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    peft_model.eval()
+    peft_model.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == regex
+    model = tiny_llama()
+    assert al.load_adapter(model, tmp_path) == 2
+    assert sorted(name for name, _ in al.lora_modules(model)) == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert_close(logits(model), logits(peft_model), what="logits")
+
+
+def test_adapter_trained_with_peft_on_some_layers_is_refused_naming_the_key(tmp_path):
+    """PEFT's layers_to_transform is not implemented here yet: refused, not loaded as if every layer were."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[1], task_type="CAUSAL_LM")
+    peft.get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path))
+    model = tiny_llama()
+    with pytest.raises(al.AdapterFormatError, match=r"adapter_config\.json.*layers_to_transform=\[1\] is not supported yet"):
+        al.load_adapter(model, tmp_path)
+    assert not al.lora_modules(model)
+
+
 def test_load_into_already_patched_model_and_round_trip(tmp_path):
     cfg = al.PeftConfig(target_modules=["q_proj"], dim=4, dropout_position="pre", lora_dtype="float32")
     model = adapted_llama(cfg)

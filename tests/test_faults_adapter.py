@@ -6,6 +6,7 @@ is touched.
 """
 
 import json
+import re
 import warnings
 
 import pytest
@@ -259,3 +260,112 @@ def test_a_bad_library_config_is_an_error_naming_the_file(tmp_path):
     library_path.write_text(json.dumps({**CFG.to_dict(), "dim": "four"}))
     with pytest.raises(al.AdapterFormatError, match=rf"{library_path}.*dim"):
         al.load_adapter(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("layers_to_transform", [0]), ("layers_to_transform", 1), ("layers_pattern", "layers"),
+     ("layers_pattern", ["layers"])],
+)
+def test_layer_selection_keys_are_refused_as_not_supported_yet(adapter_dir, key, value):
+    config_path = edit_config(adapter_dir, **{key: value})
+    model = tiny_llama()
+    with pytest.raises(al.AdapterFormatError, match=rf"{config_path}.*{key}={re.escape(repr(value))} is not supported yet"):
+        al.load_adapter(model, adapter_dir)
+    assert not al.lora_modules(model)
+
+
+@pytest.mark.parametrize("key, value", [("layers_to_transform", None), ("layers_to_transform", []),
+                                        ("layers_pattern", None), ("layers_pattern", ""), ("layers_pattern", [])])
+def test_absent_layer_selection_keys_load_as_peft_writes_them(adapter_dir, key, value):
+    edit_config(adapter_dir, **{key: value})
+    assert al.load_adapter(tiny_llama(), adapter_dir) == 4
+
+
+@pytest.mark.parametrize("value", ["4", 4.0, True, 0, -4, [4]])
+def test_r_that_is_not_a_positive_integer_is_an_error_naming_file_and_key(adapter_dir, value):
+    config_path = edit_config(adapter_dir, r=value)
+    model = tiny_llama()
+    with pytest.raises(al.AdapterFormatError, match=rf"{config_path}.*: r={re.escape(repr(value))} is not allowed.*"
+                                                    "positive integer"):
+        al.load_adapter(model, adapter_dir)
+    assert not al.lora_modules(model)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("rank_pattern", "2", "positive integer"), ("rank_pattern", 2.0, "positive integer"),
+    ("rank_pattern", True, "positive integer"), ("rank_pattern", 0, "positive integer"),
+    ("alpha_pattern", "16", "positive number"), ("alpha_pattern", True, "positive number"),
+    ("alpha_pattern", 0, "positive number"), ("alpha_pattern", -1.5, "positive number"),
+])
+def test_pattern_values_of_the_wrong_type_are_errors_naming_file_key_and_pattern(adapter_dir, key, value, words):
+    config_path = edit_config(adapter_dir, **{key: {"v_proj": value}})
+    with pytest.raises(al.AdapterFormatError,
+                       match=rf"{config_path}.*{key}\['v_proj'\]={re.escape(repr(value))}.*{words}"):
+        al.load_adapter(tiny_llama(), adapter_dir)
+
+
+@pytest.mark.parametrize("patched", [False, True])
+@pytest.mark.parametrize("changes, words", [
+    ({"r": 8}, r"r=8 is the rank of 'model\.layers\.0\.self_attn\.q_proj', but .*adapter_model\.safetensors holds "
+               r"base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight of shape \(4, 32\) \(rank 4\)"),
+    ({"rank_pattern": {"v_proj": 2}}, r"rank_pattern\['v_proj'\]=2 is the rank of 'model\.layers\.0\.self_attn\.v_proj', "
+                                      r"but .*adapter_model\.safetensors holds .*v_proj\.lora_A\.weight.*\(rank 4\)"),
+])
+def test_a_rank_that_disagrees_with_the_tensors_is_an_error(adapter_dir, changes, words, patched):
+    """PEFT would build the module at the config's rank (and scale by alpha over it): a file whose tensors
+    have another rank is inconsistent, whether or not the model is patched already."""
+    config_path = edit_config(adapter_dir, **changes)
+    model = adapted() if patched else tiny_llama()
+    with pytest.raises(al.AdapterFormatError, match=rf"{config_path}.*{words}"):
+        al.load_adapter(model, adapter_dir)
+    assert len(al.lora_modules(model)) == (4 if patched else 0)
+
+
+def test_rank_pattern_that_agrees_with_the_tensors_loads(tmp_path):
+    model = tiny_llama()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj"], dim=4, alpha=8))
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["v_proj"], dim=2, alpha=8))
+    al.save_adapter(model, tmp_path)
+    edit_config(tmp_path, rank_pattern={"v_proj": 2})  # PEFT's own spelling of what save_adapter wrote
+    fresh = tiny_llama()
+    assert al.load_adapter(fresh, tmp_path) == 4
+    assert fresh.model.layers[1].self_attn.v_proj.lora_settings.dim == 2
+
+
+# A single-string target_modules is HF PEFT's full-match regex over the module's FQN.
+def test_a_target_modules_regex_that_selects_exactly_the_tensors_loads(adapter_dir):
+    edit_config(adapter_dir, target_modules=r".*\.(q|v)_proj")
+    model = tiny_llama()
+    assert al.load_adapter(model, adapter_dir) == 4
+    assert sorted(name for name, _ in al.lora_modules(model)) == sorted(
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+
+
+@pytest.mark.parametrize("targets", [r".*\.q_proj", "q_proj|v_proj", r"model\.layers\.0\..*"])
+def test_a_target_modules_regex_that_does_not_fully_match_a_tensor_is_an_error(adapter_dir, targets):
+    """`q_proj|v_proj` would find both names with re.search, but PEFT full-matches: it selects neither."""
+    config_path = edit_config(adapter_dir, target_modules=targets)
+    model = tiny_llama()
+    with pytest.raises(al.AdapterFormatError, match=rf"{config_path}.*target_modules={re.escape(repr(targets))} does "
+                                                    r"not select 'model\.layers\.[01]\.self_attn\.[qv]_proj'.*PEFT "
+                                                    "would not load it"):
+        al.load_adapter(model, adapter_dir)
+    assert not al.lora_modules(model)
+
+
+def test_a_target_modules_regex_that_selects_modules_without_weights_is_an_error(adapter_dir):
+    config_path = edit_config(adapter_dir, target_modules=r".*\.(q|k|v)_proj")
+    model = tiny_llama()
+    with pytest.raises(al.AdapterFormatError, match=rf"{config_path}.*selects 2 linear module.*"
+                                                    r"model\.layers\.0\.self_attn\.k_proj"):
+        al.load_adapter(model, adapter_dir)
+    assert not al.lora_modules(model)
+
+
+@pytest.mark.parametrize("exclude", [["layers.1.self_attn.v_proj"], r"model\.layers\.1\.self_attn\.v_proj"])
+def test_tensors_of_an_excluded_module_are_an_error(adapter_dir, exclude):
+    config_path = edit_config(adapter_dir, exclude_modules=exclude)
+    with pytest.raises(al.AdapterFormatError, match=rf"{config_path}.*exclude_modules=.*does not select "
+                                                    r"'model\.layers\.1\.self_attn\.v_proj'"):
+        al.load_adapter(tiny_llama(), adapter_dir)
