@@ -36,7 +36,8 @@ from .patching import is_swapped_class, swapped_class, swapped_reduce
 from .quant import dequantizer_4bit, is_quantized_linear, quantized_compute_dtype
 
 # Attributes of an adapted module before `lora_settings` held them all, read from old pickles by
-# `LinearLoRA.__setstate__`, and still readable as properties: old name -> `LoraSettings` field.
+# `LinearLoRA.__setstate__`, and still readable (deprecated) as `_DeprecatedAlias`es: old name ->
+# `LoraSettings` field.
 _LEGACY_ATTRIBUTES = {
     "lora_dim": "dim",
     "lora_alpha": "alpha",
@@ -45,6 +46,35 @@ _LEGACY_ATTRIBUTES = {
     "lora_dropout_position": "dropout_position",
     "lora_A_init_method": "lora_A_init",
 }
+
+# The legacy names read so far in this process: each warns once (a training loop reading one per step
+# would otherwise warn every step).
+_LEGACY_WARNED: set[str] = set()
+
+
+class _DeprecatedAlias:
+    """A read-only class attribute standing for `lora_settings.<field>` under its old name; the first read of
+    each name in the process warns `DeprecationWarning`. Code of this package reads `lora_settings` only."""
+
+    def __init__(self, field: str):
+        self.field = field
+        self.__doc__ = f"Deprecated alias of `lora_settings.{field}`."
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
+        if self.name not in _LEGACY_WARNED:
+            _LEGACY_WARNED.add(self.name)
+            warnings.warn(f"{self.name} is deprecated; read module.lora_settings.{self.field} instead (the adapter's "
+                          "settings are one LoraSettings object)", DeprecationWarning, stacklevel=2)
+        return getattr(module.lora_settings, self.field)
+
+    def __set__(self, module, value) -> None:
+        raise AttributeError(f"{self.name} is read-only (and deprecated): the adapter's settings are the frozen "
+                             f"module.lora_settings; build new ones with lora_settings.replace({self.field}=...)")
 
 
 class LinearLoRA(nn.Linear):
@@ -68,8 +98,10 @@ class LinearLoRA(nn.Linear):
         lora_merged (bool): whether the adapter is folded into the base weight (`merge_lora`).
 
     The attributes `lora_dim`, `lora_alpha`, `lora_scale`, `lora_use_rslora`,
-    `lora_dropout_position` and `lora_A_init_method` are read-only aliases of
-    `lora_settings` fields, kept for old code.
+    `lora_dropout_position` and `lora_A_init_method` are deprecated read-only aliases of
+    `lora_settings` fields (`dim`, `alpha`, `scale`, `use_rslora`, `dropout_position`,
+    `lora_A_init`), kept for old code: the first read of each in a process warns
+    `DeprecationWarning`.
 
     Raises:
         TypeError: an override that is not a `LoraSettings` field.
@@ -162,15 +194,13 @@ class LinearLoRA(nn.Linear):
             f"dropout_position={s.dropout_position!r}, use_rslora={s.use_rslora}, merged={self.lora_merged}"
         )
 
-    # Read-only aliases of `lora_settings` fields (the names before the settings object).
-    lora_dim = property(lambda self: self.lora_settings.dim, doc="Alias of `lora_settings.dim`.")
-    lora_alpha = property(lambda self: self.lora_settings.alpha, doc="Alias of `lora_settings.alpha`.")
-    lora_scale = property(lambda self: self.lora_settings.scale, doc="Alias of `lora_settings.scale`.")
-    lora_use_rslora = property(lambda self: self.lora_settings.use_rslora, doc="Alias of `lora_settings.use_rslora`.")
-    lora_dropout_position = property(
-        lambda self: self.lora_settings.dropout_position, doc="Alias of `lora_settings.dropout_position`."
-    )
-    lora_A_init_method = property(lambda self: self.lora_settings.lora_A_init, doc="Alias of `lora_settings.lora_A_init`.")
+    # Deprecated read-only aliases of `lora_settings` fields (the names before the settings object).
+    lora_dim = _DeprecatedAlias("dim")
+    lora_alpha = _DeprecatedAlias("alpha")
+    lora_scale = _DeprecatedAlias("scale")
+    lora_use_rslora = _DeprecatedAlias("use_rslora")
+    lora_dropout_position = _DeprecatedAlias("dropout_position")
+    lora_A_init_method = _DeprecatedAlias("lora_A_init")
 
 
 class FusedLinearLoRA(LinearLoRA):

@@ -4,6 +4,7 @@ import copy
 import io
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -427,10 +428,62 @@ def test_module_keeps_one_settings_object_with_the_configs_names():
     q_proj = model.model.layers[0].self_attn.q_proj
     assert q_proj.lora_settings == cfg.lora_settings().replace(lora_dtype=torch.float32)  # the resolved dtype
     assert q_proj.lora_dropout.p == 0.1
-    # the old attribute names still read the same values
-    assert (q_proj.lora_dim, q_proj.lora_alpha, q_proj.lora_scale, q_proj.lora_A_init_method) == (4, 8, 2.0, "gaussian")
-    with pytest.raises(AttributeError):
-        q_proj.lora_dim = 8  # read-only: the settings object is the one place
+
+
+LEGACY = {"lora_dim": "dim", "lora_alpha": "alpha", "lora_scale": "scale", "lora_use_rslora": "use_rslora",
+          "lora_dropout_position": "dropout_position", "lora_A_init_method": "lora_A_init"}
+
+
+def test_legacy_attribute_names_warn_once_each_and_read_the_settings(monkeypatch):
+    import automodel_lora.lora as lora_module
+
+    monkeypatch.setattr(lora_module, "_LEGACY_WARNED", set())
+    model = tiny_llama()
+    cfg = al.PeftConfig(target_modules=["q_proj"], dim=4, alpha=8, dropout_position="pre", lora_A_init="gaussian",
+                        use_rslora=True)
+    al.apply_lora_to_linear_modules(model, cfg)
+    q_proj, other = model.model.layers[0].self_attn.q_proj, model.model.layers[1].self_attn.q_proj
+    expected = {"lora_dim": 4, "lora_alpha": 8, "lora_scale": 4.0, "lora_use_rslora": True,
+                "lora_dropout_position": "pre", "lora_A_init_method": "gaussian"}
+    for name, field in LEGACY.items():
+        assert getattr(q_proj.lora_settings, field) == expected[name]  # the values the aliases must give
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            values = [getattr(q_proj, name), getattr(q_proj, name), getattr(other, name)]
+        assert values == [expected[name]] * 3, name
+        assert [w.category for w in seen] == [DeprecationWarning], (name, [str(w.message) for w in seen])
+        assert str(seen[0].message).startswith(f"{name} is deprecated; read module.lora_settings.{field} instead")
+        assert seen[0].filename == __file__  # attributed to the reader's line
+        with pytest.raises(AttributeError, match=rf"{name} is read-only.*lora_settings.replace\({field}="):
+            setattr(q_proj, name, 1)  # the settings object is the one place
+        assert getattr(q_proj.lora_settings, field) == expected[name]
+
+
+def test_the_package_itself_reads_no_legacy_attribute(monkeypatch, tmp_path):
+    """Patch, train a step (both classes), repr, deepcopy, pickle, merge, unmerge, save, load, remove: none of it
+    reads a deprecated alias (each would warn here, the once-per-name record being empty)."""
+    import automodel_lora.lora as lora_module
+
+    monkeypatch.setattr(lora_module, "_LEGACY_WARNED", set())
+    ids = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64]])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"lora_\w+ is deprecated", category=DeprecationWarning)
+        for use_triton in (True, False):
+            model = tiny_llama()
+            cfg = al.PeftConfig(match_all_linear=True, dim=4, alpha=8, dropout=0.1, use_triton=use_triton)
+            al.apply_lora_to_linear_modules(model, cfg)
+            model(ids, labels=ids).loss.backward()
+            repr(model)
+            copy.deepcopy(model)
+            pickle.loads(pickle.dumps(model))
+            al.save_adapter(model, tmp_path / str(use_triton), cfg)
+            al.merge_lora(model)
+            al.unmerge_lora(model)
+            fresh = tiny_llama()
+            al.load_adapter(fresh, tmp_path / str(use_triton))
+            al.load_adapter(fresh, tmp_path / str(use_triton))  # into the patched model: the scale check
+            al.remove_lora(model)
+    assert lora_module._LEGACY_WARNED == set()
 
 
 def test_patch_takes_a_settings_object_and_overrides():
