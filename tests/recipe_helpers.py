@@ -1,9 +1,12 @@
-"""Shared pieces of the recipe tests: a tiny recipe, small data files, running a recipe quietly."""
+"""Shared pieces of the recipe tests: a tiny recipe, small data files, running a recipe quietly,
+and faults injected where bytes reach the OS (a full disk, a directory that denies writes)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,3 +94,110 @@ def adapter_tensors(adapter_dir: Path) -> dict:
     from automodel_lora.adapter_io import ADAPTER_WEIGHTS_NAME
 
     return load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS_NAME))
+
+
+SAFETENSORS_ENOSPC = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+class DiskFull:
+    """A disk that fills up: writes to the files ``hit(path)`` selects keep ``budget`` more bytes, then
+    the rest of the write fails with ENOSPC, as the kernel's ``write`` does (some bytes reached the file).
+
+    It is patched in where bytes reach the OS: ``open`` / ``io.open`` (so ``pathlib``, ``json`` and
+    any Python writer go through it) and safetensors' writer, which writes from Rust; that one writes
+    a truncated file and raises the error safetensors raises for an ``io::Error``.
+    """
+
+    def __init__(self, monkeypatch, hit, budget: int = 0, code: int = errno.ENOSPC):
+        import builtins
+        import io
+
+        import safetensors.torch
+
+        self.hit, self.budget = hit, budget
+        real_open, real_save_file = builtins.open, safetensors.torch.save_file
+        disk = self
+
+        class FullFile:
+            def __init__(self, f):
+                self._f = f
+
+            def write(self, data):
+                n = disk.take(len(data))
+                self._f.write(data[:n])
+                if n < len(data):
+                    raise OSError(code, os.strerror(code))
+                return n
+
+            def __getattr__(self, name):
+                return getattr(self._f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self._f.close()
+
+            def __iter__(self):
+                return iter(self._f)
+
+        def full_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            writes = any(c in mode for c in "wax+")
+            return FullFile(f) if writes and isinstance(file, (str, os.PathLike)) and disk.hit(str(file)) else f
+
+        def full_save_file(tensors, filename, metadata=None):
+            if not disk.hit(str(filename)):
+                return real_save_file(tensors, filename, metadata=metadata)
+            data = safetensors.torch.save(tensors, metadata=metadata)
+            n = disk.take(len(data))
+            with real_open(filename, "wb") as f:
+                f.write(data[:n])
+            if n < len(data):
+                raise safetensors.SafetensorError(SAFETENSORS_ENOSPC)
+
+        monkeypatch.setattr(builtins, "open", full_open)
+        monkeypatch.setattr(io, "open", full_open)
+        monkeypatch.setattr(safetensors.torch, "save_file", full_save_file)
+
+    def take(self, n: int) -> int:
+        n = min(n, self.budget)
+        self.budget -= n
+        return n
+
+
+def deny_writes_under(monkeypatch, directory: Path) -> None:
+    """Writes under ``directory`` fail with EACCES, as in a read-only directory, even for root:
+    ``os.open`` for writing, ``os.mkdir`` and ``open`` / ``io.open`` in a writing mode."""
+    import builtins
+    import io
+
+    inside = str(directory) + os.sep
+
+    def denied(path) -> bool:
+        return os.path.abspath(os.fspath(path)).startswith(inside)
+
+    def eacces(path):
+        return PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+
+    real_os_open, real_mkdir, real_open = os.open, os.mkdir, builtins.open
+
+    def os_open(path, flags, *args, **kwargs):
+        if denied(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise eacces(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if denied(path):
+            raise eacces(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and denied(file) and any(c in mode for c in "wax+"):
+            raise eacces(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)

@@ -19,10 +19,21 @@ import torch
 import yaml
 
 from automodel_lora.cli import finetune_main
+from automodel_lora.recipe import loop as loop_module
 from automodel_lora.recipe import train as train_module
 from automodel_lora.recipe.progress import MetricsWriter
 
-from .recipe_helpers import adapter_tensors, read_metrics, run_recipe, step_losses, tiny_raw_recipe, write_text_data
+from .recipe_helpers import (
+    SAFETENSORS_ENOSPC,
+    DiskFull,
+    adapter_tensors,
+    deny_writes_under,
+    read_metrics,
+    run_recipe,
+    step_losses,
+    tiny_raw_recipe,
+    write_text_data,
+)
 
 STEPS = 4
 
@@ -244,7 +255,7 @@ def test_metrics_hold_one_record_per_step_after_restarts(tmp_path, monkeypatch):
 
 def _nan_loss_at(monkeypatch, steps: set[int]):
     """Training step ``s`` in ``steps`` (1-based) gets a NaN loss (and so NaN gradients)."""
-    real = train_module._causal_lm_loss_sum
+    real = loop_module.causal_lm_loss_sum
     calls = {"n": 0}
 
     def loss(logits, labels):
@@ -255,7 +266,7 @@ def _nan_loss_at(monkeypatch, steps: set[int]):
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr(train_module, "_causal_lm_loss_sum", loss)
+    monkeypatch.setattr(loop_module, "causal_lm_loss_sum", loss)
 
 
 def test_a_nonfinite_step_is_skipped_counted_and_never_applied(tmp_path, monkeypatch):
@@ -334,6 +345,13 @@ def _missing_key(ckpt):
         torch.save(state, f)
 
 
+def _bad_scheduler(ckpt):
+    f = _state_file(ckpt)
+    state = json.loads(f.read_text())
+    state["scheduler"] = {}
+    f.write_text(json.dumps(state))
+
+
 def _wrong_optimizer_shapes(ckpt):
     f = _optimizer_file(ckpt)
     payload = torch.load(f, weights_only=False)
@@ -350,6 +368,7 @@ DAMAGE = {
     "empty": lambda c: _empty(_optimizer_file(c)),
     "missing_key": _missing_key,
     "wrong_optimizer_shapes": _wrong_optimizer_shapes,
+    "bad_scheduler": _bad_scheduler,
 }
 
 
@@ -370,26 +389,6 @@ def test_a_damaged_checkpoint_named_by_path_fails_naming_the_file(tmp_path, fini
     assert rc == 2 and str(_optimizer_file(ckpts / "step_0000004")) in err and "has shape" in err, err
 
 
-@pytest.mark.parametrize(
-    "error, words",
-    [
-        (OSError(errno.ENOSPC, "No space left on device"), "No space left"),
-        (PermissionError(errno.EACCES, "Permission denied"), "not writable"),
-    ],
-)
-def test_a_failed_checkpoint_write_names_the_directory_and_leaves_no_temp(tmp_path, monkeypatch, capsys, error, words):
-    def failing_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")  # some bytes made it to disk before the error
-        raise error
-
-    monkeypatch.setattr(torch, "save", failing_save)
-    rc, err = _cli(tmp_path, _recipe(tmp_path), capsys)
-    ckpts = tmp_path / "out" / "checkpoints"
-    assert rc == 2 and words in err and str(ckpts) in err, err
-    assert [p.name for p in ckpts.iterdir()] == []  # the partial .tmp-step is gone
-
-
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_a_read_only_output_directory_fails_with_exit_code_2(tmp_path, capsys):
     out = tmp_path / "out"
@@ -400,3 +399,172 @@ def test_a_read_only_output_directory_fails_with_exit_code_2(tmp_path, capsys):
     finally:
         out.chmod(0o755)
     assert rc == 2 and str(out) in err and "not writable" in err, err
+
+
+def test_an_optimizer_state_that_fails_to_load_falls_back_to_the_next_checkpoint(tmp_path, finished_run, monkeypatch, capsys):
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    real = dcp_state_dict.set_optimizer_state_dict
+    calls = {"n": 0}
+
+    def fails_once(*args, **kwargs):  # the first load (the newest checkpoint) fails after the model is wrapped
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("size mismatch in a param group")
+        return real(*args, **kwargs)
+
+    _copy_run(finished_run, tmp_path)
+    monkeypatch.setattr(dcp_state_dict, "set_optimizer_state_dict", fails_once)
+    rc, err = _cli(tmp_path, _recipe(tmp_path, train={"max_steps": 5}), capsys)
+    assert rc == 0 and "warning: skipping checkpoint" in err and "size mismatch" in err, err
+    assert "step_0000002 at step 2/5" in err
+
+
+# ---------------------------------------------------------------------------------------- resume after a stop
+
+
+def test_a_diverging_run_rerun_stops_every_time_and_keeps_its_last_good_checkpoint(tmp_path, capsys):
+    raw = _recipe(tmp_path, train={"lr": 1e6, "max_steps": 12, "max_nonfinite_skips": 2}, checkpoint={"save_every": 1})
+    out, lasts = tmp_path / "out", []
+    for attempt in range(3):
+        rc, err = _cli(tmp_path, raw, capsys)
+        assert rc == 3 and "non-finite steps in a row" in err, (attempt, err)
+        assert not (out / "summary.json").exists()
+        last = sorted((out / "checkpoints").iterdir())[-1]
+        lasts.append(last.name)
+        _assert_finite_checkpoint(last)
+        state = json.loads((last / "trainer_state.json").read_text())
+        assert state["nonfinite_in_a_row"] == 0 and step_losses(out)[state["step"]] is not None, (attempt, state)
+    assert lasts == lasts[:1] * 3, lasts
+
+
+def test_a_run_whose_last_step_is_skipped_does_not_finish(tmp_path, monkeypatch, capsys):
+    _nan_loss_at(monkeypatch, {STEPS})
+    rc, err = _cli(tmp_path, _recipe(tmp_path), capsys)
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert rc == 3 and f"step {STEPS}" in err and f"last good checkpoint is {ckpts / 'step_0000002'}" in err, err
+    assert not (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "out" / "adapter").exists()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002"]
+
+
+def test_a_changed_lr_and_optimizer_settings_apply_on_resume(tmp_path, finished_run, capsys):
+    from automodel_lora.recipe import RecipeConfig
+    from automodel_lora.recipe.loop import lr_lambda
+
+    ckpts = _copy_run(finished_run, tmp_path)
+    raw = _recipe(tmp_path, train={"max_steps": 6, "lr": 1e-3, "weight_decay": 0.1, "eps": 1e-6})
+    rc, err = _cli(tmp_path, raw, capsys)
+    assert rc == 0 and "step_0000004 at step 4/6" in err, err
+    assert "train.lr changed from 0.01 to 0.001" in err, err
+    assert "train.weight_decay changed from 0 to 0.1" in err and "train.eps changed from 1e-08 to 1e-06" in err, err
+    tc = RecipeConfig.from_dict(raw).train
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "out") if "lr" in r}
+    for step in (5, 6):  # the lr of step s is that of the schedule at s - 1, from the new peak
+        assert lrs[step] == pytest.approx(1e-3 * lr_lambda(step - 1, 6, tc.warmup_steps, tc.scheduler, tc.min_lr_ratio))
+    group = torch.load(ckpts / "step_0000006" / "optimizer.pt", weights_only=True)["param_groups"][0]
+    assert (group["initial_lr"], group["weight_decay"], group["eps"]) == (1e-3, 0.1, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------- full disk
+
+
+def _no_partial_checkpoint(out) -> None:
+    ckpts = out / "checkpoints"
+    left = [p.name for d in (out, ckpts) if d.is_dir() for p in d.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+    assert left == [], left
+    for ckpt in ckpts.glob("step_*"):  # whatever is there is whole
+        _assert_finite_checkpoint(ckpt)
+        assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == int(ckpt.name[5:])
+
+
+@pytest.mark.parametrize(
+    "file, code",
+    [
+        ("optimizer.pt", errno.ENOSPC),
+        ("rng_rank0.pt", errno.ENOSPC),
+        ("trainer_state.json", errno.ENOSPC),
+        ("adapter_model.safetensors", errno.ENOSPC),
+        ("optimizer.pt", errno.EACCES),
+    ],
+)
+def test_a_failed_checkpoint_write_names_the_directory_and_leaves_no_partial_checkpoint(
+    tmp_path, monkeypatch, capsys, file, code
+):
+    out = tmp_path / "out"
+    DiskFull(monkeypatch, lambda p: "checkpoints" in p and os.path.basename(p).lstrip(".").startswith(file), 100, code)
+    rc, err = _cli(tmp_path, _recipe(tmp_path), capsys)
+    hint = "the disk is full" if code == errno.ENOSPC else "not writable"
+    assert rc == 2 and os.strerror(code) in err and str(out / "checkpoints") in err and hint in err, err
+    assert "no complete checkpoint was written yet" in err, err
+    _no_partial_checkpoint(out)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == []
+
+
+def test_a_full_disk_while_logging_metrics_stops_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    DiskFull(monkeypatch, lambda p: p.endswith("metrics.jsonl"), budget=700)  # about three records
+    rc, err = _cli(tmp_path, _recipe(tmp_path), capsys)
+    assert rc == 2 and "could not write metrics.jsonl" in err and str(out) in err and "the disk is full" in err, err
+    _no_partial_checkpoint(out)
+    assert not (out / "summary.json").exists()
+
+
+def test_a_full_disk_at_the_summary_stops_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    DiskFull(monkeypatch, lambda p: "summary.json" in p)
+    rc, err = _cli(tmp_path, _recipe(tmp_path), capsys)
+    assert rc == 2 and "summary.json" in err and str(out) in err and "No space left" in err, err
+    assert not (out / "summary.json").exists()
+    _no_partial_checkpoint(out)
+
+
+def test_torch_and_safetensors_write_errors_become_run_dir_errors(tmp_path):
+    import safetensors
+
+    from automodel_lora.recipe.errors import RunDirError
+    from automodel_lora.recipe.files import writing
+
+    errors = [  # what torch.save to a path and safetensors' save_file raise on a full disk
+        RuntimeError(
+            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
+        ),
+        safetensors.SafetensorError(SAFETENSORS_ENOSPC),
+    ]
+    for error in errors:
+        (tmp_path / ".tmp-x").mkdir()
+        with pytest.raises(RunDirError, match="could not write x in .*(No space left|file write failed)"):
+            with writing("x", tmp_path, cleanup=tmp_path / ".tmp-x"):
+                raise error
+        assert not (tmp_path / ".tmp-x").exists()
+    with pytest.raises(RuntimeError, match="unrelated"):  # other errors are not disguised as disk errors
+        with writing("x", tmp_path):
+            raise RuntimeError("unrelated")
+
+
+def test_a_truncated_adapter_file_is_never_committed_as_a_checkpoint(tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def silently_short(tensors, filename, metadata=None):  # a writer that lost its last buffer on close
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) - 16)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", silently_short)
+    rc, err = _cli(tmp_path, _recipe(tmp_path), capsys)
+    out = tmp_path / "out"
+    assert rc == 2 and "adapter_model.safetensors" in err and "incomplete" in err and str(out / "checkpoints") in err, err
+    _no_partial_checkpoint(out)
+
+
+# ---------------------------------------------------------------------------------------- not writable, as root too
+
+
+def test_an_unwritable_output_directory_fails_with_exit_code_2_even_as_root(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    deny_writes_under(monkeypatch, out)
+    rc, err = _cli(tmp_path, _recipe(tmp_path), capsys)
+    assert rc == 2 and str(out) in err and "not writable" in err, err
+    assert os.listdir(out) == []

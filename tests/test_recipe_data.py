@@ -7,8 +7,8 @@ import torch
 
 from automodel_lora.recipe.config import ConfigError, DataConfig
 from automodel_lora.recipe.data import IGNORE_INDEX, Example, StepSampler, build_datasets, collate, pack, tokenize_records
+from automodel_lora.recipe.loop import causal_lm_loss_sum, lr_lambda
 from automodel_lora.recipe.tokenizer import ByteTokenizer
-from automodel_lora.recipe.train import _causal_lm_loss_sum, lr_lambda
 
 from .conftest import assert_close, tiny_llama
 from .recipe_helpers import write_prompt_completion_data
@@ -68,13 +68,13 @@ def test_causal_lm_loss_over_completion_tokens_matches_transformers_loss(tmp_pat
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    ours = _causal_lm_loss_sum(logits, batch["labels"]) / n_targets
+    ours = causal_lm_loss_sum(logits, batch["labels"]) / n_targets
     assert_close(ours, reference, what="completion-only loss")
     # The mask changes the loss: every non-pad token as a target gives another value.
     all_tokens = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
     assert n_targets < int((all_tokens[:, 1:] != IGNORE_INDEX).sum())
     assert (
-        abs(float(_causal_lm_loss_sum(logits, all_tokens)) / int((all_tokens[:, 1:] != IGNORE_INDEX).sum()) - float(ours)) > 1e-3
+        abs(float(causal_lm_loss_sum(logits, all_tokens)) / int((all_tokens[:, 1:] != IGNORE_INDEX).sum()) - float(ours)) > 1e-3
     )
 
 

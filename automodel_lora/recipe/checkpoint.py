@@ -11,13 +11,17 @@ Layout of ``<output_dir>/checkpoints/step_0000050/``::
 Guarantees (each proved by ``tests/test_faults.py``):
 
 - Atomic: a checkpoint is written into ``.tmp-step_*``, its files flushed to disk, and the directory
-  renamed when complete, so a directory named ``step_*`` is always whole. Rotation renames a
+  renamed when complete (then the rename flushed), so a directory named ``step_*`` is always whole.
+  A failed write (disk full, not writable) removes ``.tmp-step_*`` and ends the run with exit code 2.
+  The adapter file is checked to be as long as its header says before the rename. Rotation renames a
   checkpoint to ``.trash-*`` before deleting it. Leftover ``.tmp-*`` / ``.trash-*`` are removed at
   the next start.
 - No code runs on load: ``.pt`` files are read with ``torch.load(weights_only=True)``, the rest is
   JSON and safetensors. A file that needs anything else is refused as unsafe.
-- Validated on load: keys, types and every optimizer tensor's shape against the model's trainable
-  parameters, so a bad checkpoint is named at resume, not found at the first optimizer step.
+- Validated on load: keys, types, the scheduler state and every optimizer tensor's shape against the
+  model's trainable parameters, so a bad checkpoint is named at resume, not found at the first
+  optimizer step; a checkpoint that still fails to load into the optimizer is skipped like one that
+  fails to read.
 - Rotation deletes only checkpoints of the current run (``run_id`` in ``trainer_state.json``).
 
 The optimizer state is gathered to full tensors (``full_state_dict=True``), so a run can resume
@@ -29,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +42,8 @@ import torch.nn as nn
 
 from .distributed import DistEnv, all_reduce_max, barrier
 from .errors import CheckpointError
-from .files import fresh_dir, fsync_files, remove_dir, replace_dir, writing
+from .files import fresh_dir, fsync_dir, fsync_files, remove_dir, replace_dir, save_tensors, write_bytes, writing
+from .optim import check_optimizer_slots, check_scheduler_state
 from .rng import capture_rng, restore_rng
 
 __all__ = ["CheckpointManager", "LoadedCheckpoint", "capture_rng", "restore_rng", "agree"]
@@ -180,17 +186,19 @@ class CheckpointManager:
             barrier(self.env)
             save_adapter(raw_model, str(tmp / ADAPTER_DIR), peft_cfg)
             optim_sd = get_optimizer_state_dict(train_model, optimizer, options=_optim_options(cpu_offload=True))
-            files = [tmp / f"rng_rank{self.env.rank}.pt"]
-            torch.save(capture_rng(self.env.device), files[0])
+            save_tensors(capture_rng(self.env.device), tmp / f"rng_rank{self.env.rank}.pt")
             if self.env.is_main:
-                torch.save(optim_sd, tmp / OPTIMIZER_FILE)
+                check_adapter_file(tmp / ADAPTER_DIR)
+                save_tensors(optim_sd, tmp / OPTIMIZER_FILE)
                 payload = {**state, "format": FORMAT, "run_id": self.run_id, "scheduler": scheduler.state_dict()}
-                (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1) + "\n")
-                files += [tmp / OPTIMIZER_FILE, tmp / STATE_FILE]
-            fsync_files(files)
+                write_bytes(tmp / STATE_FILE, (json.dumps(payload, indent=1) + "\n").encode())
+                fsync_files(p for p in (tmp / ADAPTER_DIR).iterdir() if p.is_file())
+                fsync_dir(tmp / ADAPTER_DIR)
+                fsync_dir(tmp)
             barrier(self.env)
             if self.env.is_main:
                 replace_dir(tmp, final)
+                fsync_dir(self.root)
                 self._rotate(step)
         barrier(self.env)
         return final
@@ -230,6 +238,7 @@ class CheckpointManager:
             raise CheckpointError(f"{path / ADAPTER_DIR} is missing")
         optim = _load_tensors(path / OPTIMIZER_FILE)
         _check_optimizer(optim, path / OPTIMIZER_FILE)
+        check_scheduler_state(state["scheduler"], len(optim["param_groups"]), state_file)
         rng_file = path / f"rng_rank{self.env.rank}.pt"
         rng = _load_tensors(rng_file) if rng_file.is_file() else None
         if rng is not None and not (
@@ -254,6 +263,7 @@ class CheckpointManager:
         for name, slots in ckpt.optimizer["state"].items():
             if name not in params or not isinstance(slots, dict):
                 raise CheckpointError(f"{file}: state for unknown parameter {name!r}")
+            check_optimizer_slots(name, slots, file)
             for slot, t in slots.items():
                 if not isinstance(t, torch.Tensor):
                     raise CheckpointError(f"{file}: `{name}.{slot}` is not a tensor")
@@ -276,11 +286,20 @@ class CheckpointManager:
         except Exception as e:  # safetensors / JSON / shape errors of a damaged adapter directory
             raise CheckpointError(f"{Path(path) / ADAPTER_DIR}: can't load the adapter ({type(e).__name__}: {e})") from None
 
-    def load_optimizer(self, train_model: nn.Module, optimizer, scheduler, ckpt: LoadedCheckpoint) -> None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    @staticmethod
+    def load_optimizer(train_model: nn.Module, optimizer, scheduler, ckpt: LoadedCheckpoint) -> None:
+        """Into the wrapped model's optimizer and its scheduler.
 
-        set_optimizer_state_dict(train_model, optimizer, ckpt.optimizer, options=_optim_options())
-        scheduler.load_state_dict(ckpt.state["scheduler"])
+        Raises:
+            CheckpointError: the state does not load (the caller falls back to an older checkpoint).
+        """
+        from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+        try:
+            dcp_state_dict.set_optimizer_state_dict(train_model, optimizer, ckpt.optimizer, options=_optim_options())
+            scheduler.load_state_dict(ckpt.state["scheduler"])
+        except Exception as e:  # whatever torch raises for a state that passed the checks of read()
+            raise CheckpointError(f"{ckpt.path}: can't load the optimizer or scheduler state ({type(e).__name__}: {e})") from None
 
     def load_rng(self, ckpt: LoadedCheckpoint) -> bool:
         """Restore this rank's RNG; False if the checkpoint has none for this rank.
@@ -295,6 +314,28 @@ class CheckpointManager:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise CheckpointError(f"{ckpt.path / f'rng_rank{self.env.rank}.pt'} is not an RNG state ({e})") from None
         return True
+
+
+def check_adapter_file(adapter_dir: Path) -> None:
+    """The safetensors file is as long as its header says: a writer that lost bytes on a full disk
+    without raising (a buffer dropped on close) would otherwise commit a truncated checkpoint.
+
+    Raises:
+        OSError: the file is shorter or longer (``writing`` turns it into a ``RunDirError``).
+    """
+    from automodel_lora.adapter_io import ADAPTER_WEIGHTS_NAME
+
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] if header else None
+    except (ValueError, KeyError, TypeError, IndexError, struct.error):
+        ends = None
+    if ends is None or size != 8 + n + max(ends, default=0):
+        raise OSError(f"{path.name} was written incomplete ({size} bytes on disk); is the disk full?")
 
 
 def all_finite(tensors) -> bool:

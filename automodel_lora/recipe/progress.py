@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from .files import writing
+
 __all__ = ["ProgressBar", "MetricsWriter", "format_duration"]
 
 
@@ -85,22 +87,39 @@ class ProgressBar:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``<output_dir>/metrics.jsonl`` (rank 0 only)."""
+    """Appends one JSON object per line to ``<output_dir>/metrics.jsonl`` (rank 0 only).
 
-    def __init__(self, path: Path, enabled: bool = True):
+    Mid-run, this file is where a filling disk usually shows first: a failed open or write raises
+    ``RunDirError`` naming the directory (exit code 2), ``note`` appended (e.g. the last checkpoint).
+
+    Args:
+        path: The file.
+        enabled: False on ranks other than 0 (nothing is written).
+        note: A callable returning text for the end of a write error's message.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True, note=None):
         self.path = Path(path)
         self.enabled = enabled
+        self.note = note or (lambda: "")
         self._f = None
         if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = self.path.open("a", encoding="utf-8")
+            with writing(self.path.name, self.path.parent):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._f = self.path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         if self._f is not None:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
+            with writing(self.path.name, self.path.parent, note=self.note()):
+                self._f.write(json.dumps(record) + "\n")
+                self._f.flush()
 
     def close(self) -> None:
+        """Close the file. A write error was raised by :meth:`write` already: closing, which flushes
+        the failed record again, must not raise it a second time over the first one."""
         if self._f is not None:
-            self._f.close()
-            self._f = None
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except OSError:
+                pass

@@ -1,9 +1,13 @@
 """The setup phase of a :class:`~automodel_lora.recipe.train.Recipe`, in the order it runs.
 
-1. inputs: model config, tokenizer and data, checked before anything is written;
-2. the output directory: its lock, leftovers of killed runs removed, another run never overwritten;
-3. the checkpoint to resume from: the newest intact one (a damaged one is named and skipped);
-4. model, adapter weights, optimizer and scheduler, RNG; metrics truncated to the resumed step.
+1. the output directory's lock, first, so a second run on it fails at once (the directory and its
+   ``.lock`` file are created even when an input turns out bad);
+2. inputs: model config, tokenizer and data, checked before anything else is written;
+3. the output directory: leftovers of killed runs removed, another run never overwritten;
+4. the checkpoint to resume from: the newest intact one (a damaged one is named and skipped);
+5. model, adapter weights, optimizer and scheduler, RNG; metrics truncated to the resumed step.
+   A checkpoint whose adapter, optimizer or scheduler state fails to load is skipped too: the
+   model is built afresh and the next older checkpoint restored into it.
 
 Every decision that touches files is made on rank 0 and agreed by all ranks, so a refusal ends
 every rank with the same error instead of leaving the others waiting in a collective.
@@ -25,8 +29,9 @@ from .data import StepSampler, build_datasets, eval_batches
 from .distributed import DistEnv, barrier, wrap_model
 from .errors import CheckpointError, RunDirError
 from .files import atomic_write_text, clean_stale, writing
-from .loop import lr_lambda, use_bf16
+from .loop import use_bf16
 from .model import load_model_config, prepare_model
+from .optim import apply_settings, build_optimizer
 from .progress import ProgressBar
 from .rundir import RunLock, move_aside
 from .tokenizer import build_tokenizer
@@ -43,6 +48,9 @@ class TrainState:
     val_loss_before: float | None = None
     first_loss: float | None = None
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm, in the whole run
+    # Non-finite steps in a row up to ``step``: carried across reruns, so train.max_nonfinite_skips
+    # counts a streak that spans a restart. A checkpoint is saved only when it is 0 (``Recipe``).
+    nonfinite_in_a_row: int = 0
 
     @classmethod
     def from_json(cls, raw: dict) -> TrainState:
@@ -74,7 +82,6 @@ class RecipeSetup:
         self.last_checkpoint: Path | None = None  # the newest checkpoint known good: resumed from or saved
         self.last_saved = -1  # step of the checkpoint saved last by this process
         self.last_loss: float | None = None
-        self.nonfinite_in_a_row = 0
 
     # ---------------------------------------------------------------- the phase
     def setup(self) -> dict | None:
@@ -87,6 +94,7 @@ class RecipeSetup:
             ConfigError: a bad input; ``RunDirError`` / ``CheckpointError`` for the output
                 directory and the checkpoint to resume from.
         """
+        self._on_main(self._lock, "lock the output directory")
         self._check_inputs()
         self._take_output_dir()
         self._pick_checkpoint()
@@ -94,9 +102,12 @@ class RecipeSetup:
         if finished is not None:
             return finished
         self._guard_other_runs()
-        self._build_model()
-        self._restore_adapter()
-        self._build_optimizer()
+        while True:
+            self._build_model()
+            self._restore_adapter()
+            if self._build_optimizer():
+                break
+            self.raw_model = self.model = self.optimizer = self.scheduler = self.params = None  # built afresh
         self._open_metrics()
         return None
 
@@ -159,15 +170,17 @@ class RecipeSetup:
         if not agree(error is None, self.env):
             raise error or RunDirError(f"rank 0 failed to {what} in {self.out_dir}")
 
+    def _lock(self) -> None:
+        self.lock = RunLock(self.out_dir).acquire()
+
     def _take_output_dir(self) -> None:
-        def take():
-            self.lock = RunLock(self.out_dir).acquire()
+        def clean():
             # Only now, holding the lock, is no other run writing here: leftovers are a killed run's.
             for d in (self.out_dir, self.out_dir / "checkpoints"):
                 for p in clean_stale(d):
                     self.say(f"[checkpoint] removed {p.name}, left by a run that was killed while writing")
 
-        self._on_main(take, "lock the output directory")
+        self._on_main(clean, "clean the output directory")
         self.ckpts = CheckpointManager(self.out_dir, self.ck.keep_last, self.env)
 
     # ---------------------------------------------------------------- 3. checkpoint to resume from
@@ -280,18 +293,30 @@ class RecipeSetup:
         if self._skipped:
             raise self._no_intact_checkpoint()
 
-    def _build_optimizer(self) -> None:
+    def _build_optimizer(self) -> bool:
+        """Wrap the model, build the optimizer and schedule, restore the checkpoint's state into them.
+
+        Returns:
+            False if the checkpoint's optimizer or scheduler state failed to load on a rank: it was
+            skipped, ``self.loaded`` is the next candidate, and the model must be built afresh.
+        """
         cfg, tc, env = self.cfg, self.cfg.train, self.env
         self.model = wrap_model(self.raw_model, env, cfg.distributed)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
-        total, warmup = self.total_steps, self.warmup
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, total, warmup, tc.scheduler, tc.min_lr_ratio)
-        )
+        self.optimizer, self.scheduler = build_optimizer(self.params, tc, self.total_steps, self.warmup)
         if self.loaded is not None:
-            self.ckpts.load_optimizer(self.model, self.optimizer, self.scheduler, self.loaded)
+            error = None
+            try:
+                self.ckpts.load_optimizer(self.model, self.optimizer, self.scheduler, self.loaded)
+            except CheckpointError as e:
+                error = e
+            if not agree(error is None, env):
+                self._reject(self.loaded.path, error)
+                self.loaded = self._next_readable()
+                return False
+            for change in apply_settings(self.optimizer, self.scheduler, tc):
+                self.say(f"[resume] {change}")
             self.state = TrainState.from_json(self.loaded.state)
             self.start_step, self.resumed = self.loaded.step, True
             self.last_checkpoint, self.last_saved = self.loaded.path, self.loaded.step
@@ -302,6 +327,7 @@ class RecipeSetup:
         else:
             torch.manual_seed(tc.seed + env.rank)  # dropout differs per rank
         self.fwd_model = torch.compile(self.model) if tc.compile else self.model
+        return True
 
     def _open_metrics(self) -> None:
         """``metrics.jsonl`` keeps exactly the records up to the step this run starts from."""
@@ -313,7 +339,13 @@ class RecipeSetup:
                 _trim_metrics(out / "metrics.jsonl", self.start_step if self.resumed else None)
 
         self._on_main(prepare, "write config.yaml")
-        self.metrics = self.new_metrics_writer(out / "metrics.jsonl", self.env.is_main)
+        error = None
+        try:
+            self.metrics = self.new_metrics_writer(out / "metrics.jsonl", self.env.is_main)
+        except ConfigError as e:
+            error = e
+        if not agree(error is None, self.env):
+            raise error or RunDirError(f"rank 0 failed to open metrics.jsonl in {out}")
         self.val = eval_batches(self.val_set, tc.eval_batch_size or tc.batch_size, tc.eval_max_batches)
         if self.state.val_loss_before is None and self.val:
             self.state.val_loss_before = self.evaluate()

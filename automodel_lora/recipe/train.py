@@ -11,8 +11,23 @@
 
 so the gradient is that of the mean token loss over the whole global batch, whatever the
 split over micro-batches and ranks: 2 ranks x batch 2 equals 1 rank x batch 4, to fp tolerance.
-A step whose loss or gradient norm is not finite is skipped or stops the run (``train.nonfinite``);
-a checkpoint is written only if every adapter and optimizer value is finite.
+A step whose loss or gradient norm is not finite is skipped or stops the run (``train.nonfinite``).
+
+Non-finite steps and checkpoints: a skipped step leaves the adapter and the optimizer as they
+were, so the only good state to keep is that of the last finite step. Hence:
+
+- the streak (non-finite steps in a row) is part of the train state and of ``trainer_state.json``;
+- no checkpoint is written while the streak is > 0: a periodic save is put off (and said), an
+  interrupt saves nothing (the resume redoes the steps after the last good checkpoint); so the
+  newest checkpoint is always that of a finite step, and rotation never deletes it for a
+  checkpoint of a streak;
+- a streak reaching ``train.max_nonfinite_skips`` stops the run (exit 3); a run whose last step
+  is skipped stops too (exit 3), as its last checkpoint can't be saved: a run ends with exit 0
+  only on a finite step. A rerun resumes from the last good checkpoint; the same data and
+  settings diverge the same way and stop again, so lowering ``train.lr`` (applied on resume) or
+  fixing the data is what moves it on.
+
+A checkpoint is also written only if every adapter and optimizer value is finite.
 """
 
 from __future__ import annotations
@@ -28,15 +43,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import agree, all_finite, optimizer_tensors
+from . import loop
+from .checkpoint import ADAPTER_DIR, agree, all_finite, check_adapter_file, optimizer_tensors
 from .config import RecipeConfig
 from .data import collate
 from .distributed import all_reduce_max, all_reduce_sum, barrier, cleanup, no_sync, setup_distributed
 from .errors import TrainingInterrupted, TrainingStopped
-from .files import atomic_write_text, writing
+from .files import TMP_PREFIX, atomic_write_text, fresh_dir, fsync_dir, fsync_files, replace_dir, writing
 from .loop import SignalFlag, evaluate, lr_lambda
-from .loop import causal_lm_loss_sum as _causal_lm_loss_sum
-from .loop import n_targets as _n_targets
 from .progress import MetricsWriter, format_duration
 from .setup_phase import RecipeSetup, TrainState
 
@@ -76,7 +90,7 @@ class Recipe(RecipeSetup):
     """
 
     def new_metrics_writer(self, path: Path, enabled: bool) -> MetricsWriter:
-        return MetricsWriter(path, enabled=enabled)
+        return MetricsWriter(path, enabled=enabled, note=lambda: f"; the last complete checkpoint is {self._last_good()}")
 
     # ---------------------------------------------------------------- train
     def train(self) -> None:
@@ -97,7 +111,7 @@ class Recipe(RecipeSetup):
                 stop = torch.tensor([float(sig.signum or 0)], device=self.env.device)
                 all_reduce_max(stop, self.env)
                 if self.ck.save_every and step % self.ck.save_every == 0 and step < self.total_steps:
-                    self.save_checkpoint(step)
+                    self._periodic_save(step)
                 if int(stop.item()):
                     self._interrupted(step, int(stop.item()))
         self.bar.close()
@@ -109,7 +123,7 @@ class Recipe(RecipeSetup):
         pad = self.tokenizer.pad_token_id
         micro = [collate([self.train_set[i] for i in idx], pad) for idx in self.sampler.micro_batches(step, env.rank)]
         counts = torch.tensor(
-            [sum(_n_targets(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)],
+            [sum(loop.n_targets(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)],
             dtype=torch.float64,
             device=env.device,
         )
@@ -122,7 +136,7 @@ class Recipe(RecipeSetup):
             with no_sync(self.model, env, sync=(m == len(micro) - 1)):
                 with self.autocast():
                     logits = self.fwd_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                ce = _causal_lm_loss_sum(logits, b["labels"])
+                ce = loop.causal_lm_loss_sum(logits, b["labels"])
                 (ce * (env.world_size / n_tgt)).backward()
             loss_sum += ce.detach().double()
         all_reduce_sum(loss_sum, env)
@@ -147,11 +161,11 @@ class Recipe(RecipeSetup):
         st = self.state
         st.tokens += int(r.n_tokens)
         if r.finite:
-            self.nonfinite_in_a_row = 0
+            st.nonfinite_in_a_row = 0
             st.first_loss = r.loss if st.first_loss is None else st.first_loss
             self.last_loss = r.loss
         else:
-            self.nonfinite_in_a_row += 1
+            st.nonfinite_in_a_row += 1
             st.nonfinite_steps += 1
         rec = {
             "step": step,
@@ -190,25 +204,48 @@ class Recipe(RecipeSetup):
     def _nonfinite(self, step: int, r: StepResult) -> None:
         tc = self.cfg.train
         what = f"step {step}: loss {r.loss}, grad_norm {r.grad_norm}"
-        if tc.nonfinite == "skip" and self.nonfinite_in_a_row < tc.max_nonfinite_skips:
+        streak = self.state.nonfinite_in_a_row
+        if tc.nonfinite == "skip" and streak < tc.max_nonfinite_skips:
             self.say(f"[nonfinite] {what}: step skipped (the optimizer did not step; {self.state.nonfinite_steps} so far)")
             return
         why = (
             "train.nonfinite=stop"
             if tc.nonfinite == "stop"
-            else f"{self.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_skips={tc.max_nonfinite_skips})"
+            else f"{streak} non-finite steps in a row (train.max_nonfinite_skips={tc.max_nonfinite_skips})"
         )
+        self._stop_nonfinite(f"{what} is not finite: {why}")
+
+    def _stop_nonfinite(self, what: str) -> None:
         self._stop(
-            f"[stop] {what} is not finite: {why}. Nothing was saved for this step; the last good checkpoint is "
-            f"{self._last_good()}. Lower train.lr (now {tc.lr:g}), set train.max_grad_norm or check the data, then rerun "
-            "(checkpoint.resume=auto continues from the last good checkpoint)"
+            f"[stop] {what}. Nothing was saved for this step; the last good checkpoint is {self._last_good()}. "
+            f"Lower train.lr (now {self.cfg.train.lr:g}; a rerun applies a new value), set train.max_grad_norm "
+            "or check the data, then rerun (checkpoint.resume=auto continues from the last good checkpoint)"
         )
 
+    def _periodic_save(self, step: int) -> None:
+        """A ``save_every`` checkpoint, put off while the streak is > 0 (its state is not a good one)."""
+        streak = self.state.nonfinite_in_a_row
+        if streak == 0:
+            self.save_checkpoint(step)
+        else:
+            self.say(
+                f"[checkpoint] step {step}: not saved, {streak} non-finite step(s) in a row; "
+                f"the last good checkpoint is {self._last_good()}"
+            )
+
     def _interrupted(self, step: int, signum: int) -> None:
-        path = self.last_checkpoint if self.last_saved == step else self.save_checkpoint(step)
-        self.bar.close()
         name = signal.Signals(signum).name
-        self.say(f"[{name}] checkpoint saved at step {step}: {path}\n  resume with the same command (checkpoint.resume=auto)")
+        if self.state.nonfinite_in_a_row:  # nothing good to save: the resume redoes the steps after the last
+            self.bar.close()
+            self.say(
+                f"[{name}] stopped at step {step}, {self.state.nonfinite_in_a_row} non-finite step(s) in a row: not "
+                f"saved; the last good checkpoint is {self._last_good()}\n  resume with the same command "
+                "(checkpoint.resume=auto)"
+            )
+        else:
+            path = self.last_checkpoint if self.last_saved == step else self.save_checkpoint(step)
+            self.bar.close()
+            self.say(f"[{name}] checkpoint saved at step {step}: {path}\n  resume with the same command (checkpoint.resume=auto)")
         self.metrics.close()
         raise TrainingInterrupted(128 + signum)
 
@@ -224,6 +261,7 @@ class Recipe(RecipeSetup):
 
     def save_checkpoint(self, step: int) -> Path:
         """Write checkpoint ``step`` (collective) after checking that every value in it is finite.
+        Never called while the non-finite streak is > 0 (see the module's docstring).
 
         Raises:
             TrainingStopped: an adapter or optimizer value is not finite (nothing is written).
@@ -245,13 +283,15 @@ class Recipe(RecipeSetup):
     # ---------------------------------------------------------------- finish
     def finish(self) -> dict:
         """Save the last checkpoint and the adapter, evaluate, write ``summary.json``."""
-        from automodel_lora import save_adapter
-
         total, out = self.total_steps, self.out_dir
+        if self.state.nonfinite_in_a_row:
+            self._stop_nonfinite(
+                f"step {total}, the last, ends {self.state.nonfinite_in_a_row} non-finite step(s) in a row: the run "
+                "can't finish on a skipped step"
+            )
         if self.last_saved != total:
             self.save_checkpoint(total)
-        with writing("the adapter", out):
-            save_adapter(self.raw_model, str(out / "adapter"), self.cfg.peft)
+        self._save_final_adapter()
         val_after = self.evaluate() if self.val else None
         if val_after is not None:
             self.metrics.write({"step": total, "val_loss": val_after})
@@ -280,6 +320,26 @@ class Recipe(RecipeSetup):
             self._say_done(summary)
         barrier(self.env)
         return summary
+
+    def _save_final_adapter(self) -> None:
+        """``<output_dir>/adapter`` written as a checkpoint is: into ``.tmp-adapter``, checked,
+        flushed, renamed (a full disk leaves the previous adapter, if any, and no partial one)."""
+        from automodel_lora import save_adapter
+
+        out = self.out_dir
+        final, tmp = out / ADAPTER_DIR, out / f"{TMP_PREFIX}{ADAPTER_DIR}"
+        with writing("the adapter", out, cleanup=tmp, note=f"; the last complete checkpoint is {self._last_good()}"):
+            if self.env.is_main:
+                fresh_dir(tmp)
+            barrier(self.env)
+            save_adapter(self.raw_model, str(tmp), self.cfg.peft)
+            if self.env.is_main:
+                check_adapter_file(tmp)
+                fsync_files(p for p in tmp.iterdir() if p.is_file())
+                fsync_dir(tmp)
+                replace_dir(tmp, final)
+                fsync_dir(out)
+        barrier(self.env)
 
     def _say_done(self, summary: dict) -> None:
         out, say = self.out_dir, self.say
