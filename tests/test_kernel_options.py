@@ -212,16 +212,17 @@ def test_environment_default_routes_calls_without_options(clean_env, monkeypatch
 # ------------------------------------------------------------------------------------------
 def test_version_gate():
     launch = pytest.importorskip("automodel_lora.kernels.launch")
-    assert launch.untested_release("3.4.0") is None and launch.untested_release("3.6.1+git1234") is None
-    assert launch.untested_release("3.5.0rc1") is None
-    for version in ("3.3.1", "3.7.0", "3.9.0", "4.0.0"):
-        assert "outside the releases" in launch.untested_release(version), version
+    assert launch.FAST_LAUNCH_TESTED == ((3, 6),)  # the only release the GPU suite has run with
+    assert launch.untested_release("3.6.0") is None and launch.untested_release("3.6.1+git1234") is None
+    for version in ("3.3.1", "3.4.0", "3.5.0rc1", "3.7.0", "3.9.0", "4.0.0"):
+        assert launch.untested_release(version) == (
+            f"Triton {version} is outside the releases its direct launch was tested with (3.6)"), version
     assert "not one this package can read" in launch.untested_release("nightly")
 
     class NoKnobs:  # a Triton without triton.knobs
         pass
 
-    assert "launch hooks" in launch.fast_launch_status("3.5.0", NoKnobs)
+    assert "launch hooks" in launch.fast_launch_status("3.6.0", NoKnobs)
     assert launch.fast_launch_status("3.2.0", NoKnobs).startswith("Triton 3.2.0 is outside")
 
 

@@ -315,6 +315,40 @@ def test_torch_compile_fullgraph_matches_eager():
         check(a, e, torch.float32, f"compiled grad {i}")
 
 
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "base_out"])
+@pytest.mark.parametrize("pos,p", [("pre", 0.0), ("pre", 0.3), ("post", 0.3)])
+def test_reference_module_matches_float64_autograd(pos, p, with_weight):
+    """``kernels.reference`` called directly (the math its docstring states) against float64 autograd of the
+    same formula with the same keep-mask, with the base as (weight, bias) and as a caller's base_out."""
+    from automodel_lora.kernels import reference as R
+
+    M, K, N, r, s = 19, 40, 24, 8, 1.5
+    x, W, b, A, B = make(M, K, N, r, torch.float32, True)
+    seed = torch.tensor([1234], dtype=torch.int64)
+    keep = None
+    if p > 0:
+        keep = R.reference_keep(seed, M, K if pos == "pre" else N, p, "cpu").double()
+        assert keep.dtype == torch.float64 and 0 < keep.mean() < 1
+    base_out = None if with_weight else (x @ W.t() + b).detach()
+    y, xa = R.reference_forward(x.detach(), W if with_weight else None, b if with_weight else None, base_out,
+                                A.detach(), B.detach(), s, p, pos == "post", seed)
+    xr, Ar, Br = (t.detach().double().requires_grad_(True) for t in (x, A, B))
+    yr = reference(xr, W.double(), b.double(), Ar, Br, s, p, pos, keep)
+    g = torch.randn(M, N)
+    yr.backward(g.double())
+    check(y, yr, torch.float32, "y")
+    xd = xr.detach() * keep / (1 - p) if (pos == "pre" and keep is not None) else xr.detach()
+    check(xa, xd @ Ar.detach().t(), torch.float32, "xa")
+    dx, dA, dB = R.reference_backward(g, x.detach(), W if with_weight else None, A.detach(), B.detach(), xa, s, p,
+                                      pos == "post", seed, True, True, True)
+    dx_lora = xr.grad - (0 if with_weight else g.double() @ W.double())  # base_out: dx has the adapter part only
+    check(dx, dx_lora, torch.float32, "dx")
+    check(dA, Ar.grad, torch.float32, "dA")
+    check(dB, Br.grad, torch.float32, "dB")
+    assert R.reference_backward(g, x.detach(), None, A.detach(), B.detach(), xa, s, p, pos == "post", seed,
+                                False, False, True)[:2] == (None, None)
+
+
 def test_reference_path_without_triton():
     """With triton unimportable, the package imports and the CPU reference path runs."""
     code = (

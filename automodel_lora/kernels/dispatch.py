@@ -46,7 +46,9 @@ _RESIDENT: dict = {}
 def fused_proj_safe(device) -> bool:
     """Whether every program of a persistent grid on ``device`` can be resident (``all_programs_resident``
     with this process's environment), decided once per device; always on the CPU interpreter, which runs
-    the programs one after another."""
+    the programs one after another.  Only the MPS thread-percentage cap is seen here: no ``free_sms`` is
+    passed, since torch reports the whole device inside a green-context partition; there the user turns
+    the fused projection off (``KernelOptions(fuse_proj=False)``)."""
     if device.type != "cuda":
         return True
     ok = _RESIDENT.get(device.index)

@@ -18,7 +18,7 @@ Backends (chosen per call inside the custom op, so torch.compile sees one opaque
     K step (no pass over y or dx for it); elsewhere, and with dropout on the fused side, it is cuBLAS
     with the low-rank term written first and accumulated through the GEMM's beta=1 epilogue
     (``t.addmm_(x, W^T)``).
-  * otherwise: the pure-PyTorch reference math below (same autograd.Function).
+  * otherwise: the pure-PyTorch reference math of ``reference.py`` (same autograd.Function).
 
 Nothing here reads process-global policy: every call carries its ``KernelOptions`` (None: the
 environment's defaults, ``KernelOptions()``).
@@ -32,10 +32,10 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .options import KernelOptions
+from .reference import reference_backward, reference_forward, reference_keep
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -101,64 +101,13 @@ def on_device_of(t: torch.Tensor, fn, *args):
 # ----------------------------------------------------------------------------------------
 # dropout keep-masks
 # ----------------------------------------------------------------------------------------
-def _ref_keep(seed: torch.Tensor, M: int, D: int, p: float, device) -> torch.Tensor:
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed.item()))
-    return torch.rand((M, D), generator=g, device=device) >= p
-
-
 def dropout_keep_mask(seed: torch.Tensor, M: int, D: int, p: float, device) -> torch.Tensor:
     """The ``(M, D)`` bool keep-mask the active backend derives from ``seed`` (tests, debugging)."""
     device = torch.device(device)
     if HAS_TRITON and (device.type == "cuda" or (_INTERPRET and device.type == "cpu")):
         seed = seed.to(device)
         return on_device_of(seed, keep_mask, seed, M, D, p, device)
-    return _ref_keep(seed, M, D, p, device)
-
-
-# ----------------------------------------------------------------------------------------
-# pure-PyTorch reference math (CPU path; also the semantics the kernels implement)
-# ----------------------------------------------------------------------------------------
-def _ref_fwd(x, weight, bias, base_out, A, B, scale, p, post, seed):
-    cdt = x.dtype
-    A_c, B_c = A.to(cdt), B.to(cdt)
-    M, K = x.shape
-    xd = x
-    if p > 0.0 and not post:
-        xd = x * _ref_keep(seed, M, K, p, x.device).to(cdt) / (1.0 - p)
-    xa = xd @ A_c.t()
-    lr = (xa @ B_c.t()) * scale
-    if p > 0.0 and post:
-        lr = lr * _ref_keep(seed, M, lr.shape[1], p, x.device).to(cdt) / (1.0 - p)
-    if base_out is None:
-        return F.linear(x, weight, bias) + lr, xa
-    return (base_out + lr).to(base_out.dtype), xa
-
-
-def _ref_bwd(dy, x, weight, A, B, xa, scale, p, post, seed, need_dx, need_dA, need_dB):
-    cdt = x.dtype
-    A_c, B_c = A.to(cdt), B.to(cdt)
-    M, K = x.shape
-    N = dy.shape[1]
-    dyd = dy
-    if p > 0.0 and post:
-        dyd = dy * _ref_keep(seed, M, N, p, x.device).to(cdt) / (1.0 - p)
-    keep_pre = None
-    if p > 0.0 and not post and (need_dx or need_dA):
-        keep_pre = _ref_keep(seed, M, K, p, x.device).to(cdt) / (1.0 - p)
-    dx = dA = dB = None
-    dyB = dyd @ B_c if (need_dx or need_dA) else None
-    if need_dx:
-        lr = (dyB @ A_c) * scale
-        if keep_pre is not None:
-            lr = lr * keep_pre
-        dx = lr if weight is None else dy @ weight + lr
-    if need_dA:
-        xd = x if keep_pre is None else x * keep_pre
-        dA = ((dyB.t().float() @ xd.float()) * scale).to(A.dtype)
-    if need_dB:
-        dB = ((dyd.t().float() @ xa.float()) * scale).to(B.dtype)
-    return dx, dA, dB
+    return reference_keep(seed, M, D, p, device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,7 +121,7 @@ def _fwd_impl(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed, o
     if use_kernels_for(x):
         return on_device_of(x, triton_forward, x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed,
                             options)
-    return _ref_fwd(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
+    return reference_forward(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed)
 
 
 def _bwd_impl(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB, options):
@@ -182,7 +131,7 @@ def _bwd_impl(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, 
     if use_kernels_for(x):
         return on_device_of(x, triton_backward, dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx,
                             need_dA, need_dB, options)
-    return _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB)
+    return reference_backward(dy, x, weight, lora_A, lora_B, xa, scale, p, post, seed, need_dx, need_dA, need_dB)
 
 
 # Eager calls go straight to the implementations (the custom-op dispatcher costs host time per

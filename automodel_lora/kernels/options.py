@@ -51,15 +51,19 @@ class KernelOptions:
             (Hopper, 16-bit, rank <= 64, large GEMMs), cuBLAS elsewhere.
             Default: ``AUTOMODEL_LORA_BASE_GEMM`` or ``"auto"``.
         fuse_proj: let the TMA base GEMM make the skinny product (``x A^T`` / ``dy B``) itself in
-            time its schedule leaves idle. Its programs wait on one another's flags, so it is only
-            used where every program can be resident at once (never under MPS with a thread
-            percentage below 100, nor with fewer free SMs than the device has: ``all_programs_resident``),
-            whatever this says.
+            time its schedule leaves idle. Its programs wait on one another's flags, so every program
+            of the grid (one per SM torch reports) must be resident at once. The product checks one
+            case itself: under MPS with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` below 100 the fused
+            projection is not used, whatever this says. A partition torch cannot see (a CUDA green
+            context, or any other cap on the SMs a process gets that leaves torch reporting the whole
+            device) is not detected: there set ``fuse_proj=False`` (or ``AUTOMODEL_LORA_FUSE_PROJ=0``),
+            else the launch can wait forever.
             Default: ``AUTOMODEL_LORA_FUSE_PROJ`` or on.
         fast_launch: launch compiled kernels through the cached direct path (less host time per
-            call) where the installed Triton is one it was tested with (``launch.FAST_LAUNCH_TESTED``:
-            3.4 to 3.6) and torch has the stream API it uses; otherwise (with one warning on the GPU), and
-            with ``False``, through the plain ``kernel[grid](...)`` launch.  Results are the same either way.
+            call) where the installed Triton is the release it was run with on the GPU
+            (``launch.FAST_LAUNCH_TESTED``: Triton 3.6 only, with torch 2.11) and torch has the stream API
+            it uses; with any other Triton (one warning on the GPU), and with ``False``, through the plain
+            ``kernel[grid](...)`` launch.  Results are the same either way.
             Default: ``AUTOMODEL_LORA_FAST_LAUNCH`` or on.
 
     Raises:
@@ -115,16 +119,19 @@ def all_programs_resident(sm_count: int, *, env: Mapping[str, str] | None = None
 
     * under MPS, ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (in ``env``, default ``os.environ``) below 100 caps
       the SMs this process's kernels may occupy at once: not resident (an unreadable value counts as a cap);
-    * ``free_sms``, where the caller knows it (a green-context or otherwise partitioned device), below
-      ``sm_count``: not resident.
+    * ``free_sms``, where the caller knows it, below ``sm_count``: not resident.
 
-    Neither a MIG slice (torch reports the slice's own SM count) nor time-slicing between processes (a
-    launch runs whole) breaks residency.
+    The product (``dispatch.fused_proj_safe``) applies the MPS half only: it never passes ``free_sms``,
+    because torch reports the whole device's SM count inside a CUDA green context (or any other partition
+    it cannot see), and nothing else tells this package how many SMs it got.  On such a partition set
+    ``KernelOptions(fuse_proj=False)``.  Neither a MIG slice (torch reports the slice's own SM count) nor
+    time-slicing between processes (a launch runs whole) breaks residency.
 
     Args:
         sm_count: programs of the grid, one per SM as ``torch.cuda.get_device_properties`` reports them.
         env: the environment to read (default ``os.environ``).
-        free_sms: SMs this process's kernels can occupy at once, if known.
+        free_sms: SMs this process's kernels can occupy at once, for a caller that knows it (the product
+            does not: see above).
     """
     env = os.environ if env is None else env
     pct = env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")

@@ -1,0 +1,81 @@
+"""The LoRA linear in plain PyTorch: the semantics every Triton kernel of this package implements, and
+the path ``lora.py`` runs where the kernels do not (no Triton, or a device they do not cover).
+
+With ``s = scale``, ``p`` the inverted-dropout probability and ``keep`` a bool mask drawn from ``seed``
+(``reference_keep``), ``drop(t) = t * keep / (1 - p)``:
+
+    forward, "pre" (``post=False``):  xa = drop(x) A^T            y = base + s * xa B^T
+    forward, "post" (``post=True``):  xa = x A^T                  y = base + drop(s * xa B^T)
+    base = x W^T + b  (``weight`` given), or the caller's ``base_out``
+
+    backward, with dyd = dy (pre) or drop(dy) (post, the same mask as forward):
+        dx = dy W + s * ((dyd B) A) [* keep / (1 - p) for pre]   (the dy W term only when ``weight`` is given)
+        dA = s * (dyd B)^T drop(x)   (x for post)
+        dB = s * dyd^T xa
+
+Shapes: x ``(M, K)``, weight ``(N, K)`` or None, bias ``(N,)`` or None, base_out ``(M, N)`` or None,
+A ``(r, K)``, B ``(N, r)``, xa ``(M, r)``, dy ``(M, N)``; the keep-mask is ``(M, K)`` for pre and
+``(M, N)`` for post.  Compute runs in x's dtype (A and B are cast to it); dA and dB are accumulated in
+float32 and returned in A's and B's own dtypes (fp32 master weights).  The output is in base_out's dtype
+where base_out is given, else x's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reference_keep(seed: torch.Tensor, M: int, D: int, p: float, device) -> torch.Tensor:
+    """The ``(M, D)`` bool keep-mask of the reference path: ``rand >= p`` from a generator seeded with ``seed``
+    (a one-element int64 tensor).  The Triton path derives its own mask from the same seed (Philox)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed.item()))
+    return torch.rand((M, D), generator=g, device=device) >= p
+
+
+def reference_forward(x, weight, bias, base_out, A, B, scale: float, p: float, post: bool, seed):
+    """``(y (M, N), xa (M, r))`` as the module docstring gives them; ``seed`` is used only when ``p > 0``."""
+    cdt = x.dtype
+    A_c, B_c = A.to(cdt), B.to(cdt)
+    M, K = x.shape
+    xd = x
+    if p > 0.0 and not post:
+        xd = x * reference_keep(seed, M, K, p, x.device).to(cdt) / (1.0 - p)
+    xa = xd @ A_c.t()
+    lr = (xa @ B_c.t()) * scale
+    if p > 0.0 and post:
+        lr = lr * reference_keep(seed, M, lr.shape[1], p, x.device).to(cdt) / (1.0 - p)
+    if base_out is None:
+        return F.linear(x, weight, bias) + lr, xa
+    return (base_out + lr).to(base_out.dtype), xa
+
+
+def reference_backward(dy, x, weight, A, B, xa, scale: float, p: float, post: bool, seed,
+                       need_dx: bool, need_dA: bool, need_dB: bool):
+    """``(dx (M, K), dA (r, K), dB (N, r))`` as the module docstring gives them; a gradient not asked for
+    (``need_*`` False) is None.  ``weight`` None: dx has the adapter's part only (the caller's base has
+    its own autograd)."""
+    cdt = x.dtype
+    A_c, B_c = A.to(cdt), B.to(cdt)
+    M, K = x.shape
+    N = dy.shape[1]
+    dyd = dy
+    if p > 0.0 and post:
+        dyd = dy * reference_keep(seed, M, N, p, x.device).to(cdt) / (1.0 - p)
+    keep_pre = None
+    if p > 0.0 and not post and (need_dx or need_dA):
+        keep_pre = reference_keep(seed, M, K, p, x.device).to(cdt) / (1.0 - p)
+    dx = dA = dB = None
+    dyB = dyd @ B_c if (need_dx or need_dA) else None
+    if need_dx:
+        lr = (dyB @ A_c) * scale
+        if keep_pre is not None:
+            lr = lr * keep_pre
+        dx = lr if weight is None else dy @ weight + lr
+    if need_dA:
+        xd = x if keep_pre is None else x * keep_pre
+        dA = ((dyB.t().float() @ xd.float()) * scale).to(A.dtype)
+    if need_dB:
+        dB = ((dyd.t().float() @ xa.float()) * scale).to(B.dtype)
+    return dx, dA, dB
