@@ -8,7 +8,10 @@ frozen `LoraSettings` that `patch_linear_module` takes and every adapted module
 keeps (`module.lora_settings`). The names are the same everywhere: `dim`,
 `alpha`, `dropout`, `dropout_position`, `lora_A_init`, `lora_dtype`,
 `use_rslora`, `kernels` (HF PEFT's file format calls `dim` `r` and `alpha`
-`lora_alpha`; only `adapter_io` translates). Every check lives in a
+`lora_alpha`; only `adapter_io` translates). `PeftConfig` also takes PEFT's
+names `r`, `lora_alpha` and `lora_dropout` as aliases of `dim`, `alpha` and
+`dropout` (keyword or `from_dict` key; both spellings of one field at once is an
+error; `to_dict` writes this library's names). Every check lives in a
 `__post_init__`, so a bad value fails where it is written, with the field, the
 value and the fix.
 """
@@ -16,7 +19,10 @@ value and the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +33,8 @@ from .kernels.options import KernelOptions
 from .matcher import validate_pattern
 
 DROPOUT_POSITIONS = ("pre", "post")
+# HF PEFT's `LoraConfig` names that `PeftConfig` accepts for its own fields.
+PEFT_ALIASES = {"r": "dim", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 LORA_A_INITS = ("xavier", "kaiming", "gaussian")
 
 # Names accepted wherever a dtype is written as a string (YAML, adapter files).
@@ -97,6 +105,20 @@ class PeftConfig:
             `fuse_proj`, `fast_launch`); a mapping in YAML (`kernels: {base_gemm: cublas}`).
             Missing keys take their environment defaults. Change it on a patched
             model with `set_kernel_options`.
+        layers_to_transform: HF PEFT's layer selection: only modules in these layers (an index or a
+            list of indices) are adapted; None (or `[]`): every layer. The index is the number after
+            `layers_pattern` in the FQN (`model.layers.3.mlp.up_proj` -> 3), see `ModuleMatcher`.
+        layers_pattern: the name (or names) of the module list holding the layers (`"layers"` for
+            Llama, `"h"` for GPT-2); None: the first number after any inner component of the FQN.
+            Needs `layers_to_transform`.
+        rank_pattern: `{regex: rank}` for modules whose rank differs from `dim`; a key matches a
+            module whose FQN or a dotted suffix of it the regex matches to the end (HF PEFT's
+            `get_pattern_key`: `re.match(rf"(.*\\.)?({key})$", fqn)`); the first matching key wins.
+        alpha_pattern: `{regex: alpha}`, the same for `alpha`.
+        allow_unmatched_targets: by default every `target_modules` entry must select at least one
+            linear module of the model, else applying fails naming the entry and the closest real
+            names (a typo such as `"q_prj"`); True lets entries match nothing (a config shared
+            across architectures), as long as something is selected.
         recompute_mlp_input: in gated MLPs (Llama, Mistral, Qwen2/3, Gemma, ...; see
             `automodel_lora.recompute.is_gated_mlp`) whose
             `down_proj` is adapted, make `down_proj`'s input `act(gate) * up` again in
@@ -121,10 +143,18 @@ class PeftConfig:
     use_rslora: bool = False
     recompute_mlp_input: bool = True
     kernels: KernelOptions = field(default_factory=KernelOptions)
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    allow_unmatched_targets: bool = False
 
     def __post_init__(self):
         self.target_modules = _as_name_list(self.target_modules, "target_modules")
         self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
+        self._check_layer_selection()
+        self.rank_pattern = _pattern_dict(self.rank_pattern, "rank_pattern", "dim")
+        self.alpha_pattern = _pattern_dict(self.alpha_pattern, "alpha_pattern", "alpha")
         self.lora_dtype = dtype_from_str(self.lora_dtype, "PeftConfig.lora_dtype")
         try:
             self.kernels = KernelOptions.from_dict(self.kernels)
@@ -132,7 +162,7 @@ class PeftConfig:
         except ValueError as e:  # name the class the user wrote
             msg = str(e).replace("LoraSettings.", "PeftConfig.").replace("KernelOptions", "PeftConfig.kernels")
             raise ValueError(msg) from None
-        for flag in ("match_all_linear", "use_triton", "use_rslora", "recompute_mlp_input"):
+        for flag in ("match_all_linear", "use_triton", "use_rslora", "recompute_mlp_input", "allow_unmatched_targets"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"PeftConfig.{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.match_all_linear and self.target_modules:
@@ -141,10 +171,52 @@ class PeftConfig:
                 "choose one (drop target_modules to adapt every linear, or set match_all_linear=False)"
             )
 
+    def _check_layer_selection(self) -> None:
+        layers = self.layers_to_transform
+        if isinstance(layers, tuple):
+            layers = self.layers_to_transform = list(layers)
+        ok_index = lambda i: isinstance(i, int) and not isinstance(i, bool) and i >= 0  # noqa: E731
+        if not (layers is None or ok_index(layers) or (isinstance(layers, list) and all(map(ok_index, layers)))):
+            raise ValueError(
+                f"PeftConfig.layers_to_transform must be a layer index or a list of them (integers >= 0), "
+                f"got {layers!r}; e.g. layers_to_transform=[0, 1]"
+            )
+        pattern = self.layers_pattern
+        if isinstance(pattern, tuple):
+            pattern = self.layers_pattern = list(pattern)
+        if not (pattern is None or isinstance(pattern, str) or
+                (isinstance(pattern, list) and all(isinstance(p, str) and p for p in pattern))):
+            raise ValueError(
+                f"PeftConfig.layers_pattern must be the name of the module list holding the layers (e.g. 'layers', "
+                f"'h') or a list of names, got {pattern!r}"
+            )
+        if pattern and (layers is None or layers == []):
+            raise ValueError(
+                f"PeftConfig.layers_pattern={pattern!r} needs layers_to_transform (the layer indices to adapt), "
+                "as in HF PEFT"
+            )
+        for p in [pattern] if isinstance(pattern, str) else pattern or []:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"PeftConfig.layers_pattern {p!r} is not a valid regular expression ({e})") from None
+
     @property
     def scale(self) -> float:
         """The factor applied to the adapter output: `alpha / dim`, or `alpha / sqrt(dim)` with rsLoRA."""
         return lora_scale(self.alpha, self.dim, self.use_rslora)
+
+    def settings_for(self, fqn: str, settings: LoraSettings | None = None) -> LoraSettings:
+        """The settings of the module `fqn`: `lora_settings()` with `rank_pattern` / `alpha_pattern` applied."""
+        from .matcher import pattern_key
+
+        settings = settings or self.lora_settings()
+        changes = {}
+        for patterns, name in ((self.rank_pattern, "dim"), (self.alpha_pattern, "alpha")):
+            key = pattern_key(patterns, fqn)
+            if key is not None:
+                changes[name] = patterns[key]
+        return settings.replace(**changes) if changes else settings
 
     def lora_settings(self) -> LoraSettings:
         """The per-adapter settings of this config, as `patch_linear_module` takes them.
@@ -180,9 +252,9 @@ class PeftConfig:
         if not isinstance(d, dict):
             raise ValueError(f"PeftConfig.from_dict expects a mapping, got {type(d).__name__}: {d!r}")
         valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
+        unknown = sorted(set(d) - set(valid) - set(PEFT_ALIASES))
         if unknown:
-            raise ValueError(f"unknown PeftConfig key(s) {unknown}; valid keys are {valid}")
+            raise ValueError(f"unknown PeftConfig key(s) {unknown}; valid keys are {valid}{_did_you_mean(unknown, valid)}")
         return cls(**d)
 
     @classmethod
@@ -195,6 +267,38 @@ class PeftConfig:
         if isinstance(d, dict) and isinstance(d.get("peft"), dict):
             d = d["peft"]
         return cls.from_dict(d)
+
+
+def _did_you_mean(unknown: list[str], valid: list[str]) -> str:
+    hints = []
+    for key in unknown:
+        close = {"rank": ["dim"]}.get(key) or difflib.get_close_matches(key, [*valid, *PEFT_ALIASES], n=1)
+        if close:
+            hints.append(f"{key!r} -> {close[0]!r}")
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
+def _with_peft_aliases(init):
+    """Wrap the dataclass `__init__` so PEFT's names (`r`, `lora_alpha`, `lora_dropout`) set our fields."""
+    positional = [f.name for f in dataclasses.fields(PeftConfig) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for alias, name in PEFT_ALIASES.items():
+            if alias not in kwargs:
+                continue
+            if name in kwargs or positional.index(name) < len(args):
+                raise ValueError(
+                    f"PeftConfig got both {name} and {alias} (HF PEFT's name for {name}); give one, e.g. "
+                    f"{name}={kwargs.get(alias)!r}"
+                )
+            kwargs[name] = kwargs.pop(alias)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+PeftConfig.__init__ = _with_peft_aliases(PeftConfig.__init__)
 
 
 @dataclass(frozen=True)
@@ -300,6 +404,29 @@ class LoraSettings:
 def lora_scale(alpha: float, dim: int, use_rslora: bool = False) -> float:
     """`alpha / dim`, or `alpha / sqrt(dim)` for rank-stabilised LoRA."""
     return alpha / math.sqrt(dim) if use_rslora else alpha / dim
+
+
+def _pattern_dict(value, field_name: str, target: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"PeftConfig.{field_name} must be a mapping of regex -> {target} (HF PEFT's), got {value!r}; "
+            f"e.g. {field_name}={{'q_proj': 16}}"
+        )
+    for key, v in value.items():
+        try:
+            if not isinstance(key, str) or not key:
+                raise re.error("not a non-empty string")
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as e:
+            raise ValueError(f"PeftConfig.{field_name} key {key!r} is not a valid regular expression ({e})") from None
+        try:
+            LoraSettings(**{target: v})
+        except ValueError as e:
+            msg = str(e).replace(f"LoraSettings.{target}", "the value")
+            raise ValueError(f"PeftConfig.{field_name}[{key!r}]: {msg}") from None
+    return dict(value)
 
 
 def _as_name_list(value, field_name: str) -> list[str]:

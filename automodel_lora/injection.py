@@ -20,7 +20,7 @@ from torch import nn
 from .config import PeftConfig
 from .kernels.options import KernelOptions
 from .lora import LORA_ATTRIBUTES, LinearLoRA, is_lora_module, lora_modules, patch_linear_module
-from .matcher import ModuleMatcher, output_head_names
+from .matcher import ModuleMatcher, is_plain_name, name_matches, near_misses, output_head_names
 from .quant import is_quantized_linear
 from .recompute import recompute_mlp_inputs, restore_mlp_classes
 
@@ -28,7 +28,8 @@ from .recompute import recompute_mlp_inputs, restore_mlp_classes
 def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dict) -> int:
     """Freeze `model` and patch, in place, every linear module that `peft_config` selects.
 
-    Every patched module gets `peft_config.lora_settings()` (kernel options included) and the
+    Every patched module gets `peft_config.settings_for(fqn)` (`lora_settings()` with `rank_pattern` /
+    `alpha_pattern` applied; kernel options included) and the
     `FusedLinearLoRA` path if `peft_config.use_triton`, else the `LinearLoRA` reference.
 
     Args:
@@ -40,34 +41,64 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
 
     Raises:
         ValueError: the config selects nothing (the message lists linear modules
-            that exist), a plain target names a non-linear module, or a selected
+            that exist), a `target_modules` entry matches no linear module (unless
+            `allow_unmatched_targets`; the message names the entry and its nearest
+            real names), a plain target names a non-linear module, or a selected
             module already has an adapter. The model is left untouched.
     """
     cfg = PeftConfig.from_dict(peft_config) if isinstance(peft_config, dict) else peft_config
-    matcher = ModuleMatcher(cfg.target_modules, cfg.exclude_modules, cfg.match_all_linear, output_head_names(model))
+    matcher = ModuleMatcher(cfg.target_modules, cfg.exclude_modules, cfg.match_all_linear, output_head_names(model),
+                            cfg.layers_to_transform, cfg.layers_pattern)
     adapter_children = {id(child) for _, m in lora_modules(model) for child in (m.lora_A, m.lora_B)}
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapter_children]
+    if not cfg.allow_unmatched_targets:
+        _check_every_target_matches(model, cfg, linear_names)
     selected = []
     for name, module in model.named_modules():
         if id(module) in adapter_children or not matcher.match(module, name):
             continue
         if is_lora_module(module):
             raise ValueError(f"module {name!r} already has a LoRA adapter; call remove_lora(model) before re-applying")
-        selected.append(module)
+        selected.append((name, module))
     if not selected:
-        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapter_children]
         raise ValueError(
             f"PeftConfig(target_modules={cfg.target_modules!r}, exclude_modules={cfg.exclude_modules!r}, "
-            f"match_all_linear={cfg.match_all_linear}) matches no linear module of {type(model).__name__}. "
+            f"match_all_linear={cfg.match_all_linear}{_layer_selection(cfg)}) matches no linear module of "
+            f"{type(model).__name__} (HF PEFT: \"Target modules {cfg.target_modules} not found in the base model\"). "
             f"It has {len(linear_names)} linear modules, e.g. {linear_names[:8]}; "
             "a plain name matches a FQN or its dotted suffix ('q_proj'), a glob the whole FQN ('*.mlp.*')"
         )
     model.requires_grad_(False)
     settings = cfg.lora_settings()
-    for module in selected:
-        patch_linear_module(module, settings, use_triton=cfg.use_triton)
+    for name, module in selected:
+        patch_linear_module(module, cfg.settings_for(name, settings), use_triton=cfg.use_triton)
     if cfg.recompute_mlp_input:
         recompute_mlp_inputs(model)
     return len(selected)
+
+
+def _layer_selection(cfg: PeftConfig) -> str:
+    if cfg.layers_to_transform is None:
+        return ""
+    return f", layers_to_transform={cfg.layers_to_transform!r}, layers_pattern={cfg.layers_pattern!r}"
+
+
+def _check_every_target_matches(model: nn.Module, cfg: PeftConfig, linear_names: list[str]) -> None:
+    """Each `target_modules` entry must match at least one linear module (before `exclude_modules` and the
+    layer selection), else it is most likely a typo: raise naming it and its nearest real names. A plain
+    name of a non-linear module is left to `ModuleMatcher`, whose error says so."""
+    all_names = [name for name, _ in model.named_modules()]
+    for entry in cfg.target_modules:
+        names = all_names if is_plain_name(entry) else linear_names
+        if any(name_matches(entry, name) for name in names):
+            continue
+        close = near_misses(entry, linear_names)
+        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"the linear modules are e.g. {linear_names[:8]}"
+        raise ValueError(
+            f"PeftConfig.target_modules entry {entry!r} matches no linear module of {type(model).__name__} "
+            f"(HF PEFT: \"Target modules {{{entry!r}}} not found in the base model\"); {hint} "
+            "Fix or remove the entry, or set allow_unmatched_targets=True for a config shared across architectures"
+        )
 
 
 def init_lora_weights(model: nn.Module) -> int:
