@@ -1,27 +1,37 @@
 # Set-up is part of each target: `make quickstart` and `make test` work on a fresh machine.
 PYTHON ?= python
-# one stamp per interpreter, so switching venvs (or PYTHON=...) installs again
-STAMP := .install.$(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.executable.encode()).hexdigest()[:10])').stamp
+# One stamp per interpreter and set of extras, so switching venvs (or PYTHON=...) installs again.
+# The quickstart needs only torch, pyyaml, safetensors and transformers (the `hf` extra); the
+# test suite adds pytest, peft, bitsandbytes, triton and ruff (the `test` extra).
+PYHASH := $(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.executable.encode()).hexdigest()[:10])')
+STAMP_QUICKSTART := .install.quickstart.$(PYHASH).stamp
+STAMP_TEST := .install.test.$(PYHASH).stamp
 
-.PHONY: install quickstart test test-kernels lint bench
+.PHONY: install install-quickstart quickstart test test-kernels lint bench
 
-$(STAMP): setup.cfg setup.py
-	$(PYTHON) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+$(STAMP_QUICKSTART): setup.cfg setup.py
+	$(PYTHON) -m pip install -q -e '.[hf]'
+	touch $(STAMP_QUICKSTART)
 
-install: $(STAMP)
+$(STAMP_TEST): setup.cfg setup.py
+	$(PYTHON) -m pip install -q -e '.[hf,test]'
+	touch $(STAMP_TEST) $(STAMP_QUICKSTART)
+
+install-quickstart: $(STAMP_QUICKSTART)
+
+install: $(STAMP_TEST)
 
 # The main job: a LoRA finetune of a small Llama on the shipped data (CPU ok, no downloads).
-quickstart: $(STAMP)
+quickstart: $(STAMP_QUICKSTART)
 	$(PYTHON) scripts/finetune.py --config configs/quickstart.yaml
 
 # Everything CI runs: the test suite, then the Triton kernels under the CPU interpreter.
-test: $(STAMP)
+test: $(STAMP_TEST)
 	$(PYTHON) -m pytest -q tests
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/test_kernels.py tests/test_kernel_options.py tests/test_qlora.py tests/test_recompute.py
 
-lint: $(STAMP)
+lint: $(STAMP_TEST)
 	$(PYTHON) -m ruff check automodel_lora tests scripts benchmarks
 
-bench: $(STAMP)
+bench: $(STAMP_TEST)
 	$(PYTHON) benchmarks/bench_lora.py

@@ -224,7 +224,11 @@ class RecipeSetup:
             raise self._no_intact_checkpoint()
         summary = self.out_dir / "summary.json"
         if self.loaded is not None and self.loaded.step >= self.total_steps and summary.is_file():
-            self.say(f"[resume] {self.loaded.path} is the end of a finished run ({self.total_steps} steps); nothing to train")
+            self.say(
+                f"[resume] {self.loaded.path} is the end of a finished run ({self.total_steps} steps); nothing to train. "
+                "To start over in this directory pass checkpoint.resume=null checkpoint.overwrite=true; "
+                "to keep this run, pass another checkpoint.output_dir=DIR"
+            )
             return json.loads(summary.read_text())
         return None
 
