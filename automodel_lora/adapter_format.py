@@ -8,9 +8,11 @@ problem with a file's content is an `AdapterFormatError` naming the file, the ke
 
 PEFT's rules, as `peft.tuners.tuners_utils.check_target_module_exists` and `get_pattern_key` apply them
 to a module name (the FQN in the base model): `target_modules` as one string is a regex that must match
-the whole name (`re.fullmatch`); as a list, an entry matches the name itself or a dotted suffix of it;
-`exclude_modules` the same, and it wins; `rank_pattern` / `alpha_pattern` keys are regexes matched
-against the name or a dotted suffix (`(.*\.)?(key)$`), the first matching key giving the value.
+the whole name (`re.fullmatch`); as a list, an entry matches the name itself or a dotted suffix of it,
+and a suffix match is then narrowed by `layers_to_transform` / `layers_pattern` (the module's layer
+index, `matcher.layer_index`, must be listed); `exclude_modules` the same as targets, and it wins;
+`rank_pattern` / `alpha_pattern` keys are regexes matched against the name or a dotted suffix
+(`(.*\.)?(key)$`), the first matching key giving the value.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .matcher import in_layers, pattern_key
 
 PEFT_KEY_PREFIX = "base_model.model."
 
@@ -37,11 +41,6 @@ _UNSUPPORTED = {
     "target_parameters": "target_parameters (LoRA on raw parameters)",
     "layer_replication": "layer_replication (a model with repeated layers)",
 }
-
-# PEFT keys that narrow `target_modules` to some layers. Not implemented yet: their absence (null, or an
-# empty list / string, which PEFT treats as absent) is required, since loading the file's tensors while
-# ignoring them could adapt other layers than PEFT would.
-_LAYER_SELECTION = ("layers_to_transform", "layers_pattern")
 
 
 class AdapterFormatError(ValueError):
@@ -64,6 +63,8 @@ class AdapterConfig:
         alpha_pattern: regex -> alpha for modules whose alpha differs (PEFT's lookup).
         target_modules: PEFT's `target_modules`: a list of names, one regex string (full match), or None.
         exclude_modules: the same for `exclude_modules`.
+        layers_to_transform: PEFT's layer indices (an int or a list; None: every layer).
+        layers_pattern: PEFT's name(s) of the module list holding the layers, or None.
     """
 
     path: str
@@ -75,6 +76,8 @@ class AdapterConfig:
     alpha_pattern: dict[str, float]
     target_modules: list[str] | str | None
     exclude_modules: list[str] | str | None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
 
     def alpha_for(self, fqn: str) -> float:
         """PEFT's alpha_pattern lookup: the first pattern matching the FQN or a dotted suffix of it."""
@@ -96,23 +99,19 @@ class AdapterConfig:
             return None
         if self.exclude_modules and peft_selects(self.exclude_modules, fqn):
             return False
-        return peft_selects(self.target_modules, fqn)
+        return peft_selects(self.target_modules, fqn, self.layers_to_transform, self.layers_pattern)
 
 
-def peft_selects(targets: list[str] | str, fqn: str) -> bool:
-    """HF PEFT's `target_modules` / `exclude_modules` rule: one string is a regex matched against the whole
-    FQN (`re.fullmatch`); a list matches the FQN itself or a dotted suffix of it."""
+def peft_selects(targets: list[str] | str, fqn: str, layers_to_transform: list[int] | int | None = None,
+                 layers_pattern: list[str] | str | None = None) -> bool:
+    """HF PEFT's `target_modules` / `exclude_modules` rule (`check_target_module_exists`): one string is a
+    regex matched against the whole FQN (`re.fullmatch`); a list matches the FQN itself, or a dotted suffix
+    of it when the module also lies in `layers_to_transform` (if given)."""
     if isinstance(targets, str):
         return re.fullmatch(targets, fqn) is not None
-    return any(fqn == t or fqn.endswith("." + t) for t in targets)
-
-
-def pattern_key(patterns: dict[str, Any], fqn: str) -> str | None:
-    """PEFT's rank/alpha_pattern lookup: the first pattern matching the FQN or a dotted suffix of it, or None."""
-    for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", fqn):
-            return pattern
-    return None
+    if fqn in targets:
+        return True
+    return any(fqn.endswith("." + t) for t in targets) and in_layers(fqn, layers_to_transform, layers_pattern)
 
 
 def pattern_value(patterns: dict[str, Any], fqn: str, default):
@@ -212,16 +211,41 @@ def _module_names(path: str, key: str, value: Any) -> list[str] | str | None:
     return value
 
 
-def _no_layer_selection(path: str, raw: dict[str, Any]) -> None:
-    for key in _LAYER_SELECTION:
-        value = raw.get(key)
-        if value is None or (isinstance(value, (list, str)) and len(value) == 0):
-            continue
+def _layer_selection(path: str, raw: dict[str, Any]) -> tuple[list[int] | int | None, list[str] | str | None]:
+    """`(layers_to_transform, layers_pattern)`, empty values (PEFT treats them as absent) as None."""
+    layers, pattern = raw.get("layers_to_transform"), raw.get("layers_pattern")
+    ok_index = lambda i: isinstance(i, int) and not isinstance(i, bool) and i >= 0  # noqa: E731
+    if layers == []:
+        layers = None
+    if not (layers is None or ok_index(layers) or (isinstance(layers, list) and all(map(ok_index, layers)))):
         raise AdapterFormatError(
-            f"{path!r}: {key}={value!r} is not supported yet (it narrows target_modules to some layers, and "
-            f"loading without it could adapt other layers than PEFT does); set \"{key}\": null if the "
-            "adapter's tensors are exactly the modules it was trained on, or load it with HF PEFT"
+            f"{path!r}: layers_to_transform={layers!r} must be a layer index or a list of them (JSON integers >= 0), "
+            "or null for every layer"
         )
+    if pattern in ("", []):
+        pattern = None
+    names = isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)
+    if not (pattern is None or isinstance(pattern, str) or names):
+        raise AdapterFormatError(
+            f"{path!r}: layers_pattern={pattern!r} must be the name of the module list holding the layers (e.g. "
+            '"layers"), a list of names, or null'
+        )
+    for p in [pattern] if isinstance(pattern, str) else pattern or []:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise AdapterFormatError(f"{path!r}: layers_pattern {p!r} is not a valid regular expression ({e})") from None
+    if pattern is not None and raw.get("layers_to_transform") is None:  # HF PEFT's LoraConfig refuses it too
+        raise AdapterFormatError(
+            f"{path!r}: layers_pattern={pattern!r} needs layers_to_transform (the layer indices); set both, or "
+            '"layers_pattern": null'
+        )
+    if pattern is not None and isinstance(raw.get("target_modules"), str):
+        raise AdapterFormatError(
+            f"{path!r}: layers_pattern={pattern!r} cannot narrow a target_modules regex string (HF PEFT refuses it "
+            'too); write target_modules as a list of names, or set "layers_pattern": null'
+        )
+    return layers, pattern
 
 
 def read_adapter_config(path: str) -> AdapterConfig:
@@ -230,8 +254,8 @@ def read_adapter_config(path: str) -> AdapterConfig:
     Raises:
         FileNotFoundError: no such file.
         AdapterFormatError: unreadable JSON, not an object, not plain LoRA (DoRA, bias, modules_to_save,
-            target_parameters, layer_replication...), `layers_to_transform` / `layers_pattern` set (not
-            supported yet), `r` not a positive JSON integer, `lora_alpha` missing or not a positive number,
+            target_parameters, layer_replication...), a `layers_to_transform` that is not layer indices or
+            a `layers_pattern` that is not names, `r` not a positive JSON integer, `lora_alpha` missing or not a positive number,
             `use_rslora` not a JSON boolean, a bad `alpha_pattern` / `rank_pattern` regex or a value that
             is not a positive number (alpha) / positive integer (rank), a `target_modules` /
             `exclude_modules` that is neither a list of names nor one valid regex, or a `lora_dropout`
@@ -243,7 +267,7 @@ def read_adapter_config(path: str) -> AdapterConfig:
     for key, what in _UNSUPPORTED.items():
         if raw.get(key):
             raise AdapterFormatError(f"{path!r}: {key}={raw[key]!r}; {what} is not supported, only plain LoRA")
-    _no_layer_selection(path, raw)
+    layers_to_transform, layers_pattern = _layer_selection(path, raw)
     if raw.get("bias", "none") != "none":
         raise AdapterFormatError(f"{path!r}: bias={raw['bias']!r}; only bias='none' adapters are supported")
     if "lora_alpha" not in raw:
@@ -267,6 +291,8 @@ def read_adapter_config(path: str) -> AdapterConfig:
         alpha_pattern=_patterns(path, "alpha_pattern", raw.get("alpha_pattern"), integer=False),
         target_modules=_module_names(path, "target_modules", raw.get("target_modules")),
         exclude_modules=_module_names(path, "exclude_modules", raw.get("exclude_modules")),
+        layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern,
     )
 
 

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import warnings
-from collections import Counter
 from typing import Any
 
 import torch
@@ -33,6 +31,7 @@ from .adapter_format import (
     read_adapter_tensors,
     read_json_object,
 )
+from .adapter_peft_config import peft_adapter_config
 from .config import LoraSettings, PeftConfig
 from .kernels.options import KernelOptions
 from .lora import lora_modules, patch_linear_module
@@ -70,7 +69,10 @@ def save_adapter(
         path: output directory (created if missing; files in it are replaced atomically).
         peft_config: the config the model was patched with; when given it is also
             stored as `automodel_lora_config.json`, so `load_adapter` restores the
-            settings PEFT's format has no field for (`dropout_position`, `lora_dtype`...).
+            settings PEFT's format has no field for (`dropout_position`, `lora_dtype`...),
+            and its `layers_to_transform` / `layers_pattern` are written to
+            `adapter_config.json` where they, with short `target_modules`, select exactly
+            the adapted modules.
         base_model_name_or_path: written to the PEFT config; defaults to the
             model's `config._name_or_path` / `config.name_or_path` if it has one.
 
@@ -96,45 +98,8 @@ def save_adapter(
     elif os.path.exists(library_cfg_path):  # a stale one from an earlier save would be applied on load
         os.unlink(library_cfg_path)
     # The PEFT config goes last: its presence marks a complete adapter directory.
-    _atomic_write_json(os.path.join(path, ADAPTER_CONFIG_NAME), peft_adapter_config(model, base_model_name_or_path))
-
-
-def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """The `adapter_config.json` contents describing `model`'s adapters, as HF PEFT's `LoraConfig` writes it."""
-    modules = lora_modules(model)
-    settings = {name: m.lora_settings for name, m in modules}
-    ranks = Counter(s.dim for s in settings.values())
-    alphas = Counter(s.alpha for s in settings.values())
-    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
-    dropouts = {m.lora_dropout.p for _, m in modules}
-    rslora = {s.use_rslora for s in settings.values()}
-    if len(rslora) > 1:
-        raise ValueError("PEFT's format has one use_rslora flag per adapter, but this model mixes rsLoRA and plain LoRA")
-    if base_model_name_or_path is None:
-        cfg = getattr(model, "config", None)
-        base_model_name_or_path = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": max(dropouts),
-        "target_modules": _target_module_names(model, [name for name, _ in modules]),
-        "exclude_modules": None,
-        "use_rslora": rslora.pop(),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {_exact(name): s.dim for name, s in settings.items() if s.dim != rank},
-        "alpha_pattern": {_exact(name): s.alpha for name, s in settings.items() if s.alpha != alpha},
-        "use_dora": False,
-    }
+    _atomic_write_json(os.path.join(path, ADAPTER_CONFIG_NAME),
+                       peft_adapter_config(model, base_model_name_or_path, peft_config))
 
 
 def load_adapter(
@@ -175,11 +140,12 @@ def load_adapter(
         FileNotFoundError: a file is missing.
         AdapterFormatError: (a `ValueError`) a file is not valid (not JSON, not an object, nested too
             deep, `r` not a positive integer, `lora_alpha` missing or not positive, `use_rslora` not a
-            JSON boolean, a bad `alpha_pattern`/`rank_pattern` regex or value, `layers_to_transform` /
-            `layers_pattern` set (not supported yet), NaN/Inf or integer tensors, not plain LoRA), the
+            JSON boolean, a bad `alpha_pattern`/`rank_pattern` regex or value, a `layers_to_transform` /
+            `layers_pattern` that is not indices / names, NaN/Inf or integer tensors, not plain LoRA), the
             two files disagree (a tensor's rank is not the one `r`/`rank_pattern` give its module; a
             tensor of a module that `target_modules`/`exclude_modules` do not select, by HF PEFT's rule:
-            one string is a full-match regex, a list entry a name or dotted suffix), or it does not fit
+            one string is a full-match regex, a list entry a name or dotted suffix, narrowed by
+            `layers_to_transform`/`layers_pattern`), or it does not fit
             the model (a key naming no linear module, a shape, scale or name mismatch, missing layers);
             the message names the file and the key.
         ValueError: the model's adapters are merged (call `unmerge_lora` first).
@@ -326,21 +292,6 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
 
         value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
     param.copy_(value.to(param.dtype))
-
-
-def _target_module_names(model: nn.Module, adapted: list[str]) -> list[str]:
-    """Short names (`q_proj`) when they select exactly the adapted modules, as vLLM expects; else full FQNs."""
-    short = {name.rsplit(".", 1)[-1] for name in adapted}
-    selected_by_short = (
-        {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in short}
-        - {f"{name}.lora_A" for name in adapted}
-        - {f"{name}.lora_B" for name in adapted}
-    )
-    return sorted(short) if selected_by_short == set(adapted) else sorted(adapted)
-
-
-def _exact(fqn: str) -> str:
-    return "^" + re.escape(fqn)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

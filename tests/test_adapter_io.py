@@ -124,14 +124,19 @@ def test_adapter_trained_with_peft_on_a_target_modules_regex_loads_the_modules_p
     assert_close(logits(model), logits(peft_model), what="logits")
 
 
-def test_adapter_trained_with_peft_on_some_layers_is_refused_naming_the_key(tmp_path):
-    """PEFT's layers_to_transform is not implemented here yet: refused, not loaded as if every layer were."""
+def test_adapter_trained_with_peft_on_some_layers_loads_those_layers(tmp_path):
+    """PEFT's layers_to_transform: the file's layers only are adapted, with PEFT's logits."""
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[1], task_type="CAUSAL_LM")
-    peft.get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path))
+    peft_model = peft.get_peft_model(tiny_llama(), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    peft_model.eval().save_pretrained(str(tmp_path))
     model = tiny_llama()
-    with pytest.raises(al.AdapterFormatError, match=r"adapter_config\.json.*layers_to_transform=\[1\] is not supported yet"):
-        al.load_adapter(model, tmp_path)
-    assert not al.lora_modules(model)
+    assert al.load_adapter(model, tmp_path) == 1
+    assert [name for name, _ in al.lora_modules(model)] == ["model.layers.1.self_attn.q_proj"]
+    assert_close(logits(model), logits(peft_model), what="logits")
 
 
 def test_load_into_already_patched_model_and_round_trip(tmp_path):

@@ -262,17 +262,37 @@ def test_a_bad_library_config_is_an_error_naming_the_file(tmp_path):
         al.load_adapter(tiny_llama(), tmp_path)
 
 
-@pytest.mark.parametrize(
-    "key, value",
-    [("layers_to_transform", [0]), ("layers_to_transform", 1), ("layers_pattern", "layers"),
-     ("layers_pattern", ["layers"])],
-)
-def test_layer_selection_keys_are_refused_as_not_supported_yet(adapter_dir, key, value):
-    config_path = edit_config(adapter_dir, **{key: value})
+@pytest.mark.parametrize("value, kept", [([0], 0), (1, 1), ([1], 1)])
+def test_tensors_outside_layers_to_transform_are_an_error_naming_the_key(adapter_dir, value, kept):
+    """The file's tensors must be the modules PEFT would adapt: layers_to_transform narrows target_modules."""
+    config_path = edit_config(adapter_dir, layers_to_transform=value)
     model = tiny_llama()
-    with pytest.raises(al.AdapterFormatError, match=rf"{config_path}.*{key}={re.escape(repr(value))} is not supported yet"):
+    with pytest.raises(al.AdapterFormatError, match=rf"{config_path}.*does not select 'model\.layers\.{1 - kept}\."):
         al.load_adapter(model, adapter_dir)
     assert not al.lora_modules(model)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"layers_to_transform": [-1]}, "layers_to_transform=\\[-1\\] must be a layer index"),
+    ({"layers_to_transform": "0"}, "layers_to_transform='0' must be a layer index"),
+    ({"layers_to_transform": [True]}, "layers_to_transform=\\[True\\] must be a layer index"),
+    ({"layers_to_transform": [0, 1], "layers_pattern": 3}, "layers_pattern=3 must be the name"),
+    ({"layers_to_transform": [0, 1], "layers_pattern": "("}, "layers_pattern '\\(' is not a valid regular"),
+    ({"layers_pattern": "layers"}, "layers_pattern='layers' needs layers_to_transform"),
+    ({"layers_to_transform": [0, 1], "layers_pattern": "layers", "target_modules": ".*q_proj"},
+     "cannot narrow a target_modules regex"),
+])
+def test_bad_layer_selection_keys_are_errors_naming_file_and_key(adapter_dir, changes, words):
+    config_path = edit_config(adapter_dir, **changes)
+    model = tiny_llama()
+    with pytest.raises(al.AdapterFormatError, match=rf"{config_path}.*{words}"):
+        al.load_adapter(model, adapter_dir)
+    assert not al.lora_modules(model)
+
+
+def test_layer_selection_covering_every_tensor_loads(adapter_dir):
+    edit_config(adapter_dir, layers_to_transform=[0, 1], layers_pattern="layers")
+    assert al.load_adapter(tiny_llama(), adapter_dir) == 4
 
 
 @pytest.mark.parametrize("key, value", [("layers_to_transform", None), ("layers_to_transform", []),

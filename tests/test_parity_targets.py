@@ -1,14 +1,19 @@
 """Parity with HF PEFT and NeMo AutoModel on what gets adapted: configs written for them work here."""
 
 
+import json
+
 import pytest
+import torch
 from torch import nn
 
 import automodel_lora as al
 from automodel_lora import ModuleMatcher, PeftConfig, apply_lora_to_linear_modules
 from automodel_lora.matcher import output_head_names
 
-from .conftest import tiny_llama, tiny_llama_config
+from .conftest import assert_close, tiny_llama, tiny_llama_config
+
+peft = pytest.importorskip("peft")
 
 
 def adapted_names(model) -> list[str]:
@@ -177,3 +182,136 @@ def test_an_unknown_key_suggests_our_name():
         PeftConfig.from_dict({"rank": 4})
     with pytest.raises(ValueError, match=r"did you mean 'lora_alpah' -> 'lora_alpha'"):
         PeftConfig.from_dict({"lora_alpah": 4})
+
+
+# ---- layers_to_transform / layers_pattern ------------------------------------------------------------
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def randomize_lora_B(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return model
+
+
+@pytest.mark.parametrize("layers, pattern", [([0], "layers"), (1, None), ([0, 1], ["layers"])])
+def test_layers_to_transform_selects_layers_by_index(layers, pattern):
+    model = tiny_llama()
+    cfg = PeftConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=layers, layers_pattern=pattern)
+    apply_lora_to_linear_modules(model, cfg)
+    wanted = [layers] if isinstance(layers, int) else layers
+    assert adapted_names(model) == [f"model.layers.{i}.self_attn.{p}" for i in wanted for p in ("q_proj", "v_proj")]
+
+
+def test_layers_to_transform_narrows_match_all_linear_and_exclude_only_configs():
+    model = tiny_llama()
+    apply_lora_to_linear_modules(model, PeftConfig(match_all_linear=True, layers_to_transform=[1]))
+    assert len(adapted_names(model)) == 7 and all(n.startswith("model.layers.1.") for n in adapted_names(model))
+    model = tiny_llama()
+    apply_lora_to_linear_modules(model, PeftConfig(exclude_modules=["*mlp*"], layers_to_transform=[0], layers_pattern="layers"))
+    assert len(adapted_names(model)) == 4 and all(n.startswith("model.layers.0.self_attn") for n in adapted_names(model))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"layers_to_transform": [-1]}, "layers_to_transform must be a layer index"),
+    ({"layers_to_transform": "0"}, "layers_to_transform must be a layer index"),
+    ({"layers_pattern": "layers"}, "layers_pattern='layers' needs layers_to_transform"),
+    ({"layers_to_transform": [0], "layers_pattern": 3}, "layers_pattern must be the name"),
+    ({"layers_to_transform": [0], "layers_pattern": "("}, "layers_pattern '\\(' is not a valid regular expression"),
+])
+def test_bad_layer_selection_is_an_error_naming_the_field(changes, words):
+    with pytest.raises(ValueError, match=rf"PeftConfig\.{words}"):
+        PeftConfig(**changes)
+
+
+def test_layers_to_transform_saves_and_peft_loads_it_with_equal_logits(tmp_path):
+    cfg = PeftConfig(target_modules=["q_proj", "v_proj"], dim=4, alpha=8, layers_to_transform=[0], layers_pattern="layers")
+    model = randomize_lora_B(tiny_llama())
+    apply_lora_to_linear_modules(model, cfg)
+    randomize_lora_B(model)
+    al.save_adapter(model, tmp_path, cfg)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (saved["target_modules"], saved["layers_to_transform"], saved["layers_pattern"]) == (
+        ["q_proj", "v_proj"], [0], "layers")
+    assert al.PeftConfig.from_dict(json.loads((tmp_path / "automodel_lora_config.json").read_text())) == cfg
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    assert sorted(n for n, _ in peft_model.named_modules() if n.endswith("lora_A")) == [
+        f"base_model.model.model.layers.0.self_attn.{p}.lora_A" for p in ("q_proj", "v_proj")]
+    assert_close(logits(peft_model), logits(model), what="logits")
+
+
+def test_adapter_peft_trained_on_layer_0_loads_here_with_equal_logits(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[0],
+                             layers_pattern="layers", task_type="CAUSAL_LM")
+    peft_model = randomize_lora_B(peft.get_peft_model(tiny_llama(), config)).eval()
+    peft_model.save_pretrained(str(tmp_path))
+    model = tiny_llama()
+    assert al.load_adapter(model, tmp_path) == 2
+    assert adapted_names(model) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert_close(logits(model), logits(peft_model), what="logits")
+
+
+# ---- rank_pattern / alpha_pattern ----------------------------------------------------------------------
+
+
+def test_rank_and_alpha_patterns_set_per_module_rank_and_alpha_by_peft_key_rule():
+    model = tiny_llama()
+    cfg = PeftConfig(target_modules=["q_proj", "v_proj"], dim=4, alpha=8,
+                     rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}, alpha_pattern={"q_proj": 16})
+    apply_lora_to_linear_modules(model, cfg)
+    got = {name: (m.lora_settings.dim, m.lora_settings.alpha) for name, m in al.lora_modules(model)}
+    assert got == {
+        "model.layers.0.self_attn.q_proj": (4, 16), "model.layers.0.self_attn.v_proj": (2, 8),
+        "model.layers.1.self_attn.q_proj": (6, 16), "model.layers.1.self_attn.v_proj": (2, 8),
+    }
+    assert model.model.layers[1].self_attn.q_proj.lora_A.weight.shape == (6, 32)
+    # a key matches the name or a dotted suffix to its end, as PEFT's get_pattern_key: "proj" alone matches nothing
+    assert PeftConfig(rank_pattern={"proj": 2}).settings_for("model.layers.0.self_attn.q_proj").dim == 8
+    assert PeftConfig(rank_pattern={".*proj": 2}).settings_for("model.layers.0.self_attn.q_proj").dim == 2
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\]: the value must be a positive integer"),
+    ({"rank_pattern": {"q_proj": 2.0}}, r"rank_pattern\['q_proj'\]: the value must be a positive integer"),
+    ({"alpha_pattern": {"q_proj": -1}}, r"alpha_pattern\['q_proj'\]: the value must be a positive"),
+    ({"rank_pattern": {"(": 2}}, r"rank_pattern key '\(' is not a valid regular expression"),
+    ({"alpha_pattern": ["q_proj"]}, r"alpha_pattern must be a mapping of regex -> alpha"),
+])
+def test_bad_patterns_are_errors_naming_the_field_and_key(changes, words):
+    with pytest.raises(ValueError, match=rf"PeftConfig\.{words}"):
+        PeftConfig(**changes)
+
+
+def test_rank_and_alpha_patterns_round_trip_with_peft(tmp_path):
+    cfg = PeftConfig(target_modules=["q_proj", "v_proj"], dim=4, alpha=8, rank_pattern={"v_proj": 2},
+                     alpha_pattern={"q_proj": 16})
+    model = tiny_llama()
+    apply_lora_to_linear_modules(model, cfg)
+    randomize_lora_B(model)
+    al.save_adapter(model, tmp_path / "ours", cfg)
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] and saved["alpha_pattern"]
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours")).eval()
+    assert_close(logits(peft_model), logits(model), what="logits")
+    # and back: PEFT saves its own patterns, this library loads them
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    again = tiny_llama()
+    assert al.load_adapter(again, tmp_path / "theirs") == 4
+    assert {n: (m.lora_settings.dim, m.lora_settings.alpha) for n, m in al.lora_modules(again)} == {
+        n: (m.lora_settings.dim, m.lora_settings.alpha) for n, m in al.lora_modules(model)}
+    assert_close(logits(again), logits(model), what="logits")
+    # PEFT's own config with the same user patterns gives the same adapter shapes
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+                             alpha_pattern={"q_proj": 16}, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(tiny_llama(), config)
+    assert {n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight"): tuple(p.shape)
+            for n, p in theirs.named_parameters() if "lora_A" in n} == {
+        n: tuple(m.lora_A.weight.shape) for n, m in al.lora_modules(model)}

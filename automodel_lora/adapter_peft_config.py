@@ -1,0 +1,74 @@
+"""The `adapter_config.json` that `save_adapter` writes: HF PEFT's `LoraConfig` fields describing a model's adapters."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+from torch import nn
+
+from .adapter_format import peft_selects
+from .config import PeftConfig
+from .lora import lora_modules
+
+
+def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
+                        peft_config: PeftConfig | None = None) -> dict[str, Any]:
+    """The `adapter_config.json` contents describing `model`'s adapters, as HF PEFT's `LoraConfig` writes it.
+
+    `target_modules` are short names (`q_proj`) where they select exactly the adapted modules by PEFT's rule,
+    as vLLM expects, narrowed by `peft_config`'s `layers_to_transform` / `layers_pattern` where needed (then
+    written too); else full FQNs. Ranks and alphas that differ from the most common one are written to
+    `rank_pattern` / `alpha_pattern` with one anchored key per module.
+    """
+    modules = lora_modules(model)
+    settings = {name: m.lora_settings for name, m in modules}
+    ranks = Counter(s.dim for s in settings.values())
+    alphas = Counter(s.alpha for s in settings.values())
+    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    dropouts = {m.lora_dropout.p for _, m in modules}
+    rslora = {s.use_rslora for s in settings.values()}
+    if len(rslora) > 1:
+        raise ValueError("PEFT's format has one use_rslora flag per adapter, but this model mixes rsLoRA and plain LoRA")
+    if base_model_name_or_path is None:
+        cfg = getattr(model, "config", None)
+        base_model_name_or_path = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts),
+        **_targets(model, [name for name, _ in modules], peft_config),
+        "exclude_modules": None,
+        "use_rslora": rslora.pop(),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {_exact(name): s.dim for name, s in settings.items() if s.dim != rank},
+        "alpha_pattern": {_exact(name): s.alpha for name, s in settings.items() if s.alpha != alpha},
+        "use_dora": False,
+    }
+
+
+def _targets(model: nn.Module, adapted: list[str], peft_config: PeftConfig | None) -> dict[str, Any]:
+    """`target_modules`, `layers_to_transform` and `layers_pattern` that select exactly `adapted` by PEFT's rule."""
+    short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    adapter_children = {f"{name}.lora_{x}" for name in adapted for x in "AB"}
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in adapter_children]
+    choices = [(None, None)]
+    if peft_config is not None and peft_config.layers_to_transform not in (None, []):
+        choices.append((peft_config.layers_to_transform, peft_config.layers_pattern))
+    for layers, pattern in choices:
+        if {n for n in linears if peft_selects(short, n, layers, pattern)} == set(adapted):
+            return {"target_modules": short, "layers_to_transform": layers, "layers_pattern": pattern}
+    return {"target_modules": sorted(adapted), "layers_to_transform": None, "layers_pattern": None}
+
+
+def _exact(fqn: str) -> str:
+    return "^" + re.escape(fqn)
