@@ -267,12 +267,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"automodel-lora {command}"
     try:
         if command == "recipes":
-            return recipes_main(rest, prog=prog)
+            rc = recipes_main(rest, prog=prog)
+            sys.stdout.flush()  # inside the try: a closed pipe is found here, not at exit
+            return rc
         if command == "cp":
             return cp_main(rest, prog=prog)
         return finetune_main(rest, prog=prog)
     except SystemExit as e:  # argparse's --help (0) and usage errors (2)
         return e.code if isinstance(e.code, int) else 2
+    except BrokenPipeError:  # `automodel-lora recipes | head -1`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

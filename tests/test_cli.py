@@ -243,3 +243,16 @@ def test_finished_run_says_how_to_start_over(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == fresh
     assert any(p.name.startswith("out.old-") for p in tmp_path.iterdir())
     assert os.path.isdir(tmp_path / "out" / "adapter")
+
+
+def test_recipes_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`automodel-lora recipes | head -1`: no BrokenPipeError traceback."""
+    code = (
+        "import sys, types; pkg = types.ModuleType('automodel_lora'); "
+        f"pkg.__path__ = [{str(REPO / 'automodel_lora')!r}]; sys.modules['automodel_lora'] = pkg; "
+        "import time; time.sleep(0.5); from automodel_lora.cli import main; sys.exit(main(['recipes']))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
