@@ -19,7 +19,6 @@ value and the fix.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 import re
@@ -29,51 +28,14 @@ from typing import Any
 
 import torch
 
+from .config_fields import as_name_list as _as_name_list
+from .config_fields import check_layer_selection, did_you_mean, dtype_from_str, dtype_to_str  # noqa: F401 (re-exported)
 from .kernels.options import KernelOptions
-from .matcher import validate_pattern
 
 DROPOUT_POSITIONS = ("pre", "post")
 # HF PEFT's `LoraConfig` names that `PeftConfig` accepts for its own fields.
 PEFT_ALIASES = {"r": "dim", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 LORA_A_INITS = ("xavier", "kaiming", "gaussian")
-
-# Names accepted wherever a dtype is written as a string (YAML, adapter files).
-_DTYPES_BY_NAME = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def dtype_from_str(name: str | torch.dtype | None, field_name: str = "dtype") -> torch.dtype | None:
-    """Turn `"bf16"`, `"torch.bfloat16"`, `torch.bfloat16` or None into a `torch.dtype` (or None).
-
-    Raises:
-        ValueError: the string names no floating dtype this library trains in.
-    """
-    if name is None:
-        return None
-    if isinstance(name, torch.dtype):
-        if name not in _DTYPES_BY_NAME.values():
-            raise ValueError(f"{field_name}={name} is not a dtype adapters train in; use one of {sorted(_DTYPES_BY_NAME)}")
-        return name
-    if not isinstance(name, str):
-        raise ValueError(f"{field_name}={name!r} must be a torch.dtype or one of {sorted(_DTYPES_BY_NAME)}")
-    key = name.strip().lower().removeprefix("torch.")
-    if key not in _DTYPES_BY_NAME:
-        raise ValueError(f"{field_name}={name!r} is not a known dtype; use one of {sorted(_DTYPES_BY_NAME)}")
-    return _DTYPES_BY_NAME[key]
-
-
-def dtype_to_str(dtype: torch.dtype | None) -> str | None:
-    """`torch.bfloat16` -> `"bfloat16"` (None stays None)."""
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
 
 @dataclass
 class PeftConfig:
@@ -152,7 +114,8 @@ class PeftConfig:
     def __post_init__(self):
         self.target_modules = _as_name_list(self.target_modules, "target_modules")
         self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
-        self._check_layer_selection()
+        self.layers_to_transform, self.layers_pattern = check_layer_selection(self.layers_to_transform,
+                                                                              self.layers_pattern)
         self.rank_pattern = _pattern_dict(self.rank_pattern, "rank_pattern", "dim")
         self.alpha_pattern = _pattern_dict(self.alpha_pattern, "alpha_pattern", "alpha")
         self.lora_dtype = dtype_from_str(self.lora_dtype, "PeftConfig.lora_dtype")
@@ -170,36 +133,6 @@ class PeftConfig:
                 f"PeftConfig.match_all_linear=True together with target_modules={self.target_modules!r}: "
                 "choose one (drop target_modules to adapt every linear, or set match_all_linear=False)"
             )
-
-    def _check_layer_selection(self) -> None:
-        layers = self.layers_to_transform
-        if isinstance(layers, tuple):
-            layers = self.layers_to_transform = list(layers)
-        ok_index = lambda i: isinstance(i, int) and not isinstance(i, bool) and i >= 0  # noqa: E731
-        if not (layers is None or ok_index(layers) or (isinstance(layers, list) and all(map(ok_index, layers)))):
-            raise ValueError(
-                f"PeftConfig.layers_to_transform must be a layer index or a list of them (integers >= 0), "
-                f"got {layers!r}; e.g. layers_to_transform=[0, 1]"
-            )
-        pattern = self.layers_pattern
-        if isinstance(pattern, tuple):
-            pattern = self.layers_pattern = list(pattern)
-        if not (pattern is None or isinstance(pattern, str) or
-                (isinstance(pattern, list) and all(isinstance(p, str) and p for p in pattern))):
-            raise ValueError(
-                f"PeftConfig.layers_pattern must be the name of the module list holding the layers (e.g. 'layers', "
-                f"'h') or a list of names, got {pattern!r}"
-            )
-        if pattern and (layers is None or layers == []):
-            raise ValueError(
-                f"PeftConfig.layers_pattern={pattern!r} needs layers_to_transform (the layer indices to adapt), "
-                "as in HF PEFT"
-            )
-        for p in [pattern] if isinstance(pattern, str) else pattern or []:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"PeftConfig.layers_pattern {p!r} is not a valid regular expression ({e})") from None
 
     @property
     def scale(self) -> float:
@@ -254,7 +187,8 @@ class PeftConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(valid) - set(PEFT_ALIASES))
         if unknown:
-            raise ValueError(f"unknown PeftConfig key(s) {unknown}; valid keys are {valid}{_did_you_mean(unknown, valid)}")
+            hint = did_you_mean(unknown, [*valid, *PEFT_ALIASES])
+            raise ValueError(f"unknown PeftConfig key(s) {unknown}; valid keys are {valid}{hint}")
         return cls(**d)
 
     @classmethod
@@ -267,15 +201,6 @@ class PeftConfig:
         if isinstance(d, dict) and isinstance(d.get("peft"), dict):
             d = d["peft"]
         return cls.from_dict(d)
-
-
-def _did_you_mean(unknown: list[str], valid: list[str]) -> str:
-    hints = []
-    for key in unknown:
-        close = {"rank": ["dim"]}.get(key) or difflib.get_close_matches(key, [*valid, *PEFT_ALIASES], n=1)
-        if close:
-            hints.append(f"{key!r} -> {close[0]!r}")
-    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def _with_peft_aliases(init):
@@ -427,24 +352,3 @@ def _pattern_dict(value, field_name: str, target: str) -> dict:
             msg = str(e).replace(f"LoraSettings.{target}", "the value")
             raise ValueError(f"PeftConfig.{field_name}[{key!r}]: {msg}") from None
     return dict(value)
-
-
-def _as_name_list(value, field_name: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple, set)):
-        raise ValueError(
-            f"PeftConfig.{field_name} must be a list of module names or patterns, got {value!r} "
-            f"({type(value).__name__}); e.g. {field_name}=['q_proj', 'v_proj']"
-        )
-    value = list(value)
-    for item in value:
-        if not isinstance(item, str) or not item:
-            raise ValueError(f"PeftConfig.{field_name} must be a list of non-empty strings, got item {item!r}")
-        try:
-            validate_pattern(item)
-        except ValueError as e:
-            raise ValueError(f"PeftConfig.{field_name}: {e}") from None
-    return value
