@@ -439,3 +439,15 @@ def test_real_model_recipes_adapt_every_projection_of_their_architecture(stem):
     assert al.apply_lora_to_linear_modules(model, cfg.peft) == 7 * arch.num_hidden_layers
     assert cfg.data.seq_len <= arch.max_position_embeddings
     assert cfg.quantization.load_in_4bit == stem.endswith("qlora")
+
+
+def test_a_peft_name_override_replaces_our_name_in_the_yaml_and_back(tmp_path):
+    """`peft.r=16` on the command line over a YAML that sets `dim:` (or `peft.dim=` over `r:`) sets the rank:
+    an override replaces the other spelling of its field instead of colliding with it."""
+    from automodel_lora.recipe.config import apply_overrides
+
+    raw = {"peft": {"dim": 8, "alpha": 16}}
+    assert apply_overrides(raw, ["peft.r=16"])["peft"] == {"alpha": 16, "r": 16}
+    assert apply_overrides({"peft": {"r": 4}}, ["peft.dim=32"])["peft"] == {"dim": 32}
+    assert apply_overrides({"peft": {"lora_alpha": 4}}, ["peft.alpha=2"])["peft"] == {"alpha": 2}
+    assert raw == {"peft": {"dim": 8, "alpha": 16}}  # the input is not changed

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from ..config import PeftConfig
+from ..config import PEFT_ALIASES, PeftConfig
 from .errors import ConfigError
 from .sections import (
     SECTIONS,
@@ -284,8 +284,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(node.get(p), dict):
                 node[p] = {}
             node = node[p]
+        if parts[0] == "peft" and len(parts) == 2:  # an override replaces the other spelling of its field
+            for name in _other_spellings(parts[1]):
+                node.pop(name, None)
         node[parts[-1]] = value
     return raw
+
+
+def _other_spellings(key: str) -> list[str]:
+    """The other names of a ``peft`` field: ``r`` for ``dim`` and back (HF PEFT's aliases)."""
+    names = {key, PEFT_ALIASES.get(key, key)} | {alias for alias, name in PEFT_ALIASES.items() if name == key}
+    return sorted(names - {key})
 
 
 _YAML_RELATIVE_PATHS = (("data", "path"), ("data", "validation_path"), ("data", "tokenizer"), ("model", "name_or_path"))
