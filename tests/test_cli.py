@@ -68,9 +68,16 @@ print("TORCH-MODULES", len(loaded), loaded[:3])
 """
 
 
+def _env() -> dict:
+    """This checkout's package first on the path (a subprocess in tmp_path could import another install)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 def _run_no_torch(tmp_path, prelude: str = "") -> str:
     code = _NO_TORCH.format(prelude=prelude, dest=str(tmp_path / "copy.yaml"))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_env()
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -92,11 +99,13 @@ def test_console_script_answers_without_torch(tmp_path):
     """End to end, as the console script imports it (``from automodel_lora.cli import main``)."""
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, automodel_lora; print('torch' in sys.modules)"],
-        capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_env(),
     )
     if probe.stdout.strip() == "True":
         pytest.skip("automodel_lora/__init__.py imports torch eagerly; the CLI itself does not (test above)")
-    assert "TORCH-MODULES 0 []" in _run_no_torch(tmp_path)
+    out = _run_no_torch(tmp_path)
+    assert "TORCH-MODULES 0 []" in out, out
+    assert "automodel-lora 0." in out and (tmp_path / "copy.yaml").is_file()
 
 
 # ------------------------------------------------------------------------ finetune --config NAME
