@@ -333,7 +333,7 @@ def test_seq_len_longer_than_the_model_supports(tmp_path):
 
 def test_target_modules_matching_nothing(tmp_path):
     raw = tiny_raw_recipe(tmp_path, peft={"match_all_linear": False, "target_modules": ["query_key_value"]})
-    _assert_fails_before_training(raw, "[peft] PeftConfig(target_modules=['query_key_value']")
+    _assert_fails_before_training(raw, "[peft] PeftConfig.target_modules entry 'query_key_value' matches no linear module")
 
 
 def test_tokenizer_larger_than_the_model_vocab(tmp_path):
