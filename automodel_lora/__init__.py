@@ -6,22 +6,32 @@ n = al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj
 al.save_adapter(model, "out/adapter")      # HF PEFT format
 """
 
+import importlib
 import warnings
 
-from .adapter_format import AdapterFormatError
-from .adapter_io import load_adapter, lora_state_dict, save_adapter
-from .config import LoraSettings, PeftConfig
-from .injection import (
-    apply_lora_to_linear_modules,
-    init_lora_weights,
-    merge_lora,
-    remove_lora,
-    set_kernel_options,
-    unmerge_lora,
-)
-from .kernels.options import KernelOptions
-from .lora import FusedLinearLoRA, LinearLoRA, is_lora_module, lora_modules, patch_linear_module
-from .matcher import ModuleMatcher
+# Names are imported on first use (PEP 562), so `import automodel_lora` -- and the
+# `automodel-lora` console script's --help / --version / recipes / cp -- load no torch.
+_LAZY = {
+    "AdapterFormatError": ".adapter_format",
+    "load_adapter": ".adapter_io",
+    "lora_state_dict": ".adapter_io",
+    "save_adapter": ".adapter_io",
+    "LoraSettings": ".config",
+    "PeftConfig": ".config",
+    "apply_lora_to_linear_modules": ".injection",
+    "init_lora_weights": ".injection",
+    "merge_lora": ".injection",
+    "remove_lora": ".injection",
+    "set_kernel_options": ".injection",
+    "unmerge_lora": ".injection",
+    "KernelOptions": ".kernels.options",
+    "FusedLinearLoRA": ".lora",
+    "LinearLoRA": ".lora",
+    "is_lora_module": ".lora",
+    "lora_modules": ".lora",
+    "patch_linear_module": ".lora",
+    "ModuleMatcher": ".matcher",
+}
 
 __version__ = "0.1.0"
 
@@ -49,7 +59,15 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     if name == "TritonLinearLoRA":  # deprecated name: the class fuses on every device, Triton only on CUDA
         warnings.warn("TritonLinearLoRA is deprecated; it is FusedLinearLoRA", DeprecationWarning, stacklevel=2)
-        return FusedLinearLoRA
+        return __getattr__("FusedLinearLoRA")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
