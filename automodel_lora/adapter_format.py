@@ -33,9 +33,10 @@ PEFT_KEY_PREFIX = "base_model.model."
 # `<prefix><fqn>.lora_A.weight`, also with PEFT's in-memory adapter name (`.lora_A.default.weight`).
 _ADAPTER_KEY = re.compile(r"^(?P<fqn>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 
+# `fan_in_fan_out` is not here: as in PEFT, the module's type decides (a transformers `Conv1D` stores its weight
+# `(in, out)`, a linear `(out, in)`) and the adapter tensors have the same shapes either way.
 _UNSUPPORTED = {
     "use_dora": "DoRA",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
     "lora_bias": "lora_bias",
     "target_parameters": "target_parameters (LoRA on raw parameters)",

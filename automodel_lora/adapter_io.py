@@ -35,6 +35,7 @@ from .adapter_peft_config import peft_adapter_config
 from .config import LoraSettings, PeftConfig
 from .kernels.options import KernelOptions
 from .lora import lora_modules, patch_linear_module
+from .matcher import is_adaptable, is_conv1d
 from .recompute import recompute_mlp_inputs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -211,15 +212,17 @@ def _check_unpatched_model(model: nn.Module, modules: dict[str, nn.Module], pair
     """Every key must name a linear module whose (in, out) features the tensors fit."""
     for fqn, (lora_A, lora_B) in pairs.items():
         module = modules.get(fqn)
-        if not isinstance(module, nn.Linear):
+        if not is_adaptable(module):
             what = "no such module" if module is None else f"a {type(module).__name__}, not a linear layer"
             raise AdapterFormatError(
                 f"adapter key {PEFT_KEY_PREFIX}{fqn}.lora_A.weight names {fqn!r}: {what} in {type(model).__name__}"
             )
-        if lora_A.shape[1] != module.in_features or lora_B.shape[0] != module.out_features:
+        # a Conv1D stores its weight (in, out); its adapter has the (r, in) / (out, r) shapes of a linear's
+        in_features, out_features = module.weight.shape if is_conv1d(module) else (module.in_features, module.out_features)
+        if lora_A.shape[1] != in_features or lora_B.shape[0] != out_features:
             raise AdapterFormatError(
                 f"{source}: {fqn!r} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, but the model's "
-                f"layer is ({module.out_features}, {module.in_features}) (out, in); is this the adapter of another model?"
+                f"layer is ({out_features}, {in_features}) (out, in); is this the adapter of another model?"
             )
 
 
@@ -231,7 +234,7 @@ def _check_targets_covered(model: nn.Module, pairs, peft_cfg: AdapterConfig, str
     missing = sorted(
         name
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
+        if is_adaptable(m)
         and name not in pairs
         and peft_cfg.selects(name)
     )

@@ -11,6 +11,7 @@ from torch import nn
 from .adapter_format import peft_selects
 from .config import PeftConfig
 from .lora import lora_modules
+from .matcher import is_adaptable
 
 
 def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
@@ -47,7 +48,8 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
         "exclude_modules": None,
         "use_rslora": rslora.pop(),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT's flag for `Conv1D` bases (weight `(in, out)`); PEFT corrects it per module by type on load.
+        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in modules),
         "init_lora_weights": True,
         "modules_to_save": None,
         "rank_pattern": {_exact(name): s.dim for name, s in settings.items() if s.dim != rank},
@@ -60,7 +62,7 @@ def _targets(model: nn.Module, adapted: list[str], peft_config: PeftConfig | Non
     """`target_modules`, `layers_to_transform` and `layers_pattern` that select exactly `adapted` by PEFT's rule."""
     short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
     adapter_children = {f"{name}.lora_{x}" for name in adapted for x in "AB"}
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in adapter_children]
+    linears = [n for n, m in model.named_modules() if is_adaptable(m) and n not in adapter_children]
     choices = [(None, None)]
     if peft_config is not None and peft_config.layers_to_transform not in (None, []):
         choices.append((peft_config.layers_to_transform, peft_config.layers_pattern))

@@ -9,6 +9,9 @@ pair, and hangs two small linears beside the frozen base:
     y = base(x) + drop(s * B(A(x)))          dropout_position="post"
     s = alpha / dim   (alpha / sqrt(dim) with rsLoRA)
 
+A transformers `Conv1D` (GPT-2; weight stored `(in, out)`, PEFT's `fan_in_fan_out`) is patched the
+same way, with the same `lora_A` / `lora_B` shapes (`Conv1DLoRA`, `FusedConv1DLoRA`).
+
 `base(x)` is the module's own class's forward, so a bitsandbytes `Linear4bit`
 keeps computing from its packed 4-bit weight. Nothing is renamed: the state
 dict keeps `q_proj.weight` (and bitsandbytes' quant-state keys) and only gains
@@ -32,6 +35,7 @@ from torch import nn
 
 from .config import LoraSettings
 from .kernels import lora_add, lora_linear, lora_linear_dequant
+from .matcher import conv1d_class, is_conv1d
 from .patching import is_swapped_class, swapped_class, swapped_reduce
 from .quant import dequantizer_4bit, is_quantized_linear, quantized_compute_dtype
 
@@ -111,6 +115,17 @@ class LinearLoRA(nn.Linear):
     # The class whose forward computes the frozen base product; the patched
     # subclasses built by `_lora_class_for` override it with the original class.
     _lora_base_cls: type[nn.Linear] = nn.Linear
+    # Whether the base weight is stored `(in, out)` (transformers `Conv1D`, PEFT's `fan_in_fan_out`).
+    fan_in_fan_out: bool = False
+    # Whether the base class's forward is the plain dense product of `weight` / `bias` (`nn.Linear`'s, or
+    # `Conv1D`'s for the Conv1D classes), which the fused path may compute itself; set per patched class.
+    _lora_dense_base: bool = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        base = cls.__dict__.get("_lora_base_cls")
+        if base is not None:  # a patched (adapter, original) class: is the original's product the plain one?
+            cls._lora_dense_base = base.forward is _dense_forward(cls.fan_in_fan_out)
 
     def __init__(
         self,
@@ -230,8 +245,10 @@ class FusedLinearLoRA(LinearLoRA):
         # base gets the same cast tensor, so x is cast once (autocast leaves an already-cast input alone).
         compute_x = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
         dtype = compute_x.dtype
-        if self._lora_base_cls.forward is nn.Linear.forward:
+        if self._lora_dense_base:
             weight, bias = _param(self, "weight"), _param(self, "bias")
+            if self.fan_in_fan_out:  # Conv1D's (in, out) weight: the kernels take the (out, in) view, no copy
+                weight = weight.t()
             if (  # plain F.linear semantics on a frozen dense weight (and bias) of the compute dtype
                 not weight.requires_grad
                 and weight.dtype == dtype
@@ -248,6 +265,41 @@ class FusedLinearLoRA(LinearLoRA):
                 return lora_linear_dequant(x, dequantize, None if bias is None else bias.to(dtype), *adapter,
                                            options=options)
         return lora_add(self.base_forward(compute_x), compute_x, *adapter, options=options)
+
+
+class Conv1DLoRA(LinearLoRA):
+    """`LinearLoRA` for a transformers `Conv1D` (GPT-2's `c_attn`, `c_proj`, `c_fc`): weight stored `(in, out)`,
+    base `x @ W + b` (PEFT's `fan_in_fan_out`). The adapter is the same `lora_A` `(r, in)` / `lora_B` `(out, r)`
+    as for linears (PEFT stores the same shapes); `in_features` / `out_features` are read from the weight."""
+
+    fan_in_fan_out = True
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone: `x W + b` (`W` stored `(in, out)`), through the original class's forward."""
+        return self._lora_base_cls.forward(self, x)
+
+    def __repr__(self) -> str:  # Conv1D's own __repr__ would hide the adapter
+        return nn.Module.__repr__(self)
+
+
+class FusedConv1DLoRA(FusedLinearLoRA, Conv1DLoRA):
+    """`FusedLinearLoRA` for a transformers `Conv1D`: the kernels get the weight's transposed `(out, in)` view."""
+
+
+def _dense_forward(fan_in_fan_out: bool):
+    """The forward whose product the fused path computes itself: `nn.Linear`'s, or `Conv1D`'s."""
+    if not fan_in_fan_out:
+        return nn.Linear.forward
+    cls = conv1d_class()
+    return None if cls is None else cls.forward
 
 
 def __getattr__(name: str):
@@ -300,7 +352,8 @@ def patch_linear_module(
     ``patch_linear_module(layer, cfg.lora_settings(), kernels=KernelOptions(base_gemm="cublas"))``.
 
     Args:
-        linear: an `nn.Linear` or subclass (bitsandbytes `Linear4bit` included).
+        linear: an `nn.Linear` or subclass (bitsandbytes `Linear4bit` included), or a transformers `Conv1D`
+            (weight `(in, out)`, switched to `Conv1DLoRA` / `FusedConv1DLoRA`; weight and bias stay as stored).
         settings: the adapter's `LoraSettings` (default: `LoraSettings()`: dim 8, alpha 32, ...).
         use_triton: the fused path (`FusedLinearLoRA`: Triton kernels on CUDA, the same autograd
             function with PyTorch math elsewhere); False for the plain `LinearLoRA` reference.
@@ -313,8 +366,11 @@ def patch_linear_module(
             is not a field.
         ValueError: it already has an adapter, or a setting is invalid.
     """
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"patch_linear_module needs an nn.Linear (or subclass), got {type(linear).__name__}")
+    conv1d = is_conv1d(linear)
+    if not (conv1d or isinstance(linear, nn.Linear)):
+        raise TypeError(
+            f"patch_linear_module needs an nn.Linear (or subclass) or a transformers Conv1D, got {type(linear).__name__}"
+        )
     if is_lora_module(linear):
         raise ValueError(
             f"this {linear._lora_base_cls.__name__} already has a LoRA adapter (rank {linear.lora_settings.dim}); "
@@ -323,7 +379,11 @@ def patch_linear_module(
     settings = LoraSettings.resolve(settings, overrides, "patch_linear_module")
     base_cls = type(linear)
     _add_adapter(linear, settings)
-    linear.__class__ = _lora_class_for(FusedLinearLoRA if use_triton else LinearLoRA, base_cls)
+    if conv1d:
+        adapter_cls = FusedConv1DLoRA if use_triton else Conv1DLoRA
+    else:
+        adapter_cls = FusedLinearLoRA if use_triton else LinearLoRA
+    linear.__class__ = _lora_class_for(adapter_cls, base_cls)
     return linear
 
 
@@ -335,8 +395,9 @@ def _add_adapter(linear: nn.Linear, settings: LoraSettings) -> None:
     device, dtype, dim = linear.weight.device, settings.lora_dtype, settings.dim
     for param in linear.parameters(recurse=False):
         param.requires_grad_(False)
-    linear.lora_A = nn.Linear(linear.in_features, dim, bias=False, device=device, dtype=dtype)
-    linear.lora_B = nn.Linear(dim, linear.out_features, bias=False, device=device, dtype=dtype)
+    in_features, out_features = linear.weight.shape if is_conv1d(linear) else (linear.in_features, linear.out_features)
+    linear.lora_A = nn.Linear(in_features, dim, bias=False, device=device, dtype=dtype)
+    linear.lora_B = nn.Linear(dim, out_features, bias=False, device=device, dtype=dtype)
     linear.lora_dropout = nn.Dropout(p=settings.dropout)
     linear.lora_settings = settings
     linear.lora_merged = False

@@ -25,7 +25,8 @@ Rules (FQN = the name `model.named_modules()` gives, e.g.
   follows any component after the first. A module with no such index is not
   selected.
 - `target_modules` given as one string is one pattern; None means no entries.
-- Only linear layers (`nn.Linear` and its subclasses, bitsandbytes' included)
+- Only linear layers (`nn.Linear` and its subclasses, bitsandbytes' included,
+  and transformers' `Conv1D` of GPT-2-style models, weight stored `(in, out)`)
   are adapted. A plain name that lands on another kind of module is an error;
   a wildcard pattern simply skips non-linear modules.
 """
@@ -36,6 +37,7 @@ import difflib
 import fnmatch
 import functools
 import re
+import sys
 from collections.abc import Iterable
 
 from torch import nn
@@ -96,16 +98,17 @@ class ModuleMatcher:
         if not in_layers(name, self.layers_to_transform, self.layers_pattern):
             return False
         if self.match_all_linear:
-            return isinstance(module, nn.Linear) and name not in self.head_names
+            return is_adaptable(module) and name not in self.head_names
         for pattern in self.target_modules:
             if not name_matches(pattern, name):
                 continue
-            if isinstance(module, nn.Linear):
+            if is_adaptable(module):
                 return True
             if is_plain_name(pattern):
                 raise ValueError(
                     f"target_modules entry {pattern!r} selects {name!r}, a {type(module).__name__}, "
-                    "which is not a linear layer; only nn.Linear (and bitsandbytes Linear4bit) can be adapted. "
+                    "which is not a linear layer; only nn.Linear (bitsandbytes Linear4bit too) and transformers "
+                    "Conv1D can be adapted. "
                     "Name its linear children instead (e.g. 'q_proj') or add it to exclude_modules"
                 )
         return False
@@ -229,3 +232,21 @@ def output_head_names(model: nn.Module) -> set[str]:
     if head is not None:
         heads |= {name for name, m in named if m is head}
     return {name for name, _ in named if any(name == h or name.startswith(h + ".") for h in heads)}
+
+
+def conv1d_class() -> type | None:
+    """transformers' `Conv1D`, or None where transformers is not imported (then no module can be one);
+    transformers is never imported here."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for a transformers `Conv1D` (or subclass): a linear layer whose weight is stored `(in, out)`."""
+    cls = conv1d_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """True for a module `patch_linear_module` accepts: an `nn.Linear` (or subclass) or a transformers `Conv1D`."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
