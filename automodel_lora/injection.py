@@ -20,7 +20,7 @@ from torch import nn
 from .config import PeftConfig
 from .kernels.options import KernelOptions
 from .lora import LORA_ATTRIBUTES, LinearLoRA, is_lora_module, lora_modules, patch_linear_module
-from .matcher import ModuleMatcher, is_plain_name, name_matches, near_misses, output_head_names
+from .matcher import ModuleMatcher, is_adaptable, is_plain_name, name_matches, near_misses, output_head_names
 from .quant import is_quantized_linear
 from .recompute import recompute_mlp_inputs, restore_mlp_classes
 
@@ -50,7 +50,7 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
     matcher = ModuleMatcher(cfg.target_modules, cfg.exclude_modules, cfg.match_all_linear, output_head_names(model),
                             cfg.layers_to_transform, cfg.layers_pattern)
     adapter_children = {id(child) for _, m in lora_modules(model) for child in (m.lora_A, m.lora_B)}
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapter_children]
+    linear_names = [n for n, m in model.named_modules() if is_adaptable(m) and id(m) not in adapter_children]
     if not cfg.allow_unmatched_targets:
         _check_every_target_matches(model, cfg, linear_names)
     selected = []
@@ -139,6 +139,8 @@ def _folded(module: LinearLoRA, sign: float) -> torch.Tensor:
     """The base weight with `sign * s * B @ A` added, in the weight's dtype (not written)."""
     weight = module.weight
     delta = (module.lora_B.weight.float() @ module.lora_A.weight.float()) * (sign * module.lora_settings.scale)  # (N, K)
+    if module.fan_in_fan_out:  # a Conv1D stores its weight (in, out) = (K, N): fold (s B A)^T
+        delta = delta.t()
     return (weight.float() + delta).to(weight.dtype)
 
 

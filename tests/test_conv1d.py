@@ -172,3 +172,34 @@ def test_a_linear_model_still_saves_fan_in_fan_out_false(tmp_path):
     al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["0"], dim=2))
     al.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+
+
+def test_merge_unmerge_remove_and_merge_and_save_fold_the_transposed_delta(tmp_path):
+    """A Conv1D stores (in, out): merging adds (s B A)^T. Every merge path gives the adapted logits, and
+    unmerging gives the original weights back (fp32 rounding)."""
+    model = tiny_gpt2()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_linear=True, dim=4, alpha=8))
+    randomize_lora_B(model)
+    adapted = logits(model)
+
+    assert al.merge_and_save(model, tmp_path / "merged") == len(CONV1D_NAMES)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    assert_close(logits(reloaded), adapted, what="merge_and_save logits")
+
+    al.merge_lora(model)
+    assert_close(logits(model), adapted, what="merged logits")
+    al.unmerge_lora(model)
+    for name in CONV1D_NAMES:
+        assert_close(model.get_submodule(name).weight, original[f"{name}.weight"], what=f"{name} unmerged")
+
+    al.remove_lora(model, merge=True)
+    assert all(type(model.get_submodule(n)) is Conv1D for n in CONV1D_NAMES)
+    assert_close(logits(model), adapted, what="remove_lora(merge=True) logits")
+
+
+def test_a_glob_target_selects_unpatched_conv1d_layers():
+    """The typo check sees Conv1D layers as adaptable: `*.c_attn` is no typo on gpt2."""
+    model = tiny_gpt2()
+    n = al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["*.c_attn"], dim=4))
+    assert n == 2
