@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .matcher import in_layers, pattern_key
+from .modules_to_save import module_to_save_of, read_modules_to_save
 
 PEFT_KEY_PREFIX = "base_model.model."
 
@@ -37,7 +38,6 @@ _ADAPTER_KEY = re.compile(r"^(?P<fqn>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]
 # `(in, out)`, a linear `(out, in)`) and the adapter tensors have the same shapes either way.
 _UNSUPPORTED = {
     "use_dora": "DoRA",
-    "modules_to_save": "modules_to_save (fully trained extra modules)",
     "lora_bias": "lora_bias",
     "target_parameters": "target_parameters (LoRA on raw parameters)",
     "layer_replication": "layer_replication (a model with repeated layers)",
@@ -66,6 +66,7 @@ class AdapterConfig:
         exclude_modules: the same for `exclude_modules`.
         layers_to_transform: PEFT's layer indices (an int or a list; None: every layer).
         layers_pattern: PEFT's name(s) of the module list holding the layers, or None.
+        modules_to_save: PEFT's names of fully trained modules (a list; None: none).
     """
 
     path: str
@@ -79,6 +80,7 @@ class AdapterConfig:
     exclude_modules: list[str] | str | None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
 
     def alpha_for(self, fqn: str) -> float:
         """PEFT's alpha_pattern lookup: the first pattern matching the FQN or a dotted suffix of it."""
@@ -254,13 +256,13 @@ def read_adapter_config(path: str) -> AdapterConfig:
 
     Raises:
         FileNotFoundError: no such file.
-        AdapterFormatError: unreadable JSON, not an object, not plain LoRA (DoRA, bias, modules_to_save,
+        AdapterFormatError: unreadable JSON, not an object, not plain LoRA (DoRA, bias, lora_bias,
             target_parameters, layer_replication...), a `layers_to_transform` that is not layer indices or
             a `layers_pattern` that is not names, `r` not a positive JSON integer, `lora_alpha` missing or not a positive number,
             `use_rslora` not a JSON boolean, a bad `alpha_pattern` / `rank_pattern` regex or a value that
             is not a positive number (alpha) / positive integer (rank), a `target_modules` /
             `exclude_modules` that is neither a list of names nor one valid regex, or a `lora_dropout`
-            outside `[0, 1)`.
+            outside `[0, 1)`, or a `modules_to_save` that is not a list of names.
     """
     raw = read_json_object(path)
     if raw.get("peft_type", "LORA") != "LORA":
@@ -294,7 +296,9 @@ def read_adapter_config(path: str) -> AdapterConfig:
         exclude_modules=_module_names(path, "exclude_modules", raw.get("exclude_modules")),
         layers_to_transform=layers_to_transform,
         layers_pattern=layers_pattern,
+        modules_to_save=read_modules_to_save(path, raw.get("modules_to_save")),
     )
+
 
 
 def check_tensors_fit_config(config: AdapterConfig, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -326,11 +330,20 @@ def check_tensors_fit_config(config: AdapterConfig, pairs: dict[str, tuple[torch
 
 
 def read_adapter_tensors(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """`adapter_model.safetensors` as `{fqn: (lora_A (r, in), lora_B (out, r))}`, every tensor checked.
+    """`adapter_model.safetensors` as `{fqn: (lora_A (r, in), lora_B (out, r))}`, every tensor checked
+    (a plain LoRA file: any other key is an error; see `read_adapter_file`)."""
+    return read_adapter_file(path)[0]
+
+
+def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
+    """`(pairs, saved)`: `adapter_model.safetensors` as `{fqn: (lora_A (r, in), lora_B (out, r))}` and the
+    full tensors of `modules_to_save` modules as `{<fqn>.<name>: tensor}` (PEFT's prefix stripped), every
+    tensor checked.
 
     Raises:
         FileNotFoundError: no such file.
-        AdapterFormatError: not a safetensors file, a key that is not a lora_A/lora_B weight, a half
+        AdapterFormatError: not a safetensors file, a key that is neither a lora_A/lora_B weight nor a tensor of
+            a module that `modules_to_save` selects, a half
             missing, shapes that do not pair, a tensor that is not floating point, or one holding NaN/Inf.
     """
     if not os.path.exists(path):
@@ -343,11 +356,18 @@ def read_adapter_tensors(path: str) -> dict[str, tuple[torch.Tensor, torch.Tenso
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFormatError(f"{path!r} is not a readable safetensors file ({e}); save the adapter again") from None
     halves: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = _ADAPTER_KEY.match(key.removeprefix(PEFT_KEY_PREFIX))
+        if match is None and module_to_save_of(key.removeprefix(PEFT_KEY_PREFIX), modules_to_save):
+            if tensor.is_floating_point():
+                _check_values(path, key, tensor)
+            saved[key.removeprefix(PEFT_KEY_PREFIX)] = tensor
+            continue
         if match is None:
             raise AdapterFormatError(
-                f"{path}: key {key!r} is not a LoRA lora_A/lora_B weight; only plain LoRA adapters are supported"
+                f"{path}: key {key!r} is not a LoRA lora_A/lora_B weight, nor a tensor of a module that the config's "
+                f"modules_to_save={modules_to_save!r} selects; only LoRA adapters (with modules_to_save) are supported"
             )
         _check_values(path, key, tensor)
         halves.setdefault(match["fqn"], {})[match["which"]] = tensor
@@ -365,7 +385,7 @@ def read_adapter_tensors(path: str) -> dict[str, tuple[torch.Tensor, torch.Tenso
         pairs[fqn] = (lora_A, lora_B)
     if not pairs:
         raise AdapterFormatError(f"{path} holds no adapter tensors")
-    return pairs
+    return pairs, saved
 
 
 def _check_values(path: str, key: str, tensor: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ from .adapter_format import (
     AdapterFormatError,
     check_tensors_fit_config,
     read_adapter_config,
-    read_adapter_tensors,
+    read_adapter_file,
     read_json_object,
 )
 from .adapter_peft_config import peft_adapter_config
@@ -36,6 +36,7 @@ from .config import LoraSettings, PeftConfig
 from .kernels.options import KernelOptions
 from .lora import lora_modules, patch_linear_module
 from .matcher import is_adaptable, is_conv1d
+from .modules_to_save import check_saved_tensors, load_saved_tensors, modules_to_save_state
 from .recompute import recompute_mlp_inputs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -44,7 +45,8 @@ LIBRARY_CONFIG_NAME = "automodel_lora_config.json"
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of `model` under their FQNs (`<fqn>.lora_A.weight`, `<fqn>.lora_B.weight`).
+    """The adapter tensors of `model` under their FQNs (`<fqn>.lora_A.weight`, `<fqn>.lora_B.weight`), and
+    the full state of every `modules_to_save` module (`<fqn>.weight`, ...; PEFT's on-disk keys less its prefix).
 
     Sharded (FSDP2 `DTensor`) adapters are gathered to full tensors, which is a
     collective: call it on every rank.
@@ -54,6 +56,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         prefix = f"{fqn}." if fqn else ""
         state[f"{prefix}lora_A.weight"] = _full_tensor(module.lora_A.weight)
         state[f"{prefix}lora_B.weight"] = _full_tensor(module.lora_B.weight)
+    state.update(modules_to_save_state(model, _full_tensor))
     return state
 
 
@@ -91,7 +94,8 @@ def save_adapter(
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    tensors = {PEFT_KEY_PREFIX + key: t.detach().to("cpu").contiguous() for key, t in state.items()}
+    # cloned: tied modules to save share one tensor, which safetensors refuses to write twice
+    tensors = {PEFT_KEY_PREFIX + key: t.detach().to("cpu", copy=True).contiguous() for key, t in state.items()}
     _atomic_write(os.path.join(path, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     library_cfg_path = os.path.join(path, LIBRARY_CONFIG_NAME)
     if peft_config is not None:
@@ -118,6 +122,9 @@ def load_adapter(
     honoured); otherwise its adapters must match the file one for one.
     Everything is checked before the model is touched: after an error the model
     is as it was.
+
+    `modules_to_save` (HF PEFT's fully trained modules): their tensors in the file are copied into the
+    model's modules in place, which are then marked and made trainable, so `save_adapter` writes them again.
 
     Missing layers: loading into a patched model whose adapted modules get no
     weights from the file is always an error. Loading into an unpatched model, a
@@ -155,8 +162,9 @@ def load_adapter(
     peft_cfg = read_adapter_config(os.path.join(path, ADAPTER_CONFIG_NAME))
     library_cfg = _read_library_config(os.path.join(path, LIBRARY_CONFIG_NAME))
     weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
-    pairs = read_adapter_tensors(weights_path)
+    pairs, saved = read_adapter_file(weights_path, peft_cfg.modules_to_save)
     adapted = dict(lora_modules(model))
+    to_save = check_saved_tensors(model, saved, peft_cfg.modules_to_save, weights_path)
     if adapted:
         _check_patched_model(adapted, pairs, peft_cfg, path)
         check_tensors_fit_config(peft_cfg, pairs, weights_path)
@@ -171,6 +179,7 @@ def load_adapter(
         for fqn, (lora_A, lora_B) in pairs.items():
             _copy_into(adapted[fqn].lora_A.weight, lora_A)
             _copy_into(adapted[fqn].lora_B.weight, lora_B)
+    load_saved_tensors(model, saved, to_save, _copy_into)
     return len(pairs)
 
 

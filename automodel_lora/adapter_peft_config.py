@@ -12,6 +12,7 @@ from .adapter_format import peft_selects
 from .config import PeftConfig
 from .lora import lora_modules
 from .matcher import is_adaptable
+from .modules_to_save import marked_modules
 
 
 def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
@@ -21,7 +22,8 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
     `target_modules` are short names (`q_proj`) where they select exactly the adapted modules by PEFT's rule,
     as vLLM expects, narrowed by `peft_config`'s `layers_to_transform` / `layers_pattern` where needed (then
     written too); else full FQNs. Ranks and alphas that differ from the most common one are written to
-    `rank_pattern` / `alpha_pattern` with one anchored key per module.
+    `rank_pattern` / `alpha_pattern` with one anchored key per module. `modules_to_save` lists the FQNs of the
+    modules trained fully (`automodel_lora.modules_to_save`), or is None.
     """
     modules = lora_modules(model)
     settings = {name: m.lora_settings for name, m in modules}
@@ -51,7 +53,8 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
         # PEFT's flag for `Conv1D` bases (weight `(in, out)`); PEFT corrects it per module by type on load.
         "fan_in_fan_out": any(m.fan_in_fan_out for _, m in modules),
         "init_lora_weights": True,
-        "modules_to_save": None,
+        # the FQNs of the modules trained fully (PEFT's rule `fqn.endswith(entry)` selects each one)
+        "modules_to_save": [name for name, _ in marked_modules(model)] or None,
         "rank_pattern": {_exact(name): s.dim for name, s in settings.items() if s.dim != rank},
         "alpha_pattern": {_exact(name): s.alpha for name, s in settings.items() if s.alpha != alpha},
         "use_dora": False,

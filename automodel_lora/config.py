@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .config_fields import as_name_list as _as_name_list
-from .config_fields import check_layer_selection, did_you_mean, dtype_from_str, dtype_to_str  # noqa: F401 (re-exported)
+from .config_fields import check_layer_selection, check_modules_to_save, did_you_mean, dtype_from_str, dtype_to_str  # noqa: F401 (re-exported)
 from .kernels.options import KernelOptions
 
 DROPOUT_POSITIONS = ("pre", "post")
@@ -77,6 +77,13 @@ class PeftConfig:
             module whose FQN or a dotted suffix of it the regex matches to the end (HF PEFT's
             `get_pattern_key`: `re.match(rf"(.*\\.)?({key})$", fqn)`); the first matching key wins.
         alpha_pattern: `{regex: alpha}`, the same for `alpha`.
+        modules_to_save: names of whole modules trained fully beside the adapters (HF PEFT's
+            `modules_to_save`, e.g. `["score"]` for a classification head, `["embed_tokens", "lm_head"]`); an
+            entry selects a module whose FQN equals it or ends with `"." + entry`. The modules stay in place
+            (no wrapper), their parameters are made trainable, and `save_adapter` writes their full tensors
+            under PEFT's keys (`base_model.model.<fqn>.weight`). An entry matching nothing is an error (unless
+            `allow_unmatched_targets`), as is a module both adapted and listed here, or one whose weight is
+            tied to a module not listed. See `automodel_lora.modules_to_save`.
         allow_unmatched_targets: by default every `target_modules` entry must select at least one
             linear module of the model, else applying fails naming the entry and the closest real
             names (a typo such as `"q_prj"`); True lets entries match nothing (a config shared
@@ -110,10 +117,12 @@ class PeftConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     allow_unmatched_targets: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.target_modules = _as_name_list(self.target_modules, "target_modules")
         self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
+        self.modules_to_save = check_modules_to_save(self.modules_to_save, self.target_modules)
         self.layers_to_transform, self.layers_pattern = check_layer_selection(self.layers_to_transform,
                                                                               self.layers_pattern)
         self.rank_pattern = _pattern_dict(self.rank_pattern, "rank_pattern", "dim")

@@ -69,6 +69,28 @@ def as_name_list(value, field_name: str) -> list[str]:
     return value
 
 
+def check_modules_to_save(value, target_modules: list[str]) -> list[str]:
+    """`PeftConfig.modules_to_save` checked: plain module names (no glob), none also in `target_modules`.
+
+    Raises:
+        ValueError: not a list of non-empty strings, a glob, or an entry also in `target_modules`.
+    """
+    names = as_name_list(value, "modules_to_save")
+    for name in names:
+        if re.search(r"[*?\[]", name):
+            raise ValueError(
+                f"PeftConfig.modules_to_save entry {name!r} is a pattern; give module names (the FQN or a dotted "
+                "suffix of it, e.g. 'score' or 'lm_head'), as HF PEFT does"
+            )
+    both = sorted(set(names) & set(target_modules))
+    if both:
+        raise ValueError(
+            f"PeftConfig: {both} are in both target_modules and modules_to_save; a module is either adapted or "
+            "trained fully, not both (HF PEFT refuses it too). Remove them from one of the lists"
+        )
+    return names
+
+
 def check_layer_selection(layers, pattern) -> tuple[list[int] | int | None, list[str] | str | None]:
     """`PeftConfig.layers_to_transform` / `layers_pattern` checked (tuples become lists).
 

@@ -21,6 +21,7 @@ from .config import PeftConfig
 from .kernels.options import KernelOptions
 from .lora import LORA_ATTRIBUTES, LinearLoRA, is_lora_module, lora_modules, patch_linear_module
 from .matcher import ModuleMatcher, is_adaptable, is_plain_name, name_matches, near_misses, output_head_names
+from .modules_to_save import mark_modules_to_save, select_modules_to_save, unmark_modules_to_save
 from .quant import is_quantized_linear
 from .recompute import recompute_mlp_inputs, restore_mlp_classes
 
@@ -36,6 +37,9 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
         model: any `nn.Module` (a model built on the meta device too).
         peft_config: a `PeftConfig`, or a dict for `PeftConfig.from_dict`.
 
+    Modules named by `peft_config.modules_to_save` are marked and left trainable (everything else is
+    frozen), so `save_adapter` writes them in full (see `automodel_lora.modules_to_save`).
+
     Returns:
         The number of modules patched.
 
@@ -43,8 +47,9 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
         ValueError: the config selects nothing (the message lists linear modules
             that exist), a `target_modules` entry matches no linear module (unless
             `allow_unmatched_targets`; the message names the entry and its nearest
-            real names), a plain target names a non-linear module, or a selected
-            module already has an adapter. The model is left untouched.
+            real names), a plain target names a non-linear module, a selected
+            module already has an adapter, or a `modules_to_save` entry matches nothing, names an adapted
+            module or a tied weight. The model is left untouched.
     """
     cfg = PeftConfig.from_dict(peft_config) if isinstance(peft_config, dict) else peft_config
     matcher = ModuleMatcher(cfg.target_modules, cfg.exclude_modules, cfg.match_all_linear, output_head_names(model),
@@ -68,10 +73,12 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
             f"It has {len(linear_names)} linear modules, e.g. {linear_names[:8]}; "
             "a plain name matches a FQN or its dotted suffix ('q_proj'), a glob the whole FQN ('*.mlp.*')"
         )
+    to_save = select_modules_to_save(model, cfg.modules_to_save, [n for n, _ in selected], cfg.allow_unmatched_targets)
     model.requires_grad_(False)
     settings = cfg.lora_settings()
     for name, module in selected:
         patch_linear_module(module, cfg.settings_for(name, settings), use_triton=cfg.use_triton)
+    mark_modules_to_save(to_save)
     if cfg.recompute_mlp_input:
         recompute_mlp_inputs(model)
     return len(selected)
@@ -276,6 +283,7 @@ def remove_lora(model: nn.Module, merge: bool = False) -> int:
     else:
         _fold_all([(n, m) for n, m in modules if m.lora_merged], -1.0, safe=True)
     restore_mlp_classes(model)
+    unmark_modules_to_save(model)
     for _, module in modules:
         del module.lora_A, module.lora_B, module.lora_dropout
         for attr in LORA_ATTRIBUTES:
