@@ -62,10 +62,10 @@ def base_gemm_route(x, y, q, rank: int, base_gemm: str, auto_min_mnk: int = AUTO
     makes it, q ``(rank, N)``) under ``base_gemm``: "cublas", "tma" or "portable"."""
     if base_gemm == "cublas":
         return "cublas"
-    tma = tma_operands_ready(x, y, q, rank)
     if base_gemm == "triton":
-        return "tma" if tma else "portable"
-    if x.shape[0] * x.shape[1] * y.shape[1] < auto_min_mnk or not tma:  # "auto"
+        return "tma" if tma_operands_ready(x, y, q, rank) else "portable"
+    # "auto": the size test first, so small GEMMs (most calls of a small model) skip the layout checks
+    if x.shape[0] * x.shape[1] * y.shape[1] < auto_min_mnk or not tma_operands_ready(x, y, q, rank):
         return "cublas"
     return "tma"
 
