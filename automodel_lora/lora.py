@@ -282,10 +282,6 @@ class Conv1DLoRA(LinearLoRA):
     def out_features(self) -> int:
         return self.weight.shape[1]
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen layer alone: `x W + b` (`W` stored `(in, out)`), through the original class's forward."""
-        return self._lora_base_cls.forward(self, x)
-
     def __repr__(self) -> str:  # Conv1D's own __repr__ would hide the adapter
         return nn.Module.__repr__(self)
 
