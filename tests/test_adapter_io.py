@@ -10,17 +10,9 @@ from safetensors.torch import load_file, save_file
 import automodel_lora as al
 
 from .conftest import assert_close, tiny_llama
+from .test_faults_adapter import adapted as adapted_llama
 
 peft = pytest.importorskip("peft")
-
-
-def adapted_llama(cfg: al.PeftConfig):
-    model = tiny_llama()
-    al.apply_lora_to_linear_modules(model, cfg)
-    with torch.no_grad():
-        for _, m in al.lora_modules(model):
-            m.lora_B.weight.normal_(std=0.05)
-    return model
 
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64]])
