@@ -61,7 +61,7 @@ __all__ = [
     "load_recipe",
     "apply_overrides",
     "parse_override",
-    "decode_utf8",
+    "read_utf8_file",
 ]
 
 
@@ -89,6 +89,23 @@ def _read_yaml(text: str, bad: str) -> Any:
         raise ConfigError(f"{bad}: {e}") from e
     except RecursionError as e:  # PyYAML composes nested collections recursively
         raise ConfigError(f"{bad}: nested too deep to read; flatten the nesting") from e
+
+
+def read_utf8_file(path: str | os.PathLike, not_found: str, unreadable: str) -> str:
+    """The text of the UTF-8 file ``path``.
+
+    Raises:
+        ConfigError: ``not_found`` where there is no such file; ``unreadable`` with the OS's reason where it
+            cannot be read; bytes that are not UTF-8 (see :func:`decode_utf8`).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(not_found)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{unreadable}: {e.strerror}") from e
+    return decode_utf8(data, path)
 
 
 def decode_utf8(data: bytes, path: str | os.PathLike) -> str:
@@ -318,13 +335,8 @@ def _resolve_yaml_paths(raw: dict, base: Path) -> None:
 def _read_recipe_file(path: str | os.PathLike) -> dict:
     """The mapping in a recipe YAML, its relative paths resolved against its directory."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{path}: can't read the recipe: {e.strerror}") from e
-    raw = _read_yaml(decode_utf8(data, path), f"{path}: not valid YAML") or {}
+    text = read_utf8_file(p, f"recipe file not found: {path}", f"{path}: can't read the recipe")
+    raw = _read_yaml(text, f"{path}: not valid YAML") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     _resolve_yaml_paths(raw, p.resolve().parent)

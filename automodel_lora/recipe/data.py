@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, DataConfig, decode_utf8
+from .config import ConfigError, DataConfig, read_utf8_file
 
 __all__ = ["Example", "load_jsonl", "tokenize_records", "build_datasets", "StepSampler", "collate", "IGNORE_INDEX"]
 
@@ -45,14 +45,8 @@ def load_jsonl(path: str | Path, what: str = "data.path") -> list[dict]:
         ConfigError: a missing or unreadable file, or no records; bytes that are not UTF-8, a line
             that is not JSON, is nested too deep or is not an object (naming the file and 1-based line).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"`{what}`: file not found: {path}")
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"`{what}`: can't read {path}: {e.strerror}") from e
-    text = decode_utf8(data, path).removeprefix("\ufeff")
+    text = read_utf8_file(path, f"`{what}`: file not found: {path}", f"`{what}`: can't read {path}")
+    text = text.removeprefix("\ufeff")
     records = []
     for lineno, line in enumerate(io.StringIO(text, newline=None), 1):
         line = line.strip()
