@@ -1,7 +1,7 @@
 r"""Reading an adapter directory's files and refusing what is wrong in them, before a model is touched.
 
 `read_adapter_config` turns `adapter_config.json` into checked values (HF PEFT's names: `r`,
-`lora_alpha`, `use_rslora`, `alpha_pattern`, ...); `read_adapter_tensors` groups
+`lora_alpha`, `use_rslora`, `alpha_pattern`, ...); `read_adapter_file` groups
 `adapter_model.safetensors` into `(lora_A, lora_B)` pairs per module FQN and checks them;
 `check_tensors_fit_config` checks the two files against each other (ranks, selected modules). Every
 problem with a file's content is an `AdapterFormatError` naming the file, the key and what to fix.
@@ -84,7 +84,8 @@ class AdapterConfig:
 
     def alpha_for(self, fqn: str) -> float:
         """PEFT's alpha_pattern lookup: the first pattern matching the FQN or a dotted suffix of it."""
-        return pattern_value(self.alpha_pattern, fqn, self.lora_alpha)
+        pattern = pattern_key(self.alpha_pattern, fqn)
+        return self.lora_alpha if pattern is None else self.alpha_pattern[pattern]
 
     def rank_for(self, fqn: str) -> tuple[int | None, str]:
         """`(rank, key)`: the rank PEFT gives `fqn` (`rank_pattern`, else `r`; None if neither) and the config
@@ -115,12 +116,6 @@ def peft_selects(targets: list[str] | str, fqn: str, layers_to_transform: list[i
     if fqn in targets:
         return True
     return any(fqn.endswith("." + t) for t in targets) and in_layers(fqn, layers_to_transform, layers_pattern)
-
-
-def pattern_value(patterns: dict[str, Any], fqn: str, default):
-    """The value of `pattern_key(patterns, fqn)`, else `default`."""
-    pattern = pattern_key(patterns, fqn)
-    return default if pattern is None else patterns[pattern]
 
 
 def read_json_object(path: str) -> dict[str, Any]:
@@ -300,7 +295,6 @@ def read_adapter_config(path: str) -> AdapterConfig:
     )
 
 
-
 def check_tensors_fit_config(config: AdapterConfig, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
                              weights_path: str) -> None:
     """The tensors must be the adapter the config describes, as PEFT would build it: each module's rank is
@@ -327,12 +321,6 @@ def check_tensors_fit_config(config: AdapterConfig, pairs: dict[str, tuple[torch
                 f"string is a full-match regex, a list entry matches the name or a dotted suffix), but "
                 f"{weights_path} holds {key}; PEFT would not load it. Fix {what}, or save the adapter again"
             )
-
-
-def read_adapter_tensors(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """`adapter_model.safetensors` as `{fqn: (lora_A (r, in), lora_B (out, r))}`, every tensor checked
-    (a plain LoRA file: any other key is an error; see `read_adapter_file`)."""
-    return read_adapter_file(path)[0]
 
 
 def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
