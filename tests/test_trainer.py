@@ -58,7 +58,8 @@ def _patched():
     return model, cfg
 
 
-def _args(tmp_path, **overrides):
+def _args(tmp_path, args_cls=None, **overrides):
+    """The runs' shared arguments, as ``args_cls`` (TrainingArguments, or a subclass such as TRL's SFTConfig)."""
     kwargs = dict(
         output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=4,
@@ -77,7 +78,7 @@ def _args(tmp_path, **overrides):
         disable_tqdm=True,
     )
     kwargs.update(overrides)
-    return transformers.TrainingArguments(**kwargs)
+    return (args_cls or transformers.TrainingArguments)(**kwargs)
 
 
 def _base_state(model) -> dict[str, torch.Tensor]:
@@ -192,19 +193,10 @@ def test_trl_sft_trainer_with_gradient_checkpointing(tmp_path):
     base_before = _base_state(model)
     rows = RepeatedTokens().rows
     texts = [" ".join(f"t{int(t)}" for t in rows[i % len(rows)]) for i in range(64)]
-    args = trl.SFTConfig(
+    args = _args(
+        tmp_path,
+        trl.SFTConfig,
         output_dir=str(tmp_path / "sft"),
-        per_device_train_batch_size=4,
-        max_steps=STEPS,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
         max_length=SEQ_LEN + 1,  # the sequence and the EOS SFTTrainer appends
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": True},
