@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from .distributed import DistEnv, all_reduce_max, barrier
 from .errors import CheckpointError
-from .files import fresh_dir, fsync_dir, fsync_files, remove_dir, replace_dir, save_tensors, write_bytes, writing
+from .files import fresh_dir, fsync_dir, remove_dir, replace_dir, save_tensors, write_bytes, writing
 from .optim import check_optimizer_slots, check_scheduler_state
 from .rng import capture_rng, restore_rng
 
@@ -174,8 +174,6 @@ class CheckpointManager:
         """
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        from automodel_lora import save_adapter
-
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f".tmp-step_{step:07d}"
         last = self.latest()
@@ -184,16 +182,13 @@ class CheckpointManager:
             if self.env.is_main:
                 fresh_dir(tmp)
             barrier(self.env)
-            save_adapter(raw_model, str(tmp / ADAPTER_DIR), peft_cfg)
+            write_adapter(raw_model, tmp / ADAPTER_DIR, peft_cfg, self.env)
             optim_sd = get_optimizer_state_dict(train_model, optimizer, options=_optim_options(cpu_offload=True))
             save_tensors(capture_rng(self.env.device), tmp / f"rng_rank{self.env.rank}.pt")
             if self.env.is_main:
-                check_adapter_file(tmp / ADAPTER_DIR)
                 save_tensors(optim_sd, tmp / OPTIMIZER_FILE)
                 payload = {**state, "format": FORMAT, "run_id": self.run_id, "scheduler": scheduler.state_dict()}
                 write_bytes(tmp / STATE_FILE, (json.dumps(payload, indent=1) + "\n").encode())
-                fsync_files(p for p in (tmp / ADAPTER_DIR).iterdir() if p.is_file())
-                fsync_dir(tmp / ADAPTER_DIR)
                 fsync_dir(tmp)
             barrier(self.env)
             if self.env.is_main:
@@ -314,6 +309,17 @@ class CheckpointManager:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise CheckpointError(f"{ckpt.path / f'rng_rank{self.env.rank}.pt'} is not an RNG state ({e})") from None
         return True
+
+
+def write_adapter(raw_model: nn.Module, adapter_dir: Path, peft_cfg, env: DistEnv) -> None:
+    """``save_adapter`` into ``adapter_dir`` (collective; rank 0 writes), then on rank 0 the file
+    checked whole and the directory's entries flushed (``save_adapter`` fsyncs each file itself)."""
+    from automodel_lora import save_adapter
+
+    save_adapter(raw_model, str(adapter_dir), peft_cfg)
+    if env.is_main:
+        check_adapter_file(adapter_dir)
+        fsync_dir(adapter_dir)
 
 
 def check_adapter_file(adapter_dir: Path) -> None:

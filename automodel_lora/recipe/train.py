@@ -44,12 +44,12 @@ from pathlib import Path
 import torch
 
 from . import loop
-from .checkpoint import ADAPTER_DIR, agree, all_finite, check_adapter_file, optimizer_tensors
+from .checkpoint import ADAPTER_DIR, agree, all_finite, optimizer_tensors, write_adapter
 from .config import RecipeConfig
 from .data import collate
 from .distributed import all_reduce_max, all_reduce_sum, barrier, cleanup, no_sync, setup_distributed
 from .errors import TrainingInterrupted, TrainingStopped
-from .files import TMP_PREFIX, atomic_write_text, fresh_dir, fsync_dir, fsync_files, replace_dir, writing
+from .files import TMP_PREFIX, atomic_write_text, fresh_dir, fsync_dir, replace_dir, writing
 from .loop import SignalFlag, evaluate, lr_lambda
 from .progress import MetricsWriter, format_duration
 from .setup_phase import RecipeSetup, TrainState
@@ -324,19 +324,14 @@ class Recipe(RecipeSetup):
     def _save_final_adapter(self) -> None:
         """``<output_dir>/adapter`` written as a checkpoint is: into ``.tmp-adapter``, checked,
         flushed, renamed (a full disk leaves the previous adapter, if any, and no partial one)."""
-        from automodel_lora import save_adapter
-
         out = self.out_dir
         final, tmp = out / ADAPTER_DIR, out / f"{TMP_PREFIX}{ADAPTER_DIR}"
         with writing("the adapter", out, cleanup=tmp, note=f"; the last complete checkpoint is {self._last_good()}"):
             if self.env.is_main:
                 fresh_dir(tmp)
             barrier(self.env)
-            save_adapter(self.raw_model, str(tmp), self.cfg.peft)
+            write_adapter(self.raw_model, tmp, self.cfg.peft, self.env)
             if self.env.is_main:
-                check_adapter_file(tmp)
-                fsync_files(p for p in tmp.iterdir() if p.is_file())
-                fsync_dir(tmp)
                 replace_dir(tmp, final)
                 fsync_dir(out)
         barrier(self.env)
