@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .matcher import in_layers, pattern_key
+from .matcher import in_layers, pattern_key, pattern_key_regex
 from .modules_to_save import module_to_save_of, read_modules_to_save
 
 PEFT_KEY_PREFIX = "base_model.model."
@@ -184,7 +184,7 @@ def _patterns(path: str, key: str, value: Any, *, integer: bool) -> dict[str, fl
         raise AdapterFormatError(f"{path!r}: {key} must be an object of regex -> value, got {value!r}")
     for pattern, v in value.items():
         try:
-            re.compile(rf"(.*\.)?({pattern})$")
+            pattern_key_regex(pattern)
         except re.error as e:
             raise AdapterFormatError(
                 f"{path!r}: {key} key {pattern!r} is not a valid regular expression ({e}); fix or remove it"

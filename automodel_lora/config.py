@@ -31,6 +31,7 @@ import torch
 from .config_fields import as_name_list as _as_name_list
 from .config_fields import check_layer_selection, check_modules_to_save, did_you_mean, dtype_from_str, dtype_to_str  # noqa: F401 (re-exported)
 from .kernels.options import KernelOptions
+from .matcher import pattern_key, pattern_key_regex
 
 DROPOUT_POSITIONS = ("pre", "post")
 # HF PEFT's `LoraConfig` names that `PeftConfig` accepts for its own fields.
@@ -150,8 +151,6 @@ class PeftConfig:
 
     def settings_for(self, fqn: str, settings: LoraSettings | None = None) -> LoraSettings:
         """The settings of the module `fqn`: `lora_settings()` with `rank_pattern` / `alpha_pattern` applied."""
-        from .matcher import pattern_key
-
         settings = settings or self.lora_settings()
         changes = {}
         for patterns, name in ((self.rank_pattern, "dim"), (self.alpha_pattern, "alpha")):
@@ -352,7 +351,7 @@ def _pattern_dict(value, field_name: str, target: str) -> dict:
         try:
             if not isinstance(key, str) or not key:
                 raise re.error("not a non-empty string")
-            re.compile(rf"(.*\.)?({key})$")
+            pattern_key_regex(key)
         except re.error as e:
             raise ValueError(f"PeftConfig.{field_name} key {key!r} is not a valid regular expression ({e})") from None
         try:

@@ -154,9 +154,19 @@ def pattern_key(patterns: Iterable[str], fqn: str) -> str | None:
     """HF PEFT's `rank_pattern` / `alpha_pattern` lookup (`get_pattern_key`): the first key that, as a regex,
     matches the FQN or a dotted suffix of it (`re.match(rf"(.*\\.)?({key})$", fqn)`), or None."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", fqn):
+        if pattern_key_regex(key).match(fqn):
             return key
     return None
+
+
+@functools.cache
+def pattern_key_regex(key: str) -> re.Pattern:
+    """The regex a `rank_pattern` / `alpha_pattern` key stands for (`(.*\\.)?(key)$`).
+
+    Raises:
+        re.error: the key is not a valid regular expression.
+    """
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def near_misses(entry: str, names: Iterable[str], n: int = 3) -> list[str]:
