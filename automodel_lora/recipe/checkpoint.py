@@ -345,13 +345,16 @@ def check_adapter_file(adapter_dir: Path) -> None:
 
 
 def all_finite(tensors) -> bool:
-    """True iff every element of every tensor is finite (DTensors checked on their local shard)."""
+    """True iff every element of every tensor is finite (DTensors checked on their local shard).
+    One host sync per device, not one per tensor."""
+    ok: dict[torch.device, torch.Tensor] = {}
     for t in tensors:
         if hasattr(t, "to_local"):
             t = t.to_local()
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            return False
-    return True
+        if t.is_floating_point() and t.numel():
+            f = torch.isfinite(t).all()
+            ok[f.device] = f if f.device not in ok else ok[f.device] & f
+    return all(bool(f) for f in ok.values())
 
 
 def optimizer_tensors(optimizer) -> list:
