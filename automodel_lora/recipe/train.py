@@ -112,8 +112,9 @@ class Recipe(RecipeSetup):
                 all_reduce_max(stop, self.env)
                 if self.ck.save_every and step % self.ck.save_every == 0 and step < self.total_steps:
                     self._periodic_save(step)
-                if int(stop.item()):
-                    self._interrupted(step, int(stop.item()))
+                signum = int(stop.item())
+                if signum:
+                    self._interrupted(step, signum)
         self.bar.close()
 
     def train_step(self, step: int) -> StepResult:
