@@ -32,6 +32,12 @@ _LAZY = {
     "lora_modules": ".lora",
     "patch_linear_module": ".lora",
     "ModuleMatcher": ".matcher",
+    "active_adapter": ".named_adapters",
+    "adapter_names": ".named_adapters",
+    "add_weighted_adapter": ".named_adapters",
+    "delete_adapter": ".named_adapters",
+    "disable_adapter": ".named_adapters",
+    "set_adapter": ".named_adapters",
 }
 
 __version__ = "0.1.0"
@@ -44,7 +50,12 @@ __all__ = [
     "LoraSettings",
     "ModuleMatcher",
     "PeftConfig",
+    "active_adapter",
+    "adapter_names",
+    "add_weighted_adapter",
     "apply_lora_to_linear_modules",
+    "delete_adapter",
+    "disable_adapter",
     "init_lora_weights",
     "is_lora_module",
     "load_adapter",
@@ -55,6 +66,7 @@ __all__ = [
     "patch_linear_module",
     "remove_lora",
     "save_adapter",
+    "set_adapter",
     "set_kernel_options",
     "unmerge_lora",
 ]

@@ -32,9 +32,17 @@ from .adapter_format import (
     read_json_object,
 )
 from .adapter_peft_config import peft_adapter_config
+from .adapter_slots import (
+    DEFAULT_ADAPTER_NAME,
+    adapter_holders,
+    adapter_names,
+    adapter_part_ids,
+    attach_adapter,
+    check_adapter_name,
+)
 from .config import LoraSettings, PeftConfig
 from .kernels.options import KernelOptions
-from .lora import lora_modules, patch_linear_module
+from .lora import lora_modules
 from .matcher import is_adaptable, is_conv1d
 from .modules_to_save import check_saved_tensors, load_saved_tensors, modules_to_save_state
 from .recompute import recompute_mlp_inputs
@@ -44,15 +52,18 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 LIBRARY_CONFIG_NAME = "automodel_lora_config.json"
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter tensors of `model` under their FQNs (`<fqn>.lora_A.weight`, `<fqn>.lora_B.weight`), and
     the full state of every `modules_to_save` module (`<fqn>.weight`, ...; PEFT's on-disk keys less its prefix).
+
+    `adapter_name` picks one of several named adapters (default: the only one, or the one in use); its
+    tensors get the same keys wherever they live in the model.
 
     Sharded (FSDP2 `DTensor`) adapters are gathered to full tensors, which is a
     collective: call it on every rank.
     """
     state = {}
-    for fqn, module in lora_modules(model):
+    for fqn, module in adapter_holders(model, adapter_name)[1]:
         prefix = f"{fqn}." if fqn else ""
         state[f"{prefix}lora_A.weight"] = _full_tensor(module.lora_A.weight)
         state[f"{prefix}lora_B.weight"] = _full_tensor(module.lora_B.weight)
@@ -65,6 +76,8 @@ def save_adapter(
     path: str | os.PathLike,
     peft_config: PeftConfig | None = None,
     base_model_name_or_path: str | None = None,
+    *,
+    adapter_name: str | None = None,
 ) -> None:
     """Write `model`'s adapters to the directory `path` in HF PEFT's format.
 
@@ -79,16 +92,32 @@ def save_adapter(
             the adapted modules.
         base_model_name_or_path: written to the PEFT config; defaults to the
             model's `config._name_or_path` / `config.name_or_path` if it has one.
+        adapter_name: write this named adapter alone, in `path` itself. By default a model with one adapter
+            writes it in `path`, and a model with several writes each as HF PEFT's `save_pretrained` does:
+            `"default"` in `path`, every other one in `path/<name>/`.
 
     Under `torch.distributed` the gather is collective and only rank 0 writes.
 
     Raises:
-        ValueError: the model has no adapters.
+        ValueError: the model has no adapters (or no adapter `adapter_name`), or `peft_config` is given for
+            several adapters at once.
     """
-    modules = lora_modules(model)
-    if not modules:
+    names = adapter_names(model)
+    if not names:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to save; call apply_lora_to_linear_modules first")
-    state = lora_state_dict(model)
+    if adapter_name is not None or len(names) == 1:
+        _save_one(model, os.fspath(path), peft_config, base_model_name_or_path, adapter_name)
+        return
+    if peft_config is not None:
+        raise ValueError(f"peft_config describes one adapter, but the model has {names}; save each with "
+                         "adapter_name= (and its own peft_config)")
+    for name in names:
+        where = path if name == DEFAULT_ADAPTER_NAME else os.path.join(path, name)
+        _save_one(model, os.fspath(where), None, base_model_name_or_path, name)
+
+
+def _save_one(model: nn.Module, path: str, peft_config, base_model_name_or_path, adapter_name) -> None:
+    state = lora_state_dict(model, adapter_name)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     from safetensors.torch import save_file
@@ -104,7 +133,7 @@ def save_adapter(
         os.unlink(library_cfg_path)
     # The PEFT config goes last: its presence marks a complete adapter directory.
     _atomic_write_json(os.path.join(path, ADAPTER_CONFIG_NAME),
-                       peft_adapter_config(model, base_model_name_or_path, peft_config))
+                       peft_adapter_config(model, base_model_name_or_path, peft_config, adapter_name))
 
 
 def load_adapter(
@@ -114,8 +143,15 @@ def load_adapter(
     *,
     kernels: KernelOptions | None = None,
     strict: bool = True,
+    adapter_name: str | None = None,
 ) -> int:
     """Load a PEFT-format LoRA adapter (ours or one trained with HF PEFT) into `model`.
+
+    Named adapters: `adapter_name` loads into the model's adapter of that name, or, if the model has adapters
+    but none of that name, adds it beside them (not in use: `set_adapter` switches; HF PEFT's `load_adapter`).
+    Without it, the file goes into the adapter in use (the model's only one), or patches an unpatched model
+    as `"default"`. A directory in HF PEFT's multi-adapter layout (`path/<name>/adapter_config.json`) is read
+    from `path/<adapter_name>/`.
 
     If `model` has no adapters yet it is frozen and patched from the file's
     config first (ranks from the tensors, `alpha_pattern`/`rank_pattern`
@@ -140,6 +176,7 @@ def load_adapter(
         kernels: `KernelOptions` for modules patched here (default: `KernelOptions()`, the
             environment defaults; kernel options are not read from the directory).
         strict: whether target modules missing from the file are an error (True) or a warning.
+        adapter_name: the named adapter to load into or add (see above).
 
     Returns:
         The number of adapted modules loaded.
@@ -158,29 +195,55 @@ def load_adapter(
             the message names the file and the key.
         ValueError: the model's adapters are merged (call `unmerge_lora` first).
     """
-    path = os.fspath(path)
+    path = _adapter_directory(os.fspath(path), adapter_name)
     peft_cfg = read_adapter_config(os.path.join(path, ADAPTER_CONFIG_NAME))
     library_cfg = _read_library_config(os.path.join(path, LIBRARY_CONFIG_NAME))
     weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
     pairs, saved = read_adapter_file(weights_path, peft_cfg.modules_to_save)
-    adapted = dict(lora_modules(model))
+    names = adapter_names(model)
+    merged = sorted(fqn for fqn, m in lora_modules(model) if m.lora_merged)
+    if merged:
+        raise ValueError(f"the model's adapters are merged (e.g. {merged[:3]}); call unmerge_lora(model) before load_adapter")
     to_save = check_saved_tensors(model, saved, peft_cfg.modules_to_save, weights_path)
-    if adapted:
+    if names and (adapter_name is None or adapter_name in names):  # into an adapter the model has
+        adapted = dict(adapter_holders(model, adapter_name)[1])
         _check_patched_model(adapted, pairs, peft_cfg, path)
         check_tensors_fit_config(peft_cfg, pairs, weights_path)
-    else:
+    else:  # a new adapter: patches an unpatched model, or goes beside the model's adapters
+        name = check_adapter_name(adapter_name) if adapter_name is not None else DEFAULT_ADAPTER_NAME
+        if names and saved:
+            raise AdapterFormatError(
+                f"{weights_path!r} has modules_to_save tensors, but the model has adapters already ({names}): modules "
+                "trained fully belong to the model's first adapter only; load this one into an unpatched model"
+            )
         modules = dict(model.named_modules())
         _check_unpatched_model(model, modules, pairs, weights_path)
         check_tensors_fit_config(peft_cfg, pairs, weights_path)
         _check_targets_covered(model, pairs, peft_cfg, strict)
-        _patch_from_file(model, modules, pairs, peft_cfg, library_cfg, use_triton, kernels)
-        adapted = dict(lora_modules(model))
+        _patch_from_file(model, modules, pairs, peft_cfg, library_cfg, use_triton, kernels, name, in_use=not names)
+        adapted = dict(adapter_holders(model, name)[1])
     with torch.no_grad():
         for fqn, (lora_A, lora_B) in pairs.items():
             _copy_into(adapted[fqn].lora_A.weight, lora_A)
             _copy_into(adapted[fqn].lora_B.weight, lora_B)
     load_saved_tensors(model, saved, to_save, _copy_into)
     return len(pairs)
+
+
+def _adapter_directory(path: str, adapter_name: str | None) -> str:
+    """`path/<adapter_name>` where HF PEFT's multi-adapter layout has it there, else `path`. A directory
+    holding only named adapters, loaded without a name, is an error listing them."""
+    if adapter_name is not None and os.path.isfile(os.path.join(path, adapter_name, ADAPTER_CONFIG_NAME)):
+        return os.path.join(path, adapter_name)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, ADAPTER_CONFIG_NAME)):
+        found = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, ADAPTER_CONFIG_NAME)))
+        if found:
+            raise FileNotFoundError(
+                f"{path!r} has no {ADAPTER_CONFIG_NAME} of its own but holds the named adapters {found} (HF PEFT's "
+                f"multi-adapter layout); pass adapter_name= one of them, e.g. load_adapter(model, {path!r}, "
+                f"adapter_name={found[0]!r})"
+            )
+    return path
 
 
 def _read_library_config(path: str) -> PeftConfig | None:
@@ -196,10 +259,8 @@ def _read_library_config(path: str) -> PeftConfig | None:
 
 
 def _check_patched_model(adapted: dict[str, nn.Module], pairs, peft_cfg: AdapterConfig, path: str) -> None:
-    """The file must give every adapted module its weights, of its shapes, at its scale."""
-    merged = sorted(fqn for fqn, m in adapted.items() if m.lora_merged)
-    if merged:
-        raise ValueError(f"the model's adapters are merged (e.g. {merged[:3]}); call unmerge_lora(model) before load_adapter")
+    """The file must give every adapted module (`{fqn: holder}` of the adapter loaded into) its weights, of its
+    shapes, at its scale."""
     missing = sorted(set(adapted) - set(pairs))
     if missing:
         raise AdapterFormatError(
@@ -240,10 +301,12 @@ def _check_targets_covered(model: nn.Module, pairs, peft_cfg: AdapterConfig, str
     targets = peft_cfg.target_modules
     if targets is None or targets == "all-linear":
         return
+    parts = adapter_part_ids(model)
     missing = sorted(
         name
         for name, m in model.named_modules()
         if is_adaptable(m)
+        and id(m) not in parts
         and name not in pairs
         and peft_cfg.selects(name)
     )
@@ -272,7 +335,9 @@ def _check_scaling(module, fqn: str, peft_cfg: AdapterConfig, path: str) -> None
         )
 
 
-def _patch_from_file(model, modules, pairs, peft_cfg: AdapterConfig, library_cfg, use_triton, kernels) -> None:
+def _patch_from_file(model, modules, pairs, peft_cfg: AdapterConfig, library_cfg, use_triton, kernels, name: str,
+                     in_use: bool) -> None:
+    """Give each module the file has weights for an adapter `name` with the file's settings (not yet its values)."""
     shared = LoraSettings(
         dropout=library_cfg.dropout if library_cfg else peft_cfg.lora_dropout,
         # PEFT drops the adapter's input; keep that unless this library saved otherwise.
@@ -284,9 +349,11 @@ def _patch_from_file(model, modules, pairs, peft_cfg: AdapterConfig, library_cfg
     )
     if use_triton is None:
         use_triton = library_cfg.use_triton if library_cfg else True
-    model.requires_grad_(False)
+    if in_use:  # the model's first adapter: freeze the model (beside others, their trainable state stays)
+        model.requires_grad_(False)
     for fqn, (lora_A, _) in pairs.items():
-        patch_linear_module(modules[fqn], shared, use_triton=use_triton, dim=lora_A.shape[0], alpha=peft_cfg.alpha_for(fqn))
+        settings = shared.replace(dim=lora_A.shape[0], alpha=peft_cfg.alpha_for(fqn))
+        attach_adapter(modules[fqn], name, settings, use_triton, in_use)
     if library_cfg is None or library_cfg.recompute_mlp_input:  # as apply_lora_to_linear_modules does
         recompute_mlp_inputs(model)
 

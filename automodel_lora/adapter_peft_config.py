@@ -9,23 +9,24 @@ from typing import Any
 from torch import nn
 
 from .adapter_format import peft_selects
+from .adapter_slots import adapter_holders, adapter_part_ids
 from .config import PeftConfig
-from .lora import lora_modules
 from .matcher import is_adaptable
 from .modules_to_save import marked_modules
 
 
 def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
-                        peft_config: PeftConfig | None = None) -> dict[str, Any]:
+                        peft_config: PeftConfig | None = None, adapter_name: str | None = None) -> dict[str, Any]:
     """The `adapter_config.json` contents describing `model`'s adapters, as HF PEFT's `LoraConfig` writes it.
 
     `target_modules` are short names (`q_proj`) where they select exactly the adapted modules by PEFT's rule,
     as vLLM expects, narrowed by `peft_config`'s `layers_to_transform` / `layers_pattern` where needed (then
     written too); else full FQNs. Ranks and alphas that differ from the most common one are written to
     `rank_pattern` / `alpha_pattern` with one anchored key per module. `modules_to_save` lists the FQNs of the
-    modules trained fully (`automodel_lora.modules_to_save`), or is None.
+    modules trained fully (`automodel_lora.modules_to_save`), or is None. `adapter_name` picks one of several
+    named adapters (default: the only one, or the one in use).
     """
-    modules = lora_modules(model)
+    _, modules = adapter_holders(model, adapter_name)
     settings = {name: m.lora_settings for name, m in modules}
     ranks = Counter(s.dim for s in settings.values())
     alphas = Counter(s.alpha for s in settings.values())
@@ -64,8 +65,8 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
 def _targets(model: nn.Module, adapted: list[str], peft_config: PeftConfig | None) -> dict[str, Any]:
     """`target_modules`, `layers_to_transform` and `layers_pattern` that select exactly `adapted` by PEFT's rule."""
     short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
-    adapter_children = {f"{name}.lora_{x}" for name in adapted for x in "AB"}
-    linears = [n for n, m in model.named_modules() if is_adaptable(m) and n not in adapter_children]
+    parts = adapter_part_ids(model)
+    linears = [n for n, m in model.named_modules() if is_adaptable(m) and id(m) not in parts]
     choices = [(None, None)]
     if peft_config is not None and peft_config.layers_to_transform not in (None, []):
         choices.append((peft_config.layers_to_transform, peft_config.layers_pattern))

@@ -17,25 +17,42 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_slots import (
+    ADAPTER_PARTS,
+    DEFAULT_ADAPTER_NAME,
+    INACTIVE,
+    adapter_names,
+    adapter_part_ids,
+    attach_adapter,
+    check_adapter_name,
+    holder_of,
+    holders,
+)
 from .config import PeftConfig
 from .kernels.options import KernelOptions
-from .lora import LORA_ATTRIBUTES, LinearLoRA, is_lora_module, lora_modules, patch_linear_module
+from .lora import LORA_ATTRIBUTES, LinearLoRA, is_lora_module, lora_modules
 from .matcher import ModuleMatcher, is_adaptable, is_plain_name, name_matches, near_misses, output_head_names
 from .modules_to_save import mark_modules_to_save, select_modules_to_save, unmark_modules_to_save
 from .quant import is_quantized_linear
 from .recompute import recompute_mlp_inputs, restore_mlp_classes
 
 
-def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dict) -> int:
+def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dict,
+                                 adapter_name: str = DEFAULT_ADAPTER_NAME) -> int:
     """Freeze `model` and patch, in place, every linear module that `peft_config` selects.
 
     Every patched module gets `peft_config.settings_for(fqn)` (`lora_settings()` with `rank_pattern` /
     `alpha_pattern` applied; kernel options included) and the
     `FusedLinearLoRA` path if `peft_config.use_triton`, else the `LinearLoRA` reference.
 
+    On a model that has adapters already, this adds another one named `adapter_name` beside them (HF PEFT's
+    `add_adapter`): initialised, frozen and not in use until `set_adapter(model, adapter_name)`; the model's
+    own adapters and trainable parameters are left as they are (see `automodel_lora.adapter_slots`).
+
     Args:
         model: any `nn.Module` (a model built on the meta device too).
         peft_config: a `PeftConfig`, or a dict for `PeftConfig.from_dict`.
+        adapter_name: the adapter's name (HF PEFT's default `"default"`).
 
     Modules named by `peft_config.modules_to_save` are marked and left trainable (everything else is
     frozen), so `save_adapter` writes them in full (see `automodel_lora.modules_to_save`).
@@ -47,23 +64,29 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
         ValueError: the config selects nothing (the message lists linear modules
             that exist), a `target_modules` entry matches no linear module (unless
             `allow_unmatched_targets`; the message names the entry and its nearest
-            real names), a plain target names a non-linear module, a selected
-            module already has an adapter, or a `modules_to_save` entry matches nothing, names an adapted
-            module or a tied weight. The model is left untouched.
+            real names), a plain target names a non-linear module, the model already has an adapter named
+            `adapter_name` (or is merged), `adapter_name` is not a usable name, or a `modules_to_save` entry
+            matches nothing, names an adapted module or a tied weight (or comes with a second adapter). The
+            model is left untouched.
     """
     cfg = PeftConfig.from_dict(peft_config) if isinstance(peft_config, dict) else peft_config
+    first, in_use = _check_new_adapter(model, check_adapter_name(adapter_name), cfg)
     matcher = ModuleMatcher(cfg.target_modules, cfg.exclude_modules, cfg.match_all_linear, output_head_names(model),
                             cfg.layers_to_transform, cfg.layers_pattern)
-    adapter_children = {id(child) for _, m in lora_modules(model) for child in (m.lora_A, m.lora_B)}
-    linear_names = [n for n, m in model.named_modules() if is_adaptable(m) and id(m) not in adapter_children]
+    parts = adapter_part_ids(model)
+    linear_names = [n for n, m in model.named_modules() if is_adaptable(m) and id(m) not in parts]
     if not cfg.allow_unmatched_targets:
         _check_every_target_matches(model, cfg, linear_names)
     selected = []
     for name, module in model.named_modules():
-        if id(module) in adapter_children or not matcher.match(module, name):
+        if id(module) in parts or not matcher.match(module, name):
             continue
-        if is_lora_module(module):
-            raise ValueError(f"module {name!r} already has a LoRA adapter; call remove_lora(model) before re-applying")
+        if is_lora_module(module) and holder_of(module, adapter_name) is not None:
+            raise ValueError(
+                f"module {name!r} already has a LoRA adapter named {adapter_name!r}; call remove_lora(model) (or "
+                f"delete_adapter(model, {adapter_name!r})) before re-applying, or pass another adapter_name= to add "
+                "a second adapter beside it"
+            )
         selected.append((name, module))
     if not selected:
         raise ValueError(
@@ -74,14 +97,30 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
             "a plain name matches a FQN or its dotted suffix ('q_proj'), a glob the whole FQN ('*.mlp.*')"
         )
     to_save = select_modules_to_save(model, cfg.modules_to_save, [n for n, _ in selected], cfg.allow_unmatched_targets)
-    model.requires_grad_(False)
+    if first:  # later adapters leave what is trainable as it is
+        model.requires_grad_(False)
     settings = cfg.lora_settings()
-    for name, module in selected:
-        patch_linear_module(module, cfg.settings_for(name, settings), use_triton=cfg.use_triton)
+    for name, module in selected:  # an adapter added beside the one in use is not in use
+        attach_adapter(module, adapter_name, cfg.settings_for(name, settings), cfg.use_triton, in_use)
     mark_modules_to_save(to_save)
     if cfg.recompute_mlp_input:
         recompute_mlp_inputs(model)
     return len(selected)
+
+
+def _check_new_adapter(model: nn.Module, adapter_name: str, cfg: PeftConfig) -> tuple[bool, bool]:
+    """`(first, in_use)`: whether `adapter_name` is the model's first adapter, and whether modules that get it
+    now compute with it (it is the adapter in use, or the first one), after checking it may be added."""
+    existing = adapter_names(model)
+    if existing and any(m.lora_merged for _, m in lora_modules(model)):
+        raise ValueError("the model's adapter is merged; call unmerge_lora(model) before adding adapters")
+    if adapter_name not in existing and existing and cfg.modules_to_save:
+        raise ValueError(
+            f"modules_to_save={cfg.modules_to_save!r} with a second adapter ({adapter_name!r} beside {existing}): "
+            "modules trained fully belong to the model's first adapter only; leave modules_to_save empty here"
+        )
+    in_use = {m.lora_adapter_name for _, m in lora_modules(model) if m.lora_enabled}
+    return not existing, not existing or in_use == {adapter_name}
 
 
 def _layer_selection(cfg: PeftConfig) -> str:
@@ -112,7 +151,8 @@ def init_lora_weights(model: nn.Module) -> int:
     """Initialise every adapter of `model` (after `to_empty` on a meta-built model). Returns the count."""
     modules = lora_modules(model)
     for _, module in modules:
-        module.reset_lora_parameters()
+        for holder in holders(module).values():
+            LinearLoRA.reset_lora_parameters(holder)
     return len(modules)
 
 
@@ -138,7 +178,8 @@ def set_kernel_options(model: nn.Module, options: KernelOptions | Mapping[str, A
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters; call apply_lora_to_linear_modules first")
     for _, module in modules:
-        module.lora_settings = module.lora_settings.replace(kernels=options)
+        for holder in holders(module).values():
+            holder.lora_settings = holder.lora_settings.replace(kernels=options)
     return len(modules)
 
 
@@ -226,9 +267,10 @@ def merge_lora(model: nn.Module, safe: bool = True) -> int:
             `safe`) a merged weight would hold NaN/Inf; the message names the module. Nothing is changed.
     """
     modules = lora_modules(model)
-    pending = [(n, m) for n, m in modules if not m.lora_merged]
+    pending = [(n, m) for n, m in modules if not m.lora_merged and m.lora_enabled]
     if modules and not pending:
-        warnings.warn("merge_lora: every adapter of this model is already merged; nothing was done", stacklevel=2)
+        warnings.warn("merge_lora: every adapter of this model in use is already merged (or the adapters are "
+                      "disabled); nothing was done", stacklevel=2)
         return 0
     _check_mergeable(model, pending)
     _fold_all(pending, 1.0, safe)
@@ -265,8 +307,8 @@ def remove_lora(model: nn.Module, merge: bool = False) -> int:
 
     Args:
         model: a model with adapters.
-        merge: fold the adapters into the base weights first (as `merge_lora`);
-            otherwise merged adapters are unmerged so the base is the original.
+        merge: fold the adapter in use into the base weights first (as `merge_lora`; a model's other named
+            adapters are dropped); otherwise merged adapters are unmerged so the base is the original.
 
     Returns:
         The number of modules restored.
@@ -277,7 +319,7 @@ def remove_lora(model: nn.Module, merge: bool = False) -> int:
     """
     modules = lora_modules(model)
     if merge:
-        pending = [(n, m) for n, m in modules if not m.lora_merged]
+        pending = [(n, m) for n, m in modules if not m.lora_merged and m.lora_enabled]
         _check_mergeable(model, pending)
         _fold_all(pending, 1.0, safe=True)
     else:
@@ -285,11 +327,17 @@ def remove_lora(model: nn.Module, merge: bool = False) -> int:
     restore_mlp_classes(model)
     unmark_modules_to_save(model)
     for _, module in modules:
-        del module.lora_A, module.lora_B, module.lora_dropout
-        for attr in LORA_ATTRIBUTES:
-            delattr(module, attr)
-        module.__class__ = module._lora_base_cls
+        unpatch(module)
     return len(modules)
+
+
+def unpatch(module: LinearLoRA) -> None:
+    """Take every adapter off one (unmerged) module and give it back its original class."""
+    for attr in (*ADAPTER_PARTS, INACTIVE):
+        module._modules.pop(attr, None)
+    for attr in (*LORA_ATTRIBUTES, "lora_adapter_name", "lora_enabled"):
+        module.__dict__.pop(attr, None)
+    module.__class__ = module._lora_base_cls
 
 
 @torch.no_grad()
@@ -336,7 +384,7 @@ def merge_and_save(model: nn.Module, save_directory, *, safe: bool = True, **sav
     modules = lora_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters; call model.save_pretrained directly")
-    _check_mergeable(model, [(n, m) for n, m in modules if not m.lora_merged])
+    _check_mergeable(model, [(n, m) for n, m in modules if not m.lora_merged and m.lora_enabled])
     state_dict = _merged_state_dict(model, modules, safe)
     model.save_pretrained(save_directory, state_dict=state_dict, **save_pretrained_kwargs)
     return len(modules)
@@ -351,7 +399,7 @@ def _merged_state_dict(model: nn.Module, modules: list[tuple[str, LinearLoRA]], 
         adapter = tuple(f"{prefix}{child}." for child, _ in module.named_children())
         for key in [k for k in state_dict if k.startswith(adapter) or k.startswith(f"{prefix}lora_")]:
             del state_dict[key]
-        if module.lora_merged:
+        if module.lora_merged or not module.lora_enabled:  # merged already, or no adapter in use here
             continue
         merged = _folded(module, 1.0)
         if safe:

@@ -120,6 +120,12 @@ class LinearLoRA(nn.Linear):
     # Whether the base class's forward is the plain dense product of `weight` / `bias` (`nn.Linear`'s, or
     # `Conv1D`'s for the Conv1D classes), which the fused path may compute itself; set per patched class.
     _lora_dense_base: bool = True
+    # The name of the adapter in `lora_A` / `lora_B` (others of the module live in `lora_inactive`, see
+    # `automodel_lora.adapter_slots`), and whether it takes part in forward: False while the model's active
+    # adapter is one this module does not have, or inside `disable_adapter`. Class defaults, so a module
+    # with one adapter (and every module pickled before named adapters) carries no instance attribute.
+    lora_adapter_name: str = "default"
+    lora_enabled: bool = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -172,7 +178,7 @@ class LinearLoRA(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(..., in_features) -> (..., out_features)`: base output plus the scaled adapter."""
         base = self.base_forward(x)
-        if self.lora_merged:
+        if self.lora_merged or not self.lora_enabled:
             return base
         return base + self.lora_delta(x)
 
@@ -232,7 +238,7 @@ class FusedLinearLoRA(LinearLoRA):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lora_merged:
+        if self.lora_merged or not self.lora_enabled:
             return self.base_forward(x)
         # Host time matters here (the kernels are short): one read of the settings object per call, and
         # parameters read from `_parameters` directly (see `_param`).
@@ -385,19 +391,29 @@ def patch_linear_module(
 
 def _add_adapter(linear: nn.Linear, settings: LoraSettings) -> None:
     """Freeze the base and attach `lora_A`, `lora_B`, `lora_dropout`, `lora_settings` and `lora_merged`."""
+    for param in linear.parameters(recurse=False):
+        param.requires_grad_(False)
+    for attr, value in new_adapter_parts(linear, settings).items():
+        setattr(linear, attr, value)
+    linear.lora_merged = False
+
+
+def new_adapter_parts(linear: nn.Module, settings: LoraSettings) -> dict[str, Any]:
+    """A freshly initialised adapter for `linear`'s shapes, on its weight's device: `lora_A` `(dim, in)`,
+    `lora_B` `(out, dim)` (zero), `lora_dropout` and `lora_settings` (`lora_dtype` resolved), by name."""
     if settings.lora_dtype is None:
         lora_dtype = quantized_compute_dtype(linear) if is_quantized_linear(linear) else linear.weight.dtype
         settings = settings.replace(lora_dtype=lora_dtype)
     device, dtype, dim = linear.weight.device, settings.lora_dtype, settings.dim
-    for param in linear.parameters(recurse=False):
-        param.requires_grad_(False)
     in_features, out_features = linear.weight.shape if is_conv1d(linear) else (linear.in_features, linear.out_features)
-    linear.lora_A = nn.Linear(in_features, dim, bias=False, device=device, dtype=dtype)
-    linear.lora_B = nn.Linear(dim, out_features, bias=False, device=device, dtype=dtype)
-    linear.lora_dropout = nn.Dropout(p=settings.dropout)
-    linear.lora_settings = settings
-    linear.lora_merged = False
-    LinearLoRA.reset_lora_parameters(linear)
+    parts = nn.Module()  # a holder with the attribute names reset_lora_parameters reads
+    parts.lora_A = nn.Linear(in_features, dim, bias=False, device=device, dtype=dtype)
+    parts.lora_B = nn.Linear(dim, out_features, bias=False, device=device, dtype=dtype)
+    parts.lora_dropout = nn.Dropout(p=settings.dropout)
+    parts.lora_settings = settings
+    LinearLoRA.reset_lora_parameters(parts)
+    return {"lora_A": parts.lora_A, "lora_B": parts.lora_B, "lora_dropout": parts.lora_dropout,
+            "lora_settings": settings}
 
 
 # What `_add_adapter` attaches beyond the submodules; `remove_lora` takes these off again.
