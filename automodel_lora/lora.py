@@ -34,51 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraSettings
+from .deprecated import LEGACY_ATTRIBUTES as _LEGACY_ATTRIBUTES
+from .deprecated import DeprecatedAlias as _DeprecatedAlias
 from .kernels import lora_add, lora_linear, lora_linear_dequant
 from .matcher import conv1d_class, is_conv1d
 from .patching import is_swapped_class, swapped_class, swapped_reduce
 from .quant import dequantizer_4bit, is_quantized_linear, quantized_compute_dtype
-
-# Attributes of an adapted module before `lora_settings` held them all, read from old pickles by
-# `LinearLoRA.__setstate__`, and still readable (deprecated) as `_DeprecatedAlias`es: old name ->
-# `LoraSettings` field.
-_LEGACY_ATTRIBUTES = {
-    "lora_dim": "dim",
-    "lora_alpha": "alpha",
-    "lora_scale": "scale",
-    "lora_use_rslora": "use_rslora",
-    "lora_dropout_position": "dropout_position",
-    "lora_A_init_method": "lora_A_init",
-}
-
-# The legacy names read so far in this process: each warns once (a training loop reading one per step
-# would otherwise warn every step).
-_LEGACY_WARNED: set[str] = set()
-
-
-class _DeprecatedAlias:
-    """A read-only class attribute standing for `lora_settings.<field>` under its old name; the first read of
-    each name in the process warns `DeprecationWarning`. Code of this package reads `lora_settings` only."""
-
-    def __init__(self, field: str):
-        self.field = field
-        self.__doc__ = f"Deprecated alias of `lora_settings.{field}`."
-
-    def __set_name__(self, owner, name: str) -> None:
-        self.name = name
-
-    def __get__(self, module, owner=None):
-        if module is None:
-            return self
-        if self.name not in _LEGACY_WARNED:
-            _LEGACY_WARNED.add(self.name)
-            warnings.warn(f"{self.name} is deprecated; read module.lora_settings.{self.field} instead (the adapter's "
-                          "settings are one LoraSettings object)", DeprecationWarning, stacklevel=2)
-        return getattr(module.lora_settings, self.field)
-
-    def __set__(self, module, value) -> None:
-        raise AttributeError(f"{self.name} is read-only (and deprecated): the adapter's settings are the frozen "
-                             f"module.lora_settings; build new ones with lora_settings.replace({self.field}=...)")
 
 
 class LinearLoRA(nn.Linear):
