@@ -8,6 +8,7 @@ pair, and hangs two small linears beside the frozen base:
     y = base(x) + s * B(A(drop(x)))          dropout_position="pre"
     y = base(x) + drop(s * B(A(x)))          dropout_position="post"
     s = alpha / dim   (alpha / sqrt(dim) with rsLoRA)
+    with `lora_bias` (PEFT's), lora_B has a bias b_B (out_features,), zero at init: B(h) = h B^T + b_B
 
 A transformers `Conv1D` (GPT-2; weight stored `(in, out)`, PEFT's `fan_in_fan_out`) is patched the
 same way, with the same `lora_A` / `lora_B` shapes (`Conv1DLoRA`, `FusedConv1DLoRA`).
@@ -56,7 +57,8 @@ class LinearLoRA(nn.Linear):
 
     Attributes set by the patch:
         lora_A (nn.Linear): `(dim, in_features)` down-projection.
-        lora_B (nn.Linear): `(out_features, dim)` up-projection, zero at init.
+        lora_B (nn.Linear): `(out_features, dim)` up-projection, zero at init; with a zero `(out_features,)`
+            bias when `lora_settings.lora_bias`.
         lora_dropout (nn.Dropout): dropout on the adapter path, `p = lora_settings.dropout`.
         lora_settings (LoraSettings): the adapter's settings (its `kernels` can be changed with
             `set_kernel_options`; the rest is fixed once the adapter exists).
@@ -142,17 +144,19 @@ class LinearLoRA(nn.Linear):
         settings = self.lora_settings
         lora_A = self.lora_A.weight.to(x.dtype)  # (r, K)
         lora_B = self.lora_B.weight.to(x.dtype)  # (N, r)
+        b_B = self.lora_B.bias  # (N,) with lora_bias, else None
         if settings.dropout_position == "pre":
             x = self.lora_dropout(x)
         xa = F.linear(x, lora_A) * settings.scale  # (..., r): scaling here is r/N of the work
-        delta = F.linear(xa, lora_B)  # (..., N)
+        # PEFT's `lora_B(h) * s`: the bias is scaled too, and with "post" dropped with the rest of the delta
+        delta = F.linear(xa, lora_B, None if b_B is None else b_B.to(x.dtype) * settings.scale)  # (..., N)
         if settings.dropout_position == "post":
             delta = self.lora_dropout(delta)
         return delta
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """(Re-)initialise the adapter: `lora_A` by `lora_settings.lora_A_init`, `lora_B` to zero."""
+        """(Re-)initialise the adapter: `lora_A` by `lora_settings.lora_A_init`, `lora_B` (and its bias) to zero."""
         settings = self.lora_settings
         weight = self.lora_A.weight
         if settings.lora_A_init == "xavier":
@@ -162,6 +166,8 @@ class LinearLoRA(nn.Linear):
         else:  # "gaussian"
             nn.init.normal_(weight, std=1.0 / settings.dim)
         nn.init.zeros_(self.lora_B.weight)
+        if self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
 
     def extra_repr(self) -> str:
         s = self.lora_settings
@@ -200,7 +206,9 @@ class FusedLinearLoRA(LinearLoRA):
         settings = self.lora_settings
         options = settings.kernels
         modules = self._modules
-        adapter = (_param(modules["lora_A"], "weight"), _param(modules["lora_B"], "weight"), settings.scale,
+        lora_B = modules["lora_B"]
+        lora_bias = _param(lora_B, "bias")  # None unless lora_bias: then the kernels fold it into their bias
+        adapter = (_param(modules["lora_A"], "weight"), _param(lora_B, "weight"), settings.scale,
                    modules["lora_dropout"].p if self.training else 0.0, settings.dropout_position)
         # Under autocast the kernels see what F.linear would: activations in the autocast dtype. The
         # base gets the same cast tensor, so x is cast once (autocast leaves an already-cast input alone).
@@ -215,7 +223,7 @@ class FusedLinearLoRA(LinearLoRA):
                 and weight.dtype == dtype
                 and (bias is None or (not bias.requires_grad and bias.dtype == dtype))
             ):
-                return lora_linear(compute_x, weight, bias, *adapter, options=options)
+                return lora_linear(compute_x, weight, bias, *adapter, options=options, lora_bias=lora_bias)
         # A 4-bit base in eager mode: its weight is dequantized (as bitsandbytes would) straight into the
         # fused GEMM. Skipped when autocast cast x (bitsandbytes returns x's own dtype) and under
         # torch.compile (the dequantize closure is not a graph input).
@@ -224,8 +232,8 @@ class FusedLinearLoRA(LinearLoRA):
             if dequantize is not None:
                 bias = self.bias
                 return lora_linear_dequant(x, dequantize, None if bias is None else bias.to(dtype), *adapter,
-                                           options=options)
-        return lora_add(self.base_forward(compute_x), compute_x, *adapter, options=options)
+                                           options=options, lora_bias=lora_bias)
+        return lora_add(self.base_forward(compute_x), compute_x, *adapter, options=options, lora_bias=lora_bias)
 
 
 class Conv1DLoRA(LinearLoRA):
@@ -354,7 +362,7 @@ def _add_adapter(linear: nn.Linear, settings: LoraSettings) -> None:
         param.requires_grad_(False)
     in_features, out_features = linear.weight.shape if is_conv1d(linear) else (linear.in_features, linear.out_features)
     linear.lora_A = nn.Linear(in_features, dim, bias=False, device=device, dtype=dtype)
-    linear.lora_B = nn.Linear(dim, out_features, bias=False, device=device, dtype=dtype)
+    linear.lora_B = nn.Linear(dim, out_features, bias=settings.lora_bias, device=device, dtype=dtype)
     linear.lora_dropout = nn.Dropout(p=settings.dropout)
     linear.lora_settings = settings
     linear.lora_merged = False
