@@ -2,7 +2,8 @@ r"""Reading an adapter directory's files and refusing what is wrong in them, bef
 
 `read_adapter_config` turns `adapter_config.json` into checked values (HF PEFT's names: `r`,
 `lora_alpha`, `use_rslora`, `alpha_pattern`, ...); `read_adapter_file` groups
-`adapter_model.safetensors` into `(lora_A, lora_B)` pairs per module FQN and checks them;
+`adapter_model.safetensors` into `(lora_A, lora_B)` pairs per module FQN (and PEFT's `lora_bias` tensors,
+`lora_B.bias`) and checks them;
 `check_tensors_fit_config` checks the two files against each other (ranks, selected modules). Every
 problem with a file's content is an `AdapterFormatError` naming the file, the key and what to fix.
 
@@ -31,14 +32,14 @@ from .modules_to_save import module_to_save_of, read_modules_to_save
 
 PEFT_KEY_PREFIX = "base_model.model."
 
-# `<prefix><fqn>.lora_A.weight`, also with PEFT's in-memory adapter name (`.lora_A.default.weight`).
-_ADAPTER_KEY = re.compile(r"^(?P<fqn>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+# `<prefix><fqn>.lora_A.weight`, also with PEFT's in-memory adapter name (`.lora_A.default.weight`), and
+# `<prefix><fqn>.lora_B.bias` (PEFT's `lora_bias`).
+_ADAPTER_KEY = re.compile(r"^(?P<fqn>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.(?P<param>weight|bias)$")
 
 # `fan_in_fan_out` is not here: as in PEFT, the module's type decides (a transformers `Conv1D` stores its weight
 # `(in, out)`, a linear `(out, in)`) and the adapter tensors have the same shapes either way.
 _UNSUPPORTED = {
     "use_dora": "DoRA",
-    "lora_bias": "lora_bias",
     "target_parameters": "target_parameters (LoRA on raw parameters)",
     "layer_replication": "layer_replication (a model with repeated layers)",
 }
@@ -67,6 +68,7 @@ class AdapterConfig:
         layers_to_transform: PEFT's layer indices (an int or a list; None: every layer).
         layers_pattern: PEFT's name(s) of the module list holding the layers, or None.
         modules_to_save: PEFT's names of fully trained modules (a list; None: none).
+        lora_bias: PEFT's `lora_bias`: every `lora_B` has a bias (`<fqn>.lora_B.bias` in the weights file).
     """
 
     path: str
@@ -81,6 +83,7 @@ class AdapterConfig:
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    lora_bias: bool = False
 
     def alpha_for(self, fqn: str) -> float:
         """PEFT's alpha_pattern lookup: the first pattern matching the FQN or a dotted suffix of it."""
@@ -251,8 +254,8 @@ def read_adapter_config(path: str) -> AdapterConfig:
 
     Raises:
         FileNotFoundError: no such file.
-        AdapterFormatError: unreadable JSON, not an object, not plain LoRA (DoRA, bias, lora_bias,
-            target_parameters, layer_replication...), a `layers_to_transform` that is not layer indices or
+        AdapterFormatError: unreadable JSON, not an object, not plain LoRA (DoRA, bias, target_parameters,
+            layer_replication...), a `lora_bias` that is not a JSON boolean, a `layers_to_transform` that is not layer indices or
             a `layers_pattern` that is not names, `r` not a positive JSON integer, `lora_alpha` missing or not a positive number,
             `use_rslora` not a JSON boolean, a bad `alpha_pattern` / `rank_pattern` regex or a value that
             is not a positive number (alpha) / positive integer (rank), a `target_modules` /
@@ -292,6 +295,7 @@ def read_adapter_config(path: str) -> AdapterConfig:
         layers_to_transform=layers_to_transform,
         layers_pattern=layers_pattern,
         modules_to_save=read_modules_to_save(path, raw.get("modules_to_save")),
+        lora_bias=_flag(path, "lora_bias", raw.get("lora_bias")),
     )
 
 
@@ -324,14 +328,15 @@ def check_tensors_fit_config(config: AdapterConfig, pairs: dict[str, tuple[torch
 
 
 def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
-    """`(pairs, saved)`: `adapter_model.safetensors` as `{fqn: (lora_A (r, in), lora_B (out, r))}` and the
-    full tensors of `modules_to_save` modules as `{<fqn>.<name>: tensor}` (PEFT's prefix stripped), every
+    """`(pairs, saved, biases)`: `adapter_model.safetensors` as `{fqn: (lora_A (r, in), lora_B (out, r))}`, the
+    full tensors of `modules_to_save` modules as `{<fqn>.<name>: tensor}` (PEFT's prefix stripped) and PEFT's
+    `lora_bias` tensors as `{fqn: lora_B.bias}` (shapes checked by `adapter_bias.check_file_biases`), every
     tensor checked.
 
     Raises:
         FileNotFoundError: no such file.
-        AdapterFormatError: not a safetensors file, a key that is neither a lora_A/lora_B weight nor a tensor of
-            a module that `modules_to_save` selects, a half
+        AdapterFormatError: not a safetensors file, a key that is neither a lora_A/lora_B weight (or lora_B
+            bias) nor a tensor of a module that `modules_to_save` selects, a lora_A bias, a half
             missing, shapes that do not pair, a tensor that is not floating point, or one holding NaN/Inf.
     """
     if not os.path.exists(path):
@@ -358,12 +363,17 @@ def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
                 f"modules_to_save={modules_to_save!r} selects; only LoRA adapters (with modules_to_save) are supported"
             )
         _check_values(path, key, tensor)
-        halves.setdefault(match["fqn"], {})[match["which"]] = tensor
-    pairs = {}
+        halves.setdefault(match["fqn"], {})[match["which"] + ("" if match["param"] == "weight" else ".bias")] = tensor
+    pairs, biases = {}, {}
     for fqn, half in halves.items():
-        if set(half) != {"A", "B"}:
+        if not {"A", "B"} <= set(half):
             lacking = "lora_B" if "A" in half else "lora_A"
             raise AdapterFormatError(f"{path}: {fqn!r} has no {lacking}.weight (key {PEFT_KEY_PREFIX}{fqn}.{lacking}.weight)")
+        if "A.bias" in half:
+            raise AdapterFormatError(f"{path}: key {PEFT_KEY_PREFIX}{fqn}.lora_A.bias: lora_A has no bias (PEFT's "
+                                     "lora_bias is a bias on lora_B only); remove the key or save the adapter again")
+        if "B.bias" in half:
+            biases[fqn] = half["B.bias"]
         lora_A, lora_B = half["A"], half["B"]
         if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
             raise AdapterFormatError(
@@ -373,7 +383,7 @@ def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
         pairs[fqn] = (lora_A, lora_B)
     if not pairs:
         raise AdapterFormatError(f"{path} holds no adapter tensors")
-    return pairs, saved
+    return pairs, saved, biases
 
 
 def _check_values(path: str, key: str, tensor: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ A directory holds:
     adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 32, "target_modules": [...], ...}
     adapter_model.safetensors    base_model.model.<fqn>.lora_A.weight  (r, in_features)
                                  base_model.model.<fqn>.lora_B.weight  (out_features, r)
+                                 base_model.model.<fqn>.lora_B.bias    (out_features,)  with lora_bias
     automodel_lora_config.json   (optional) this library's full `PeftConfig`, which PEFT ignores
 
 Each file is written to a temporary name, flushed to disk, then renamed, so a
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_bias import check_file_biases, check_patched_biases
 from .adapter_format import (
     PEFT_KEY_PREFIX,
     AdapterConfig,
@@ -53,7 +55,8 @@ LIBRARY_CONFIG_NAME = "automodel_lora_config.json"
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """The adapter tensors of `model` under their FQNs (`<fqn>.lora_A.weight`, `<fqn>.lora_B.weight`), and
+    """The adapter tensors of `model` under their FQNs (`<fqn>.lora_A.weight`, `<fqn>.lora_B.weight`, and
+    `<fqn>.lora_B.bias` for `lora_bias` adapters), and
     the full state of every `modules_to_save` module (`<fqn>.weight`, ...; PEFT's on-disk keys less its prefix).
 
     `adapter_name` picks one of several named adapters (default: the only one, or the one in use); its
@@ -67,6 +70,8 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
         prefix = f"{fqn}." if fqn else ""
         state[f"{prefix}lora_A.weight"] = _full_tensor(module.lora_A.weight)
         state[f"{prefix}lora_B.weight"] = _full_tensor(module.lora_B.weight)
+        if module.lora_B.bias is not None:
+            state[f"{prefix}lora_B.bias"] = _full_tensor(module.lora_B.bias)
     state.update(modules_to_save_state(model, _full_tensor))
     return state
 
@@ -190,8 +195,10 @@ def load_adapter(
             two files disagree (a tensor's rank is not the one `r`/`rank_pattern` give its module; a
             tensor of a module that `target_modules`/`exclude_modules` do not select, by HF PEFT's rule:
             one string is a full-match regex, a list entry a name or dotted suffix, narrowed by
-            `layers_to_transform`/`layers_pattern`), or it does not fit
-            the model (a key naming no linear module, a shape, scale or name mismatch, missing layers);
+            `layers_to_transform`/`layers_pattern`; a `lora_B.bias` under `"lora_bias": false`, or none
+            under `true`), or it does not fit
+            the model (a key naming no linear module, a shape, scale or name mismatch, missing layers, a
+            lora_B bias in the file but not in the patched model's adapter or the other way round);
             the message names the file and the key.
         ValueError: the model's adapters are merged (call `unmerge_lora` first).
     """
@@ -199,7 +206,8 @@ def load_adapter(
     peft_cfg = read_adapter_config(os.path.join(path, ADAPTER_CONFIG_NAME))
     library_cfg = _read_library_config(os.path.join(path, LIBRARY_CONFIG_NAME))
     weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
-    pairs, saved = read_adapter_file(weights_path, peft_cfg.modules_to_save)
+    pairs, saved, biases = read_adapter_file(weights_path, peft_cfg.modules_to_save)
+    check_file_biases(peft_cfg, pairs, biases, weights_path)
     names = adapter_names(model)
     merged = sorted(fqn for fqn, m in lora_modules(model) if m.lora_merged)
     if merged:
@@ -208,6 +216,7 @@ def load_adapter(
     if names and (adapter_name is None or adapter_name in names):  # into an adapter the model has
         adapted = dict(adapter_holders(model, adapter_name)[1])
         _check_patched_model(adapted, pairs, peft_cfg, path)
+        check_patched_biases(adapted, biases, path)
         check_tensors_fit_config(peft_cfg, pairs, weights_path)
     else:  # a new adapter: patches an unpatched model, or goes beside the model's adapters
         name = check_adapter_name(adapter_name) if adapter_name is not None else DEFAULT_ADAPTER_NAME
@@ -226,6 +235,8 @@ def load_adapter(
         for fqn, (lora_A, lora_B) in pairs.items():
             _copy_into(adapted[fqn].lora_A.weight, lora_A)
             _copy_into(adapted[fqn].lora_B.weight, lora_B)
+        for fqn, bias in biases.items():
+            _copy_into(adapted[fqn].lora_B.bias, bias)
     load_saved_tensors(model, saved, to_save, _copy_into)
     return len(pairs)
 
@@ -346,6 +357,7 @@ def _patch_from_file(model, modules, pairs, peft_cfg: AdapterConfig, library_cfg
         lora_dtype=library_cfg.lora_dtype if library_cfg else None,
         use_rslora=peft_cfg.use_rslora,
         kernels=kernels if kernels is not None else KernelOptions(),
+        lora_bias=peft_cfg.lora_bias,
     )
     if use_triton is None:
         use_triton = library_cfg.use_triton if library_cfg else True

@@ -35,6 +35,10 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
     rslora = {s.use_rslora for s in settings.values()}
     if len(rslora) > 1:
         raise ValueError("PEFT's format has one use_rslora flag per adapter, but this model mixes rsLoRA and plain LoRA")
+    lora_bias = {s.lora_bias for s in settings.values()}
+    if len(lora_bias) > 1:
+        raise ValueError("PEFT's format has one lora_bias flag per adapter, but this model mixes adapters with and "
+                         "without a lora_B bias; apply one PeftConfig (one lora_bias value) to every adapted module")
     if base_model_name_or_path is None:
         cfg = getattr(model, "config", None)
         base_model_name_or_path = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
@@ -59,6 +63,7 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
         "rank_pattern": {_exact(name): s.dim for name, s in settings.items() if s.dim != rank},
         "alpha_pattern": {_exact(name): s.alpha for name, s in settings.items() if s.alpha != alpha},
         "use_dora": False,
+        "lora_bias": lora_bias.pop(),  # a bias on every lora_B (`<fqn>.lora_B.bias` in the weights file)
     }
 
 

@@ -7,7 +7,7 @@ settings as flat fields; `PeftConfig.lora_settings()` gives those settings as th
 frozen `LoraSettings` that `patch_linear_module` takes and every adapted module
 keeps (`module.lora_settings`). The names are the same everywhere: `dim`,
 `alpha`, `dropout`, `dropout_position`, `lora_A_init`, `lora_dtype`,
-`use_rslora`, `kernels` (HF PEFT's file format calls `dim` `r` and `alpha`
+`use_rslora`, `kernels`, `lora_bias` (HF PEFT's file format calls `dim` `r` and `alpha`
 `lora_alpha`; only `adapter_io` translates). `PeftConfig` also takes PEFT's
 names `r`, `lora_alpha` and `lora_dropout` as aliases of `dim`, `alpha` and
 `dropout` (keyword or `from_dict` key; both spellings of one field at once is an
@@ -89,6 +89,9 @@ class PeftConfig:
             linear module of the model, else applying fails naming the entry and the closest real
             names (a typo such as `"q_prj"`); True lets entries match nothing (a config shared
             across architectures), as long as something is selected.
+        lora_bias: give `lora_B` a bias `b_B` (`(out_features,)`, zero at init, trained), HF PEFT's
+            `lora_bias`: the adapter term becomes `s * (B A drop(x) + b_B)`. Merging folds `s * b_B` into the
+            base bias, so it is refused for a base without one (as PEFT refuses it).
         recompute_mlp_input: in gated MLPs (Llama, Mistral, Qwen2/3, Gemma, ...; see
             `automodel_lora.recompute.is_gated_mlp`) whose
             `down_proj` is adapted, make `down_proj`'s input `act(gate) * up` again in
@@ -119,6 +122,7 @@ class PeftConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     allow_unmatched_targets: bool = False
     modules_to_save: list[str] = field(default_factory=list)
+    lora_bias: bool = False
 
     def __post_init__(self):
         self.target_modules = _as_name_list(self.target_modules, "target_modules")
@@ -174,6 +178,7 @@ class PeftConfig:
             lora_dtype=self.lora_dtype,
             use_rslora=self.use_rslora,
             kernels=self.kernels,
+            lora_bias=self.lora_bias,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,6 +258,8 @@ class LoraSettings:
         use_rslora: rank-stabilised scale `alpha / sqrt(dim)`.
         kernels: `KernelOptions` for the fused kernel path (a mapping is converted); ignored by the
             PyTorch reference path.
+        lora_bias: `lora_B` has a bias `b_B` (HF PEFT's `lora_bias`): the adapter term is
+            `s * (B A drop(x) + b_B)` (with `"post"` dropout, `drop(s * (B A x + b_B))`).
 
     Attributes:
         scale: `alpha / dim` (or `alpha / sqrt(dim)`), derived.
@@ -269,6 +276,7 @@ class LoraSettings:
     lora_dtype: torch.dtype | None = None
     use_rslora: bool = False
     kernels: KernelOptions = field(default_factory=KernelOptions)
+    lora_bias: bool = False
     scale: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -289,6 +297,8 @@ class LoraSettings:
             raise ValueError(f"LoraSettings.lora_A_init={self.lora_A_init!r} is not allowed; use one of {LORA_A_INITS}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraSettings.use_rslora must be true or false, got {self.use_rslora!r}")
+        if not isinstance(self.lora_bias, bool):
+            raise ValueError(f"LoraSettings.lora_bias must be true or false (a bias on lora_B), got {self.lora_bias!r}")
         object.__setattr__(self, "lora_dtype", dtype_from_str(self.lora_dtype, "LoraSettings.lora_dtype"))
         object.__setattr__(self, "kernels", KernelOptions.from_dict(self.kernels))
         object.__setattr__(self, "scale", lora_scale(alpha, dim, self.use_rslora))

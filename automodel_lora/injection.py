@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_bias import check_bias_finite, check_bias_mergeable, fold_bias_, folded_bias
 from .adapter_slots import (
     ADAPTER_PARTS,
     DEFAULT_ADAPTER_NAME,
@@ -196,6 +197,7 @@ def _check_finite(modules: Iterable[tuple[str, LinearLoRA]], sign: float, verb: 
     """Raise before anything is written if folding any adapter would give a non-finite weight."""
     for name, module in modules:
         _raise_if_not_finite(name, module, _folded(module, sign), verb, "No base weight was changed")
+        check_bias_finite(name, module, folded_bias(module, sign), verb, "No base weight was changed")
 
 
 def _raise_if_not_finite(name: str, module: LinearLoRA, folded: torch.Tensor, verb: str, unchanged: str) -> None:
@@ -222,6 +224,7 @@ def _fold_all(modules: list[tuple[str, LinearLoRA]], sign: float, safe: bool) ->
         _check_finite(modules, sign, "merge" if sign > 0 else "unmerge")
     for _, module in modules:
         module.weight.copy_(_folded(module, sign))
+        fold_bias_(module, sign)  # s * lora_B.bias into the base bias (lora_bias adapters)
         module.lora_merged = sign > 0
 
 
@@ -231,6 +234,7 @@ def _check_mergeable(model: nn.Module, modules: list[tuple[str, LinearLoRA]]) ->
     for pname, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(pname)
     for name, module in modules:
+        check_bias_mergeable(name, module)
         if is_quantized_linear(module):
             raise ValueError(
                 f"cannot merge the adapter of {name!r} into its {module._lora_base_cls.__name__} base: "
@@ -248,7 +252,8 @@ def _check_mergeable(model: nn.Module, modules: list[tuple[str, LinearLoRA]]) ->
 
 
 def merge_lora(model: nn.Module, safe: bool = True) -> int:
-    """Fold `s * B @ A` into each adapted base weight; adapters are then skipped in forward.
+    """Fold `s * B @ A` into each adapted base weight (and `s * lora_B.bias` into the base bias, for
+    `lora_bias` adapters); adapters are then skipped in forward.
 
     All or nothing: every module is checked (and, with `safe`, every merged weight computed and checked
     for NaN/Inf) before any weight is written, so after an error every base weight is unchanged.
@@ -263,8 +268,9 @@ def merge_lora(model: nn.Module, safe: bool = True) -> int:
         The number of modules merged (already merged ones are left as they are).
 
     Raises:
-        ValueError: an adapted base is 4-bit quantized, its weight is tied to another module's, or (with
-            `safe`) a merged weight would hold NaN/Inf; the message names the module. Nothing is changed.
+        ValueError: an adapted base is 4-bit quantized, its weight is tied to another module's, it has no
+            bias while its adapter has a lora_B bias (PEFT refuses it too), or (with `safe`) a merged weight
+            would hold NaN/Inf; the message names the module. Nothing is changed.
     """
     modules = lora_modules(model)
     pending = [(n, m) for n, m in modules if not m.lora_merged and m.lora_enabled]
@@ -370,8 +376,8 @@ def merge_and_save(model: nn.Module, save_directory, *, safe: bool = True, **sav
     Raises:
         TypeError: `model` is not a `PreTrainedModel`.
         ValueError: `model` has no adapters, an adapted base is 4-bit quantized, its weight is tied to
-            another module's, or (with `safe`) a merged weight would hold NaN/Inf; the message names the
-            module. Nothing is written and the model is unchanged.
+            another module's, it has no bias for its adapter's lora_B bias, or (with `safe`) a merged weight
+            would hold NaN/Inf; the message names the module. Nothing is written and the model is unchanged.
     """
     from transformers import PreTrainedModel
 
@@ -401,8 +407,11 @@ def _merged_state_dict(model: nn.Module, modules: list[tuple[str, LinearLoRA]], 
             del state_dict[key]
         if module.lora_merged or not module.lora_enabled:  # merged already, or no adapter in use here
             continue
-        merged = _folded(module, 1.0)
+        merged, bias = _folded(module, 1.0), folded_bias(module, 1.0)
         if safe:
             _raise_if_not_finite(name, module, merged, "merge", "Nothing was written and the model is unchanged")
+            check_bias_finite(name, module, bias, "merge", "Nothing was written and the model is unchanged")
         state_dict[f"{prefix}weight"] = merged.cpu()
+        if bias is not None:
+            state_dict[f"{prefix}bias"] = bias.cpu()
     return state_dict

@@ -8,6 +8,7 @@ pair, and hangs two small linears beside the frozen base:
     y = base(x) + s * B(A(drop(x)))          dropout_position="pre"
     y = base(x) + drop(s * B(A(x)))          dropout_position="post"
     s = alpha / dim   (alpha / sqrt(dim) with rsLoRA)
+    with `lora_bias` (PEFT's), lora_B has a bias b_B (out_features,), zero at init: B(h) = h B^T + b_B
 
 A transformers `Conv1D` (GPT-2; weight stored `(in, out)`, PEFT's `fan_in_fan_out`) is patched the
 same way, with the same `lora_A` / `lora_B` shapes (`Conv1DLoRA`, `FusedConv1DLoRA`).
@@ -34,51 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraSettings
+from .deprecated import LEGACY_ATTRIBUTES as _LEGACY_ATTRIBUTES
+from .deprecated import DeprecatedAlias as _DeprecatedAlias
 from .kernels import lora_add, lora_linear, lora_linear_dequant
 from .matcher import conv1d_class, is_conv1d
 from .patching import is_swapped_class, swapped_class, swapped_reduce
 from .quant import dequantizer_4bit, is_quantized_linear, quantized_compute_dtype
-
-# Attributes of an adapted module before `lora_settings` held them all, read from old pickles by
-# `LinearLoRA.__setstate__`, and still readable (deprecated) as `_DeprecatedAlias`es: old name ->
-# `LoraSettings` field.
-_LEGACY_ATTRIBUTES = {
-    "lora_dim": "dim",
-    "lora_alpha": "alpha",
-    "lora_scale": "scale",
-    "lora_use_rslora": "use_rslora",
-    "lora_dropout_position": "dropout_position",
-    "lora_A_init_method": "lora_A_init",
-}
-
-# The legacy names read so far in this process: each warns once (a training loop reading one per step
-# would otherwise warn every step).
-_LEGACY_WARNED: set[str] = set()
-
-
-class _DeprecatedAlias:
-    """A read-only class attribute standing for `lora_settings.<field>` under its old name; the first read of
-    each name in the process warns `DeprecationWarning`. Code of this package reads `lora_settings` only."""
-
-    def __init__(self, field: str):
-        self.field = field
-        self.__doc__ = f"Deprecated alias of `lora_settings.{field}`."
-
-    def __set_name__(self, owner, name: str) -> None:
-        self.name = name
-
-    def __get__(self, module, owner=None):
-        if module is None:
-            return self
-        if self.name not in _LEGACY_WARNED:
-            _LEGACY_WARNED.add(self.name)
-            warnings.warn(f"{self.name} is deprecated; read module.lora_settings.{self.field} instead (the adapter's "
-                          "settings are one LoraSettings object)", DeprecationWarning, stacklevel=2)
-        return getattr(module.lora_settings, self.field)
-
-    def __set__(self, module, value) -> None:
-        raise AttributeError(f"{self.name} is read-only (and deprecated): the adapter's settings are the frozen "
-                             f"module.lora_settings; build new ones with lora_settings.replace({self.field}=...)")
 
 
 class LinearLoRA(nn.Linear):
@@ -95,7 +57,8 @@ class LinearLoRA(nn.Linear):
 
     Attributes set by the patch:
         lora_A (nn.Linear): `(dim, in_features)` down-projection.
-        lora_B (nn.Linear): `(out_features, dim)` up-projection, zero at init.
+        lora_B (nn.Linear): `(out_features, dim)` up-projection, zero at init; with a zero `(out_features,)`
+            bias when `lora_settings.lora_bias`.
         lora_dropout (nn.Dropout): dropout on the adapter path, `p = lora_settings.dropout`.
         lora_settings (LoraSettings): the adapter's settings (its `kernels` can be changed with
             `set_kernel_options`; the rest is fixed once the adapter exists).
@@ -187,17 +150,19 @@ class LinearLoRA(nn.Linear):
         settings = self.lora_settings
         lora_A = self.lora_A.weight.to(x.dtype)  # (r, K)
         lora_B = self.lora_B.weight.to(x.dtype)  # (N, r)
+        b_B = self.lora_B.bias  # (N,) with lora_bias, else None
         if settings.dropout_position == "pre":
             x = self.lora_dropout(x)
         xa = F.linear(x, lora_A) * settings.scale  # (..., r): scaling here is r/N of the work
-        delta = F.linear(xa, lora_B)  # (..., N)
+        # PEFT's `lora_B(h) * s`: the bias is scaled too, and with "post" dropped with the rest of the delta
+        delta = F.linear(xa, lora_B, None if b_B is None else b_B.to(x.dtype) * settings.scale)  # (..., N)
         if settings.dropout_position == "post":
             delta = self.lora_dropout(delta)
         return delta
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """(Re-)initialise the adapter: `lora_A` by `lora_settings.lora_A_init`, `lora_B` to zero."""
+        """(Re-)initialise the adapter: `lora_A` by `lora_settings.lora_A_init`, `lora_B` (and its bias) to zero."""
         settings = self.lora_settings
         weight = self.lora_A.weight
         if settings.lora_A_init == "xavier":
@@ -207,6 +172,8 @@ class LinearLoRA(nn.Linear):
         else:  # "gaussian"
             nn.init.normal_(weight, std=1.0 / settings.dim)
         nn.init.zeros_(self.lora_B.weight)
+        if self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
 
     def extra_repr(self) -> str:
         s = self.lora_settings
@@ -245,7 +212,9 @@ class FusedLinearLoRA(LinearLoRA):
         settings = self.lora_settings
         options = settings.kernels
         modules = self._modules
-        adapter = (_param(modules["lora_A"], "weight"), _param(modules["lora_B"], "weight"), settings.scale,
+        lora_B = modules["lora_B"]
+        lora_bias = _param(lora_B, "bias")  # None unless lora_bias: then the kernels fold it into their bias
+        adapter = (_param(modules["lora_A"], "weight"), _param(lora_B, "weight"), settings.scale,
                    modules["lora_dropout"].p if self.training else 0.0, settings.dropout_position)
         # Under autocast the kernels see what F.linear would: activations in the autocast dtype. The
         # base gets the same cast tensor, so x is cast once (autocast leaves an already-cast input alone).
@@ -260,7 +229,7 @@ class FusedLinearLoRA(LinearLoRA):
                 and weight.dtype == dtype
                 and (bias is None or (not bias.requires_grad and bias.dtype == dtype))
             ):
-                return lora_linear(compute_x, weight, bias, *adapter, options=options)
+                return lora_linear(compute_x, weight, bias, *adapter, options=options, lora_bias=lora_bias)
         # A 4-bit base in eager mode: its weight is dequantized (as bitsandbytes would) straight into the
         # fused GEMM. Skipped when autocast cast x (bitsandbytes returns x's own dtype) and under
         # torch.compile (the dequantize closure is not a graph input).
@@ -269,8 +238,8 @@ class FusedLinearLoRA(LinearLoRA):
             if dequantize is not None:
                 bias = self.bias
                 return lora_linear_dequant(x, dequantize, None if bias is None else bias.to(dtype), *adapter,
-                                           options=options)
-        return lora_add(self.base_forward(compute_x), compute_x, *adapter, options=options)
+                                           options=options, lora_bias=lora_bias)
+        return lora_add(self.base_forward(compute_x), compute_x, *adapter, options=options, lora_bias=lora_bias)
 
 
 class Conv1DLoRA(LinearLoRA):
@@ -408,7 +377,7 @@ def new_adapter_parts(linear: nn.Module, settings: LoraSettings) -> dict[str, An
     in_features, out_features = linear.weight.shape if is_conv1d(linear) else (linear.in_features, linear.out_features)
     parts = nn.Module()  # a holder with the attribute names reset_lora_parameters reads
     parts.lora_A = nn.Linear(in_features, dim, bias=False, device=device, dtype=dtype)
-    parts.lora_B = nn.Linear(dim, out_features, bias=False, device=device, dtype=dtype)
+    parts.lora_B = nn.Linear(dim, out_features, bias=settings.lora_bias, device=device, dtype=dtype)
     parts.lora_dropout = nn.Dropout(p=settings.dropout)
     parts.lora_settings = settings
     LinearLoRA.reset_lora_parameters(parts)

@@ -192,9 +192,12 @@ def _add_combination(module: LinearLoRA, name: str, sources: list, combination_t
         lora_A = sum(math.copysign(math.sqrt(abs(f)), f) * a for f, a in zip(factors, As, strict=True))  # (r, in)
         lora_B = sum(math.sqrt(abs(f)) * b for f, b in zip(factors, Bs, strict=True))  # (out, r)
     rank = lora_A.shape[0]
+    biased = [(f, h.lora_B.bias) for f, (h, _) in zip(factors, sources, strict=True) if h.lora_B.bias is not None]
     first: LoraSettings = sources[0][0].lora_settings
-    settings = first.replace(dim=rank, alpha=rank, use_rslora=False)
+    settings = first.replace(dim=rank, alpha=rank, use_rslora=False, lora_bias=bool(biased))
     holder = add_inactive(module, name, settings)
     holder.lora_A.weight.copy_(lora_A)
     holder.lora_B.weight.copy_(lora_B)
+    if biased:  # lora_bias adapters: the biases combine exactly, sum_i w_i s_i b_i (scale 1 here)
+        holder.lora_B.bias.copy_(sum(f * b.float() for f, b in biased))
 

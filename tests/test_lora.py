@@ -435,9 +435,9 @@ LEGACY = {"lora_dim": "dim", "lora_alpha": "alpha", "lora_scale": "scale", "lora
 
 
 def test_legacy_attribute_names_warn_once_each_and_read_the_settings(monkeypatch):
-    import automodel_lora.lora as lora_module
+    import automodel_lora.deprecated as deprecated
 
-    monkeypatch.setattr(lora_module, "_LEGACY_WARNED", set())
+    monkeypatch.setattr(deprecated, "LEGACY_WARNED", set())
     model = tiny_llama()
     cfg = al.PeftConfig(target_modules=["q_proj"], dim=4, alpha=8, dropout_position="pre", lora_A_init="gaussian",
                         use_rslora=True)
@@ -462,9 +462,9 @@ def test_legacy_attribute_names_warn_once_each_and_read_the_settings(monkeypatch
 def test_the_package_itself_reads_no_legacy_attribute(monkeypatch, tmp_path):
     """Patch, train a step (both classes), repr, deepcopy, pickle, merge, unmerge, save, load, remove: none of it
     reads a deprecated alias (each would warn here, the once-per-name record being empty)."""
-    import automodel_lora.lora as lora_module
+    import automodel_lora.deprecated as deprecated
 
-    monkeypatch.setattr(lora_module, "_LEGACY_WARNED", set())
+    monkeypatch.setattr(deprecated, "LEGACY_WARNED", set())
     ids = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64]])
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r"lora_\w+ is deprecated", category=DeprecationWarning)
@@ -483,7 +483,7 @@ def test_the_package_itself_reads_no_legacy_attribute(monkeypatch, tmp_path):
             al.load_adapter(fresh, tmp_path / str(use_triton))
             al.load_adapter(fresh, tmp_path / str(use_triton))  # into the patched model: the scale check
             al.remove_lora(model)
-    assert lora_module._LEGACY_WARNED == set()
+    assert deprecated.LEGACY_WARNED == set()
 
 
 def test_patch_takes_a_settings_object_and_overrides():

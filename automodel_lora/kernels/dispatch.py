@@ -119,8 +119,8 @@ def triton_forward(x, weight, bias, base_out, A, B, scale, p, post, seed, option
         return gemm_lora_proj(x, weight.t(), A.t(), B.t(), scale, bias=bias, eligible=True, fast_launch=fast)
     xa = proj(x, A.t(), seed=None if post else seed, p=0.0 if post else p, fast_launch=fast)  # (M, r)
     post_seed, post_p = (seed, p) if post else (None, 0.0)
-    if route == "add":  # lora_add: one pass writing base_out + low-rank term
-        y = expand(xa, B.t(), scale, add=base_out, seed=post_seed, p=post_p, out_dtype=base_out.dtype,
+    if route == "add":  # lora_add: one pass writing base_out + low-rank term (+ bias: lora_B's, folded)
+        y = expand(xa, B.t(), scale, bias=bias, add=base_out, seed=post_seed, p=post_p, out_dtype=base_out.dtype,
                    fast_launch=fast)
         return y, xa
     wt, bt = weight.t(), B.t()

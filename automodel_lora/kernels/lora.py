@@ -5,8 +5,10 @@
     lora_linear_dequant: lora_linear with W = dequantize(), called in forward and again in backward
                  (a 4-bit base; the dense W is never saved)
     lora_add:    y = base_out + <the same low-rank term>          (base computed by the caller)
+    lora_bias=b_B (HF PEFT's bias on lora_B): the low-rank term is s * (.. B^T + b_B) in each; without
+                 post-dropout ``s * b_B`` joins the bias the GEMM epilogue adds (``lora_bias.py``)
 
-Shapes: x ``(..., K)``, weight ``(N, K)``, bias ``(N,)``, lora_A ``(r, K)``, lora_B ``(N, r)``.
+Shapes: x ``(..., K)``, weight ``(N, K)``, bias ``(N,)``, lora_A ``(r, K)``, lora_B ``(N, r)``, lora_bias ``(N,)``.
 Compute runs in x.dtype with fp32 accumulation; adapter gradients come back in the
 adapters' dtype (fp32 master weights work).  Saved for backward: x and ``xa = drop(x) A^T``
 ``(M, r)`` only; the dropout mask is regenerated from a Philox seed.
@@ -34,6 +36,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from .lora_bias import add_dropped_bias_, check_lora_bias, folded_bias, lora_bias_grad, post_keep
 from .options import KernelOptions
 from .reference import reference_backward, reference_forward, reference_keep
 
@@ -222,12 +225,15 @@ class _LoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, base_out, lora_A, lora_B, scale, p, post, dequantize, options):
+    def forward(ctx, x, weight, bias, base_out, lora_A, lora_B, scale, p, post, dequantize, options, lora_bias):
         seed = None
         if p > 0.0:
             seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
         K = x.shape[-1]
         N = lora_B.shape[0]
+        drop_bias = lora_bias is not None and post and p > 0.0  # the mask covers s * b_B: not foldable
+        if lora_bias is not None and not drop_bias:  # s * b_B joins the bias the GEMM epilogue (or expand) adds
+            bias = folded_bias(bias, lora_bias, scale, x.dtype if base_out is None else base_out.dtype)
         x2 = x if x.dim() == 2 else x.reshape(-1, K)
         b2 = base_out if base_out is None or base_out.dim() == 2 else base_out.reshape(-1, N)
         dense = weight if dequantize is None else _dequantized(dequantize, N, K, x.dtype)  # (N, K)
@@ -236,6 +242,8 @@ class _LoRAFunction(torch.autograd.Function):
                                  options.base_gemm, options.fuse_proj, options.fast_launch)
         else:
             y, xa = _fwd_impl(x2, dense, bias, b2, lora_A, lora_B, scale, p, post, seed, options)
+        if drop_bias:
+            y = add_dropped_bias_(y, post_keep(seed, y.shape[0], N, p), lora_bias, scale, p)
         # x2: x itself or a view of it (a copy only for inputs reshape cannot view, which then is not
         # made again in backward).  A dequantized weight is not saved: backward dequantizes again.
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, seed)
@@ -243,6 +251,7 @@ class _LoRAFunction(torch.autograd.Function):
         ctx.scale, ctx.p, ctx.post, ctx.options = scale, p, post, options
         ctx.x_shape = x.shape
         ctx.base_shape = None if base_out is None else base_out.shape
+        ctx.lora_bias_dtype = None if lora_bias is None else lora_bias.dtype
         return y
 
     @staticmethod
@@ -270,13 +279,18 @@ class _LoRAFunction(torch.autograd.Function):
         d_base = None
         if has_base_out and nig[3]:
             d_base = dy if len(ctx.base_shape) == 2 else dy.reshape(ctx.base_shape)
+        d_lora_bias = None
+        if nig[11]:  # the bias's whole backward cost: one reduction over dy (and the mask with post-dropout)
+            keep = post_keep(seed, dy.shape[0], dy.shape[1], ctx.p) if ctx.post and ctx.p > 0.0 else None
+            d_lora_bias = lora_bias_grad(dy, ctx.scale, ctx.lora_bias_dtype, keep, ctx.p)
         return (dx if need_dx else None), None, None, d_base, \
-            (dA if need_dA else None), (dB if need_dB else None), None, None, None, None, None
+            (dA if need_dA else None), (dB if need_dB else None), None, None, None, None, None, d_lora_bias
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                 lora_B: torch.Tensor, scale: float, dropout_p: float = 0.0,
-                dropout_position: str = "post", *, options: Optional[KernelOptions] = None) -> torch.Tensor:
+                dropout_position: str = "post", *, options: Optional[KernelOptions] = None,
+                lora_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Adapted linear layer with a frozen dense base.
 
     Args:
@@ -289,6 +303,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         dropout_position: ``"pre"`` (on x before A) or ``"post"`` (on the low-rank term).
         options: how the Triton path runs this call (:class:`KernelOptions`); None: ``KernelOptions()``,
             the environment's defaults.  The PyTorch reference path ignores it.
+        lora_bias: ``(N,)`` bias of lora_B (HF PEFT's ``lora_bias``), trainable, any float dtype, or None:
+            the term becomes ``s * (.. B^T + lora_bias)``, dropped with the rest under "post" dropout.
 
     Returns:
         ``(..., N)`` in x.dtype.
@@ -309,21 +325,24 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise ValueError("lora_linear's base weight is frozen (it gets no gradient), but it requires grad here. Call "
                          ".requires_grad_(False) on it, or compute the base yourself and use lora_add")
     _check_bias(bias, N, x.dtype)
+    if lora_bias is not None:  # no function call on the hot path without a bias
+        check_lora_bias(lora_bias, N)
     y = _LoRAFunction.apply(x, weight, bias, None, lora_A, lora_B, float(scale), float(dropout_p),
-                            dropout_position == "post", None, _options(options))
+                            dropout_position == "post", None, _options(options), lora_bias)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 
 def lora_linear_dequant(x: torch.Tensor, dequantize: Callable[[], torch.Tensor], bias: Optional[torch.Tensor],
                         lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dropout_p: float = 0.0,
-                        dropout_position: str = "post", *, options: Optional[KernelOptions] = None) -> torch.Tensor:
+                        dropout_position: str = "post", *, options: Optional[KernelOptions] = None,
+                        lora_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`lora_linear` for a base weight stored compressed (bitsandbytes 4-bit).
 
     ``dequantize()`` returns the dense ``(N, K)`` frozen weight in x's dtype.  It is called once in forward
     and once in backward (only when dx is needed), as bitsandbytes' own 4-bit matmul does, and the dense
     weight is never saved.  With it the base product runs through the same fused GEMM as a dense base:
-    the low-rank term is added inside it (no pass over y or dx for the adapter).  ``options`` as in
-    :func:`lora_linear`.
+    the low-rank term is added inside it (no pass over y or dx for the adapter).  ``options`` and
+    ``lora_bias`` as in :func:`lora_linear`.
 
     Raises:
         TypeError: ``dequantize`` is not callable, or ``options`` is not a KernelOptions.
@@ -334,19 +353,22 @@ def lora_linear_dequant(x: torch.Tensor, dequantize: Callable[[], torch.Tensor],
                         f"{type(dequantize).__name__}; for a dense weight tensor use lora_linear")
     _check(x, lora_A, lora_B, dropout_p, dropout_position)
     _check_bias(bias, lora_B.shape[0], x.dtype)
+    if lora_bias is not None:
+        check_lora_bias(lora_bias, lora_B.shape[0])
     y = _LoRAFunction.apply(x, None, bias, None, lora_A, lora_B, float(scale), float(dropout_p),
-                            dropout_position == "post", dequantize, _options(options))
+                            dropout_position == "post", dequantize, _options(options), lora_bias)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], lora_B.shape[0])
 
 
 def lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
              scale: float, dropout_p: float = 0.0, dropout_position: str = "post", *,
-             options: Optional[KernelOptions] = None) -> torch.Tensor:
+             options: Optional[KernelOptions] = None, lora_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``base_out + low-rank term`` for bases the kernels cannot fuse (4-bit, other subclasses).
 
     Args:
         base_out: ``(..., N)`` output of the caller's base layer (its autograd adds its own dx).
-        x: ``(..., K)``; lora_A ``(r, K)``; lora_B ``(N, r)``; scale, dropout, options as in :func:`lora_linear`.
+        x: ``(..., K)``; lora_A ``(r, K)``; lora_B ``(N, r)``; scale, dropout, options, lora_bias as in
+            :func:`lora_linear` (without post-dropout ``s * lora_bias`` is added in the same pass as the term).
 
     Returns:
         ``(..., N)`` in base_out's dtype; d(base_out) = dy, dx only from the adapter path.
@@ -356,6 +378,8 @@ def lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora
     lead = x.shape[:-1]
     if base_out.shape != (*lead, N):
         raise ValueError(f"base_out must be {(*lead, N)} (x's leading dims, lora_B's N), got {tuple(base_out.shape)}")
+    if lora_bias is not None:
+        check_lora_bias(lora_bias, N)
     y = _LoRAFunction.apply(x, None, None, base_out, lora_A, lora_B, float(scale), float(dropout_p),
-                            dropout_position == "post", None, _options(options))
+                            dropout_position == "post", None, _options(options), lora_bias)
     return y if x.dim() == 2 else y.reshape(*lead, N)

@@ -6,7 +6,8 @@ With ``s = scale``, ``p`` the inverted-dropout probability and ``keep`` a bool m
 
     forward, "pre" (``post=False``):  xa = drop(x) A^T            y = base + s * xa B^T
     forward, "post" (``post=True``):  xa = x A^T                  y = base + drop(s * xa B^T)
-    base = x W^T + b  (``weight`` given), or the caller's ``base_out``
+    base = x W^T + b  (``weight`` given), or the caller's ``base_out`` (+ b where given: ``lora_add``'s
+           folded lora_B bias)
 
     backward, with dyd = dy (pre) or drop(dy) (post, the same mask as forward):
         dx = dy W + s * ((dyd B) A) [* keep / (1 - p) for pre]   (the dy W term only when ``weight`` is given)
@@ -48,6 +49,8 @@ def reference_forward(x, weight, bias, base_out, A, B, scale: float, p: float, p
         lr = lr * reference_keep(seed, M, lr.shape[1], p, x.device).to(cdt) / (1.0 - p)
     if base_out is None:
         return F.linear(x, weight, bias) + lr, xa
+    if bias is not None:
+        lr = lr + bias
     return (base_out + lr).to(base_out.dtype), xa
 
 
