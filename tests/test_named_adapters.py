@@ -244,3 +244,30 @@ def test_load_adapter_by_name_adds_beside_and_reloads_into_the_named_adapter(tmp
     al.load_adapter(model, tmp_path, adapter_name="mlp")  # into the named (inactive) adapter again
     al.set_adapter(model, "mlp")
     assert_close(logits(model), logits(source))
+
+
+def test_lora_bias_adapters_switch_save_and_combine_exactly(tmp_path):
+    biased = al.PeftConfig(target_modules=["q_proj", "v_proj"], dim=4, alpha=8, lora_bias=True)
+    model = tiny_llama()
+    al.apply_lora_to_linear_modules(model, biased)
+    al.apply_lora_to_linear_modules(model, biased, adapter_name="two")
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for _, module in al.lora_modules(model):
+            for holder in al.adapter_slots.holders(module).values():  # the module itself holds the one in place
+                for p in (*holder.lora_A.parameters(), *holder.lora_B.parameters()):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    al.save_adapter(model, tmp_path)
+    al.set_adapter(model, "two")
+    expected = logits(model)
+    fresh = tiny_llama()
+    al.load_adapter(fresh, tmp_path / "two")
+    assert_close(logits(fresh), expected, what="'two' reloaded with its lora_B biases")
+    al.add_weighted_adapter(model, ["default", "two"], [0.5, 2.0], "mix", combination_type="cat")
+    q = model.model.layers[1].self_attn.q_proj
+    hs = al.adapter_slots.holders(q)
+    x = torch.randn(3, 32)
+    def delta(h):
+        return h.lora_B(h.lora_A(x)) * h.lora_settings.scale
+    with torch.no_grad():
+        assert_close(delta(hs["mix"]), 0.5 * delta(hs["default"]) + 2.0 * delta(hs["two"]), what="cat with biases")
