@@ -89,7 +89,7 @@ def run(args) -> dict:
             errs = layer_errors(variants, lin, A0, B0, xs[0], gs[0])
 
             # GPU time (CUDA events, host running ahead), then the same steps each synchronized (host wall
-            # time): a variant whose host issue outlasts its GPU work looks fine by the first clock only
+            # time): a variant whose host time to launch its step outlasts its GPU work looks fine by the first clock only
             times, mem = time_layer_variants(variants, xs, gs, args)
             times_sync, _ = time_layer_variants(variants, xs, gs, args, sync_each=True)
             f, fs = times["frozen"], times_sync["frozen"]
