@@ -1,5 +1,6 @@
-"""What the benchmark sections share: the device, the run's environment for their JSON, CUDA-event timing of
-variants interleaved step by step, a step's peak memory, relative error, and writing the results JSON.
+"""What the benchmark sections share: the device, the run's environment for their JSON, timing of variants
+interleaved step by step (CUDA events, or synchronized wall time), a step's peak memory, freeing the device's
+memory between shapes, relative error, and writing the results JSON.
 
 Importing it puts the repository root first on sys.path, so that ``automodel_lora`` is the checkout's when a
 script runs as ``python benchmarks/<script>.py``: the section modules import it before ``automodel_lora``."""
@@ -7,6 +8,7 @@ script runs as ``python benchmarks/<script>.py``: the section modules import it 
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -106,11 +108,15 @@ def peak_delta_mib(step, prep=None) -> float:
     return (torch.cuda.max_memory_allocated() - m0) / 2**20
 
 
-def interleaved(variants: dict, n: int, rounds: int, warmup: int, prep=None) -> dict:
+def interleaved(variants: dict, n: int, rounds: int, warmup: int, prep=None, sync_each: bool = False) -> dict:
     """Median ms per step of each variant: steps interleaved one by one (A B C, then B C A, ...), so a
-    clock or power drift of the GPU lands on every variant alike; each step between its own CUDA events,
-    one synchronize per round (the host runs ahead as in training); ``rounds`` rounds of ``n`` steps each,
-    the median of the round medians."""
+    clock or power drift of the GPU lands on every variant alike; ``rounds`` rounds of ``n`` steps each,
+    the median of the round medians.
+
+    Two clocks: by default each step between its own CUDA events, one synchronize per round (the host runs
+    ahead as in training: GPU time, host time hidden while the GPU is busy); with ``sync_each`` the host's
+    wall time of each step with the GPU synchronized before and after it (host time that the GPU waits for
+    counts: what a step costs where the host cannot run ahead)."""
     for name, step in variants.items():
         for i in range(warmup):
             if prep:
@@ -120,23 +126,25 @@ def interleaved(variants: dict, n: int, rounds: int, warmup: int, prep=None) -> 
     names = list(variants)
     res = {name: [] for name in names}
     for _ in range(rounds):
-        marks = {name: [] for name in names}  # (start, end) per step: CUDA events, or host seconds on the CPU
+        marks = {name: [] for name in names}  # (start, end) per step: CUDA events, or host seconds
         for i in range(n):
             shift = i % len(names)
             for name in names[shift:] + names[:shift]:
                 if prep:
                     prep(i)
-                start = _mark()
+                start = _mark(sync_each)
                 variants[name](i)
-                marks[name].append((start, _mark()))
+                marks[name].append((start, _mark(sync_each)))
         sync()
         for name in names:
             res[name].append(statistics.median(_elapsed_ms(a, b) for a, b in marks[name]))
     return {name: statistics.median(v) for name, v in res.items()}
 
 
-def _mark():
-    if DEV != "cuda":
+def _mark(wall: bool = False):
+    """A CUDA event recorded now on the stream; with ``wall`` (or off CUDA) the host clock once the GPU is idle."""
+    if wall or DEV != "cuda":
+        sync()
         return time.perf_counter()
     ev = torch.cuda.Event(enable_timing=True)
     ev.record()
@@ -144,7 +152,16 @@ def _mark():
 
 
 def _elapsed_ms(a, b) -> float:
-    return (b - a) * 1e3 if DEV != "cuda" else a.elapsed_time(b)
+    return (b - a) * 1e3 if isinstance(a, float) else a.elapsed_time(b)
+
+
+def free_device_memory() -> None:
+    """Collect what is unreachable (PEFT and patched modules hold reference cycles) and give the cached
+    blocks back, so the next shape starts from the memory it needs itself."""
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:

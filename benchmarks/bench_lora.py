@@ -1,11 +1,14 @@
-"""LoRA layer / model benchmark (protocol: ../shared/BENCHMARK.md sections 1-3).
+"""LoRA layer / model benchmark (protocol: ../shared/BENCHMARK.md sections 1-4).
 
-    python benchmarks/bench_lora.py                    # layer + ops + model, JSON to $OUT or benchmarks/results
+    python benchmarks/bench_lora.py                    # layer + ops + host + qlora + model, JSON to $OUT or benchmarks/results
     python benchmarks/bench_lora.py --sections layer   # just the layer table
+    python benchmarks/bench_lora.py --sections model --model-shapes 1b,0.5b --rounds 2
     python benchmarks/bench_lora.py --smoke            # tiny shapes, any device (checks the script itself)
 
-Variants, all on the same x, g and weights, interleaved step by step (A B C, B C A, ...), three
-rounds, median of per-step CUDA-event times; ratios are to the frozen layer measured in the same run:
+Layer and QLoRA variants (--variants), all on the same x, g and weights, interleaved step by step (A B C,
+B C A, ...), three rounds, median of per-step times; ratios are to the frozen layer measured in the same run.
+The layer is timed twice: GPU time (CUDA events, the host running ahead: ``ratio``) and the host's wall time
+of each step synchronized (``ratio_sync``):
   frozen      plain frozen nn.Linear (the floor)
   peft        HF PEFT LoraConfig on the same linear, its defaults (fp32 adapters)
   torch_naive F.linear(x, W, b) + s * F.linear(F.linear(x, A), B), bf16 adapters
@@ -18,9 +21,13 @@ rounds, median of per-step CUDA-event times; ratios are to the frozen layer meas
               KernelOptions(base_gemm="triton"))
   triton_proj_pass  the default kernels with a proj pass over x / dy before the TMA GEMM instead of
               xa / dyB made inside it (KernelOptions(fuse_proj=False))
-  triton_no_recompute  (model) the kernel path keeping down_proj's input from forward to backward
-              (PeftConfig.recompute_mlp_input=False; every other LoRA variant recomputes it)
-Prints the table last; writes the full JSON (GPU, date, commit, autotune choices).
+Model arms (--model-variants; bench_model_arms.py): frozen, triton, peft, peft_bf16 (PEFT, bf16 adapters),
+axolotl (PEFT + axolotl's LoRA_MLP / LoRA_QKV / LoRA_O; needs axolotl on the path and CUDA); optional torch,
+triton_no_recompute (PeftConfig.recompute_mlp_input=False), axolotl_o and the triton_* option variants.
+Model shapes (--model-shapes; bench_model_shapes.py): 8b (4-layer Llama-3-8B widths), 1b (Llama-3.2-1B),
+0.5b (Qwen2.5-0.5B).
+Prints the table last; writes the full JSON (GPU, date, commit, autotune choices), and after each section
+(and each model shape) the results so far, with "partial": true, at the same path.
 
 Sections (--sections, run in this order): layer, ops, host (bench_layer.py), qlora (bench_qlora.py),
 model (bench_model.py); the timing harness is bench_common.py, the variants' kernel options bench_variants.py.
@@ -32,8 +39,10 @@ import argparse
 
 import bench_layer
 import bench_model
+import bench_model_shapes
 import bench_qlora
 from bench_common import DEV, run_env, write_results
+from bench_model_arms import DEFAULT_ARMS, OPTIONAL_ARMS
 from bench_variants import DEFAULT_OPTIONS
 
 from automodel_lora import kernels as K
@@ -45,12 +54,11 @@ SECTIONS = {"layer": bench_layer.run, "ops": bench_layer.run_ops, "host": bench_
 
 def _env():
     info = dict(run_env(), device=DEV, kernel_options_default=DEFAULT_OPTIONS.to_dict())
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except Exception:
-        pass
+    for name in ("peft", "transformers"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:
+            pass
     return info
 
 
@@ -72,6 +80,11 @@ def parse_args(argv=None):
     ap.add_argument("--ranks", default="16,64")
     ap.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096")
     ap.add_argument("--qlora-shapes", default="4096x14336")
+    ap.add_argument("--model-shapes", default=",".join(bench_model_shapes.SHAPES),
+                    help=f"model section: decoders to run, of {list(bench_model_shapes.SHAPES)}")
+    ap.add_argument("--model-variants", default=",".join(DEFAULT_ARMS),
+                    help=f"model section: arms, of {DEFAULT_ARMS + OPTIONAL_ARMS}")
+    ap.add_argument("--model-n", type=int, default=10, help="model section: steps per arm per round")
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
@@ -79,6 +92,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_lora.json or benchmarks/results/)")
     args = ap.parse_args(argv)
     args.variants = args.variants.split(",")
+    args.model_shapes = args.model_shapes.split(",")
+    args.model_variants = args.model_variants.split(",")
     args.ranks = [int(v) for v in args.ranks.split(",")]
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     args.qlora_shapes = [tuple(int(v) for v in s.split("x")) for s in args.qlora_shapes.split(",")]
@@ -92,9 +107,17 @@ def main(argv=None):
     args = parse_args(argv)
     results = {"env": _env(), "args": {k: v for k, v in vars(args).items()}}
     secs = args.sections.split(",")
+
+    def checkpoint(section_results: dict):
+        """What has run so far at the output path, so that a run cut short keeps it."""
+        write_results(dict(results, **section_results, partial=True), args.out)
+
+    args.checkpoint = checkpoint
     for name, run in SECTIONS.items():
         if name in secs:
             results.update(run(args))
+            checkpoint({})
+    del args.checkpoint
     if K.HAS_TRITON and DEV == "cuda":
         from automodel_lora.kernels.launch import autotune_choices
 

@@ -90,8 +90,10 @@ def fwd_bwd(name: str, fn, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return y
 
 
-def time_layer_variants(variants: dict, xs: list, gs: list, args) -> tuple[dict, dict]:
-    """(median ms, peak MiB) of each variant's fwd+bwd step, alternating two (x, g) buffers, interleaved."""
+def time_layer_variants(variants: dict, xs: list, gs: list, args, sync_each: bool = False) -> tuple[dict, dict]:
+    """(median ms, peak MiB) of each variant's fwd+bwd step, alternating two (x, g) buffers, interleaved;
+    ``sync_each``: the step's host wall time with the GPU synchronized around it instead of its GPU time
+    (see ``interleaved``)."""
     plist = [p_ for _, ps in variants.values() for p_ in ps]
 
     def prep(i):
@@ -106,5 +108,11 @@ def time_layer_variants(variants: dict, xs: list, gs: list, args) -> tuple[dict,
         return step
 
     steps = {name: make_step(name, fn) for name, (fn, _) in variants.items()}
-    times = interleaved(steps, n=args.n, rounds=args.rounds, warmup=args.warmup, prep=prep)
+    times = interleaved(steps, n=args.n, rounds=args.rounds, warmup=args.warmup, prep=prep, sync_each=sync_each)
     return times, {name: peak_delta_mib(step, prep) for name, step in steps.items()}
+
+
+def forget_options() -> None:
+    """Drop the record of options set per module: keyed by ``id``, it would be wrong for a module built later
+    at a freed one's address (call it when the adapted models of one shape are freed)."""
+    _SET.clear()

@@ -1,0 +1,155 @@
+"""The arms of the model section (bench_model.py): each a model built from one frozen base (deep copies of
+it), every adapted arm with the same adapters (r = 16, alpha = 32, on the 7 projections).
+
+  frozen     the base itself, nothing adapted; backward runs through every layer (see ``frozen_arm``)
+  triton     automodel_lora, its defaults (Triton kernels, recompute_mlp_input)
+  peft       HF PEFT ``LoraConfig`` defaults: adapters kept in fp32 (``autocast_adapter_dtype=True``)
+  peft_bf16  HF PEFT with the adapters in the base's bf16 (``autocast_adapter_dtype=False``)
+  axolotl    ``peft_bf16`` with axolotl's fused kernels bound (bench_axolotl.py: LoRA_MLP, LoRA_QKV, LoRA_O)
+Optional (--model-variants): ``torch`` (automodel_lora's PyTorch path), ``triton_no_recompute``
+(``recompute_mlp_input=False``), ``axolotl_o`` (axolotl with ``LoRA_O`` on each of q/k/v/o instead of
+``LoRA_QKV``), and the kernel-option variants of bench_variants.SHARED_TRITON (the ``triton`` model run
+under other ``KernelOptions``).
+
+The adapters are drawn once, on the reference (automodel_lora's PyTorch path, ``LinearLoRA``: the base
+product plus ``s (x A^T) B^T`` in plain torch): A by its default init, B ~ N(0, 0.01) (nonzero, so the
+adapters change the logits), and copied into every other arm (cast exactly from bf16 into PEFT's fp32)."""
+
+from __future__ import annotations
+
+import copy
+
+import bench_axolotl
+import torch
+from bench_variants import SHARED_TRITON
+from torch import nn
+
+from automodel_lora import PeftConfig, apply_lora_to_linear_modules, lora_modules
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_ARMS = ["frozen", "triton", "peft", "peft_bf16", "axolotl"]
+OPTIONAL_ARMS = ["torch", "triton_no_recompute", "axolotl_o", *SHARED_TRITON]
+B_STD = 0.01
+
+
+def ours(base: nn.Module, r: int, use_triton: bool, recompute: bool = True) -> nn.Module:
+    """A copy of ``base`` with automodel_lora adapters on PROJ."""
+    m = copy.deepcopy(base)
+    apply_lora_to_linear_modules(m, PeftConfig(target_modules=PROJ, dim=r, alpha=2 * r, use_triton=use_triton,
+                                               recompute_mlp_input=recompute))
+    return m
+
+
+def adapter_pairs(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{fqn: (A, B)} of an automodel_lora model."""
+    return {fqn: (m.lora_A.weight, m.lora_B.weight) for fqn, m in lora_modules(model)}
+
+
+@torch.no_grad()
+def set_adapters(model: nn.Module, pairs: dict) -> None:
+    """``model``'s adapters (automodel_lora's, or a PEFT model's "default" adapter) set to ``pairs``.
+
+    Raises:
+        ValueError: the model's adapted modules are not exactly the ones of ``pairs``.
+    """
+    if hasattr(model, "peft_config"):  # PEFT: <fqn>.lora_A["default"] under base_model.model
+        inner = model.base_model.model
+        found = {fqn for fqn, m in inner.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+        targets = {fqn: (inner.get_submodule(fqn).lora_A["default"].weight,
+                         inner.get_submodule(fqn).lora_B["default"].weight) for fqn in found & set(pairs)}
+    else:
+        targets = adapter_pairs(model)
+        found = set(targets)
+    if found != set(pairs):
+        raise ValueError(f"adapted modules differ: only in the source {sorted(set(pairs) - found)[:4]}, "
+                         f"only in the target {sorted(found - set(pairs))[:4]}")
+    for fqn, (A, B) in pairs.items():
+        targets[fqn][0].copy_(A)
+        targets[fqn][1].copy_(B)
+
+
+def reference(base: nn.Module, r: int) -> tuple[nn.Module, dict]:
+    """(automodel_lora's PyTorch-path model, its adapters): the adapters every arm gets, drawn here."""
+    m = ours(base, r, use_triton=False)
+    pairs = adapter_pairs(m)
+    with torch.no_grad():
+        for _, B in pairs.values():
+            B.normal_(0, B_STD)
+    return m, pairs
+
+
+def peft_arm(base: nn.Module, r: int, pairs: dict, fp32_adapters: bool) -> nn.Module:
+    """HF PEFT on a copy of ``base``: its defaults (fp32 adapters), or adapters in the base's dtype."""
+    import peft
+
+    m = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJ),
+                            autocast_adapter_dtype=fp32_adapters)
+    set_adapters(m, pairs)
+    return m
+
+
+def frozen_arm(base: nn.Module) -> nn.Module:
+    """``base`` with no weight to train whose backward still runs through every layer, as the adapted arms'.
+
+    The protocol trains the input embedding for that. Where the output head is tied to it (1b, 0.5b), training
+    it would also make the head's weight gradient ([vocab, hidden] x tokens, a GEMM no adapted arm runs), so
+    there the embedding's output requires grad instead (what HF's ``enable_input_require_grads`` does)."""
+    emb = base.get_input_embeddings()
+    if emb.weight is base.get_output_embeddings().weight:
+        emb.register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
+    else:
+        emb.weight.requires_grad_(True)
+    return base
+
+
+class ArmUnavailable(RuntimeError):
+    """A peer that this machine cannot run (not installed, no CUDA): skipped with the message as the reason."""
+
+
+def peer_arm(name: str, base: nn.Module, r: int, pairs: dict) -> nn.Module:
+    """A peer's arm: peft, peft_bf16, axolotl, axolotl_o."""
+    if name.startswith("axolotl"):
+        why = bench_axolotl.unavailable()
+        if why:
+            raise ArmUnavailable(why)
+        m = peft_arm(base, r, pairs, fp32_adapters=False)  # bf16 adapters, as axolotl gives them
+        bench_axolotl.patch_model(m, bench_axolotl.load_kernels(), qkv="linear" if name == "axolotl_o" else "fused")
+        return m
+    return peft_arm(base, r, pairs, fp32_adapters=name == "peft")
+
+
+def build_arms(base: nn.Module, r: int, want: list[str]) -> tuple[dict, nn.Module, dict]:
+    """(arms {name: model} in ``want``'s order, the reference model, {arm: why it was skipped}).
+
+    A peer that cannot be built here (not installed, no CUDA, its patch refused) is skipped with the reason;
+    automodel_lora's arms are not caught."""
+    unknown = [n for n in want if n not in DEFAULT_ARMS + OPTIONAL_ARMS]
+    if unknown:
+        raise ValueError(f"--model-variants: unknown {unknown}; choose from {DEFAULT_ARMS + OPTIONAL_ARMS}")
+    ref, pairs = reference(base, r)
+    built, skipped = {}, {}
+    for name in want:
+        if name in ("frozen", *SHARED_TRITON):
+            continue  # the base itself (last: its hook or trainable embedding must not be copied), or triton's
+        if name in ("triton", "triton_no_recompute"):
+            built[name] = ours(base, r, use_triton=True, recompute=name == "triton")
+            set_adapters(built[name], pairs)
+        elif name == "torch":
+            built[name] = ref
+        else:
+            try:
+                built[name] = peer_arm(name, base, r, pairs)
+            except ArmUnavailable as e:
+                skipped[name] = str(e)
+            except Exception as e:  # a peer that fails to build: reported in the results and the table
+                skipped[name] = f"build failed: {type(e).__name__}: {e}"
+            if name in skipped:
+                print(f"[model] {name} skipped: {skipped[name]}", flush=True)
+    for name in SHARED_TRITON:
+        if name in want:
+            if "triton" not in built:
+                raise ValueError(f"--model-variants: {name} runs the triton arm's model: list triton too")
+            built[name] = built["triton"]  # same model, run under OPTION_CHANGES[name]
+    if "frozen" in want:
+        built["frozen"] = frozen_arm(base)
+    return {n: built[n] for n in want if n in built}, ref, skipped
