@@ -590,3 +590,21 @@ def test_split_m_partials_interp():
     check(dB16, ref_b, torch.float32, "tn2 B")
     check(tn(pa, xa, 0.5), ref_a, torch.float32, "tn")
     check(tn(pb, xb, 0.5, transpose_out=True), ref_b, torch.float32, "tn transposed")
+
+
+def test_tma_autotune_drops_configs_over_the_shared_memory_of_the_device(monkeypatch):
+    """fp32 master adapters at rank block 64: the BN=256, 3-stage configs need 245760 bytes (the figure Triton
+    reported on an H100, whose limit is 232448), so only the BN=128 config is timed; 16-bit Q keeps all five."""
+    import torch as _torch
+
+    from automodel_lora.kernels import tma_gemm as T
+
+    monkeypatch.setattr(T, "shared_memory_per_block", lambda device: 232448)
+    monkeypatch.setattr(_torch.cuda, "current_device", lambda: 0)
+    configs = T._tma_gemm_tuned.configs
+    big = next(c for c in configs if c.kwargs["BN"] == 256)
+    assert T.tma_smem_floor(big.kwargs, 4, 64) == 245760
+    kept = T._prune_to_fit(configs, {}, Q_BYTES=4, BR=64)
+    assert [c.kwargs["BN"] for c in kept] == [128]
+    assert T._prune_to_fit(configs, {}, Q_BYTES=2, BR=64) == configs
+    assert T._prune_to_fit(configs, {}, Q_BYTES=4, BR=16) == configs

@@ -274,6 +274,17 @@ def sm_count(device) -> int:
     return _N_SM[idx]
 
 
+_SMEM: dict = {}
+
+
+def shared_memory_per_block(device_index: int) -> int:
+    """The most shared memory one program may use on the device (bytes; 232448 on an H100 / H200)."""
+    if device_index not in _SMEM:
+        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        _SMEM[device_index] = props["max_shared_mem"]
+    return _SMEM[device_index]
+
+
 _LOCKS: dict = {}
 
 

@@ -51,6 +51,7 @@ from .launch import (
     rank_block,
     record_plan,
     run_cached,
+    shared_memory_per_block,
     sm_count,
     tile_locks,
 )
@@ -187,6 +188,25 @@ def _tma_block_shapes(nargs) -> None:
         nargs["r_desc"].block_shape = [BR, BK] if nargs["R_T"] else [BK, BR]
 
 
+def tma_smem_floor(cfg_kwargs: dict, q_bytes: int, br: int) -> int:
+    """Shared memory (bytes) a config needs at least: the pipelined x / y tiles, the Q tile as loaded, and its
+    16-bit copy for the rank step's dot when Q is fp32 (the output tile reuses the pipeline's buffers).  An
+    fp32 Q at rank block 64 puts the BN=256, 3-stage configs at 245760 bytes, over the 232448 of an H100."""
+    BM, BN, BK, stages = cfg_kwargs["BM"], cfg_kwargs["BN"], cfg_kwargs["BK"], cfg_kwargs["STAGES"]
+    q_tile = br * BN * q_bytes + (br * BN * 2 if q_bytes != 2 else 0)
+    return stages * (BM + BN) * BK * 2 + q_tile
+
+
+def _prune_to_fit(configs, named_args, **kwargs):
+    """Autotune early prune: drop configs whose shared-memory floor exceeds the device's (the autotuner would
+    skip them when they fail to launch, but picks the first config when every timed one failed); the smallest
+    config is kept whatever happens."""
+    device = torch.cuda.current_device()
+    limit = shared_memory_per_block(device)
+    fit = [c for c in configs if tma_smem_floor(c.kwargs, kwargs["Q_BYTES"], kwargs["BR"]) <= limit]
+    return fit or [min(configs, key=lambda c: tma_smem_floor(c.kwargs, kwargs["Q_BYTES"], kwargs["BR"]))]
+
+
 # Configs measured per problem on an H100 (BM=128, BK=64; benchmarks/DESIGN.md): BN=256 with 3 stages is
 # the fastest at the 8B shapes, grouped by 8 or 16 row blocks, whole or split store (the split store is
 # what fits in shared memory at r=64); BN=128 with 4 stages is the smaller fallback.  2-stage, 8-warp
@@ -198,6 +218,7 @@ _tma_gemm_tuned = triton.autotune(
                                        (256, 3, 8, True, 16), (128, 4, 4, False, 8))],
     # Q_BYTES: an fp32 Q tile takes twice the shared memory, so a config chosen for a 16-bit Q may not fit
     key=["M", "N", "K", "B_NK", "HAS_BIAS", "FUSE_PROJ", "R_T", "R_BYTES", "Q_BYTES", "BR"], do_bench=bench,
+    prune_configs_by={"early_config_prune": _prune_to_fit},
 )(_tma_gemm_lora_kernel)
 
 # The smallest BM of any config: the most row blocks (hence flags) a launch can have.
