@@ -203,3 +203,42 @@ def test_a_glob_target_selects_unpatched_conv1d_layers():
     model = tiny_gpt2()
     n = al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["*.c_attn"], dim=4))
     assert n == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("base_gemm", ["auto", "cublas"])
+def test_gpu_bf16_conv1d_kernel_path_matches_fp32_reference(base_gemm):
+    """GPT-2's c_fc shape (768 -> 3072), 4096 tokens, bf16, on the Triton kernel path: y and dx against the fp32
+    math of `x W + b + s (x A^T) B^T` on the same bf16 values; dA and dB (sums over 4096 tokens of bf16 products,
+    whose elementwise error is not bounded relative to each element) against the same kernels run on an
+    `nn.Linear` holding `W^T`, the layout the linear tests check against their reference."""
+    from transformers.pytorch_utils import Conv1D
+
+    from automodel_lora import KernelOptions
+
+    torch.manual_seed(0)
+    conv = Conv1D(3072, 768).to("cuda", torch.bfloat16)
+    linear = nn.Linear(768, 3072, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    for layer in (conv, linear):
+        al.patch_linear_module(layer, dim=16, alpha=32, kernels=KernelOptions(base_gemm=base_gemm))
+    with torch.no_grad():
+        conv.lora_B.weight.normal_(std=0.05)
+        linear.lora_A.weight.copy_(conv.lora_A.weight)
+        linear.lora_B.weight.copy_(conv.lora_B.weight)
+    x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y = conv(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    linear(x2).backward(g)
+    xf = x.detach().float().requires_grad_()
+    A, B = conv.lora_A.weight.detach().float(), conv.lora_B.weight.detach().float()
+    ref = xf @ conv.weight.float() + conv.bias.float() + conv.lora_settings.scale * (xf @ A.t()) @ B.t()
+    ref.backward(g.float())
+    assert_close(y, ref, torch.bfloat16, what="y")
+    assert_close(x.grad, xf.grad, torch.bfloat16, what="dx")
+    assert_close(conv.lora_A.weight.grad, linear.lora_A.weight.grad, torch.bfloat16, what="dA vs the linear's")
+    assert_close(conv.lora_B.weight.grad, linear.lora_B.weight.grad, torch.bfloat16, what="dB vs the linear's")
