@@ -10,10 +10,14 @@ Modules, in the order the math runs: ``options`` (the settings), ``launch`` (the
 a K step), ``nf4`` (4-bit weights), ``dispatch`` (which kernels a call takes), ``reference`` (the
 pure-PyTorch math every kernel is checked against, and the CPU path), ``lora`` (custom ops, the
 autograd.Function and the public functions).
+
+Beside the LoRA linear: ``silu_mul`` (a gated MLP's ``act(g) * u`` keeping only g and u for backward; its
+kernels, autograd.Function and public function in one file).
 """
 
 from .lora import HAS_TRITON, dropout_keep_mask, lora_add, lora_linear, lora_linear_dequant
 from .options import KernelOptions, all_programs_resident
+from .silu_mul import silu_mul
 
 __all__ = ["lora_linear", "lora_linear_dequant", "lora_add", "dropout_keep_mask", "HAS_TRITON", "KernelOptions",
-           "all_programs_resident"]
+           "all_programs_resident", "silu_mul"]
