@@ -20,6 +20,11 @@ rounds, median of per-step CUDA-event times; ratios are to the frozen layer meas
               xa / dyB made inside it (KernelOptions(fuse_proj=False))
   triton_no_recompute  (model) the kernel path keeping down_proj's input from forward to backward
               (PeftConfig.recompute_mlp_input=False; every other LoRA variant recomputes it)
+  triton_act_kept  (model) the kernel path with the recompute, but the MLP product as act_fn(g) * u
+              (autograd keeps act(g) too; every other LoRA variant with the recompute runs silu_mul)
+
+Model shapes (--model-shape, the model section): llama8b-4l (default: 4096/14336, 4 layers),
+llama3.2-1b (2048/8192, 16 layers), qwen2.5-0.5b (896/4864, 24 layers); random weights.
 Prints the table last; writes the full JSON (GPU, date, commit, autotune choices).
 
 Sections (--sections, run in this order): layer, ops, host (bench_layer.py), qlora (bench_qlora.py),
@@ -72,6 +77,7 @@ def parse_args(argv=None):
     ap.add_argument("--ranks", default="16,64")
     ap.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096")
     ap.add_argument("--qlora-shapes", default="4096x14336")
+    ap.add_argument("--model-shape", default="llama8b-4l", choices=sorted(bench_model.MODEL_SHAPES))
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
