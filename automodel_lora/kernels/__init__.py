@@ -12,12 +12,13 @@ pure-PyTorch math every kernel is checked against, and the CPU path), ``lora`` (
 autograd.Function and the public functions).
 
 Beside the LoRA linear: ``silu_mul`` (a gated MLP's ``act(g) * u`` keeping only g and u for backward; its
-kernels, autograd.Function and public function in one file).
+kernels, autograd.Function and public function in one file). Import it from its module,
+``from automodel_lora.kernels.silu_mul import silu_mul``: re-exported here, the function would hide the
+module of the same name.
 """
 
 from .lora import HAS_TRITON, dropout_keep_mask, lora_add, lora_linear, lora_linear_dequant
 from .options import KernelOptions, all_programs_resident
-from .silu_mul import silu_mul
 
 __all__ = ["lora_linear", "lora_linear_dequant", "lora_add", "dropout_keep_mask", "HAS_TRITON", "KernelOptions",
-           "all_programs_resident", "silu_mul"]
+           "all_programs_resident"]
