@@ -158,8 +158,8 @@ def test_saves_g_and_u_only(grads):
             check(t.grad, w, torch.float32, "grad")
 
 
-def test_empty_and_3d():
-    for shape in [(0, 16), (2, 0, 8)]:
+def test_empty():
+    for shape in [(0, 16), (2, 0, 8)]:  # no element: no launch
         g, u, dh = _inputs(shape, torch.float32)
         h, dg, du = _fused(g, u, dh, "silu")
         assert h.shape == dg.shape == du.shape == shape
@@ -177,7 +177,7 @@ def test_validation_errors():
         silu_mul(g.double(), g.double())
 
 
-def test_torch_compile_fullgraph_is_the_plain_product():
+def test_torch_compile_fullgraph_matches_autograd():
     g, u, dh = _inputs((4, 40), torch.float32)
     compiled = torch.compile(lambda a, b: silu_mul(a, b), backend="aot_eager", fullgraph=True)
     gc_, uc = g.detach().requires_grad_(True), u.detach().requires_grad_(True)
