@@ -22,6 +22,17 @@ SmolLM3, ... match, and a class of the same name with another forward does not),
 whose backward keeps its input (SiLU and the GELUs; a ReLU keeps its output, so there ``g`` would be
 kept for the recipe alone and nothing saved).
 
+The product itself: with SiLU or the tanh GELU (`fused_activation`) it is `kernels.silu_mul.silu_mul`,
+which keeps only ``g`` and ``u`` for backward, where autograd on ``act(g) * u`` keeps ``act(g)`` as well
+(a third ``tokens * intermediate`` tensor: 64 MiB per layer of Llama-3.2-1B at 4096 tokens in bf16). Its
+kernels run where ``down_proj``'s do (a `FusedLinearLoRA`, ``use_triton=True``), its PyTorch math
+(bit for bit ``act(g) * u``) elsewhere; the recipe makes ``h`` with the same op as the forward did, so
+the recomputed ``h`` is the forward's bit for bit either way. It is used where autograd records the
+product (grad mode on, ``g`` or ``u`` requiring grad) with ``g``, ``u`` contiguous, of one shape and
+dtype; everywhere else (any other activation, an ``act_fn`` with forward hooks, no grad, a mismatch) the
+product is ``act_fn(g) * u`` as the original forward computes it. Under ``torch.compile`` and ``torch.func``
+transforms `silu_mul` is that plain product too.
+
 The forward keeps ``h`` as before where the recipe would not hold: under ``torch.compile`` (its
 partitioner makes its own recompute choices), under another saved-tensor hook (activation
 checkpointing or offloading, which already decide what to keep) or where saved-tensor hooks are
@@ -31,12 +42,15 @@ them), for a non-contiguous ``h``, and on torch builds without the hook-stack qu
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 from torch import nn
 
-from .lora import is_lora_module
+from .kernels.silu_mul import DTYPES as FUSED_DTYPES
+from .kernels.silu_mul import silu_mul
+from .lora import FusedLinearLoRA, is_lora_module
 from .patching import swapped_class, swapped_reduce
 
 # Activations whose backward keeps their input (so autograd keeps g anyway): by class name, torch's
@@ -45,6 +59,34 @@ INPUT_KEEPING_ACTIVATIONS = frozenset({
     "SiLU", "SiLUActivation", "GELU", "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation",
     "FastGELUActivation", "QuickGELUActivation",
 })
+
+
+# The activations `silu_mul` computes, by exact class (a subclass may change the forward): torch's and
+# transformers' (ACT2FN "silu" / "swish", "gelu_pytorch_tanh"). nn.GELU and transformers' GELUTanh are
+# checked further in `fused_activation` (their tanh variant only, and GELUTanh's F.gelu path).
+_SILU_CLASSES = {"torch.nn.modules.activation.SiLU", "transformers.activations.SiLUActivation"}
+_GELU_TANH_CLASSES = {"torch.nn.modules.activation.GELU", "transformers.activations.GELUTanh",
+                      "transformers.activations.PytorchGELUTanh"}
+
+
+def fused_activation(act: nn.Module) -> str | None:
+    """The `silu_mul` activation (``"silu"`` or ``"gelu_tanh"``) that computes ``act``, or None for any other
+    activation (the MLP then keeps ``act_fn(g) * u``)."""
+    cls = type(act)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if "forward" in act.__dict__ or act._forward_hooks or act._forward_pre_hooks:  # a replaced forward, or hooks
+        return None  # that expect act_fn to be called
+    if name in _SILU_CLASSES:
+        return "silu"
+    if name not in _GELU_TANH_CLASSES:
+        return None
+    if cls is nn.GELU:
+        return "gelu_tanh" if act.approximate == "tanh" else None
+    fn = getattr(act, "act", None)  # GELUTanh: a partial of F.gelu, or its Python formula (other bits)
+    if fn is None or (isinstance(fn, functools.partial) and fn.func is nn.functional.gelu
+                      and not fn.args and fn.keywords == {"approximate": "tanh"}):
+        return "gelu_tanh"
+    return None
 
 
 def _gated_mlp_forward(self, x):  # the forward a module must have, compared by bytecode
@@ -59,19 +101,28 @@ def _same_code(fn, ref) -> bool:
     )
 
 
-class _RecomputedInput:
-    """What is saved in place of ``h``: the recipe ``act(g) * u``, replayed under the forward's autocast
-    state, reshaped to the saved view.
+def _act_times(act: nn.Module, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``act(g) * u`` as the original forward makes it, the product written into ``act(g)``'s buffer where
+    that gives the same bits (no second tensor of h's size)."""
+    h = act(g)
+    if h.dtype == torch.result_type(h, u) and h.shape == u.shape and not _shares(h, g):
+        return h.mul_(u)
+    return h * u
 
-    ``g`` and ``u`` are the tensors autograd already keeps for the backward of ``act`` and of the
-    product; their versions are recorded so that an in-place change after forward is an error, as
-    it would be for a tensor autograd saved itself.
+
+class _RecomputedInput:
+    """What is saved in place of ``h``: the recipe ``remake(g, u)`` (the op the forward made ``h`` with),
+    replayed under the forward's autocast state, reshaped to the saved view.
+
+    ``g`` and ``u`` are the tensors autograd already keeps for the backward of the product (`silu_mul`'s,
+    or ``act``'s and the multiplication's); their versions are recorded so that an in-place change after
+    forward is an error, as it would be for a tensor autograd saved itself.
     """
 
-    __slots__ = ("act", "g", "u", "versions", "shape", "dtype", "autocast", "value")
+    __slots__ = ("remake", "g", "u", "versions", "shape", "dtype", "autocast", "value")
 
-    def __init__(self, act, g: torch.Tensor, u: torch.Tensor, saved: torch.Tensor, autocast: tuple):
-        self.act, self.g, self.u = act, g, u
+    def __init__(self, remake, g: torch.Tensor, u: torch.Tensor, saved: torch.Tensor, autocast: tuple):
+        self.remake, self.g, self.u = remake, g, u
         self.versions = (g._version, u._version)
         self.shape, self.dtype = saved.shape, saved.dtype
         self.autocast = autocast  # (device type, enabled, dtype) of the forward
@@ -87,11 +138,7 @@ class _RecomputedInput:
                 )
             device_type, enabled, dtype = self.autocast
             with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                h = self.act(self.g)
-                if h.dtype == torch.result_type(h, self.u) and h.shape == self.u.shape and not _shares(h, self.g):
-                    h.mul_(self.u)  # the same bits as act(g) * u, without a second tensor of h's size
-                else:
-                    h = h * self.u
+                h = self.remake(self.g, self.u)
             if h.dtype != self.dtype or h.numel() != self.shape.numel():
                 raise RuntimeError(
                     f"down_proj's input recomputed in backward is {h.dtype} {tuple(h.shape)}, but the forward saved "
@@ -123,9 +170,9 @@ def _views_whole(t: torch.Tensor, h: torch.Tensor, h_version: int) -> bool:
 
 
 class _SaveRecipeFor(torch.autograd.graph.saved_tensors_hooks):
-    """Inside it, a saved tensor that is ``h = act(g) * u`` is stored as a recipe, any other as itself."""
+    """Inside it, a saved tensor that is ``h = remake(g, u)`` is stored as a recipe, any other as itself."""
 
-    def __init__(self, h: torch.Tensor, act, g: torch.Tensor, u: torch.Tensor):
+    def __init__(self, h: torch.Tensor, remake, g: torch.Tensor, u: torch.Tensor):
         recipes: dict[torch.Size, _RecomputedInput] = {}
         # Every saved tensor keeps these hooks until its backward: they must not keep h alive.
         h_ref, h_version = weakref.ref(h), h._version
@@ -137,7 +184,7 @@ class _SaveRecipeFor(torch.autograd.graph.saved_tensors_hooks):
             if h is None or not _views_whole(t, h, h_version):
                 return t
             if t.shape not in recipes:  # one recomputation per shape, shared by every node that saved it
-                recipes[t.shape] = _RecomputedInput(act, g, u, t, autocast)
+                recipes[t.shape] = _RecomputedInput(remake, g, u, t, autocast)
             return recipes[t.shape]
 
         def unpack(saved):
@@ -158,6 +205,21 @@ def _hooks_are_free() -> bool:
     if _TOP_HOOKS is None or _HOOKS_ENABLED is None or not _HOOKS_ENABLED():
         return False
     return _TOP_HOOKS(False) is None and (_FUNCTORCH_LEVEL is None or _FUNCTORCH_LEVEL() is None)
+
+
+def _fusable(g: torch.Tensor, u: torch.Tensor) -> bool:
+    """Autograd records the product, and `silu_mul` can save ``g`` and ``u`` themselves (contiguous: no copy,
+    so the recipe shares them)."""
+    return (
+        torch.is_grad_enabled()
+        and (g.requires_grad or u.requires_grad)
+        and g.shape == u.shape
+        and g.dtype == u.dtype
+        and g.dtype in FUSED_DTYPES
+        and g.device == u.device
+        and g.is_contiguous()
+        and u.is_contiguous()
+    )
 
 
 def _can_recompute(h: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> bool:
@@ -190,10 +252,17 @@ class GatedMLPRecompute(nn.Module):
             return self._recompute_base_cls.forward(self, x)
         g = self.gate_proj(x)  # (..., intermediate)
         u = self.up_proj(x)  # (..., intermediate)
-        h = self.act_fn(g) * u  # (..., intermediate): the forward's own h, bit for bit
+        activation = fused_activation(self.act_fn)
+        if activation is not None and _fusable(g, u):  # saves g and u only, not act(g)
+            remake = functools.partial(silu_mul, activation=activation, use_triton=isinstance(down, FusedLinearLoRA),
+                                       fast_launch=down.lora_settings.kernels.fast_launch)
+            h = remake(g, u)  # (..., intermediate)
+        else:
+            remake = functools.partial(_act_times, self.act_fn)
+            h = self.act_fn(g) * u  # (..., intermediate): the original forward's h and graph
         if not _can_recompute(h, g, u):
             return down(h)
-        with _SaveRecipeFor(h, self.act_fn, g, u):
+        with _SaveRecipeFor(h, remake, g, u):
             return down(h)
 
 

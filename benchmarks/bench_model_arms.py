@@ -7,8 +7,9 @@ it), every adapted arm with the same adapters (r = 16, alpha = 32, on the 7 proj
   peft_bf16  HF PEFT with the adapters in the base's bf16 (``autocast_adapter_dtype=False``)
   axolotl    ``peft_bf16`` with axolotl's fused kernels bound (bench_axolotl.py: LoRA_MLP, LoRA_QKV, LoRA_O)
 Optional (--model-variants): ``torch`` (automodel_lora's PyTorch path), ``triton_no_recompute``
-(``recompute_mlp_input=False``), ``axolotl_o`` (axolotl with ``LoRA_O`` on each of q/k/v/o instead of
-``LoRA_QKV``), and the kernel-option variants of bench_variants.SHARED_TRITON (the ``triton`` model run
+(``recompute_mlp_input=False``), ``triton_act_kept`` (the recompute, with the MLP product as ``act_fn(g) * u``
+so autograd keeps act(g) too: the product before ``silu_mul``), ``axolotl_o`` (axolotl with ``LoRA_O`` on each
+of q/k/v/o instead of ``LoRA_QKV``), and the kernel-option variants of bench_variants.SHARED_TRITON (the ``triton`` model run
 under other ``KernelOptions``).
 
 The adapters are drawn once, on the reference (automodel_lora's PyTorch path, ``LinearLoRA``: the base
@@ -28,7 +29,7 @@ from automodel_lora import PeftConfig, apply_lora_to_linear_modules, lora_module
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_ARMS = ["frozen", "triton", "peft", "peft_bf16", "axolotl"]
-OPTIONAL_ARMS = ["torch", "triton_no_recompute", "axolotl_o", *SHARED_TRITON]
+OPTIONAL_ARMS = ["torch", "triton_no_recompute", "triton_act_kept", "axolotl_o", *SHARED_TRITON]
 B_STD = 0.01
 
 
@@ -118,6 +119,26 @@ def peer_arm(name: str, base: nn.Module, r: int, pairs: dict) -> nn.Module:
     return peft_arm(base, r, pairs, fp32_adapters=name == "peft")
 
 
+def keep_act_product(model: nn.Module) -> int:
+    """The ``triton_act_kept`` arm: give every swapped MLP's ``act_fn`` a subclass of its own class (the same
+    forward), which ``silu_mul`` does not take (it matches activations by exact class), so those MLPs compute
+    ``act_fn(g) * u`` and autograd keeps act(g) as well: the product before ``silu_mul``. Returns the count."""
+    from automodel_lora.recompute import GatedMLPRecompute
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, GatedMLPRecompute):
+            cls = type(module.act_fn)
+            if cls not in _KEPT_CLASSES:
+                _KEPT_CLASSES[cls] = type(f"Kept{cls.__name__}", (cls,), {})
+            module.act_fn.__class__ = _KEPT_CLASSES[cls]
+            count += 1
+    return count
+
+
+_KEPT_CLASSES: dict[type, type] = {}  # an activation class -> its subclass for keep_act_product
+
+
 def build_arms(base: nn.Module, r: int, want: list[str]) -> tuple[dict, nn.Module, dict]:
     """(arms {name: model} in ``want``'s order, the reference model, {arm: why it was skipped}).
 
@@ -131,9 +152,11 @@ def build_arms(base: nn.Module, r: int, want: list[str]) -> tuple[dict, nn.Modul
     for name in want:
         if name in ("frozen", *SHARED_TRITON):
             continue  # the base itself (last: its hook or trainable embedding must not be copied), or triton's
-        if name in ("triton", "triton_no_recompute"):
-            built[name] = ours(base, r, use_triton=True, recompute=name == "triton")
+        if name in ("triton", "triton_no_recompute", "triton_act_kept"):
+            built[name] = ours(base, r, use_triton=True, recompute=name != "triton_no_recompute")
             set_adapters(built[name], pairs)
+            if name == "triton_act_kept":
+                keep_act_product(built[name])
         elif name == "torch":
             built[name] = ref
         else:

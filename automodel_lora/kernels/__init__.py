@@ -11,6 +11,11 @@ a K step), ``nf4`` (4-bit weights), ``dispatch`` (which kernels a call takes), `
 on lora_B, folded into the base bias), ``reference`` (the
 pure-PyTorch math every kernel is checked against, and the CPU path), ``lora`` (custom ops, the
 autograd.Function and the public functions).
+
+Beside the LoRA linear: ``silu_mul`` (a gated MLP's ``act(g) * u`` keeping only g and u for backward; its
+kernels, autograd.Function and public function in one file). Import it from its module,
+``from automodel_lora.kernels.silu_mul import silu_mul``: re-exported here, the function would hide the
+module of the same name.
 """
 
 from .lora import HAS_TRITON, dropout_keep_mask, lora_add, lora_linear, lora_linear_dequant

@@ -19,6 +19,14 @@ A ``(r, K)``, B ``(N, r)``, xa ``(M, r)``, dy ``(M, N)``; the keep-mask is ``(M,
 ``(M, N)`` for post.  Compute runs in x's dtype (A and B are cast to it); dA and dB are accumulated in
 float32 and returned in A's and B's own dtypes (fp32 master weights).  The output is in base_out's dtype
 where base_out is given, else x's.
+
+The gated product of an MLP (``silu_mul.py``), ``act`` SiLU or the tanh GELU, g, u, h, dh ``(..., I)``:
+
+    forward:   h  = act(g) * u
+    backward:  du = dh * act(g)        dg = act'(g) * (dh * u)
+
+computed with the very ops autograd runs for ``act(g) * u`` (``silu_backward`` / ``gelu_backward``), so
+forward and gradients equal autograd's bit for bit.
 """
 
 from __future__ import annotations
@@ -82,3 +90,26 @@ def reference_backward(dy, x, weight, A, B, xa, scale: float, p: float, post: bo
     if need_dB:
         dB = ((dyd.t().float() @ xa.float()) * scale).to(B.dtype)
     return dx, dA, dB
+
+
+# The gated activations by name: (forward, backward given (d act(g), g)), as autograd computes them.
+GATED_ACTIVATIONS = {
+    "silu": (F.silu, torch.ops.aten.silu_backward),
+    "gelu_tanh": (lambda g: F.gelu(g, approximate="tanh"),
+                  lambda da, g: torch.ops.aten.gelu_backward(da, g, approximate="tanh")),
+}
+
+
+def reference_act_mul(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
+    """``h = act(g) * u`` (``(..., I)``), ``act`` named by ``activation`` (a key of ``GATED_ACTIVATIONS``)."""
+    return GATED_ACTIVATIONS[activation][0](g) * u
+
+
+def reference_act_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor | None, activation: str,
+                               need_dg: bool, need_du: bool):
+    """``(dg, du)`` of `reference_act_mul` for the upstream gradient ``dh``; a gradient not asked for is None
+    (``u`` may then be None: only dg reads it)."""
+    act, act_backward = GATED_ACTIVATIONS[activation]
+    dg = act_backward(dh * u, g) if need_dg else None
+    du = dh * act(g) if need_du else None
+    return dg, du
