@@ -54,11 +54,13 @@ def run_env() -> dict:
 
 
 def write_results(results: dict, out: str | None, filename: str = "bench_lora.json") -> str:
-    """``results`` as JSON at ``out`` (default: ``filename`` under $OUT, else benchmarks/results/); returns the path."""
+    """``results`` as JSON at ``out`` (a file, or a directory to put ``filename`` in; default: ``filename`` under
+    $OUT, else benchmarks/results/); returns the path."""
     if out is None:
-        d = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-        os.makedirs(d, exist_ok=True)
-        out = os.path.join(d, filename)
+        out = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        os.makedirs(out, exist_ok=True)
+    if os.path.isdir(out):
+        out = os.path.join(out, filename)
     with open(out, "w") as f:
         json.dump(results, f, indent=1, default=str)
     return out
