@@ -15,7 +15,7 @@ from setuptools.command.build_py import build_py
 
 RECIPES_SRC = "configs"
 RECIPES_PKG_DIR = os.path.join("automodel_lora", "_recipes")
-RECIPE_SUFFIXES = (".yaml", ".jsonl")
+RECIPE_SUFFIXES = (".yaml", ".jsonl", ".json")  # .json: the config-only model directories
 
 
 class build_py_with_recipes(build_py):

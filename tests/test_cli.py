@@ -186,7 +186,7 @@ def test_build_carries_the_recipes_as_package_data(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     recipes = build / "automodel_lora" / "_recipes"
-    expected = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*") if p.suffix in (".yaml", ".jsonl"))
+    expected = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*") if p.suffix in (".yaml", ".jsonl", ".json"))
     assert sorted(str(p.relative_to(recipes)) for p in recipes.rglob("*") if p.is_file()) == expected
     assert (build / "automodel_lora" / "cli.py").is_file()
     # The installed copy is what the CLI reads when there is no checkout around it.
@@ -200,7 +200,7 @@ def test_build_carries_the_recipes_as_package_data(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == str(installed.resolve() / "_recipes"), out.stderr
     manifest = (REPO / "MANIFEST.in").read_text()
-    assert "recursive-include configs *.yaml *.jsonl" in manifest  # the sdist carries them too
+    assert "recursive-include configs *.yaml *.jsonl *.json" in manifest  # the sdist carries them too
 
 
 def _setup_cfg() -> configparser.ConfigParser:

@@ -283,8 +283,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Return a deep copy of ``raw`` with dotted ``key=value`` overrides applied.
 
     A key may reach into a mapping (``peft.kernels.base_gemm=cublas``): missing levels are
-    created, siblings are kept. Section names are checked here; keys within a section are
-    checked when the section is built (so the error lists that section's valid keys).
+    created, siblings are kept. An override of one of two exclusive keys drops the other
+    (``train.max_steps=50`` over a file's ``train.epochs``; the same for the warmup pair).
+    Section names are checked here; keys within a section are checked when the section is
+    built (so the error lists that section's valid keys).
 
     Raises:
         ConfigError: a malformed override or an unknown section.
@@ -304,8 +306,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if parts[0] == "peft" and len(parts) == 2:  # an override replaces the other spelling of its field
             for name in _other_spellings(parts[1]):
                 node.pop(name, None)
+        if value is not None:  # and the file's value of a key it excludes (max_steps over epochs)
+            for name in _EXCLUSIVE.get(".".join(parts), ()):
+                node.pop(name, None)
         node[parts[-1]] = value
     return raw
+
+
+# Keys that exclude each other: setting one on the command line drops the other from the file.
+_EXCLUSIVE = {
+    "train.max_steps": ("epochs",),
+    "train.epochs": ("max_steps",),
+    "train.warmup_steps": ("warmup_ratio",),
+    "train.warmup_ratio": ("warmup_steps",),
+}
 
 
 def _other_spellings(key: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Build the base model for a recipe: a local HF checkpoint or a tiny Llama, optionally 4-bit.
+"""Build the base model for a recipe: a local HF checkpoint, a config with random weights
+(``model.random_init``) or a tiny Llama, optionally 4-bit.
 
 Order matters and is the same for every strategy:
 ``load/build -> (save base) -> quantize -> apply LoRA -> (load resumed adapter) -> wrap``.
@@ -23,6 +24,7 @@ __all__ = [
     "resolve_dtype",
     "load_model_config",
     "build_model",
+    "build_random_model",
     "save_base_model",
     "quantize_linears_4bit",
     "prepare_model",
@@ -36,17 +38,34 @@ def resolve_dtype(name: str) -> torch.dtype | str:
 
 
 def load_model_config(cfg: ModelConfig):
-    """The model's ``PretrainedConfig`` without loading any weights (for early checks)."""
+    """The model's ``PretrainedConfig`` without loading any weights (for early checks).
+
+    Raises:
+        ConfigError: no config can be read; with ``random_init``, ``name_or_path`` is not a
+            directory holding ``config.json``.
+    """
     if cfg.tiny is not None:
         from transformers import LlamaConfig
 
         return LlamaConfig(**cfg.tiny)
+    if cfg.random_init:
+        _check_config_dir(cfg.name_or_path)
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise ConfigError(f"`model.name_or_path`: can't load a model config from {cfg.name_or_path!r}: {e}") from e
+
+
+def _check_config_dir(path: str) -> None:
+    """A random-init model needs a local directory with ``config.json`` (no hub download, no weights)."""
+    p = Path(path)
+    fix = "point `model.name_or_path` at a directory holding config.json (e.g. configs/models/llama3.1-8b)"
+    if not p.is_dir():
+        raise ConfigError(f"`model.name_or_path: {path}` is not a directory; `model.random_init: true` needs one: {fix}")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"`model.name_or_path: {path}` has no config.json, which `model.random_init: true` builds from: {fix}")
 
 
 def _from_pretrained_dtype_kwarg() -> str:
@@ -74,11 +93,15 @@ def build_model(cfg: ModelConfig, qcfg: QuantizationConfig, device: torch.device
     """Instantiate the base model (weights real, on CPU unless 4-bit HF loading needs the device).
 
     A ``tiny`` model is built in float32 from the current torch seed and cast to ``cfg.dtype``.
-    A 4-bit HF model is loaded through transformers' ``BitsAndBytesConfig`` straight onto
-    ``device``; a 4-bit tiny model is quantized later by :func:`quantize_linears_4bit`.
+    A ``random_init`` model is built from its ``config.json`` in ``cfg.dtype`` directly on
+    ``device`` (see :func:`build_random_model`). A 4-bit HF model is loaded through transformers'
+    ``BitsAndBytesConfig`` straight onto ``device``; a 4-bit tiny or random-init model is
+    quantized later by :func:`quantize_linears_4bit`.
     """
     dtype = resolve_dtype(cfg.dtype)
-    if cfg.tiny is not None:
+    if cfg.random_init:
+        model = build_random_model(load_model_config(cfg), dtype, device, cfg.attn_implementation)
+    elif cfg.tiny is not None:
         from transformers import LlamaForCausalLM
 
         model = LlamaForCausalLM(load_model_config(cfg))
@@ -107,6 +130,29 @@ def build_model(cfg: ModelConfig, qcfg: QuantizationConfig, device: torch.device
     return model
 
 
+def build_random_model(config, dtype: torch.dtype | str, device: torch.device, attn_implementation: str | None = None):
+    """``AutoModelForCausalLM.from_config(config)``: random weights from the current torch seed.
+
+    The weights are allocated and initialised on ``device`` in ``dtype`` (``"auto"``: the config's
+    own dtype, float32 if it names none), never on the CPU first: an 8B model initialises in
+    seconds on a GPU instead of minutes on the host, and the host needs no 16 GB copy. Every
+    rank seeded alike builds the same weights. The benchmarks build both arms with this function,
+    so the same seed gives the same model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs = {_from_pretrained_dtype_kwarg(): dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    with torch.device(device), _no_hf_progress_bars():
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
 def save_base_model(model: nn.Module, path: Path) -> None:
     """``save_pretrained`` into a temporary sibling directory, then rename it to ``path``.
 
@@ -129,7 +175,7 @@ def save_base_model(model: nn.Module, path: Path) -> None:
 def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Path | None = None) -> tuple[nn.Module, str]:
     """Build the base, (save it,) quantize a tiny 4-bit base, patch LoRA, enable checkpointing.
 
-    The model stays unwrapped (and, unless 4-bit, on the CPU): FSDP2 / DDP wrap it next.
+    The model stays unwrapped (and, unless 4-bit or random-init, on the CPU): FSDP2 / DDP wrap it next.
 
     Args:
         cfg: The recipe.
@@ -148,7 +194,7 @@ def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Path | 
     if save_base_to is not None:
         save_base_model(model, save_base_to)
     qc = cfg.quantization
-    if qc.load_in_4bit and cfg.model.tiny is not None:
+    if qc.load_in_4bit and (cfg.model.tiny is not None or cfg.model.random_init):
         quantize_linears_4bit(model, qc, device)
     try:
         n_patched = apply_lora_to_linear_modules(model, cfg.peft)
@@ -175,15 +221,17 @@ def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Path | 
 def quantize_linears_4bit(model: nn.Module, qcfg: QuantizationConfig, device: torch.device) -> int:
     """Replace every ``nn.Linear`` except the output head with ``bnb.nn.Linear4bit`` on ``device``.
 
-    Used for ``model.tiny`` (HF checkpoints are quantized by transformers at load time). The
-    weights are quantized when moved to ``device``; returns how many layers were replaced.
+    Used for ``model.tiny`` and ``model.random_init`` (HF checkpoints are quantized by transformers
+    at load time). The weights are quantized when moved to ``device``; returns how many layers were
+    replaced.
     """
     import bitsandbytes as bnb
 
     heads = output_head_names(model)  # the same head that LoRA's match_all_linear leaves out
     compute_dtype = dtype_from_str(qcfg.bnb_4bit_compute_dtype, "quantization.bnb_4bit_compute_dtype")
-    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n not in heads]
-    for name, lin in targets:
+    targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in heads]
+    for name in targets:  # names, not modules: each full-precision weight is freed once replaced
+        lin = model.get_submodule(name)
         q = bnb.nn.Linear4bit(
             lin.in_features,
             lin.out_features,

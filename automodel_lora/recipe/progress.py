@@ -28,7 +28,10 @@ def _si(x: float) -> str:
 
 
 class ProgressBar:
-    """``step 120/300 [#####.....] 40% | loss 1.234 | lr 1.8e-04 | 12.3k tok/s | 00:20<00:30``
+    """``step 120/300 [#####.....] 40% | loss 1.234 | lr 1.8e-04 | 12.3k tok/s | MFU 41.2% | 00:20<00:30``
+
+    The MFU field shows only where it is known (a GPU in ``recipe.flops.PEAK_BF16_FLOPS`` and an
+    architecture it counts).
 
     On a terminal the line is redrawn in place every ``every`` steps; otherwise (logs, CI) one
     line is printed every ``every`` steps. ETA uses the mean step time of this session.
@@ -45,7 +48,7 @@ class ProgressBar:
         self.t0 = time.perf_counter()
         self._open_line = False
 
-    def render(self, step: int, loss: float, lr: float, tokens_per_s: float) -> str:
+    def render(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None = None) -> str:
         frac = step / max(1, self.total)
         filled = int(round(frac * self.width))
         elapsed = time.perf_counter() - self.t0
@@ -53,15 +56,16 @@ class ProgressBar:
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         bar = "#" * filled + "." * (self.width - filled)
         n = len(str(self.total))
+        mfu_field = f" | MFU {mfu * 100:.1f}%" if mfu is not None else ""
         return (
             f"step {step:>{n}d}/{self.total} [{bar}] {frac * 100:3.0f}% | loss {loss:.4f} | lr {lr:.2e} | "
-            f"{_si(tokens_per_s)} tok/s | {format_duration(elapsed)}<{format_duration(eta)}"
+            f"{_si(tokens_per_s)} tok/s{mfu_field} | {format_duration(elapsed)}<{format_duration(eta)}"
         )
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None = None) -> None:
         if not self.enabled or (step % self.every and step != self.total):
             return
-        line = self.render(step, loss, lr, tokens_per_s)
+        line = self.render(step, loss, lr, tokens_per_s, mfu)
         if self.tty:
             self.stream.write("\r\033[K" + line)
             self._open_line = True

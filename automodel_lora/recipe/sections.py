@@ -82,7 +82,8 @@ class ModelConfig:
 
     Attributes:
         name_or_path: A local Hugging Face checkpoint directory (or hub id, if you have network)
-            for ``AutoModelForCausalLM.from_pretrained``. Exclusive with ``tiny``.
+            for ``AutoModelForCausalLM.from_pretrained``. Exclusive with ``tiny``. With
+            ``random_init`` a directory holding only ``config.json`` is enough.
         tiny: ``LlamaConfig`` keyword arguments for a small randomly initialised Llama built in
             process (no download), e.g. ``{hidden_size: 128, num_hidden_layers: 4, ...}``.
         dtype: Base weight dtype: float32 | bfloat16 | float16 | auto (the checkpoint's); bf16, fp16,
@@ -90,6 +91,10 @@ class ModelConfig:
         trust_remote_code: Passed to ``from_pretrained``; off by default.
         gradient_checkpointing: Recompute activations in the backward (non-reentrant).
         attn_implementation: Optional ``attn_implementation`` for transformers (sdpa, eager, ...).
+        random_init: Build the model of ``name_or_path``'s ``config.json`` with random weights
+            (seeded by ``train.seed``, directly on the training device) instead of loading them:
+            a run at real size, for speed and memory, where no weights are at hand. With
+            ``data.tokenizer: null`` and no tokenizer in the directory, the byte tokenizer is used.
     """
 
     name_or_path: str | None = None
@@ -98,8 +103,19 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
+    random_init: bool = False
 
     def __post_init__(self):
+        if self.random_init and self.tiny is not None:
+            raise ConfigError(
+                "`model.random_init: true` builds `model.name_or_path`'s config with random weights; "
+                "`model.tiny` is random already: drop `model.random_init` or use `model.name_or_path`"
+            )
+        if self.random_init and self.name_or_path is None:
+            raise ConfigError(
+                "`model.random_init: true` needs `model.name_or_path`: a directory holding config.json "
+                "(e.g. model.name_or_path=configs/models/llama3.1-8b)"
+            )
         if (self.name_or_path is None) == (self.tiny is None):
             raise ConfigError(
                 "set exactly one of `model.name_or_path` (a local Hugging Face checkpoint) "

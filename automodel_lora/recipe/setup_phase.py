@@ -29,12 +29,13 @@ from .data import StepSampler, build_datasets, eval_batches
 from .distributed import DistEnv, barrier, wrap_model
 from .errors import CheckpointError, RunDirError
 from .files import atomic_write_text, clean_stale, writing
+from .flops import peak_bf16_flops, train_flops_per_token
 from .loop import use_bf16
 from .model import load_model_config, prepare_model
 from .optim import apply_settings, build_optimizer
 from .progress import ProgressBar
 from .rundir import RunLock, move_aside
-from .tokenizer import build_tokenizer
+from .tokenizer import build_tokenizer, tokenizer_spec
 
 __all__ = ["RecipeSetup", "TrainState"]
 
@@ -78,6 +79,8 @@ class RecipeSetup:
         self.model = self.raw_model = self.fwd_model = self.optimizer = self.scheduler = None
         self.loaded: LoadedCheckpoint | None = None
         self.state = TrainState()
+        self.flops_per_token: float | None = None  # None: MFU unknown (see recipe.flops)
+        self.peak_flops: float | None = None
         self.start_step, self.resumed = 0, False
         self.last_checkpoint: Path | None = None  # the newest checkpoint known good: resumed from or saved
         self.last_saved = -1  # step of the checkpoint saved last by this process
@@ -129,7 +132,10 @@ class RecipeSetup:
                 f"`data.seq_len: {dc.seq_len}` is larger than the model's max_position_embeddings ({max_pos}); "
                 f"set data.seq_len <= {max_pos}"
             )
-        self.tokenizer = build_tokenizer(dc.tokenizer, cfg.model.name_or_path, cfg.model.trust_remote_code)
+        spec = tokenizer_spec(dc.tokenizer, cfg.model)
+        if spec != dc.tokenizer:
+            self.say(f"[data] {cfg.model.name_or_path} has no tokenizer: using the byte tokenizer (model.random_init)")
+        self.tokenizer = build_tokenizer(spec, cfg.model.name_or_path, cfg.model.trust_remote_code)
         vocab = getattr(model_config, "vocab_size", None)
         if vocab is not None and self.tokenizer.vocab_size > vocab:
             raise ConfigError(
@@ -280,6 +286,10 @@ class RecipeSetup:
         model, description = prepare_model(cfg, self.env.device, save_base_to=self.base_dir if write_base else None)
         self.say(f"[model] {description}")
         self.raw_model = model
+        # Counted on the unsharded model, before FSDP2 splits the adapters over the ranks.
+        n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.flops_per_token = train_flops_per_token(load_model_config(cfg.model), cfg.data.seq_len, n_adapter)
+        self.peak_flops = peak_bf16_flops(self.env.device)
 
     def _restore_adapter(self) -> None:
         """Load the picked checkpoint's adapter; a damaged one is skipped for the next older one."""

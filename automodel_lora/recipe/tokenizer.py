@@ -10,9 +10,14 @@ Both expose the same small interface the data pipeline needs::
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .config import ConfigError
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "build_tokenizer"]
+__all__ = ["ByteTokenizer", "HFTokenizer", "build_tokenizer", "tokenizer_spec"]
+
+# Any of these in a model directory means it ships a tokenizer of its own.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class ByteTokenizer:
@@ -59,6 +64,16 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode(ids)
+
+
+def tokenizer_spec(spec: str | None, model_cfg) -> str | None:
+    """``data.tokenizer`` as the run uses it: ``byte`` for a ``model.random_init`` directory that
+    ships no tokenizer (a model with random weights has learnt no vocabulary, so any tokenizer whose
+    ids fit its ``vocab_size`` does); otherwise ``spec`` unchanged."""
+    if spec is not None or not getattr(model_cfg, "random_init", False):
+        return spec
+    directory = Path(model_cfg.name_or_path)
+    return None if any((directory / f).is_file() for f in _TOKENIZER_FILES) else "byte"
 
 
 def build_tokenizer(spec: str | None, model_name_or_path: str | None, trust_remote_code: bool = False):

@@ -50,6 +50,7 @@ from .data import collate
 from .distributed import all_reduce_max, all_reduce_sum, barrier, cleanup, no_sync, setup_distributed
 from .errors import TrainingInterrupted, TrainingStopped
 from .files import TMP_PREFIX, atomic_write_text, fresh_dir, fsync_dir, replace_dir, writing
+from .flops import mfu
 from .loop import SignalFlag, evaluate, lr_lambda
 from .progress import MetricsWriter, format_duration
 from .setup_phase import RecipeSetup, TrainState
@@ -168,23 +169,27 @@ class Recipe(RecipeSetup):
         else:
             st.nonfinite_in_a_row += 1
             st.nonfinite_steps += 1
+        tokens_per_s = r.n_tokens / r.seconds
+        step_mfu = mfu(self.flops_per_token, tokens_per_s, self.peak_flops, self.env.world_size)
         rec = {
             "step": step,
             "epoch": round(step / self.sampler.steps_per_epoch, 4),
             "loss": _finite_or_none(r.loss),
             "lr": r.lr,
             "grad_norm": _finite_or_none(r.grad_norm),
-            "tokens_per_s": r.n_tokens / r.seconds,
+            "tokens_per_s": tokens_per_s,
             "tokens": st.tokens,
             "step_time_s": r.seconds,
             "nonfinite_steps": st.nonfinite_steps,
         }
+        if step_mfu is not None:
+            rec["mfu"] = step_mfu
         if not r.finite:
             rec["skipped"] = True
         if self.env.device.type == "cuda":
             rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.metrics.write(rec)
-        self.bar.update(step, r.loss, r.lr, r.n_tokens / r.seconds)
+        self.bar.update(step, r.loss, r.lr, tokens_per_s, step_mfu)
         if not r.finite:
             self._nonfinite(step, r)
         tc = self.cfg.train
