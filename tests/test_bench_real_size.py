@@ -1,0 +1,74 @@
+"""``benchmarks/bench_real_size.py --smoke`` on the CPU: both arms train the same model on the same data
+and the results file has one row per (run, arm) with the fields the README table reads."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from .recipe_helpers import REPO
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_real_size
+
+        yield bench_real_size
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_smoke_runs_both_arms_on_the_same_model_and_data(bench, tmp_path):
+    runs = ["llama3_8b_lora", "qwen2_5_7b_lora"]
+    results = bench.main(["--smoke", "--runs", ",".join(runs), "--steps", "3", "--out", str(tmp_path)])
+    files = list(tmp_path.glob("real_size_cpu_*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["rows"] == json.loads(json.dumps(results["rows"]))
+    rows = {(r["run"], r["arm"]): r for r in results["rows"]}
+    assert sorted(rows) == sorted((run, arm) for run in runs for arm in ("ours", "peft_trainer"))
+    for run in runs:
+        ours, peft = rows[run, "ours"], rows[run, "peft_trainer"]
+        for r in (ours, peft):
+            assert set(r) >= {"run", "arm", "tok_s", "peak_mib", "mfu", "steps", "final_loss"}
+            assert r["steps"] == 3 and r["tok_s"] > 0 and r["final_loss"] == r["losses"][-1]
+            assert r["mfu"] is None and r["peak_mib"] is None  # the CPU: no peak, no device memory
+        # lora_B starts at zero, so the first loss is the base model's: equal only if model and batch are.
+        assert ours["losses"][0] == pytest.approx(peft["losses"][0], rel=1e-6)
+        assert ours["flops_per_token"] == peft["flops_per_token"] > 0
+    assert results["settings"]["smoke"] and results["gpu"] == "cpu" and results["commit"]
+
+
+def test_a_second_call_keeps_the_rows_of_other_runs(bench, tmp_path):
+    path = tmp_path / "real_size.json"
+    old = [{"run": "qwen2_5_7b_lora", "arm": "ours"}, {"run": "llama3_8b_lora", "arm": "ours", "tok_s": 0}]
+    path.write_text(json.dumps({"rows": old}))
+    bench.main(["--smoke", "--runs", "llama3_8b_lora", "--arms", "ours", "--steps", "2", "--out", str(path)])
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["run"], r["arm"]) for r in rows] == [("qwen2_5_7b_lora", "ours"), ("llama3_8b_lora", "ours")]
+    assert rows[1]["tok_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--runs", "llama3_70b_lora"], "--runs: unknown 'llama3_70b_lora'"),
+        (["--arms", "unsloth"], "--arms: unknown 'unsloth'"),
+        (["--steps", "5", "--warmup-steps", "5"], "--steps 5 must be larger than --warmup-steps 5"),
+        (["--warmup-steps", "0"], "--warmup-steps must be at least 1"),
+    ],
+)
+def test_bad_arguments_name_the_flag(bench, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("cpu", "cpu")])
+def test_gpu_slug(bench, name, slug):
+    assert bench.gpu_slug(name) == slug
