@@ -81,7 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--out", default=None, help="a directory or a .json file (default: $OUT, else benchmarks/results/)")
     p.add_argument("--smoke", action="store_true", help="tiny configs, CPU, fp32, 4 steps of 64 tokens")
+    p.add_argument("--table", metavar="JSON", help="print the README's markdown table of a results file and exit")
     args = p.parse_args(argv)
+    if args.table:
+        return args
     if args.smoke:
         args.steps, args.warmup_steps, args.seq_len = min(args.steps, 4), 1, 64
     runs, arms = args.runs.split(","), args.arms.split(",")
@@ -271,6 +274,10 @@ def output_path(out: str | None, gpu: str) -> Path:
 def main(argv=None) -> dict:
     """Run the selected runs and arms; write and return the results (also printed as a table)."""
     args = parse_args(argv)
+    if args.table:
+        results = json.loads(Path(args.table).read_text())
+        print(markdown_table(results))
+        return results
     env = run_env()
     rows = []
     with tempfile.TemporaryDirectory(prefix="real_size_") as tmp:
@@ -302,6 +309,39 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['run']:<18} {r['arm']:<13} {fmt(r.get('tok_s'), '>9.0f'):>9} {fmt(r.get('peak_mib'), '.0f'):>9} "
               f"{fmt(r.get('mfu'), '.1%'):>6} {fmt(r.get('final_loss'), '.4f'):>10}")
+
+
+def markdown_table(results: dict) -> str:
+    """The README's real-model table from a results file: one line per run, both arms side by side;
+    ``not measured yet`` for a run or arm the file does not hold."""
+    rows = {(r["run"], r["arm"]): r for r in results.get("rows", [])}
+    gpu = f"{results.get('gpu', '?')}, {str(results.get('date', '?'))[:10]}"
+    lines = [
+        "| run | GPU | tok/s ours | tok/s PEFT + Trainer | speed-up | peak GiB ours | peak GiB PEFT + Trainer "
+        "| memory ratio | MFU ours | MFU PEFT + Trainer | final loss ours / PEFT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in RUNS:
+        ours, peft = rows.get((run, "ours")), rows.get((run, "peft_trainer"))
+        if ours is None and peft is None:
+            lines.append(f"| {run} | " + " | ".join(["not measured yet"] * 10) + " |")
+            continue
+
+        def get(r, key, spec, scale=1.0):
+            v = r.get(key) if r else None
+            return format(v * scale, spec) if isinstance(v, (int, float)) else "not measured yet"
+
+        def ratio(key, spec):
+            a, b = (r.get(key) if r else None for r in (ours, peft))
+            return format(a / b, spec) + "x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-"
+
+        lines.append(
+            f"| {run} | {gpu} | {get(ours, 'tok_s', ',.0f')} | {get(peft, 'tok_s', ',.0f')} | {ratio('tok_s', '.2f')} "
+            f"| {get(ours, 'peak_mib', '.1f', 1 / 1024)} | {get(peft, 'peak_mib', '.1f', 1 / 1024)} | "
+            f"{ratio('peak_mib', '.2f')} | {get(ours, 'mfu', '.1%')} | {get(peft, 'mfu', '.1%')} "
+            f"| {get(ours, 'final_loss', '.3f')} / {get(peft, 'final_loss', '.3f')} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

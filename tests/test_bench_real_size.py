@@ -54,6 +54,28 @@ def test_a_second_call_keeps_the_rows_of_other_runs(bench, tmp_path):
     assert rows[1]["tok_s"] > 0
 
 
+def test_markdown_table_from_a_results_file(bench):
+    rows = [
+        {"run": "llama3_8b_lora", "arm": "ours", "tok_s": 3000.0, "peak_mib": 20480.0, "mfu": 0.4, "final_loss": 2.5},
+        {"run": "llama3_8b_lora", "arm": "peft_trainer", "tok_s": 2000.0, "peak_mib": 30720.0, "mfu": 0.2, "final_loss": 2.6},
+    ]
+    lines = bench.markdown_table({"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-12-06T10:00:00", "rows": rows}).splitlines()
+    assert lines[2] == (
+        "| llama3_8b_lora | NVIDIA H100 80GB HBM3, 2026-12-06 | 3,000 | 2,000 | 1.50x | 20.0 | 30.0 | 0.67x "
+        "| 40.0% | 20.0% | 2.500 / 2.600 |"
+    )
+    assert lines[3].startswith("| llama3_8b_qlora | not measured yet |") and len(lines) == 5
+
+
+def test_readme_real_size_table_is_the_one_the_script_prints(bench):
+    """The README's table has the columns ``--table`` prints, so measured rows paste in as they are."""
+    header = bench.markdown_table({}).splitlines()[0]
+    readme = (REPO / "README.md").read_text()
+    assert header in readme
+    for run in bench.RUNS:
+        assert f"| {run} |" in readme.split(header, 1)[1]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
