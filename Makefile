@@ -7,7 +7,7 @@ PYHASH := $(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.exec
 STAMP_QUICKSTART := .install.quickstart.$(PYHASH).stamp
 STAMP_TEST := .install.test.$(PYHASH).stamp
 
-.PHONY: install install-quickstart quickstart test test-kernels lint bench
+.PHONY: install install-quickstart quickstart test test-kernels lint bench bench-real-size
 
 $(STAMP_QUICKSTART): setup.cfg setup.py
 	$(PYTHON) -m pip install -q -e '.[hf]'
@@ -35,3 +35,9 @@ lint: $(STAMP_TEST)
 
 bench: $(STAMP_TEST)
 	$(PYTHON) benchmarks/bench_lora.py
+
+# The three real-model recipes at real size (random weights) against PEFT + Trainer: one GPU,
+# ~3-4 minutes a run (estimate); RUNS=llama3_8b_lora picks one.
+RUNS ?= llama3_8b_lora,llama3_8b_qlora,qwen2_5_7b_lora
+bench-real-size: $(STAMP_TEST)
+	$(PYTHON) benchmarks/bench_real_size.py --runs $(RUNS)

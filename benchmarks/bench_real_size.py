@@ -272,31 +272,32 @@ def output_path(out: str | None, gpu: str) -> Path:
 
 
 def main(argv=None) -> dict:
-    """Run the selected runs and arms; write and return the results (also printed as a table)."""
+    """Run the selected runs and arms; write and return the results (also printed as a table).
+
+    The file is rewritten after every (run, arm), so a call cut off by a time limit keeps the rows
+    it finished."""
     args = parse_args(argv)
     if args.table:
         results = json.loads(Path(args.table).read_text())
         print(markdown_table(results))
         return results
     env = run_env()
-    rows = []
+    settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "seq_len", "grad_accum", "smoke")}
+    path = output_path(args.out, env["gpu"])
+    # Rows of the runs not run this time are kept from an earlier file of the same name.
+    kept = [r for r in json.loads(path.read_text()).get("rows", []) if r["run"] not in args.runs] if path.is_file() else []
+    results = {**env, "settings": settings, "rows": kept}
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="real_size_") as tmp:
         for run in args.runs:
             cfg = recipe_for(run, args, Path(tmp))
             for arm in args.arms:
                 row = run_ours(cfg, args) if arm == "ours" else run_peft_trainer(cfg, args, Path(tmp) / run)
                 row["mfu"] = mfu(row["flops_per_token"], row["tok_s"], row["peak_flops"])
-                rows.append({"run": run, "arm": arm, **row})
+                results["rows"].append({"run": run, "arm": arm, **row})
+                path.write_text(json.dumps(results, indent=1, default=str) + "\n")
                 free_device_memory()
-    settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "seq_len", "grad_accum", "smoke")}
-    results = {**env, "settings": settings, "rows": rows}
-    path = output_path(args.out, env["gpu"])
-    if path.is_file():  # keep the rows of runs not run this time
-        done = {r["run"] for r in rows}
-        rows[:0] = [r for r in json.loads(path.read_text()).get("rows", []) if r["run"] not in done]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    print_table(rows)
+    print_table(results["rows"])
     print(f"wrote {path}")
     return results
 
