@@ -17,8 +17,8 @@ Row norms without building B A `(N, K)`:
     ||W_j + s (BA)_j||^2 = ||W_j||^2 + 2 s B_j . (W A^T)_j + s^2 B_j (A A^T) B_j^T
 
 `||W_j||^2` depends on the frozen base only and is cached per weight (`weight_sq_norms`); `W A^T` `(N, r)` is one
-skinny product per step (one read of W), `A A^T` `(r, r)` a tiny one. All in fp32 except `W A^T`, which runs in
-W's dtype (fp32 accumulation on GPUs) so that W is never copied.
+skinny product per step (one read of W), `A A^T` `(r, r)` a tiny one. All in fp32 (fp64 for an fp64 base) except
+`W A^T`, which runs in W's dtype (fp32 accumulation on GPUs) so that W is never copied.
 
 Dropout, where it is active (training, p > 0):
   * `"pre"` (PEFT's only position), PEFT's rule exactly: with `x~ = drop(x)`,
@@ -49,6 +49,11 @@ MERGE_NORM = "lora_dora_merge_norm"
 _WEIGHT_SQ_NORMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def _acc(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the norms are computed in: fp32, or fp64 for an fp64 weight (gradient checks)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
 def magnitude_of(holder: nn.Module) -> nn.Parameter | None:
     """The DoRA magnitude `(out_features,)` of an adapter holder (an adapted module or an `InactiveAdapter`), or None
     for a plain LoRA adapter (and modules pickled before DoRA existed)."""
@@ -77,31 +82,34 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def weight_sq_norms(module: nn.Module) -> torch.Tensor:
-    """`||W_j||^2` `(out_features,)` in fp32, computed once per base weight and cached (see `_WEIGHT_SQ_NORMS`);
+    """`||W_j||^2` `(out_features,)` in fp32 (fp64 for an fp64 W), computed once per base weight and cached (see `_WEIGHT_SQ_NORMS`);
     under torch.compile computed each call (one read of W), as the cache is Python state."""
     weight = module.weight
     if torch.compiler.is_compiling():
-        return dense_weight(module).float().square().sum(1)
+        return dense_weight(module).to(_acc(weight)).square().sum(1)
     key = (weight._version, weight.device, weight.dtype, tuple(weight.shape))
     cached = _WEIGHT_SQ_NORMS.get(weight)
     if cached is not None and cached[0] == key:
         return cached[1]
     # fp32 in row blocks: never a full fp32 copy of a bf16 W
     dense = dense_weight(module)
-    value = torch.cat([rows.float().square().sum(1) for rows in dense.split(4096)]) if dense.shape[0] else \
-        dense.new_zeros(0, dtype=torch.float32)
+    acc = _acc(dense)
+    value = torch.cat([rows.to(acc).square().sum(1) for rows in dense.split(4096)]) if dense.shape[0] else \
+        dense.new_zeros(0, dtype=acc)
     _WEIGHT_SQ_NORMS[weight] = (key, value)
     return value
 
 
 @torch.no_grad()
 def row_norms(module: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """`||W + s B A||_row` `(out_features,)` in fp32 and detached, by the identity above (no `(N, K)` tensor).
+    """`||W + s B A||_row` `(out_features,)` in fp32 (fp64 for an fp64 W) and detached, by the identity above (no
+    `(N, K)` tensor).
 
     lora_A `(r, K)`, lora_B `(N, r)` (any float dtype; used in fp32 except in `W A^T`)."""
     weight = dense_weight(module)  # (N, K)
-    A, B = lora_A.float(), lora_B.float()
-    wa = (weight @ lora_A.to(weight.dtype).t()).float()  # (N, r): the one pass over W per step
+    acc = _acc(weight)
+    A, B = lora_A.to(acc), lora_B.to(acc)
+    wa = (weight @ lora_A.to(weight.dtype).t()).to(acc)  # (N, r): the one pass over W per step
     aat = A @ A.t()  # (r, r)
     sq = weight_sq_norms(module) + (2.0 * scale) * (B * wa).sum(1) + (scale * scale) * ((B @ aat) * B).sum(1)
     # rounding can take a row whose norm is ~0 slightly below zero; PEFT's dense norm is 0 there as well
@@ -111,7 +119,7 @@ def row_norms(module: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
 def dora_scale(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """`m / ||W + s B A||_row` `(out_features,)` in `dtype`: differentiable in `m` only (the norm is detached)."""
     norm = row_norms(module, module.lora_A.weight, module.lora_B.weight, module.lora_settings.scale)
-    return (module._parameters[MAGNITUDE].float() / norm).to(dtype)
+    return (module._parameters[MAGNITUDE].to(norm.dtype) / norm).to(dtype)
 
 
 def dora_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -177,9 +185,10 @@ def dora_folded(module: nn.Module, sign: float) -> torch.Tensor:
         if norm is None:
             raise ValueError("cannot unmerge this DoRA adapter: the norm it was merged with is not recorded on the "
                              "module; reload the unmerged base weights instead")
-    factor = (magnitude_of(module).float() / norm)[:, None]  # (N, 1)
-    weight = dense_weight(module).float()  # (N, K)
-    delta = (module.lora_B.weight.float() @ module.lora_A.weight.float()) * settings.scale  # (N, K)
+    acc = norm.dtype
+    factor = (magnitude_of(module).to(acc) / norm)[:, None]  # (N, 1)
+    weight = dense_weight(module).to(acc)  # (N, K)
+    delta = (module.lora_B.weight.to(acc) @ module.lora_A.weight.to(acc)) * settings.scale  # (N, K)
     new = factor * (weight + delta) if sign > 0 else weight / factor - delta
     if is_conv1d(module):  # a Conv1D stores (in, out)
         new = new.t()
