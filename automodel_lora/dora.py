@@ -82,8 +82,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def weight_sq_norms(module: nn.Module) -> torch.Tensor:
-    """`||W_j||^2` `(out_features,)` in fp32 (fp64 for an fp64 W), computed once per base weight and cached (see `_WEIGHT_SQ_NORMS`);
-    under torch.compile computed each call (one read of W), as the cache is Python state."""
+    """`||W_j||^2` `(out_features,)` in fp32 (fp64 for an fp64 W), computed once per base weight and cached (see
+    `_WEIGHT_SQ_NORMS`); under torch.compile computed each call (one read of W), as the cache is Python state."""
     weight = module.weight
     if torch.compiler.is_compiling():
         return dense_weight(module).to(_acc(weight)).square().sum(1)
