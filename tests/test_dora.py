@@ -40,9 +40,10 @@ def dense_reference(layer, x):
     """`m / ||W + s B A||_row * (x W^T + s x A^T B^T) + b` built densely in the inputs' dtype, norm detached."""
     s = layer.lora_settings.scale
     A, B, m = layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector
-    V = layer.weight + s * (B @ A)  # (N, K)
+    W = layer.weight.t() if layer.fan_in_fan_out else layer.weight  # (N, K); a Conv1D stores (K, N)
+    V = W + s * (B @ A)  # (N, K)
     factor = m / V.detach().norm(dim=1)
-    out = factor * (F.linear(x, layer.weight) + s * F.linear(F.linear(x, A), B))
+    out = factor * (F.linear(x, W) + s * F.linear(F.linear(x, A), B))
     return out if layer.bias is None else out + layer.bias
 
 
@@ -73,6 +74,30 @@ def test_forward_and_every_gradient_match_the_dense_reference(dtype, use_triton,
         check(ours[name], ref[name], dtype, what=name)
 
 
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_a_transformers_conv1d_base_gets_dora_on_its_transposed_weight(use_triton):
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(29, 37)  # weight (in, out) = (37, 29)
+    with torch.no_grad():
+        layer.bias.normal_()
+    W = layer.weight.detach().clone()
+    al.patch_linear_module(layer, dim=4, alpha=8, use_dora=True, use_triton=use_triton)
+    assert_close(layer.lora_magnitude_vector, W.t().norm(dim=1), what="||W||_row of the (out, in) view")
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.2)
+        layer.lora_magnitude_vector.mul_(1.2)
+    x = torch.randn(2, 3, 37)
+    ours, ref = grads(layer, x, lambda m, v: m(v)), grads(layer, x, dense_reference)
+    for name in ours:
+        assert_close(ours[name], ref[name], what=name)
+    expected = ours["y"]
+    al.merge_lora(layer)
+    assert_close(layer(x), expected, what="merged Conv1D")
+    al.unmerge_lora(layer)
+    assert_close(layer.weight, W, what="unmerged Conv1D weight")
+
+
 def test_a_fresh_dora_adapter_is_the_base_layer_and_its_magnitude_the_row_norms():
     layer = nn.Linear(37, 29)
     W = layer.weight.detach().clone()
@@ -97,6 +122,29 @@ def test_the_low_rank_norm_identity_equals_the_dense_norm_and_the_cache_follows_
     assert_close(weight_sq_norms(layer), 4 * first, what="||W||^2 after W *= 2")
     layer.double()  # a new dtype: recomputed
     assert weight_sq_norms(layer).dtype == torch.float64 and weight_sq_norms(layer) is not first
+
+
+def test_a_meta_built_layer_gets_its_magnitude_from_init_lora_weights():
+    with torch.device("meta"):
+        layer = nn.Linear(37, 29)
+    al.patch_linear_module(layer, use_dora=True)
+    assert layer.lora_magnitude_vector.is_meta
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.zero_()
+    assert al.init_lora_weights(layer) == 1
+    assert_close(layer.lora_magnitude_vector, layer.weight.norm(dim=1), what="magnitude after init_lora_weights")
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_torch_compile_gives_the_eager_output_and_magnitude_gradient(use_triton):
+    layer = dora_layer(use_triton=use_triton)
+    x = torch.randn(4, 37)
+    eager = grads(layer, x, lambda m, v: m(v))
+    compiled = torch.compile(layer, backend="aot_eager")
+    for name, value in grads(layer, x, lambda m, v: compiled(v)).items():
+        assert_close(value, eager[name], what=f"compiled {name}")
 
 
 def test_the_magnitude_gradient_passes_gradcheck_in_float64():
