@@ -213,8 +213,8 @@ class FusedLinearLoRA(LinearLoRA):
 
     DoRA (`use_dora`): the same functions compute `x W^T + s B A x` without the base bias, then `dora.finish_dora`
     scales the rows by `m / ||W + s B A||_row` and adds the bias in PyTorch (extra passes over y and dy: folding
-    them into the GEMM epilogue is the next step, `benchmarks/DESIGN.md` section 10). Active "pre" dropout takes the reference `dora_forward` (PEFT's rule
-    needs a second base product on the dropped input).
+    them into the GEMM epilogue is the next step, `benchmarks/DESIGN.md` section 10). Active "pre" dropout takes
+    the reference `dora_forward` (PEFT's rule needs a second base product on the dropped input).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

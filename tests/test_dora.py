@@ -350,6 +350,29 @@ def test_adapter_trained_here_loads_in_peft_with_the_same_logits(tmp_path, peft,
     assert_close(logits(fresh), logits(model), what="reloaded logits")
 
 
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_training_from_the_same_start_follows_peft_step_for_step(tmp_path, peft, use_triton):
+    """The gradients of A, B and the magnitude are PEFT's: the same SGD steps from the same adapter end at the same
+    logits."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(tiny_llama(), config)
+    randomize(peft_model)
+    peft_model.save_pretrained(str(tmp_path))
+    model = tiny_llama()
+    al.load_adapter(model, tmp_path, use_triton=use_triton)
+    for m in (peft_model, model):
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(3):
+            m(IDS, labels=IDS).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        m.eval()
+    ours = {k: v for k, v in al.lora_state_dict(model).items() if k.endswith(MAGNITUDE)}
+    assert ours and not torch.equal(ours[KEY.removeprefix("base_model.model.")],
+                                    load_file(tmp_path / "adapter_model.safetensors")[KEY])  # it moved
+    assert_close(logits(model), logits(peft_model), dtype=torch.float32, what="logits after 3 SGD steps")
+
+
 @pytest.fixture
 def dora_adapter(tmp_path):
     model, cfg = adapted()
