@@ -261,7 +261,8 @@ def _check_mergeable(model: nn.Module, modules: list[tuple[str, LinearLoRA]]) ->
 
 def merge_lora(model: nn.Module, safe: bool = True) -> int:
     """Fold `s * B @ A` into each adapted base weight (and `s * lora_B.bias` into the base bias, for
-    `lora_bias` adapters); adapters are then skipped in forward.
+    `lora_bias` adapters; for DoRA adapters the weight becomes `(m / ||W + s B A||_row)[:, None] * (W + s B A)`,
+    as PEFT merges, and the norm is kept on the module for `unmerge_lora`); adapters are then skipped in forward.
 
     All or nothing: every module is checked (and, with `safe`, every merged weight computed and checked
     for NaN/Inf) before any weight is written, so after an error every base weight is unchanged.
@@ -292,7 +293,8 @@ def merge_lora(model: nn.Module, safe: bool = True) -> int:
 
 
 def unmerge_lora(model: nn.Module, safe: bool = True) -> int:
-    """Undo `merge_lora`: subtract `s * B @ A` again (exact up to the base dtype's rounding).
+    """Undo `merge_lora`: subtract `s * B @ A` again (DoRA: divide by the merge's row scale first), exact up to
+    the base dtype's rounding.
 
     All or nothing as `merge_lora`. Unmerging a model with no merged adapter warns and does nothing.
 

@@ -188,6 +188,7 @@ class LinearLoRA(nn.Linear):
         return (
             f"{super().extra_repr()}, dim={s.dim}, alpha={s.alpha}, dropout={s.dropout}, "
             f"dropout_position={s.dropout_position!r}, use_rslora={s.use_rslora}, merged={self.lora_merged}"
+            + (", use_dora=True" if s.use_dora else "")
         )
 
     # Deprecated read-only aliases of `lora_settings` fields (the names before the settings object).

@@ -375,6 +375,24 @@ def test_training_from_the_same_start_follows_peft_step_for_step(tmp_path, peft,
     assert_close(logits(model), logits(peft_model), dtype=torch.float32, what="logits after 3 SGD steps")
 
 
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_gpt2_conv1d_dora_adapters_go_both_ways_with_peft(tmp_path, peft, use_triton):
+    from .test_conv1d import tiny_gpt2
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True)
+    peft_model = peft.get_peft_model(tiny_gpt2(), config)
+    randomize(peft_model)
+    peft_model.eval().save_pretrained(str(tmp_path / "peft"))
+    model = tiny_gpt2()
+    assert al.load_adapter(model, tmp_path / "peft", use_triton=use_triton) == 4
+    assert_close(logits(model), logits(peft_model), what="PEFT's GPT-2 DoRA adapter here")
+    al.save_adapter(model, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "ours")).eval()
+    assert_close(logits(back), logits(model), what="ours in PEFT")
+    al.merge_lora(model)
+    assert_close(logits(model), logits(back), what="merged Conv1D weights")
+
+
 @pytest.fixture
 def dora_adapter(tmp_path):
     model, cfg = adapted()
