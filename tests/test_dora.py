@@ -453,3 +453,22 @@ def test_recipe_trains_the_magnitudes_and_saves_them_in_peft_format(tmp_path):
     assert len(magnitudes) == len([k for k in tensors if k.endswith("lora_B.weight")]) > 0
     assert json.loads(open(f"{summary['adapter']}/adapter_config.json").read())["use_dora"] is True
     assert all(torch.isfinite(t).all() and (t > 0).all() for t in magnitudes)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_trains_the_same_dora_adapter_as_one(tmp_path):
+    """The magnitude is an ordinary parameter to FSDP2: sharded, gathered, reduced like lora_A / lora_B."""
+    from .recipe_helpers import step_losses
+    from .test_recipe_distributed import _recipe, _torchrun
+
+    (tmp_path / "one").mkdir()
+    run_recipe(_recipe(tmp_path / "one", "run", batch_size=2, peft={"use_dora": True}))
+    summary, _, _ = _torchrun(tmp_path, "fsdp2", peft={"use_dora": True})
+    assert summary["world_size"] == 2
+    ref_losses, losses = step_losses(tmp_path / "one" / "run"), step_losses(tmp_path / "run")
+    for step in ref_losses:
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+    ref, got = adapter_tensors(tmp_path / "one" / "run" / "adapter"), adapter_tensors(tmp_path / "run" / "adapter")
+    assert got.keys() == ref.keys() and sum(k.endswith(MAGNITUDE) for k in ref) == len(ref) // 3
+    for key in ref:
+        assert_close(got[key], ref[key], what=f"fsdp2 {key}")
