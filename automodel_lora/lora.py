@@ -356,7 +356,7 @@ def patch_linear_module(
         use_triton: the fused path (`FusedLinearLoRA`: Triton kernels on CUDA, the same autograd
             function with PyTorch math elsewhere); False for the plain `LinearLoRA` reference.
         **overrides: `LoraSettings` fields applied over `settings`: `dim`, `alpha`, `dropout`,
-            `dropout_position`, `lora_A_init`, `lora_dtype`, `use_rslora`, `kernels`.
+            `dropout_position`, `lora_A_init`, `lora_dtype`, `use_rslora`, `kernels`, `lora_bias`, `use_dora`.
             `lora_A_init_method=` is the deprecated name of `lora_A_init=` (a `DeprecationWarning`).
 
     Raises:
