@@ -83,9 +83,10 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def weight_sq_norms(module: nn.Module) -> torch.Tensor:
     """`||W_j||^2` `(out_features,)` in fp32 (fp64 for an fp64 W), computed once per base weight and cached (see
-    `_WEIGHT_SQ_NORMS`); under torch.compile computed each call (one read of W), as the cache is Python state."""
+    `_WEIGHT_SQ_NORMS`); computed each call (one read of W) under torch.compile and for an inference-mode W."""
     weight = module.weight
-    if torch.compiler.is_compiling():
+    # under torch.compile the cache is Python state; an inference-mode tensor has no version counter to check
+    if torch.compiler.is_compiling() or weight.is_inference():
         return dense_weight(module).to(_acc(weight)).square().sum(1)
     key = (weight._version, weight.device, weight.dtype, tuple(weight.shape))
     cached = _WEIGHT_SQ_NORMS.get(weight)

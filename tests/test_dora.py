@@ -121,6 +121,13 @@ def test_the_low_rank_norm_identity_equals_the_dense_norm_and_the_cache_follows_
     assert weight_sq_norms(layer).dtype == torch.float64 and weight_sq_norms(layer) is not first
 
 
+def test_a_layer_built_in_inference_mode_runs_without_the_cache():
+    with torch.inference_mode():  # its weight has no version counter
+        layer = dora_layer()
+        x = torch.randn(4, 37)
+        assert_close(layer(x), dense_reference(layer, x), what="inference-mode layer")
+
+
 def test_a_meta_built_layer_gets_its_magnitude_from_init_lora_weights():
     with torch.device("meta"):
         layer = nn.Linear(37, 29)
