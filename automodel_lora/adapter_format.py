@@ -3,7 +3,7 @@ r"""Reading an adapter directory's files and refusing what is wrong in them, bef
 `read_adapter_config` turns `adapter_config.json` into checked values (HF PEFT's names: `r`,
 `lora_alpha`, `use_rslora`, `alpha_pattern`, ...); `read_adapter_file` groups
 `adapter_model.safetensors` into `(lora_A, lora_B)` pairs per module FQN (and PEFT's `lora_bias` tensors,
-`lora_B.bias`) and checks them;
+`lora_B.bias`, DoRA's `lora_magnitude_vector`) and checks them;
 `check_tensors_fit_config` checks the two files against each other (ranks, selected modules). Every
 problem with a file's content is an `AdapterFormatError` naming the file, the key and what to fix.
 
@@ -35,11 +35,12 @@ PEFT_KEY_PREFIX = "base_model.model."
 # `<prefix><fqn>.lora_A.weight`, also with PEFT's in-memory adapter name (`.lora_A.default.weight`), and
 # `<prefix><fqn>.lora_B.bias` (PEFT's `lora_bias`).
 _ADAPTER_KEY = re.compile(r"^(?P<fqn>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.(?P<param>weight|bias)$")
+# DoRA's magnitude: `<prefix><fqn>.lora_magnitude_vector` on disk (no `.weight`), `...vector.<name>.weight` in memory.
+_MAGNITUDE_KEY = re.compile(r"^(?P<fqn>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+\.weight)?$")
 
 # `fan_in_fan_out` is not here: as in PEFT, the module's type decides (a transformers `Conv1D` stores its weight
 # `(in, out)`, a linear `(out, in)`) and the adapter tensors have the same shapes either way.
 _UNSUPPORTED = {
-    "use_dora": "DoRA",
     "target_parameters": "target_parameters (LoRA on raw parameters)",
     "layer_replication": "layer_replication (a model with repeated layers)",
 }
@@ -69,6 +70,7 @@ class AdapterConfig:
         layers_pattern: PEFT's name(s) of the module list holding the layers, or None.
         modules_to_save: PEFT's names of fully trained modules (a list; None: none).
         lora_bias: PEFT's `lora_bias`: every `lora_B` has a bias (`<fqn>.lora_B.bias` in the weights file).
+        use_dora: PEFT's `use_dora`: every module has a DoRA magnitude (`<fqn>.lora_magnitude_vector`).
     """
 
     path: str
@@ -84,6 +86,7 @@ class AdapterConfig:
     layers_pattern: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     lora_bias: bool = False
+    use_dora: bool = False
 
     def alpha_for(self, fqn: str) -> float:
         """PEFT's alpha_pattern lookup: the first pattern matching the FQN or a dotted suffix of it."""
@@ -254,9 +257,10 @@ def read_adapter_config(path: str) -> AdapterConfig:
 
     Raises:
         FileNotFoundError: no such file.
-        AdapterFormatError: unreadable JSON, not an object, not plain LoRA (DoRA, bias, target_parameters,
-            layer_replication...), a `lora_bias` that is not a JSON boolean, a `layers_to_transform` that is not layer indices or
-            a `layers_pattern` that is not names, `r` not a positive JSON integer, `lora_alpha` missing or not a positive number,
+        AdapterFormatError: unreadable JSON, not an object, not LoRA / DoRA (bias, target_parameters,
+            layer_replication...), a `lora_bias` or `use_dora` that is not a JSON boolean, a
+            `layers_to_transform` that is not layer indices or a `layers_pattern` that is not names, `r` not a
+            positive JSON integer, `lora_alpha` missing or not a positive number,
             `use_rslora` not a JSON boolean, a bad `alpha_pattern` / `rank_pattern` regex or a value that
             is not a positive number (alpha) / positive integer (rank), a `target_modules` /
             `exclude_modules` that is neither a list of names nor one valid regex, or a `lora_dropout`
@@ -267,7 +271,7 @@ def read_adapter_config(path: str) -> AdapterConfig:
         raise AdapterFormatError(f"{path!r} holds a {raw['peft_type']!r} adapter; only LORA adapters can be loaded")
     for key, what in _UNSUPPORTED.items():
         if raw.get(key):
-            raise AdapterFormatError(f"{path!r}: {key}={raw[key]!r}; {what} is not supported, only plain LoRA")
+            raise AdapterFormatError(f"{path!r}: {key}={raw[key]!r}; {what} is not supported, only LoRA and DoRA")
     layers_to_transform, layers_pattern = _layer_selection(path, raw)
     if raw.get("bias", "none") != "none":
         raise AdapterFormatError(f"{path!r}: bias={raw['bias']!r}; only bias='none' adapters are supported")
@@ -296,6 +300,7 @@ def read_adapter_config(path: str) -> AdapterConfig:
         layers_pattern=layers_pattern,
         modules_to_save=read_modules_to_save(path, raw.get("modules_to_save")),
         lora_bias=_flag(path, "lora_bias", raw.get("lora_bias")),
+        use_dora=_flag(path, "use_dora", raw.get("use_dora")),
     )
 
 
@@ -328,10 +333,10 @@ def check_tensors_fit_config(config: AdapterConfig, pairs: dict[str, tuple[torch
 
 
 def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
-    """`(pairs, saved, biases)`: `adapter_model.safetensors` as `{fqn: (lora_A (r, in), lora_B (out, r))}`, the
-    full tensors of `modules_to_save` modules as `{<fqn>.<name>: tensor}` (PEFT's prefix stripped) and PEFT's
-    `lora_bias` tensors as `{fqn: lora_B.bias}` (shapes checked by `adapter_bias.check_file_biases`), every
-    tensor checked.
+    """`(pairs, saved, biases, magnitudes)`: `adapter_model.safetensors` as `{fqn: (lora_A (r, in), lora_B (out,
+    r))}`, the full tensors of `modules_to_save` modules as `{<fqn>.<name>: tensor}` (PEFT's prefix stripped),
+    PEFT's `lora_bias` tensors as `{fqn: lora_B.bias}` (shapes checked by `adapter_bias.check_file_biases`) and
+    DoRA's as `{fqn: lora_magnitude_vector}` (checked by `adapter_dora.check_file_magnitudes`), every tensor checked.
 
     Raises:
         FileNotFoundError: no such file.
@@ -349,9 +354,13 @@ def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFormatError(f"{path!r} is not a readable safetensors file ({e}); save the adapter again") from None
     halves: dict[str, dict[str, torch.Tensor]] = {}
-    saved: dict[str, torch.Tensor] = {}
+    saved, magnitudes = {}, {}
     for key, tensor in tensors.items():
         match = _ADAPTER_KEY.match(key.removeprefix(PEFT_KEY_PREFIX))
+        if match is None and (dora := _MAGNITUDE_KEY.match(key.removeprefix(PEFT_KEY_PREFIX))) is not None:
+            _check_values(path, key, tensor)
+            magnitudes[dora["fqn"]] = tensor
+            continue
         if match is None and module_to_save_of(key.removeprefix(PEFT_KEY_PREFIX), modules_to_save):
             if tensor.is_floating_point():
                 _check_values(path, key, tensor)
@@ -383,7 +392,7 @@ def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
         pairs[fqn] = (lora_A, lora_B)
     if not pairs:
         raise AdapterFormatError(f"{path} holds no adapter tensors")
-    return pairs, saved, biases
+    return pairs, saved, biases, magnitudes
 
 
 def _check_values(path: str, key: str, tensor: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ A directory holds:
     adapter_model.safetensors    base_model.model.<fqn>.lora_A.weight  (r, in_features)
                                  base_model.model.<fqn>.lora_B.weight  (out_features, r)
                                  base_model.model.<fqn>.lora_B.bias    (out_features,)  with lora_bias
+                                 base_model.model.<fqn>.lora_magnitude_vector  (out_features,)  with use_dora
     automodel_lora_config.json   (optional) this library's full `PeftConfig`, which PEFT ignores
 
 Each file is written to a temporary name, flushed to disk, then renamed, so a
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapter_bias import check_file_biases, check_patched_biases
+from .adapter_dora import check_file_magnitudes, check_patched_magnitudes
 from .adapter_format import (
     PEFT_KEY_PREFIX,
     AdapterConfig,
@@ -43,6 +45,7 @@ from .adapter_slots import (
     check_adapter_name,
 )
 from .config import LoraSettings, PeftConfig
+from .dora import magnitude_of
 from .kernels.options import KernelOptions
 from .lora import lora_modules
 from .matcher import is_adaptable, is_conv1d
@@ -56,7 +59,7 @@ LIBRARY_CONFIG_NAME = "automodel_lora_config.json"
 
 def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter tensors of `model` under their FQNs (`<fqn>.lora_A.weight`, `<fqn>.lora_B.weight`, and
-    `<fqn>.lora_B.bias` for `lora_bias` adapters), and
+    `<fqn>.lora_B.bias` for `lora_bias` adapters, `<fqn>.lora_magnitude_vector` for DoRA ones), and
     the full state of every `modules_to_save` module (`<fqn>.weight`, ...; PEFT's on-disk keys less its prefix).
 
     `adapter_name` picks one of several named adapters (default: the only one, or the one in use); its
@@ -72,6 +75,9 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
         state[f"{prefix}lora_B.weight"] = _full_tensor(module.lora_B.weight)
         if module.lora_B.bias is not None:
             state[f"{prefix}lora_B.bias"] = _full_tensor(module.lora_B.bias)
+        magnitude = magnitude_of(module)
+        if magnitude is not None:  # PEFT's on-disk key: no `.weight`
+            state[f"{prefix}lora_magnitude_vector"] = _full_tensor(magnitude)
     state.update(modules_to_save_state(model, _full_tensor))
     return state
 
@@ -196,9 +202,10 @@ def load_adapter(
             tensor of a module that `target_modules`/`exclude_modules` do not select, by HF PEFT's rule:
             one string is a full-match regex, a list entry a name or dotted suffix, narrowed by
             `layers_to_transform`/`layers_pattern`; a `lora_B.bias` under `"lora_bias": false`, or none
-            under `true`), or it does not fit
+            under `true`; a `lora_magnitude_vector` under `"use_dora": false`, none under `true`, one of
+            the wrong shape or without its `lora_A` / `lora_B`), or it does not fit
             the model (a key naming no linear module, a shape, scale or name mismatch, missing layers, a
-            lora_B bias in the file but not in the patched model's adapter or the other way round);
+            lora_B bias or DoRA magnitude in the file but not in the patched model's adapter or the other way round);
             the message names the file and the key.
         ValueError: the model's adapters are merged (call `unmerge_lora` first).
     """
@@ -206,8 +213,9 @@ def load_adapter(
     peft_cfg = read_adapter_config(os.path.join(path, ADAPTER_CONFIG_NAME))
     library_cfg = _read_library_config(os.path.join(path, LIBRARY_CONFIG_NAME))
     weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
-    pairs, saved, biases = read_adapter_file(weights_path, peft_cfg.modules_to_save)
+    pairs, saved, biases, magnitudes = read_adapter_file(weights_path, peft_cfg.modules_to_save)
     check_file_biases(peft_cfg, pairs, biases, weights_path)
+    check_file_magnitudes(peft_cfg, pairs, magnitudes, weights_path)
     names = adapter_names(model)
     merged = sorted(fqn for fqn, m in lora_modules(model) if m.lora_merged)
     if merged:
@@ -217,6 +225,7 @@ def load_adapter(
         adapted = dict(adapter_holders(model, adapter_name)[1])
         _check_patched_model(adapted, pairs, peft_cfg, path)
         check_patched_biases(adapted, biases, path)
+        check_patched_magnitudes(adapted, magnitudes, path)
         check_tensors_fit_config(peft_cfg, pairs, weights_path)
     else:  # a new adapter: patches an unpatched model, or goes beside the model's adapters
         name = check_adapter_name(adapter_name) if adapter_name is not None else DEFAULT_ADAPTER_NAME
@@ -237,6 +246,8 @@ def load_adapter(
             _copy_into(adapted[fqn].lora_B.weight, lora_B)
         for fqn, bias in biases.items():
             _copy_into(adapted[fqn].lora_B.bias, bias)
+        for fqn, magnitude in magnitudes.items():
+            _copy_into(magnitude_of(adapted[fqn]), magnitude)
     load_saved_tensors(model, saved, to_save, _copy_into)
     return len(pairs)
 
@@ -358,6 +369,7 @@ def _patch_from_file(model, modules, pairs, peft_cfg: AdapterConfig, library_cfg
         use_rslora=peft_cfg.use_rslora,
         kernels=kernels if kernels is not None else KernelOptions(),
         lora_bias=peft_cfg.lora_bias,
+        use_dora=peft_cfg.use_dora,
     )
     if use_triton is None:
         use_triton = library_cfg.use_triton if library_cfg else True

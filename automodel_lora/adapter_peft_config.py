@@ -39,6 +39,10 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
     if len(lora_bias) > 1:
         raise ValueError("PEFT's format has one lora_bias flag per adapter, but this model mixes adapters with and "
                          "without a lora_B bias; apply one PeftConfig (one lora_bias value) to every adapted module")
+    use_dora = {s.use_dora for s in settings.values()}
+    if len(use_dora) > 1:
+        raise ValueError("PEFT's format has one use_dora flag per adapter, but this model mixes DoRA and plain LoRA "
+                         "adapters; apply one PeftConfig (one use_dora value) to every adapted module")
     if base_model_name_or_path is None:
         cfg = getattr(model, "config", None)
         base_model_name_or_path = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
@@ -62,7 +66,7 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
         "modules_to_save": [name for name, _ in marked_modules(model)] or None,
         "rank_pattern": {_exact(name): s.dim for name, s in settings.items() if s.dim != rank},
         "alpha_pattern": {_exact(name): s.alpha for name, s in settings.items() if s.alpha != alpha},
-        "use_dora": False,
+        "use_dora": use_dora.pop(),  # a magnitude per module (`<fqn>.lora_magnitude_vector` in the weights file)
         "lora_bias": lora_bias.pop(),  # a bias on every lora_B (`<fqn>.lora_B.bias` in the weights file)
     }
 

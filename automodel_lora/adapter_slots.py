@@ -16,6 +16,10 @@ The place holds the model's active adapter wherever the module has it; a module 
 active adapter keeps the one it had in place with `lora_enabled = False` (base output only). The
 per-module `lora_A` / `lora_B` / `lora_dropout` / `lora_settings` are stored as `K` separate
 adapters so that a later step can stack them into `(K, r, in)` / `(K, out, r)` buffers.
+
+A DoRA adapter also has its magnitude, the parameter `lora_magnitude_vector` (`q_proj.lora_magnitude_vector`,
+`q_proj.lora_inactive.french.lora_magnitude_vector`); it moves with the rest of its adapter. A plain LoRA adapter
+has no such parameter (registered as None on a holder that held a DoRA adapter before, which no state dict shows).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 from torch import nn
 
 from .config import LoraSettings
+from .dora import MAGNITUDE, magnitude_of
 from .lora import LinearLoRA, is_lora_module, lora_modules, new_adapter_parts, patch_linear_module
 
 DEFAULT_ADAPTER_NAME = "default"
@@ -39,6 +44,7 @@ class InactiveAdapter(nn.Module):
         super().__init__()
         for attr in ADAPTER_PARTS:
             setattr(self, attr, parts[attr])
+        self.register_parameter(MAGNITUDE, parts.get(MAGNITUDE))
         self.lora_settings: LoraSettings = parts["lora_settings"]
         self.fan_in_fan_out = fan_in_fan_out
 
@@ -59,7 +65,8 @@ def check_adapter_name(name) -> str:
 
 def holders(module: LinearLoRA) -> dict[str, nn.Module]:
     """`{name: holder}` for every adapter of `module`: the module itself for the one in place, an
-    `InactiveAdapter` for each other; each holder has `lora_A`, `lora_B`, `lora_dropout`, `lora_settings`."""
+    `InactiveAdapter` for each other; each holder has `lora_A`, `lora_B`, `lora_dropout`, `lora_settings` (and a
+    DoRA adapter its magnitude, `dora.magnitude_of(holder)`)."""
     out = {module.lora_adapter_name: module}
     inactive = module._modules.get(INACTIVE)
     if inactive is not None:
@@ -106,6 +113,9 @@ def put_in_place(module: LinearLoRA, name: str) -> None:
         mine, theirs = getattr(module, attr), getattr(entry, attr)
         setattr(module, attr, theirs)
         setattr(entry, attr, mine)
+    mine, theirs = magnitude_of(module), magnitude_of(entry)  # DoRA's magnitude (None for plain LoRA)
+    module.register_parameter(MAGNITUDE, theirs)
+    entry.register_parameter(MAGNITUDE, mine)
     module.lora_settings, entry.lora_settings = entry.lora_settings, module.lora_settings
     old_name = module.lora_adapter_name
     del inactive[name]
@@ -127,6 +137,9 @@ def set_in_use(module: LinearLoRA, enabled: bool) -> None:
     module.lora_enabled = enabled
     for attr in ("lora_A", "lora_B"):
         getattr(module, attr).requires_grad_(enabled)
+    magnitude = magnitude_of(module)
+    if magnitude is not None:
+        magnitude.requires_grad_(enabled)
 
 
 def adapter_holders(model: nn.Module, name: str | None = None) -> tuple[str, list[tuple[str, nn.Module]]]:

@@ -7,7 +7,7 @@ settings as flat fields; `PeftConfig.lora_settings()` gives those settings as th
 frozen `LoraSettings` that `patch_linear_module` takes and every adapted module
 keeps (`module.lora_settings`). The names are the same everywhere: `dim`,
 `alpha`, `dropout`, `dropout_position`, `lora_A_init`, `lora_dtype`,
-`use_rslora`, `kernels`, `lora_bias` (HF PEFT's file format calls `dim` `r` and `alpha`
+`use_rslora`, `kernels`, `lora_bias`, `use_dora` (HF PEFT's file format calls `dim` `r` and `alpha`
 `lora_alpha`; only `adapter_io` translates). `PeftConfig` also takes PEFT's
 names `r`, `lora_alpha` and `lora_dropout` as aliases of `dim`, `alpha` and
 `dropout` (keyword or `from_dict` key; both spellings of one field at once is an
@@ -92,6 +92,9 @@ class PeftConfig:
         lora_bias: give `lora_B` a bias `b_B` (`(out_features,)`, zero at init, trained), HF PEFT's
             `lora_bias`: the adapter term becomes `s * (B A drop(x) + b_B)`. Merging folds `s * b_B` into the
             base bias, so it is refused for a base without one (as PEFT refuses it).
+        use_dora: DoRA (HF PEFT's `use_dora`): each adapted module also trains a magnitude
+            `lora_magnitude_vector` `(out_features,)` and computes `m / ||W + s B A||_row * (x W^T + s B A x) + b`
+            (see `automodel_lora.dora`). Not with `lora_bias` (PEFT refuses the pair too).
         recompute_mlp_input: in gated MLPs (Llama, Mistral, Qwen2/3, Gemma, ...; see
             `automodel_lora.recompute.is_gated_mlp`) whose
             `down_proj` is adapted, make `down_proj`'s input `act(gate) * up` again in
@@ -123,6 +126,7 @@ class PeftConfig:
     allow_unmatched_targets: bool = False
     modules_to_save: list[str] = field(default_factory=list)
     lora_bias: bool = False
+    use_dora: bool = False
 
     def __post_init__(self):
         self.target_modules = _as_name_list(self.target_modules, "target_modules")
@@ -179,6 +183,7 @@ class PeftConfig:
             use_rslora=self.use_rslora,
             kernels=self.kernels,
             lora_bias=self.lora_bias,
+            use_dora=self.use_dora,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +265,8 @@ class LoraSettings:
             PyTorch reference path.
         lora_bias: `lora_B` has a bias `b_B` (HF PEFT's `lora_bias`): the adapter term is
             `s * (B A drop(x) + b_B)` (with `"post"` dropout, `drop(s * (B A x + b_B))`).
+        use_dora: DoRA (HF PEFT's `use_dora`): a trained magnitude `m` `(out_features,)` rescales each output
+            row, `y = m / ||W + s B A||_row * (x W^T + s B A x) + b` (see `automodel_lora.dora`).
 
     Attributes:
         scale: `alpha / dim` (or `alpha / sqrt(dim)`), derived.
@@ -277,6 +284,7 @@ class LoraSettings:
     use_rslora: bool = False
     kernels: KernelOptions = field(default_factory=KernelOptions)
     lora_bias: bool = False
+    use_dora: bool = False
     scale: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -299,6 +307,11 @@ class LoraSettings:
             raise ValueError(f"LoraSettings.use_rslora must be true or false, got {self.use_rslora!r}")
         if not isinstance(self.lora_bias, bool):
             raise ValueError(f"LoraSettings.lora_bias must be true or false (a bias on lora_B), got {self.lora_bias!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraSettings.use_dora must be true or false (DoRA's magnitude), got {self.use_dora!r}")
+        if self.use_dora and self.lora_bias:  # HF PEFT's LoraConfig refuses the pair as well
+            raise ValueError("LoraSettings.use_dora=True with lora_bias=True: DoRA does not support a lora_B bias "
+                             "(HF PEFT refuses it too); set lora_bias=False or use_dora=False")
         object.__setattr__(self, "lora_dtype", dtype_from_str(self.lora_dtype, "LoraSettings.lora_dtype"))
         object.__setattr__(self, "kernels", KernelOptions.from_dict(self.kernels))
         object.__setattr__(self, "scale", lora_scale(alpha, dim, self.use_rslora))

@@ -30,6 +30,7 @@ from .adapter_slots import (
     holders,
 )
 from .config import PeftConfig
+from .dora import MAGNITUDE, MERGE_NORM, dora_folded, magnitude_of, record_merge_norm, reset_magnitude_
 from .kernels.options import KernelOptions
 from .lora import LORA_ATTRIBUTES, LinearLoRA, is_lora_module, lora_modules
 from .matcher import ModuleMatcher, is_adaptable, is_plain_name, name_matches, near_misses, output_head_names
@@ -154,6 +155,7 @@ def init_lora_weights(model: nn.Module) -> int:
     for _, module in modules:
         for holder in holders(module).values():
             LinearLoRA.reset_lora_parameters(holder)
+            reset_magnitude_(module, holder)  # DoRA: ||W||_row, from the module's base weight
     return len(modules)
 
 
@@ -185,7 +187,10 @@ def set_kernel_options(model: nn.Module, options: KernelOptions | Mapping[str, A
 
 
 def _folded(module: LinearLoRA, sign: float) -> torch.Tensor:
-    """The base weight with `sign * s * B @ A` added, in the weight's dtype (not written)."""
+    """The base weight with `sign * s * B @ A` added (DoRA: rescaled, `dora.dora_folded`), in the weight's dtype
+    (not written)."""
+    if magnitude_of(module) is not None:
+        return dora_folded(module, sign)
     weight = module.weight
     delta = (module.lora_B.weight.float() @ module.lora_A.weight.float()) * (sign * module.lora_settings.scale)  # (N, K)
     if module.fan_in_fan_out:  # a Conv1D stores its weight (in, out) = (K, N): fold (s B A)^T
@@ -203,11 +208,12 @@ def _check_finite(modules: Iterable[tuple[str, LinearLoRA]], sign: float, verb: 
 def _raise_if_not_finite(name: str, module: LinearLoRA, folded: torch.Tensor, verb: str, unchanged: str) -> None:
     bad = int((~torch.isfinite(folded)).sum())
     if bad:
-        adapter_finite = all(bool(torch.isfinite(p).all()) for p in (module.lora_A.weight, module.lora_B.weight))
+        parts = (module.lora_A.weight, module.lora_B.weight, magnitude_of(module))
+        adapter_finite = all(bool(torch.isfinite(p).all()) for p in parts if p is not None)
         reason = (
             f"the base weight itself is not finite or the sum overflows {module.weight.dtype}"
             if adapter_finite
-            else "its lora_A / lora_B hold NaN or Inf (a diverged training run?)"
+            else "its lora_A / lora_B (or DoRA magnitude) hold NaN or Inf (a diverged training run?)"
         )
         raise ValueError(
             f"cannot {verb} the adapter of {name!r}: the result would have {bad} non-finite values ({reason}). "
@@ -223,7 +229,9 @@ def _fold_all(modules: list[tuple[str, LinearLoRA]], sign: float, safe: bool) ->
     if safe:
         _check_finite(modules, sign, "merge" if sign > 0 else "unmerge")
     for _, module in modules:
-        module.weight.copy_(_folded(module, sign))
+        folded = _folded(module, sign)
+        record_merge_norm(module, sign)  # DoRA: the norm of the unmerged weight, taken before it is written
+        module.weight.copy_(folded)
         fold_bias_(module, sign)  # s * lora_B.bias into the base bias (lora_bias adapters)
         module.lora_merged = sign > 0
 
@@ -253,7 +261,8 @@ def _check_mergeable(model: nn.Module, modules: list[tuple[str, LinearLoRA]]) ->
 
 def merge_lora(model: nn.Module, safe: bool = True) -> int:
     """Fold `s * B @ A` into each adapted base weight (and `s * lora_B.bias` into the base bias, for
-    `lora_bias` adapters); adapters are then skipped in forward.
+    `lora_bias` adapters; for DoRA adapters the weight becomes `(m / ||W + s B A||_row)[:, None] * (W + s B A)`,
+    as PEFT merges, and the norm is kept on the module for `unmerge_lora`); adapters are then skipped in forward.
 
     All or nothing: every module is checked (and, with `safe`, every merged weight computed and checked
     for NaN/Inf) before any weight is written, so after an error every base weight is unchanged.
@@ -284,7 +293,8 @@ def merge_lora(model: nn.Module, safe: bool = True) -> int:
 
 
 def unmerge_lora(model: nn.Module, safe: bool = True) -> int:
-    """Undo `merge_lora`: subtract `s * B @ A` again (exact up to the base dtype's rounding).
+    """Undo `merge_lora`: subtract `s * B @ A` again (DoRA: divide by the merge's row scale first), exact up to
+    the base dtype's rounding.
 
     All or nothing as `merge_lora`. Unmerging a model with no merged adapter warns and does nothing.
 
@@ -341,7 +351,8 @@ def unpatch(module: LinearLoRA) -> None:
     """Take every adapter off one (unmerged) module and give it back its original class."""
     for attr in (*ADAPTER_PARTS, INACTIVE):
         module._modules.pop(attr, None)
-    for attr in (*LORA_ATTRIBUTES, "lora_adapter_name", "lora_enabled"):
+    module._parameters.pop(MAGNITUDE, None)
+    for attr in (*LORA_ATTRIBUTES, "lora_adapter_name", "lora_enabled", MERGE_NORM):
         module.__dict__.pop(attr, None)
     module.__class__ = module._lora_base_cls
 

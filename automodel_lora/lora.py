@@ -9,6 +9,8 @@ pair, and hangs two small linears beside the frozen base:
     y = base(x) + drop(s * B(A(x)))          dropout_position="post"
     s = alpha / dim   (alpha / sqrt(dim) with rsLoRA)
     with `lora_bias` (PEFT's), lora_B has a bias b_B (out_features,), zero at init: B(h) = h B^T + b_B
+    with `use_dora` (PEFT's DoRA), a trained magnitude m (out_features,) `lora_magnitude_vector` rescales rows:
+    y = m / ||W + s B A||_row * (x W^T + s B(A(x))) + b      (see `automodel_lora.dora`)
 
 A transformers `Conv1D` (GPT-2; weight stored `(in, out)`, PEFT's `fan_in_fan_out`) is patched the
 same way, with the same `lora_A` / `lora_B` shapes (`Conv1DLoRA`, `FusedConv1DLoRA`).
@@ -37,6 +39,7 @@ from torch import nn
 from .config import LoraSettings
 from .deprecated import LEGACY_ATTRIBUTES as _LEGACY_ATTRIBUTES
 from .deprecated import DeprecatedAlias as _DeprecatedAlias
+from .dora import MAGNITUDE, dora_forward, dora_scale, finish_dora, new_magnitude, reset_magnitude_
 from .kernels import lora_add, lora_linear, lora_linear_dequant
 from .matcher import conv1d_class, is_conv1d
 from .patching import is_swapped_class, swapped_class, swapped_reduce
@@ -60,6 +63,8 @@ class LinearLoRA(nn.Linear):
         lora_B (nn.Linear): `(out_features, dim)` up-projection, zero at init; with a zero `(out_features,)`
             bias when `lora_settings.lora_bias`.
         lora_dropout (nn.Dropout): dropout on the adapter path, `p = lora_settings.dropout`.
+        lora_magnitude_vector (nn.Parameter): with `lora_settings.use_dora`, DoRA's magnitude `(out_features,)`
+            (absent otherwise; `automodel_lora.dora`).
         lora_settings (LoraSettings): the adapter's settings (its `kernels` can be changed with
             `set_kernel_options`; the rest is fixed once the adapter exists).
         lora_merged (bool): whether the adapter is folded into the base weight (`merge_lora`).
@@ -140,10 +145,11 @@ class LinearLoRA(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(..., in_features) -> (..., out_features)`: base output plus the scaled adapter."""
-        base = self.base_forward(x)
         if self.lora_merged or not self.lora_enabled:
-            return base
-        return base + self.lora_delta(x)
+            return self.base_forward(x)
+        if self._parameters.get(MAGNITUDE) is not None:
+            return dora_forward(self, x)
+        return self.base_forward(x) + self.lora_delta(x)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter term alone, in `x.dtype` (fp32 master weights are cast, never the activations)."""
@@ -174,12 +180,15 @@ class LinearLoRA(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
         if self.lora_B.bias is not None:
             nn.init.zeros_(self.lora_B.bias)
+        if isinstance(self, LinearLoRA):  # an adapter holder without the base weight is done by its caller
+            reset_magnitude_(self, self)
 
     def extra_repr(self) -> str:
         s = self.lora_settings
         return (
             f"{super().extra_repr()}, dim={s.dim}, alpha={s.alpha}, dropout={s.dropout}, "
             f"dropout_position={s.dropout_position!r}, use_rslora={s.use_rslora}, merged={self.lora_merged}"
+            + (", use_dora=True" if s.use_dora else "")
         )
 
     # Deprecated read-only aliases of `lora_settings` fields (the names before the settings object).
@@ -202,6 +211,11 @@ class FusedLinearLoRA(LinearLoRA):
     adapter is added by `lora_add`. Those functions run Triton kernels on CUDA (with
     `lora_settings.kernels` as their `KernelOptions`) and the PyTorch reference math
     elsewhere, inside the same autograd function. (Formerly `TritonLinearLoRA`.)
+
+    DoRA (`use_dora`): the same functions compute `x W^T + s B A x` without the base bias, then `dora.finish_dora`
+    scales the rows by `m / ||W + s B A||_row` and adds the bias in PyTorch (extra passes over y and dy: folding
+    them into the GEMM epilogue is the next step, `benchmarks/DESIGN.md` section 10). Active "pre" dropout takes
+    the reference `dora_forward` (PEFT's rule needs a second base product on the dropped input).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,6 +225,9 @@ class FusedLinearLoRA(LinearLoRA):
         # parameters read from `_parameters` directly (see `_param`).
         settings = self.lora_settings
         options = settings.kernels
+        dora = self._parameters.get(MAGNITUDE)
+        if dora is not None and settings.dropout_position == "pre" and self.training and self.lora_dropout.p > 0:
+            return dora_forward(self, x)
         modules = self._modules
         lora_B = modules["lora_B"]
         lora_bias = _param(lora_B, "bias")  # None unless lora_bias: then the kernels fold it into their bias
@@ -220,6 +237,8 @@ class FusedLinearLoRA(LinearLoRA):
         # base gets the same cast tensor, so x is cast once (autocast leaves an already-cast input alone).
         compute_x = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
         dtype = compute_x.dtype
+        if dora is not None:  # the kernels run without the base bias; finish_dora scales, then adds it
+            dora = dora_scale(self, dtype)  # (N,)
         if self._lora_dense_base:
             weight, bias = _param(self, "weight"), _param(self, "bias")
             if self.fan_in_fan_out:  # Conv1D's (in, out) weight: the kernels take the (out, in) view, no copy
@@ -229,17 +248,25 @@ class FusedLinearLoRA(LinearLoRA):
                 and weight.dtype == dtype
                 and (bias is None or (not bias.requires_grad and bias.dtype == dtype))
             ):
-                return lora_linear(compute_x, weight, bias, *adapter, options=options, lora_bias=lora_bias)
+                if dora is None:
+                    return lora_linear(compute_x, weight, bias, *adapter, options=options, lora_bias=lora_bias)
+                return finish_dora(lora_linear(compute_x, weight, None, *adapter, options=options), dora, bias)
         # A 4-bit base in eager mode: its weight is dequantized (as bitsandbytes would) straight into the
         # fused GEMM. Skipped when autocast cast x (bitsandbytes returns x's own dtype) and under
         # torch.compile (the dequantize closure is not a graph input).
         elif compute_x is x and not torch.compiler.is_compiling():
             dequantize = dequantizer_4bit(self, self._lora_base_cls, x)
             if dequantize is not None:
-                bias = self.bias
-                return lora_linear_dequant(x, dequantize, None if bias is None else bias.to(dtype), *adapter,
-                                           options=options, lora_bias=lora_bias)
-        return lora_add(self.base_forward(compute_x), compute_x, *adapter, options=options, lora_bias=lora_bias)
+                bias = None if self.bias is None else self.bias.to(dtype)
+                if dora is None:
+                    return lora_linear_dequant(x, dequantize, bias, *adapter, options=options, lora_bias=lora_bias)
+                return finish_dora(lora_linear_dequant(x, dequantize, None, *adapter, options=options), dora, bias)
+        base = self.base_forward(compute_x)
+        if dora is None:
+            return lora_add(base, compute_x, *adapter, options=options, lora_bias=lora_bias)
+        bias = self.bias  # the base's own forward added it: take it off, finish_dora adds it after scaling
+        z = base if bias is None else base - bias.to(base.dtype)
+        return finish_dora(lora_add(z, compute_x, *adapter, options=options), dora, bias)
 
 
 class Conv1DLoRA(LinearLoRA):
@@ -329,7 +356,7 @@ def patch_linear_module(
         use_triton: the fused path (`FusedLinearLoRA`: Triton kernels on CUDA, the same autograd
             function with PyTorch math elsewhere); False for the plain `LinearLoRA` reference.
         **overrides: `LoraSettings` fields applied over `settings`: `dim`, `alpha`, `dropout`,
-            `dropout_position`, `lora_A_init`, `lora_dtype`, `use_rslora`, `kernels`.
+            `dropout_position`, `lora_A_init`, `lora_dtype`, `use_rslora`, `kernels`, `lora_bias`, `use_dora`.
             `lora_A_init_method=` is the deprecated name of `lora_A_init=` (a `DeprecationWarning`).
 
     Raises:
@@ -363,13 +390,18 @@ def _add_adapter(linear: nn.Linear, settings: LoraSettings) -> None:
     for param in linear.parameters(recurse=False):
         param.requires_grad_(False)
     for attr, value in new_adapter_parts(linear, settings).items():
-        setattr(linear, attr, value)
+        if attr == MAGNITUDE:  # a parameter, registered only for DoRA (plain LoRA modules have no such entry)
+            if value is not None:
+                linear.register_parameter(MAGNITUDE, value)
+        else:
+            setattr(linear, attr, value)
     linear.lora_merged = False
 
 
 def new_adapter_parts(linear: nn.Module, settings: LoraSettings) -> dict[str, Any]:
     """A freshly initialised adapter for `linear`'s shapes, on its weight's device: `lora_A` `(dim, in)`,
-    `lora_B` `(out, dim)` (zero), `lora_dropout` and `lora_settings` (`lora_dtype` resolved), by name."""
+    `lora_B` `(out, dim)` (zero), `lora_dropout`, `lora_settings` (`lora_dtype` resolved) and
+    `lora_magnitude_vector` (`||W||_row` with `use_dora`, else None), by name."""
     if settings.lora_dtype is None:
         lora_dtype = quantized_compute_dtype(linear) if is_quantized_linear(linear) else linear.weight.dtype
         settings = settings.replace(lora_dtype=lora_dtype)
@@ -381,8 +413,9 @@ def new_adapter_parts(linear: nn.Module, settings: LoraSettings) -> dict[str, An
     parts.lora_dropout = nn.Dropout(p=settings.dropout)
     parts.lora_settings = settings
     LinearLoRA.reset_lora_parameters(parts)
+    magnitude = new_magnitude(linear, dtype) if settings.use_dora else None
     return {"lora_A": parts.lora_A, "lora_B": parts.lora_B, "lora_dropout": parts.lora_dropout,
-            "lora_settings": settings}
+            "lora_settings": settings, MAGNITUDE: magnitude}
 
 
 # What `_add_adapter` attaches beyond the submodules; `remove_lora` takes these off again.

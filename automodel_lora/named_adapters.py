@@ -155,7 +155,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
 
     Raises:
         ValueError: an unknown adapter, `weights` of another length, an existing or unusable `adapter_name`,
-            an unknown `combination_type`, ranks that differ under `"linear"`, or a merged model.
+            an unknown `combination_type`, ranks that differ under `"linear"`, a DoRA adapter, or a merged model.
     """
     check_adapter_name(adapter_name)
     names = adapter_names(model)
@@ -169,6 +169,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
                          "svd / ties / dare variants are not implemented)")
     for name in adapters:
         _modules_or_raise(model, name, "combine")
+    dora = [name for name in adapters if any(h.lora_settings.use_dora for _, h in adapter_holders(model, name)[1])]
+    if dora:  # each magnitude rescales its own direction: a weighted sum of DoRA adapters is no DoRA adapter
+        raise ValueError(f"add_weighted_adapter cannot combine DoRA adapters ({dora} use use_dora); combine plain "
+                         "LoRA adapters, or merge each DoRA adapter on its own")
     ranks = {name: sorted({h.lora_settings.dim for _, h in adapter_holders(model, name)[1]}) for name in adapters}
     if combination_type == "linear" and len({r for rs in ranks.values() for r in rs}) > 1:
         raise ValueError(f"combination_type='linear' needs adapters of one rank, but their ranks are {ranks}; use "

@@ -174,8 +174,8 @@ def test_missing_half_and_unsupported_adapters(tmp_path):
         al.load_adapter(tiny_llama(), tmp_path)
     config_path = tmp_path / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(ValueError, match="DoRA"):
+    config_path.write_text(json.dumps({**config, "layer_replication": [[0, 1]]}))
+    with pytest.raises(ValueError, match="layer_replication.*not supported, only LoRA and DoRA"):
         al.load_adapter(tiny_llama(), tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         al.load_adapter(tiny_llama(), tmp_path / "nowhere")

@@ -376,3 +376,19 @@ def test_4bit_backward_uses_the_quant_state_its_forward_saw(nested):
         y.square().sum().backward()
         grads.append(x.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_dora_on_a_4bit_base_uses_the_dequantized_weight(use_triton):
+    layer = to_nf4(nn.Sequential(nn.Linear(64, 48)))[0]
+    al.patch_linear_module(layer, dim=4, alpha=8, use_dora=True, use_triton=use_triton)
+    dense = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()  # (48, 64)
+    assert_close(layer.lora_magnitude_vector.float(), dense.norm(dim=1), what="magnitude at init = ||W||_row")
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.1)
+        layer.lora_magnitude_vector.mul_(1.1)
+    x = torch.randn(3, 5, 64)
+    A, B, m = layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector
+    factor = m / (dense + 2.0 * B @ A).norm(dim=1)
+    expected = factor * (x @ dense.T + 2.0 * (x @ A.T) @ B.T) + layer.bias
+    assert_close(layer(x), expected)
