@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import automodel_lora as al
+import automodel_lora.kernels.lora  # noqa: F401  (al.kernels.lora below: the package imports submodules lazily)
 
 from .conftest import assert_close, tiny_llama
 
