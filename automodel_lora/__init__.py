@@ -20,7 +20,7 @@ _LAZY = {
     "PeftConfig": ".config",
     "apply_lora_to_linear_modules": ".injection",
     "init_lora_weights": ".injection",
-    "merge_and_save": ".injection",
+    "merge_and_save": ".merged_save",
     "merge_lora": ".injection",
     "remove_lora": ".injection",
     "set_kernel_options": ".injection",

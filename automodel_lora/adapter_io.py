@@ -15,11 +15,8 @@ crash never leaves a half-written adapter under the real name.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import warnings
-from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +41,7 @@ from .adapter_slots import (
     attach_adapter,
     check_adapter_name,
 )
+from .atomic_files import atomic_write, atomic_write_json
 from .config import LoraSettings, PeftConfig
 from .dora import magnitude_of
 from .kernels.options import KernelOptions
@@ -136,14 +134,14 @@ def _save_one(model: nn.Module, path: str, peft_config, base_model_name_or_path,
     os.makedirs(path, exist_ok=True)
     # cloned: tied modules to save share one tensor, which safetensors refuses to write twice
     tensors = {PEFT_KEY_PREFIX + key: t.detach().to("cpu", copy=True).contiguous() for key, t in state.items()}
-    _atomic_write(os.path.join(path, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     library_cfg_path = os.path.join(path, LIBRARY_CONFIG_NAME)
     if peft_config is not None:
-        _atomic_write_json(library_cfg_path, peft_config.to_dict())
+        atomic_write_json(library_cfg_path, peft_config.to_dict())
     elif os.path.exists(library_cfg_path):  # a stale one from an earlier save would be applied on load
         os.unlink(library_cfg_path)
     # The PEFT config goes last: its presence marks a complete adapter directory.
-    _atomic_write_json(os.path.join(path, ADAPTER_CONFIG_NAME),
+    atomic_write_json(os.path.join(path, ADAPTER_CONFIG_NAME),
                        peft_adapter_config(model, base_model_name_or_path, peft_config, adapter_name))
 
 
@@ -407,43 +405,3 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if _is_dtensor(t) else t).detach()
-
-
-def _atomic_write(path: str, write) -> None:
-    """Run `write(tmp_path)` into a temporary file beside `path`, fsync it, then rename it over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux exposes it (os.umask is not thread-safe)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_json(path: str, obj: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(path, write)
