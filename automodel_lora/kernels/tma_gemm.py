@@ -198,9 +198,9 @@ def tma_smem_floor(cfg_kwargs: dict, q_bytes: int, br: int) -> int:
 
 
 def _prune_to_fit(configs, named_args, **kwargs):
-    """Autotune early prune: drop configs whose shared-memory floor exceeds the device's (the autotuner would
-    skip them when they fail to launch, but picks the first config when every timed one failed); the smallest
-    config is kept whatever happens."""
+    """Autotune early prune: drop configs whose shared-memory floor exceeds the device's before any is compiled
+    (such a config reached a launch and raised OutOfResources on an H100); the smallest config is kept
+    whatever happens."""
     device = torch.cuda.current_device()
     limit = shared_memory_per_block(device)
     fit = [c for c in configs if tma_smem_floor(c.kwargs, kwargs["Q_BYTES"], kwargs["BR"]) <= limit]
