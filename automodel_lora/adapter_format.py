@@ -35,6 +35,9 @@ PEFT_KEY_PREFIX = "base_model.model."
 # `<prefix><fqn>.lora_A.weight`, also with PEFT's in-memory adapter name (`.lora_A.default.weight`), and
 # `<prefix><fqn>.lora_B.bias` (PEFT's `lora_bias`).
 _ADAPTER_KEY = re.compile(r"^(?P<fqn>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.(?P<param>weight|bias)$")
+# An embedding's `<prefix><fqn>.lora_embedding_A` / `_B` (no `.weight`; `.lora_embedding_A.<name>` in memory): read
+# as the (r, num_embeddings) / (embedding_dim, r) pair of `lora_A` / `lora_B` shapes.
+_EMBEDDING_KEY = re.compile(r"^(?P<fqn>.+)\.lora_embedding_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?(?P<param>)$")
 # DoRA's magnitude: `<prefix><fqn>.lora_magnitude_vector` on disk (no `.weight`), `...vector.<name>.weight` in memory.
 _MAGNITUDE_KEY = re.compile(r"^(?P<fqn>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+\.weight)?$")
 
@@ -356,7 +359,7 @@ def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
     halves: dict[str, dict[str, torch.Tensor]] = {}
     saved, magnitudes = {}, {}
     for key, tensor in tensors.items():
-        match = _ADAPTER_KEY.match(key.removeprefix(PEFT_KEY_PREFIX))
+        match = _ADAPTER_KEY.match(key.removeprefix(PEFT_KEY_PREFIX)) or _EMBEDDING_KEY.match(key.removeprefix(PEFT_KEY_PREFIX))
         if match is None and (dora := _MAGNITUDE_KEY.match(key.removeprefix(PEFT_KEY_PREFIX))) is not None:
             _check_values(path, key, tensor)
             magnitudes[dora["fqn"]] = tensor
@@ -372,7 +375,7 @@ def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
                 f"modules_to_save={modules_to_save!r} selects; only LoRA adapters (with modules_to_save) are supported"
             )
         _check_values(path, key, tensor)
-        halves.setdefault(match["fqn"], {})[match["which"] + ("" if match["param"] == "weight" else ".bias")] = tensor
+        halves.setdefault(match["fqn"], {})[match["which"] + ("" if match["param"] in ("weight", "") else ".bias")] = tensor
     pairs, biases = {}, {}
     for fqn, half in halves.items():
         if not {"A", "B"} <= set(half):

@@ -44,9 +44,9 @@ from .adapter_slots import (
 from .atomic_files import atomic_write, atomic_write_json
 from .config import LoraSettings, PeftConfig
 from .dora import magnitude_of
+from .embedding_lora import adapter_features, adapter_keys, is_lora_target
 from .kernels.options import KernelOptions
 from .lora import lora_modules
-from .matcher import is_adaptable, is_conv1d
 from .modules_to_save import check_saved_tensors, load_saved_tensors, modules_to_save_state
 from .recompute import recompute_mlp_inputs
 
@@ -69,8 +69,8 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
     state = {}
     for fqn, module in adapter_holders(model, adapter_name)[1]:
         prefix = f"{fqn}." if fqn else ""
-        state[f"{prefix}lora_A.weight"] = _full_tensor(module.lora_A.weight)
-        state[f"{prefix}lora_B.weight"] = _full_tensor(module.lora_B.weight)
+        key_A, key_B = adapter_keys(module)  # PEFT's names: `lora_embedding_A` / `_B` on an embedding
+        state[prefix + key_A], state[prefix + key_B] = _full_tensor(module.lora_A.weight), _full_tensor(module.lora_B.weight)
         if module.lora_B.bias is not None:
             state[f"{prefix}lora_B.bias"] = _full_tensor(module.lora_B.bias)
         magnitude = magnitude_of(module)
@@ -302,13 +302,13 @@ def _check_unpatched_model(model: nn.Module, modules: dict[str, nn.Module], pair
     """Every key must name a linear module whose (in, out) features the tensors fit."""
     for fqn, (lora_A, lora_B) in pairs.items():
         module = modules.get(fqn)
-        if not is_adaptable(module):
-            what = "no such module" if module is None else f"a {type(module).__name__}, not a linear layer"
+        if not is_lora_target(module):
+            what = "no such module" if module is None else f"a {type(module).__name__}, not a linear or embedding"
             raise AdapterFormatError(
                 f"adapter key {PEFT_KEY_PREFIX}{fqn}.lora_A.weight names {fqn!r}: {what} in {type(model).__name__}"
             )
-        # a Conv1D stores its weight (in, out); its adapter has the (r, in) / (out, r) shapes of a linear's
-        in_features, out_features = module.weight.shape if is_conv1d(module) else (module.in_features, module.out_features)
+        # a Conv1D stores its weight (in, out), an embedding (num_embeddings, dim); adapters are (r, in) / (out, r)
+        in_features, out_features = adapter_features(module)
         if lora_A.shape[1] != in_features or lora_B.shape[0] != out_features:
             raise AdapterFormatError(
                 f"{source}: {fqn!r} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, but the model's "
@@ -325,7 +325,7 @@ def _check_targets_covered(model: nn.Module, pairs, peft_cfg: AdapterConfig, str
     missing = sorted(
         name
         for name, m in model.named_modules()
-        if is_adaptable(m)
+        if is_lora_target(m)
         and id(m) not in parts
         and name not in pairs
         and peft_cfg.selects(name)

@@ -11,7 +11,7 @@ from torch import nn
 from .adapter_format import peft_selects
 from .adapter_slots import adapter_holders, adapter_part_ids
 from .config import PeftConfig
-from .matcher import is_adaptable
+from .embedding_lora import is_embedding, is_lora_target
 from .modules_to_save import marked_modules
 
 
@@ -60,7 +60,7 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
         "use_rslora": rslora.pop(),
         "bias": "none",
         # PEFT's flag for `Conv1D` bases (weight `(in, out)`); PEFT corrects it per module by type on load.
-        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in modules),
+        "fan_in_fan_out": any(m.fan_in_fan_out and not is_embedding(m) for _, m in modules),  # PEFT: Conv1D only
         "init_lora_weights": True,
         # the FQNs of the modules trained fully (PEFT's rule `fqn.endswith(entry)` selects each one)
         "modules_to_save": [name for name, _ in marked_modules(model)] or None,
@@ -75,7 +75,7 @@ def _targets(model: nn.Module, adapted: list[str], peft_config: PeftConfig | Non
     """`target_modules`, `layers_to_transform` and `layers_pattern` that select exactly `adapted` by PEFT's rule."""
     short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
     parts = adapter_part_ids(model)
-    linears = [n for n, m in model.named_modules() if is_adaptable(m) and id(m) not in parts]
+    linears = [n for n, m in model.named_modules() if is_lora_target(m) and id(m) not in parts]
     choices = [(None, None)]
     if peft_config is not None and peft_config.layers_to_transform not in (None, []):
         choices.append((peft_config.layers_to_transform, peft_config.layers_pattern))

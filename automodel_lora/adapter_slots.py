@@ -28,6 +28,7 @@ from torch import nn
 
 from .config import LoraSettings
 from .dora import MAGNITUDE, magnitude_of
+from .embedding_lora import is_embedding, patch_embedding_module
 from .lora import LinearLoRA, is_lora_module, lora_modules, new_adapter_parts, patch_linear_module
 
 DEFAULT_ADAPTER_NAME = "default"
@@ -174,7 +175,8 @@ def attach_adapter(module: nn.Module, name: str, settings: LoraSettings, use_tri
             put_in_place(module, name)
             set_in_use(module, True)
         return
-    patch_linear_module(module, settings, use_triton=use_triton)
+    patch = patch_embedding_module if is_embedding(module) else patch_linear_module
+    patch(module, settings, use_triton=use_triton)
     if name != DEFAULT_ADAPTER_NAME:
         module.lora_adapter_name = name
     if not in_use:

@@ -31,6 +31,7 @@ from .adapter_slots import (
 )
 from .config import PeftConfig
 from .dora import MAGNITUDE, MERGE_NORM, dora_folded, magnitude_of, record_merge_norm, reset_magnitude_
+from .embedding_lora import check_embedding_selection, init_holder, unpatch_parameters
 from .kernels.options import KernelOptions
 from .lora import LORA_ATTRIBUTES, LinearLoRA, is_lora_module, lora_modules
 from .matcher import ModuleMatcher, is_adaptable, is_plain_name, name_matches, near_misses, output_head_names
@@ -98,6 +99,7 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
             f"It has {len(linear_names)} linear modules, e.g. {linear_names[:8]}; "
             "a plain name matches a FQN or its dotted suffix ('q_proj'), a glob the whole FQN ('*.mlp.*')"
         )
+    check_embedding_selection(selected, cfg.lora_settings(), adapter_name, first)
     to_save = select_modules_to_save(model, cfg.modules_to_save, [n for n, _ in selected], cfg.allow_unmatched_targets)
     if first:  # later adapters leave what is trainable as it is
         model.requires_grad_(False)
@@ -154,7 +156,7 @@ def init_lora_weights(model: nn.Module) -> int:
     modules = lora_modules(model)
     for _, module in modules:
         for holder in holders(module).values():
-            LinearLoRA.reset_lora_parameters(holder)
+            init_holder(module, holder, LinearLoRA.reset_lora_parameters)  # an embedding has its own init
             reset_magnitude_(module, holder)  # DoRA: ||W||_row, from the module's base weight
     return len(modules)
 
@@ -352,6 +354,7 @@ def unpatch(module: LinearLoRA) -> None:
     for attr in (*ADAPTER_PARTS, INACTIVE):
         module._modules.pop(attr, None)
     module._parameters.pop(MAGNITUDE, None)
+    unpatch_parameters(module)  # an embedding's lora_embedding_A / lora_embedding_B
     for attr in (*LORA_ATTRIBUTES, "lora_adapter_name", "lora_enabled", MERGE_NORM):
         module.__dict__.pop(attr, None)
     module.__class__ = module._lora_base_cls

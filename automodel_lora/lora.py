@@ -40,6 +40,7 @@ from .config import LoraSettings
 from .deprecated import LEGACY_ATTRIBUTES as _LEGACY_ATTRIBUTES
 from .deprecated import DeprecatedAlias as _DeprecatedAlias
 from .dora import MAGNITUDE, dora_forward, dora_scale, finish_dora, new_magnitude, reset_magnitude_
+from .embedding_lora import EmbeddingLoRA
 from .kernels import lora_add, lora_linear, lora_linear_dequant
 from .matcher import conv1d_class, is_conv1d
 from .patching import is_swapped_class, swapped_class, swapped_reduce
@@ -205,12 +206,11 @@ class FusedLinearLoRA(LinearLoRA):
 
     A dense frozen base goes through `lora_linear` (base GEMM and adapter in one
     autograd node), and so does a bitsandbytes 4-bit base whose weight bitsandbytes
-    would dequantize anyway (`lora_linear_dequant`: dequantized in forward and again
-    in backward, never saved); any other base (a trainable weight, a subclass with
-    its own forward, 4-bit under torch.compile) computes its own product and the
-    adapter is added by `lora_add`. Those functions run Triton kernels on CUDA (with
-    `lora_settings.kernels` as their `KernelOptions`) and the PyTorch reference math
-    elsewhere, inside the same autograd function. (Formerly `TritonLinearLoRA`.)
+    would dequantize anyway (`lora_linear_dequant`: dequantized in forward and again in backward, never saved); any
+    other base (a trainable weight, a subclass with its own forward, 4-bit under torch.compile) computes its own
+    product and the adapter is added by `lora_add`. Those functions run Triton kernels on CUDA (with
+    `lora_settings.kernels` as their `KernelOptions`) and the PyTorch reference math elsewhere, inside the same
+    autograd function. (Formerly `TritonLinearLoRA`.)
 
     DoRA (`use_dora`): the same functions compute `x W^T + s B A x` without the base bias, then `dora.finish_dora`
     scales the rows by `m / ||W + s B A||_row` and adds the bias in PyTorch (extra passes over y and dy: folding
@@ -322,8 +322,8 @@ def _lora_class_for(lora_cls: type[LinearLoRA], base_cls: type[nn.Linear]) -> ty
 
 
 def is_lora_module(module: nn.Module) -> bool:
-    """True for a module that carries a LoRA adapter of this library."""
-    return isinstance(module, LinearLoRA)
+    """True for a module that carries a LoRA adapter of this library (a linear or an `EmbeddingLoRA`)."""
+    return isinstance(module, (LinearLoRA, EmbeddingLoRA))
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LinearLoRA]]:

@@ -102,7 +102,7 @@ class ModuleMatcher:
         for pattern in self.target_modules:
             if not name_matches(pattern, name):
                 continue
-            if is_adaptable(module):
+            if is_adaptable(module) or isinstance(module, nn.Embedding):  # embeddings only when named
                 return True
             if is_plain_name(pattern):
                 raise ValueError(
