@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .embedding_lora import embedding_table_of
 from .matcher import in_layers, pattern_key, pattern_key_regex
 from .modules_to_save import module_to_save_of, read_modules_to_save
 
@@ -336,10 +337,11 @@ def check_tensors_fit_config(config: AdapterConfig, pairs: dict[str, tuple[torch
 
 
 def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
-    """`(pairs, saved, biases, magnitudes)`: `adapter_model.safetensors` as `{fqn: (lora_A (r, in), lora_B (out,
+    """`(pairs, saved, biases, magnitudes, tables)`: `adapter_model.safetensors` as `{fqn: (lora_A (r, in), lora_B (out,
     r))}`, the full tensors of `modules_to_save` modules as `{<fqn>.<name>: tensor}` (PEFT's prefix stripped),
     PEFT's `lora_bias` tensors as `{fqn: lora_B.bias}` (shapes checked by `adapter_bias.check_file_biases`) and
-    DoRA's as `{fqn: lora_magnitude_vector}` (checked by `adapter_dora.check_file_magnitudes`), every tensor checked.
+    DoRA's as `{fqn: lora_magnitude_vector}` (checked by `adapter_dora.check_file_magnitudes`), and PEFT's copies of
+    adapted embeddings' tables as `{fqn: table}` (`embedding_lora.check_embedding_tables`), every tensor checked.
 
     Raises:
         FileNotFoundError: no such file.
@@ -357,12 +359,15 @@ def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFormatError(f"{path!r} is not a readable safetensors file ({e}); save the adapter again") from None
     halves: dict[str, dict[str, torch.Tensor]] = {}
-    saved, magnitudes = {}, {}
+    saved, magnitudes, tables = {}, {}, {}
     for key, tensor in tensors.items():
         match = _ADAPTER_KEY.match(key.removeprefix(PEFT_KEY_PREFIX)) or _EMBEDDING_KEY.match(key.removeprefix(PEFT_KEY_PREFIX))
         if match is None and (dora := _MAGNITUDE_KEY.match(key.removeprefix(PEFT_KEY_PREFIX))) is not None:
             _check_values(path, key, tensor)
             magnitudes[dora["fqn"]] = tensor
+            continue
+        if match is None and (table := embedding_table_of(key.removeprefix(PEFT_KEY_PREFIX))) is not None:
+            tables[table] = tensor  # PEFT's copy of an adapted embedding's table: `check_embedding_tables`
             continue
         if match is None and module_to_save_of(key.removeprefix(PEFT_KEY_PREFIX), modules_to_save):
             if tensor.is_floating_point():
@@ -395,7 +400,7 @@ def read_adapter_file(path: str, modules_to_save: list[str] | None = None):
         pairs[fqn] = (lora_A, lora_B)
     if not pairs:
         raise AdapterFormatError(f"{path} holds no adapter tensors")
-    return pairs, saved, biases, magnitudes
+    return pairs, saved, biases, magnitudes, tables
 
 
 def _check_values(path: str, key: str, tensor: torch.Tensor) -> None:

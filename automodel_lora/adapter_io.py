@@ -44,7 +44,7 @@ from .adapter_slots import (
 from .atomic_files import atomic_write, atomic_write_json
 from .config import LoraSettings, PeftConfig
 from .dora import magnitude_of
-from .embedding_lora import adapter_features, adapter_keys, is_lora_target
+from .embedding_lora import adapter_features, adapter_keys, check_embedding_tables, is_lora_target
 from .kernels.options import KernelOptions
 from .lora import lora_modules
 from .modules_to_save import check_saved_tensors, load_saved_tensors, modules_to_save_state
@@ -211,7 +211,8 @@ def load_adapter(
     peft_cfg = read_adapter_config(os.path.join(path, ADAPTER_CONFIG_NAME))
     library_cfg = _read_library_config(os.path.join(path, LIBRARY_CONFIG_NAME))
     weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
-    pairs, saved, biases, magnitudes = read_adapter_file(weights_path, peft_cfg.modules_to_save)
+    pairs, saved, biases, magnitudes, tables = read_adapter_file(weights_path, peft_cfg.modules_to_save)
+    check_embedding_tables(model, tables, pairs, weights_path)
     check_file_biases(peft_cfg, pairs, biases, weights_path)
     check_file_magnitudes(peft_cfg, pairs, magnitudes, weights_path)
     names = adapter_names(model)

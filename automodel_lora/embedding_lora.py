@@ -25,6 +25,7 @@ The PyTorch path only: `use_triton` has no effect here.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -37,6 +38,8 @@ from .patching import is_swapped_class, swapped_class, swapped_reduce
 
 EMBEDDING_A = "lora_embedding_A"
 EMBEDDING_B = "lora_embedding_B"
+# HF PEFT's `save_pretrained` also writes the full table of a targeted embedding (`save_embedding_layers="auto"`).
+_TABLE_KEY = re.compile(r"^(?P<fqn>.+)\.base_layer\.weight$")
 
 
 class _LinearView:
@@ -250,3 +253,35 @@ def unpatch_parameters(module: nn.Module) -> None:
     """Take the embedding adapter's parameters off `module` (nothing for a linear)."""
     for name in (EMBEDDING_A, EMBEDDING_B):
         module._parameters.pop(name, None)
+
+
+def embedding_table_of(key: str) -> str | None:
+    """The FQN whose full embedding table `key` (PEFT's prefix stripped) is, as PEFT writes it beside the adapter
+    of a targeted embedding (`<fqn>.base_layer.weight`), or None for any other key."""
+    match = _TABLE_KEY.match(key)
+    return None if match is None else match["fqn"]
+
+
+def check_embedding_tables(model: nn.Module, tables: dict[str, torch.Tensor], pairs: dict, path: str) -> None:
+    """PEFT's saved embedding tables must be the model's own: the adapter is loaded onto this model's table, which
+    is not replaced (it may be tied to the output head). Changes nothing.
+
+    Raises:
+        ValueError: a table of a module the file has no embedding adapter for, or one that differs from the model's
+            (a resized or retrained vocabulary).
+    """
+    modules = dict(model.named_modules())
+    for fqn, table in tables.items():
+        module = modules.get(fqn)
+        if fqn not in pairs or not is_embedding(module):
+            raise ValueError(
+                f"{path}: key {fqn}.base_layer.weight is not the table of an embedding the file adapts; only LoRA "
+                "adapters (and PEFT's copy of an adapted embedding's table) can be loaded"
+            )
+        weight = module.weight.detach()
+        if tuple(weight.shape) != tuple(table.shape) or not torch.equal(weight.cpu(), table.to(weight.dtype)):
+            raise ValueError(
+                f"{path}: PEFT saved the table of {fqn!r} ({tuple(table.shape)}), and it differs from the model's "
+                f"({tuple(weight.shape)}): the adapter was trained on another vocabulary or table. Load it onto the "
+                "base model it was trained with (resize / load that table first), then load the adapter"
+            )

@@ -31,7 +31,7 @@ from .adapter_slots import (
 )
 from .config import PeftConfig
 from .dora import MAGNITUDE, MERGE_NORM, dora_folded, magnitude_of, record_merge_norm, reset_magnitude_
-from .embedding_lora import check_embedding_selection, init_holder, unpatch_parameters
+from .embedding_lora import check_embedding_selection, init_holder, is_embedding, unpatch_parameters
 from .kernels.options import KernelOptions
 from .lora import LORA_ATTRIBUTES, LinearLoRA, is_lora_module, lora_modules
 from .matcher import ModuleMatcher, is_adaptable, is_plain_name, name_matches, near_misses, output_head_names
@@ -138,8 +138,9 @@ def _check_every_target_matches(model: nn.Module, cfg: PeftConfig, linear_names:
     layer selection), else it is most likely a typo: raise naming it and its nearest real names. A plain
     name of a non-linear module is left to `ModuleMatcher`, whose error says so."""
     all_names = [name for name, _ in model.named_modules()]
+    embedding_names = [name for name, m in model.named_modules() if is_embedding(m)]
     for entry in cfg.target_modules:
-        names = all_names if is_plain_name(entry) else linear_names
+        names = all_names if is_plain_name(entry) else linear_names + embedding_names  # embeddings when named
         if any(name_matches(entry, name) for name in names):
             continue
         close = near_misses(entry, linear_names)
