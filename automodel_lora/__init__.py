@@ -20,6 +20,8 @@ _LAZY = {
     "PeftConfig": ".config",
     "apply_lora_to_linear_modules": ".injection",
     "init_lora_weights": ".injection",
+    "EmbeddingLoRA": ".embedding_lora",
+    "patch_embedding_module": ".embedding_lora",
     "merge_and_save": ".merged_save",
     "merge_lora": ".injection",
     "remove_lora": ".injection",
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFormatError",
+    "EmbeddingLoRA",
     "FusedLinearLoRA",
     "KernelOptions",
     "LinearLoRA",
@@ -63,6 +66,7 @@ __all__ = [
     "lora_state_dict",
     "merge_and_save",
     "merge_lora",
+    "patch_embedding_module",
     "patch_linear_module",
     "remove_lora",
     "save_adapter",

@@ -27,8 +27,10 @@ Rules (FQN = the name `model.named_modules()` gives, e.g.
 - `target_modules` given as one string is one pattern; None means no entries.
 - Only linear layers (`nn.Linear` and its subclasses, bitsandbytes' included,
   and transformers' `Conv1D` of GPT-2-style models, weight stored `(in, out)`)
-  are adapted. A plain name that lands on another kind of module is an error;
-  a wildcard pattern simply skips non-linear modules.
+  are adapted, and `nn.Embedding`s that a `target_modules` entry selects (plain
+  name, glob or regex; `match_all_linear` and exclude-only configs never take
+  them). A plain name that lands on another kind of module is an error;
+  a wildcard pattern simply skips the other modules.
 """
 
 from __future__ import annotations
@@ -107,8 +109,8 @@ class ModuleMatcher:
             if is_plain_name(pattern):
                 raise ValueError(
                     f"target_modules entry {pattern!r} selects {name!r}, a {type(module).__name__}, "
-                    "which is not a linear layer; only nn.Linear (bitsandbytes Linear4bit too) and transformers "
-                    "Conv1D can be adapted. "
+                    "which is not a linear layer; only nn.Linear (bitsandbytes Linear4bit too), transformers "
+                    "Conv1D and nn.Embedding can be adapted. "
                     "Name its linear children instead (e.g. 'q_proj') or add it to exclude_modules"
                 )
         return False

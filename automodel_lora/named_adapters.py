@@ -34,6 +34,7 @@ from .adapter_slots import (
     set_in_use,
 )
 from .config import LoraSettings
+from .embedding_lora import is_embedding_lora
 from .injection import remove_lora, unpatch
 from .lora import LinearLoRA, lora_modules
 
@@ -155,7 +156,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
 
     Raises:
         ValueError: an unknown adapter, `weights` of another length, an existing or unusable `adapter_name`,
-            an unknown `combination_type`, ranks that differ under `"linear"`, a DoRA adapter, or a merged model.
+            an unknown `combination_type`, ranks that differ under `"linear"`, a DoRA adapter, an adapter on an
+            embedding, or a merged model.
     """
     check_adapter_name(adapter_name)
     names = adapter_names(model)
@@ -173,6 +175,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if dora:  # each magnitude rescales its own direction: a weighted sum of DoRA adapters is no DoRA adapter
         raise ValueError(f"add_weighted_adapter cannot combine DoRA adapters ({dora} use use_dora); combine plain "
                          "LoRA adapters, or merge each DoRA adapter on its own")
+    embeddings = [fqn for fqn, m in lora_modules(model) if is_embedding_lora(m) and m.lora_adapter_name in adapters]
+    if embeddings:  # named adapters are for linear modules: an embedding holds one adapter only
+        raise ValueError(f"add_weighted_adapter cannot combine adapters of embeddings ({embeddings}); remove_lora and "
+                         "apply the adapters to combine without the embedding in target_modules")
     ranks = {name: sorted({h.lora_settings.dim for _, h in adapter_holders(model, name)[1]}) for name in adapters}
     if combination_type == "linear" and len({r for rs in ranks.values() for r in rs}) > 1:
         raise ValueError(f"combination_type='linear' needs adapters of one rank, but their ranks are {ranks}; use "

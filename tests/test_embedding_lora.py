@@ -139,6 +139,15 @@ def test_a_second_named_adapter_on_an_embedding_is_refused():
         al.apply_lora_to_linear_modules(model, {"target_modules": TARGETS}, adapter_name="other")
     al.apply_lora_to_linear_modules(model, {"target_modules": ["q_proj"]}, adapter_name="other")  # linears: fine
     assert al.adapter_names(model) == ["default", "other"]
+    with pytest.raises(ValueError, match=r"cannot combine adapters of embeddings \(\['model\.embed_tokens'\]"):
+        al.add_weighted_adapter(model, ["default", "other"], [0.5, 0.5], "mix")
+    expected = logits(model)
+    al.set_adapter(model, "other")  # the embedding has no "other": it computes its base alone
+    assert not model.model.embed_tokens.lora_enabled and not model.model.embed_tokens.lora_embedding_A.requires_grad
+    al.set_adapter(model, "default")
+    assert_close(logits(model), expected, what="logits back on the default adapter")
+    al.delete_adapter(model, "default")  # the embedding loses its only adapter: it is a plain embedding again
+    assert type(model.model.embed_tokens) is nn.Embedding and al.adapter_names(model) == ["other"]
 
 
 def test_merge_equals_the_unmerged_output_and_remove_restores_the_model():
@@ -231,3 +240,12 @@ def test_recipe_trains_the_embedding_adapter_and_saves_it_in_peft_format(tmp_pat
     assert len(embedding_A) == 1 and embedding_A[0].any(), "the embedding adapter was not trained (A starts at zero)"
     config = json.loads(open(f"{summary['adapter']}/adapter_config.json").read())
     assert "embed_tokens" in config["target_modules"]
+
+
+def test_a_meta_built_embedding_is_initialised_by_init_lora_weights():
+    model = nn.Sequential(nn.Embedding(10, 4, device="meta"), nn.Linear(4, 4, device="meta"))
+    assert al.apply_lora_to_linear_modules(model, {"target_modules": ["0", "1"], "dim": 2}) == 2
+    model.to_empty(device="cpu")
+    assert al.init_lora_weights(model) == 2
+    assert not model[0].lora_embedding_A.any() and model[0].lora_embedding_B.abs().sum() > 0  # PEFT's init
+    assert model[1].lora_A.weight.abs().sum() > 0 and not model[1].lora_B.weight.any()
