@@ -10,7 +10,8 @@ shapes, so the state-dict keys are PEFT's on-disk keys less the `base_model.mode
 The lookup `A^T[x]` is `F.embedding` with the base's `padding_idx`, `max_norm`, `norm_type`,
 `scale_grad_by_freq` and `sparse`, as PEFT's `Embedding._embed` does: the adapter's padding column gets no
 gradient (the base's padding row semantics), and with `max_norm` the looked-up columns of `A` are renormed in
-place, as the base's rows are. PEFT applies no dropout on embeddings and neither does this layer
+place, as the base's rows are (on a copy when `lora_dtype` differs from the table's: the lookup runs in the
+table's dtype). PEFT applies no dropout on embeddings and neither does this layer
 (`lora_dropout` exists, with the configured `p`, only so the PEFT config writer reads the same attribute).
 An embedding with an `embed_scale` (Gemma-style scaled embeddings) scales the adapter term too (PEFT's rule).
 
