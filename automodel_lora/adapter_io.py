@@ -40,11 +40,12 @@ from .adapter_slots import (
     adapter_part_ids,
     attach_adapter,
     check_adapter_name,
+    check_not_in_disabled_block,
 )
 from .atomic_files import atomic_write, atomic_write_json
 from .config import LoraSettings, PeftConfig
 from .dora import magnitude_of
-from .embedding_lora import adapter_features, adapter_keys, check_embedding_tables, is_lora_target
+from .embedding_lora import adapter_features, adapter_keys, check_embedding_selection, check_embedding_tables, is_lora_target
 from .kernels.options import KernelOptions
 from .lora import lora_modules
 from .modules_to_save import check_saved_tensors, load_saved_tensors, modules_to_save_state
@@ -216,6 +217,7 @@ def load_adapter(
     check_file_biases(peft_cfg, pairs, biases, weights_path)
     check_file_magnitudes(peft_cfg, pairs, magnitudes, weights_path)
     names = adapter_names(model)
+    check_not_in_disabled_block(lora_modules(model), "load an adapter")
     merged = sorted(fqn for fqn, m in lora_modules(model) if m.lora_merged)
     if merged:
         raise ValueError(f"the model's adapters are merged (e.g. {merged[:3]}); call unmerge_lora(model) before load_adapter")
@@ -235,6 +237,8 @@ def load_adapter(
             )
         modules = dict(model.named_modules())
         _check_unpatched_model(model, modules, pairs, weights_path)
+        if names:  # beside the model's adapters: linear modules only (named adapters are not on embeddings)
+            check_embedding_selection([(fqn, modules[fqn]) for fqn in pairs], LoraSettings(), name, first=False)
         check_tensors_fit_config(peft_cfg, pairs, weights_path)
         _check_targets_covered(model, pairs, peft_cfg, strict)
         _patch_from_file(model, modules, pairs, peft_cfg, library_cfg, use_triton, kernels, name, in_use=not names)

@@ -121,6 +121,7 @@ def put_in_place(module: LinearLoRA, name: str) -> None:
     old_name = module.lora_adapter_name
     del inactive[name]
     inactive[old_name] = entry
+    entry.requires_grad_(False)  # an adapter out of place never trains (DDP would wait for its gradients)
     module.lora_adapter_name = name
 
 
@@ -130,6 +131,18 @@ def drop_inactive(module: LinearLoRA, name: str) -> None:
     del inactive[name]
     if not len(inactive):
         del module.lora_inactive
+
+
+# Set on every adapted module for the duration of `disable_adapter`: switching or adding adapters inside it
+# would be undone by the block's exit, so those calls refuse while it is there.
+DISABLED_BLOCK = "_lora_disabled_block"
+
+
+def check_not_in_disabled_block(modules, verb: str) -> None:
+    """Raise if `disable_adapter` is active on any of `modules` (`(fqn, module)` pairs)."""
+    if any(DISABLED_BLOCK in m.__dict__ for _, m in modules):
+        raise ValueError(f"cannot {verb} inside `with disable_adapter(model):`; leave the block first (on exit it "
+                         "puts back what each module computed before it)")
 
 
 def set_in_use(module: LinearLoRA, enabled: bool) -> None:

@@ -26,6 +26,7 @@ from .adapter_slots import (
     adapter_part_ids,
     attach_adapter,
     check_adapter_name,
+    check_not_in_disabled_block,
     holder_of,
     holders,
 )
@@ -116,6 +117,7 @@ def _check_new_adapter(model: nn.Module, adapter_name: str, cfg: PeftConfig) -> 
     """`(first, in_use)`: whether `adapter_name` is the model's first adapter, and whether modules that get it
     now compute with it (it is the adapter in use, or the first one), after checking it may be added."""
     existing = adapter_names(model)
+    check_not_in_disabled_block(lora_modules(model), "add adapters")
     if existing and any(m.lora_merged for _, m in lora_modules(model)):
         raise ValueError("the model's adapter is merged; call unmerge_lora(model) before adding adapters")
     if adapter_name not in existing and existing and cfg.modules_to_save:

@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from .adapter_slots import (
+    DISABLED_BLOCK,
     adapter_holders,
     adapter_names,
     add_inactive,
     check_adapter_name,
+    check_not_in_disabled_block,
     drop_inactive,
     holder_of,
     holders,
@@ -62,6 +64,7 @@ def _modules_or_raise(model: nn.Module, name: str, verb: str) -> list[tuple[str,
     if merged:
         raise ValueError(f"cannot {verb} adapter {name!r}: the model's adapter is merged (e.g. {merged[:3]}); "
                          "call unmerge_lora(model) first")
+    check_not_in_disabled_block(modules, f"{verb} adapter {name!r}")
     return modules
 
 
@@ -97,13 +100,16 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     if merged:
         raise ValueError(f"disable_adapter: the model's adapter is merged into its weights (e.g. {merged[:3]}); "
                          "call unmerge_lora(model) first")
+    check_not_in_disabled_block(modules, "nest disable_adapter")
     before = [(m, m.__dict__.get("lora_enabled")) for _, m in modules]
     try:
         for _, module in modules:
             module.lora_enabled = False
+            module.__dict__[DISABLED_BLOCK] = True
         yield model
     finally:
         for module, value in before:
+            module.__dict__.pop(DISABLED_BLOCK, None)
             if value is None:  # the class default: leave no instance attribute behind
                 module.__dict__.pop("lora_enabled", None)
             else:
@@ -183,14 +189,16 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if combination_type == "linear" and len({r for rs in ranks.values() for r in rs}) > 1:
         raise ValueError(f"combination_type='linear' needs adapters of one rank, but their ranks are {ranks}; use "
                          "combination_type='cat'")
+    # one lora_bias flag for the whole new adapter (PEFT's format has one): a zero bias where no source had one
+    lora_bias = any(h.lora_B.bias is not None for n in adapters for _, h in adapter_holders(model, n)[1])
     for _, module in lora_modules(model):
         sources = [(holder_of(module, n), w) for n, w in zip(adapters, weights, strict=True)]
         sources = [(h, float(w)) for h, w in sources if h is not None]
         if sources:
-            _add_combination(module, adapter_name, sources, combination_type)
+            _add_combination(module, adapter_name, sources, combination_type, lora_bias)
 
 
-def _add_combination(module: LinearLoRA, name: str, sources: list, combination_type: str) -> None:
+def _add_combination(module: LinearLoRA, name: str, sources: list, combination_type: str, lora_bias: bool) -> None:
     """Build `module`'s adapter `name` from `(holder, weight)` pairs (see `add_weighted_adapter`)."""
     factors = [w * h.lora_settings.scale for h, w in sources]
     As = [h.lora_A.weight.float() for h, _ in sources]  # (r_i, in)
@@ -204,7 +212,7 @@ def _add_combination(module: LinearLoRA, name: str, sources: list, combination_t
     rank = lora_A.shape[0]
     biased = [(f, h.lora_B.bias) for f, (h, _) in zip(factors, sources, strict=True) if h.lora_B.bias is not None]
     first: LoraSettings = sources[0][0].lora_settings
-    settings = first.replace(dim=rank, alpha=rank, use_rslora=False, lora_bias=bool(biased))
+    settings = first.replace(dim=rank, alpha=rank, use_rslora=False, lora_bias=lora_bias)
     holder = add_inactive(module, name, settings)
     holder.lora_A.weight.copy_(lora_A)
     holder.lora_B.weight.copy_(lora_B)

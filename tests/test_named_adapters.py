@@ -271,3 +271,58 @@ def test_lora_bias_adapters_switch_save_and_combine_exactly(tmp_path):
         return h.lora_B(h.lora_A(x)) * h.lora_settings.scale
     with torch.no_grad():
         assert_close(delta(hs["mix"]), 0.5 * delta(hs["default"]) + 2.0 * delta(hs["two"]), what="cat with biases")
+
+
+def test_switching_or_adding_inside_disable_adapter_is_refused_and_leaves_the_model_as_it_was():
+    model = two_adapters()
+    expected = logits(model)
+    with al.disable_adapter(model):
+        for call in (lambda: al.set_adapter(model, "mlp"), lambda: al.delete_adapter(model, "default"),
+                     lambda: al.apply_lora_to_linear_modules(model, QV, adapter_name="x")):
+            with pytest.raises(ValueError, match="inside `with disable_adapter"):
+                call()
+    assert al.adapter_names(model) == ["default", "mlp"] and al.active_adapter(model) == "default"
+    assert_close(logits(model), expected, what="after the block")
+
+
+def test_only_the_adapter_in_use_is_trainable_after_any_sequence_of_switches():
+    model = two_adapters()
+    al.apply_lora_to_linear_modules(model, QV, adapter_name="third")
+    for name in ("mlp", "third", "default", "mlp"):
+        al.set_adapter(model, name)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        expected = {f"{fqn}.{part}.weight" for fqn, _ in al.adapter_slots.adapter_holders(model, name)[1]
+                    for part in ("lora_A", "lora_B")}
+        assert trainable == expected, name
+
+
+def test_loading_a_second_adapter_onto_an_embedding_is_refused_before_anything_changes(tmp_path):
+    source = tiny_llama()
+    al.apply_lora_to_linear_modules(source, al.PeftConfig(target_modules=["embed_tokens", "q_proj"], dim=4, alpha=8))
+    al.save_adapter(source, tmp_path)
+    model = tiny_llama()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["embed_tokens", "q_proj"], dim=4, alpha=8))
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match="second adapter on the embedding"):
+        al.load_adapter(model, tmp_path, adapter_name="second")
+    assert al.adapter_names(model) == ["default"] and set(model.state_dict()) == keys
+
+
+def test_a_weighted_mix_of_biased_and_plain_adapters_has_one_lora_bias_flag_and_round_trips(tmp_path):
+    model = tiny_llama()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "v_proj"], dim=4, alpha=8,
+                                                         lora_bias=True))
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "k_proj"], dim=2, alpha=2),
+                                    adapter_name="fr")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, module in al.lora_modules(model):
+            for holder in al.adapter_slots.holders(module).values():
+                for p in (*holder.lora_A.parameters(), *holder.lora_B.parameters()):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    al.add_weighted_adapter(model, ["default", "fr"], [0.5, 1.5], "mix", combination_type="cat")
+    al.save_adapter(model, tmp_path, adapter_name="mix")
+    al.set_adapter(model, "mix")
+    fresh = tiny_llama()
+    al.load_adapter(fresh, tmp_path)
+    assert_close(logits(fresh), logits(model), what="the mix reloaded")
