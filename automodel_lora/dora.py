@@ -88,7 +88,10 @@ def weight_sq_norms(module: nn.Module) -> torch.Tensor:
     # under torch.compile the cache is Python state; an inference-mode tensor has no version counter to check
     if torch.compiler.is_compiling() or weight.is_inference():
         return dense_weight(module).to(_acc(weight)).square().sum(1)
-    key = (weight._version, weight.device, weight.dtype, tuple(weight.shape))
+    # the version counter sees in-place writes; the storage pointer, a `.data =` replacement (never the key alone:
+    # an in-place write keeps it). A `weight.data.copy_(...)` bypasses both: write base weights under
+    # `torch.no_grad()` on the parameter itself, as `load_state_dict` does.
+    key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape))
     cached = _WEIGHT_SQ_NORMS.get(weight)
     if cached is not None and cached[0] == key:
         return cached[1]
