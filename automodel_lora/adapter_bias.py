@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter_format import PEFT_KEY_PREFIX, AdapterConfig, AdapterFormatError
+from .adapter_format import AdapterConfig
+from .adapter_vectors import check_file_vectors, check_patched_vectors
 
 
 def check_bias_mergeable(name: str, module: nn.Module) -> None:
@@ -64,48 +65,13 @@ def fold_bias_(module: nn.Module, sign: float) -> None:
 
 
 def check_file_biases(config: AdapterConfig, pairs: dict, biases: dict[str, torch.Tensor], weights_path: str) -> None:
-    """A file's `lora_B.bias` tensors must be the ones its config describes: one `(out_features,)` bias per
-    module with `"lora_bias": true`, none without.
-
-    Raises:
-        AdapterFormatError: naming the file, the tensor key and the fix.
-    """
-    for fqn, bias in biases.items():
-        key = f"{PEFT_KEY_PREFIX}{fqn}.lora_B.bias"
-        if not config.lora_bias:
-            raise AdapterFormatError(
-                f"{weights_path} holds {key}, but {config.path!r} has lora_bias=false, so PEFT would build lora_B "
-                "without a bias and not load it. Set \"lora_bias\": true in adapter_config.json if the adapter was "
-                "trained with lora_bias, else remove the lora_B.bias tensors"
-            )
-        out_features = pairs[fqn][1].shape[0]
-        if bias.shape != (out_features,):
-            raise AdapterFormatError(
-                f"{weights_path}: {key} has shape {tuple(bias.shape)}, but lora_B there has {out_features} out "
-                f"features, so the bias must be ({out_features},); save the adapter again"
-            )
-    if config.lora_bias:
-        missing = sorted(set(pairs) - set(biases))
-        if missing:
-            raise AdapterFormatError(
-                f"{config.path!r} has lora_bias=true, but {weights_path} has no {PEFT_KEY_PREFIX}{missing[0]}.lora_B.bias "
-                f"({len(missing)} module(s) lack one); save the adapter again, or set \"lora_bias\": false if it was "
-                "trained without"
-            )
+    """A file's `lora_B.bias` tensors must be the ones its config describes (`adapter_vectors.check_file_vectors`)."""
+    check_file_vectors(config, pairs, biases, weights_path, field="lora_bias", suffix="lora_B.bias",
+                       trained_with="lora_bias")
 
 
 def check_patched_biases(adapted: dict[str, nn.Module], biases: dict[str, torch.Tensor], path: str) -> None:
-    """Loading into a patched model: each adapted module has a lora_B bias exactly where the file has one.
-
-    Raises:
-        AdapterFormatError: naming the module, the key and the fix.
-    """
-    for fqn, module in adapted.items():
-        has = module.lora_B.bias is not None
-        if has != (fqn in biases):
-            raise AdapterFormatError(
-                f"the model's adapter of {fqn!r} has {'a' if has else 'no'} lora_B bias (patched with "
-                f"lora_bias={has}), but {path!r} has {'none' if has else 'one'} (key {PEFT_KEY_PREFIX}{fqn}.lora_B.bias; "
-                f"lora_bias={not has} there). Load into an unpatched model (load_adapter patches it from the file), "
-                f"or patch with lora_bias={not has}"
-            )
+    """Loading into a patched model: each adapted module has a lora_B bias exactly where the file has one."""
+    check_patched_vectors(adapted, biases, path, field="lora_bias", suffix="lora_B.bias",
+                          has_vector=lambda holder: holder.lora_B.bias is not None,
+                          kinds=("has no lora_B bias", "has a lora_B bias"))
