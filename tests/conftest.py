@@ -105,3 +105,18 @@ class ToyModel(nn.Module):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+
+def edit_adapter_files(path, config=None, tensors=None):
+    """Rewrite a saved adapter directory: `config` keys merged into adapter_config.json, `tensors(old) -> new` applied
+    to adapter_model.safetensors (the tests of files that disagree with themselves or with the model)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    if config is not None:
+        config_path = path / "adapter_config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **config}))
+    if tensors is not None:
+        weights = path / "adapter_model.safetensors"
+        save_file(tensors(load_file(weights)), weights)

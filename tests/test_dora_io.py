@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import automodel_lora as al
 from automodel_lora.dora import MAGNITUDE, magnitude_of
 
-from .conftest import assert_close, tiny_llama
+from .conftest import assert_close, edit_adapter_files, tiny_llama
 from .recipe_helpers import adapter_tensors, run_recipe, tiny_raw_recipe
 from .test_dora import IDS, TARGETS, adapted, logits, randomize
 
@@ -122,15 +122,6 @@ def dora_adapter(tmp_path):
     return tmp_path
 
 
-def edit(path, config=None, tensors=None):
-    if config is not None:
-        config_path = path / "adapter_config.json"
-        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **config}))
-    if tensors is not None:
-        weights = path / "adapter_model.safetensors"
-        save_file(tensors(load_file(weights)), weights)
-
-
 @pytest.mark.parametrize("change, match", [
     (dict(tensors=lambda t: {k: v for k, v in t.items() if not k.endswith(MAGNITUDE)}),
      r"use_dora=true, but .* has no base_model\.model\..*\.lora_magnitude_vector \(8 module\(s\) lack one\)"),
@@ -141,7 +132,7 @@ def edit(path, config=None, tensors=None):
     (dict(config={"use_dora": "yes"}), r"use_dora='yes' must be the JSON literal true or false"),
 ])
 def test_a_file_whose_magnitudes_disagree_with_its_config_is_an_error_naming_key_and_fix(dora_adapter, change, match):
-    edit(dora_adapter, **change)
+    edit_adapter_files(dora_adapter, **change)
     model = tiny_llama()
     with pytest.raises(al.AdapterFormatError, match=match):
         al.load_adapter(model, dora_adapter)

@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import automodel_lora as al
 
-from .conftest import assert_close, tiny_llama
+from .conftest import assert_close, edit_adapter_files, tiny_llama
 from .recipe_helpers import adapter_tensors, run_recipe, tiny_raw_recipe
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64]])
@@ -187,15 +187,6 @@ def bias_adapter(tmp_path):
     return tmp_path
 
 
-def edit(path, config=None, tensors=None):
-    if config is not None:
-        config_path = path / "adapter_config.json"
-        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **config}))
-    if tensors is not None:
-        weights = path / "adapter_model.safetensors"
-        save_file(tensors(load_file(weights)), weights)
-
-
 @pytest.mark.parametrize("change, match", [
     (dict(tensors=lambda t: {k: v for k, v in t.items() if not k.endswith(".bias")}),
      r"lora_bias=true, but .* has no base_model\.model\..*\.lora_B\.bias \(8 module\(s\) lack one\); save the "
@@ -208,7 +199,7 @@ def edit(path, config=None, tensors=None):
     (dict(config={"lora_bias": "yes"}), r"lora_bias='yes' must be the JSON literal true or false"),
 ])
 def test_a_file_whose_biases_disagree_with_its_config_is_an_error_naming_key_and_fix(bias_adapter, change, match):
-    edit(bias_adapter, **change)
+    edit_adapter_files(bias_adapter, **change)
     model = tiny_llama()
     with pytest.raises(al.AdapterFormatError, match=match):
         al.load_adapter(model, bias_adapter)

@@ -31,6 +31,17 @@ def randomize(model, name=None, seed=0):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
+def randomize_every_adapter(model, seed):
+    """Nonzero lora_A / lora_B weights and biases for every adapter of every module, in place or not (the module
+    itself holds the one in place: only its adapter parts are touched, never its base weight)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in al.lora_modules(model):
+            for holder in al.adapter_slots.holders(module).values():
+                for p in (*holder.lora_A.parameters(), *holder.lora_B.parameters()):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
 def single(cfg, seed):
     """A model with one adapter from `cfg`, randomized with `seed`: the reference for that adapter."""
     model = tiny_llama()
@@ -251,12 +262,7 @@ def test_lora_bias_adapters_switch_save_and_combine_exactly(tmp_path):
     model = tiny_llama()
     al.apply_lora_to_linear_modules(model, biased)
     al.apply_lora_to_linear_modules(model, biased, adapter_name="two")
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for _, module in al.lora_modules(model):
-            for holder in al.adapter_slots.holders(module).values():  # the module itself holds the one in place
-                for p in (*holder.lora_A.parameters(), *holder.lora_B.parameters()):
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomize_every_adapter(model, seed=11)
     al.save_adapter(model, tmp_path)
     al.set_adapter(model, "two")
     expected = logits(model)
@@ -314,12 +320,7 @@ def test_a_weighted_mix_of_biased_and_plain_adapters_has_one_lora_bias_flag_and_
                                                          lora_bias=True))
     al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "k_proj"], dim=2, alpha=2),
                                     adapter_name="fr")
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, module in al.lora_modules(model):
-            for holder in al.adapter_slots.holders(module).values():
-                for p in (*holder.lora_A.parameters(), *holder.lora_B.parameters()):
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomize_every_adapter(model, seed=3)
     al.add_weighted_adapter(model, ["default", "fr"], [0.5, 1.5], "mix", combination_type="cat")
     al.save_adapter(model, tmp_path, adapter_name="mix")
     al.set_adapter(model, "mix")
