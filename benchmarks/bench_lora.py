@@ -23,7 +23,8 @@ of each step synchronized (``ratio_sync``):
               xa / dyB made inside it (KernelOptions(fuse_proj=False))
 Model arms (--model-variants; bench_model_arms.py): frozen, triton, peft, peft_bf16 (PEFT, bf16 adapters),
 axolotl (PEFT + axolotl's LoRA_MLP / LoRA_QKV / LoRA_O; needs axolotl on the path and CUDA); optional torch,
-triton_no_recompute (PeftConfig.recompute_mlp_input=False), axolotl_o and the triton_* option variants.
+triton_no_recompute (PeftConfig.recompute_mlp_input=False), axolotl_o and the triton_* option variants;
+frozen_graphed and triton_graphed (default too) replay their arm's step as a CUDA graph (GraphedStep).
 Model shapes (--model-shapes; bench_model_shapes.py): 8b (4-layer Llama-3-8B widths), 1b (Llama-3.2-1B),
 0.5b (Qwen2.5-0.5B).
 Prints the table last; writes the full JSON (GPU, date, commit, autotune choices), and after each section

@@ -17,9 +17,11 @@ import bench_axolotl
 import bench_model_shapes
 import torch
 from bench_common import DEV, free_device_memory, interleaved, peak_delta_mib
-from bench_model_arms import build_arms
+from bench_model_arms import build_arms, eager_arm
 from bench_variants import base_gemm_for, forget_options
 from torch import nn
+
+from automodel_lora import GraphedStep
 
 R = 16
 # Agreement of an arm's logits with the reference: max |difference| <= LOGITS_RTOL * max |reference logit|.
@@ -29,6 +31,7 @@ R = 16
 # logit difference to 42-67% of it: 2**-4 sits ~4x above the one and ~7x below the other.
 LOGITS_RTOL = 2**-4
 MODEL_WARMUP, SMOKE_STEPS = 3, 3
+GRAPH_WARMUP = MODEL_WARMUP - 1  # eager calls of a graphed arm: the last untimed warm-up call captures
 
 
 def run(args) -> dict:
@@ -67,9 +70,15 @@ def run_shape(shape, args) -> tuple[list, list, dict]:
     base = base.to(dtype=torch.bfloat16).requires_grad_(False)
     arms, ref, skipped = build_arms(base, R, args.model_variants)
     ids = [torch.randint(0, cfg.vocab_size, (bsz, seq), device=DEV) for _ in range(2)]
-    diffs, scale, failed = logits_diffs(arms, ref, ids[0])
+    eager = {k: m for k, m in arms.items() if eager_arm(k) == k}  # a graphed arm is checked as its eager arm
+    diffs, scale, failed = logits_diffs(eager, ref, ids[0])
     ref = base = None
-    failed.update(trial_steps({k: m for k, m in arms.items() if k not in failed}, ids[0]))
+    failed.update(trial_steps({k: m for k, m in eager.items() if k not in failed}, ids[0]))
+    for k in arms:
+        if eager_arm(k) in failed:
+            failed[k] = failed[eager_arm(k)]
+        elif eager_arm(k) in diffs:
+            diffs[k] = diffs[eager_arm(k)]
     skipped.update(failed)
     arms = {k: m for k, m in arms.items() if k not in skipped}
     times, mem, weights = time_arms(arms, ids, args)
@@ -128,6 +137,10 @@ def trial_steps(arms: dict, ids: torch.Tensor) -> dict:
 def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict]:
     """(median ms per step, peak MiB of a step above what was allocated before it, MiB of weights) per arm."""
     def make_step(name, m):
+        if name != eager_arm(name):
+            graphed = graphed_step(m)
+            return lambda i: graphed(ids[i % 2])
+
         def step(i):
             with base_gemm_for(name, m):
                 m(input_ids=ids[i % 2], labels=ids[i % 2]).loss.backward()
@@ -142,12 +155,31 @@ def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict]:
     steps = {k: make_step(k, m) for k, m in arms.items()}
     n = SMOKE_STEPS if args.smoke else args.model_n
     times = interleaved(steps, n=n, rounds=args.rounds, warmup=1 if args.smoke else MODEL_WARMUP, prep=prep)
-    mem = {k: peak_delta_mib(s, prep) for k, s in steps.items()}
+    steps = None  # the graphs' memory pools go; each graphed arm's peak is taken from a capture of its own
+    mem = {k: peak_delta_mib(memory_step(k, m, make_step), prep) for k, m in arms.items()}
     prep(0)
     # the arm's own weights (a tied head counted once; PEFT's fp32 adapters at 4 bytes)
     weights = {k: sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())) / 2**20
                for k, m in arms.items()}
     return times, mem, weights
+
+
+def graphed_step(m: nn.Module) -> GraphedStep:
+    """The bench step of ``m`` (loss on labels = inputs, backward) as a GraphedStep: warm-up calls eager, then
+    one capture, then replays. Its gradients stay in the step's buffers (``prep`` setting them to None is
+    undone by the step, as an optimizer's ``zero_grad`` would be)."""
+    return GraphedStep(lambda x: m(input_ids=x, labels=x).loss, [p_ for p_ in m.parameters() if p_.requires_grad],
+                       warmup=GRAPH_WARMUP)
+
+
+def memory_step(name: str, m: nn.Module, make_step):
+    """The step whose one call ``peak_delta_mib`` measures. A replay allocates nothing (its tensors live in the
+    graph's pool since the capture), so a graphed arm's call is a fresh step's warm-up and capture: the
+    capture allocates, in the pool, what the eager step allocates, in the same order."""
+    if name == eager_arm(name):
+        return make_step(name, m)
+    fresh = make_step(name, m)
+    return lambda i: [fresh(i) for _ in range(GRAPH_WARMUP + 1)]
 
 
 def arm_rows(shape: str, times: dict, mem: dict, weights: dict, diffs: dict, scale: float, tokens: int) -> list:

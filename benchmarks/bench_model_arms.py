@@ -6,7 +6,12 @@ it), every adapted arm with the same adapters (r = 16, alpha = 32, on the 7 proj
   peft       HF PEFT ``LoraConfig`` defaults: adapters kept in fp32 (``autocast_adapter_dtype=True``)
   peft_bf16  HF PEFT with the adapters in the base's bf16 (``autocast_adapter_dtype=False``)
   axolotl    ``peft_bf16`` with axolotl's fused kernels bound (bench_axolotl.py: LoRA_MLP, LoRA_QKV, LoRA_O)
-Optional (--model-variants): ``torch`` (automodel_lora's PyTorch path), ``triton_no_recompute``
+  triton_graphed  ``triton`` with each step replayed as a CUDA graph (``automodel_lora.GraphedStep``), as the
+             recipe runs one process on packed data (``train.cuda_graphs: auto``)
+  frozen_graphed  ``frozen`` replayed as a CUDA graph: the frozen model without its host time, the stricter
+             reference for the graphed arm
+Any arm listed with ``_graphed`` after its name is that arm's model under a GraphedStep (its eager arm must
+be listed too). Optional (--model-variants): ``torch`` (automodel_lora's PyTorch path), ``triton_no_recompute``
 (``recompute_mlp_input=False``), ``triton_act_kept`` (the recompute, with the MLP product as ``act_fn(g) * u``
 so autograd keeps act(g) too: the product before ``silu_mul``), ``axolotl_o`` (axolotl with ``LoRA_O`` on each
 of q/k/v/o instead of ``LoRA_QKV``), and the kernel-option variants of bench_variants.SHARED_TRITON (the ``triton`` model run
@@ -28,8 +33,14 @@ from torch import nn
 from automodel_lora import PeftConfig, apply_lora_to_linear_modules, lora_modules
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_ARMS = ["frozen", "triton", "peft", "peft_bf16", "axolotl"]
+DEFAULT_ARMS = ["frozen", "triton", "peft", "peft_bf16", "axolotl", "frozen_graphed", "triton_graphed"]
 OPTIONAL_ARMS = ["torch", "triton_no_recompute", "triton_act_kept", "axolotl_o", *SHARED_TRITON]
+GRAPHED = "_graphed"  # suffix: the arm before it, its steps replayed as a CUDA graph
+
+
+def eager_arm(name: str) -> str:
+    """The arm whose model a ``<arm>_graphed`` arm replays (``name`` itself for an eager arm)."""
+    return name[: -len(GRAPHED)] if name.endswith(GRAPHED) else name
 B_STD = 0.01
 
 
@@ -144,13 +155,13 @@ def build_arms(base: nn.Module, r: int, want: list[str]) -> tuple[dict, nn.Modul
 
     A peer that cannot be built here (not installed, no CUDA, its patch refused) is skipped with the reason;
     automodel_lora's arms are not caught."""
-    unknown = [n for n in want if n not in DEFAULT_ARMS + OPTIONAL_ARMS]
+    unknown = [n for n in want if eager_arm(n) not in DEFAULT_ARMS + OPTIONAL_ARMS]
     if unknown:
         raise ValueError(f"--model-variants: unknown {unknown}; choose from {DEFAULT_ARMS + OPTIONAL_ARMS}")
     ref, pairs = reference(base, r)
     built, skipped = {}, {}
     for name in want:
-        if name in ("frozen", *SHARED_TRITON):
+        if name in ("frozen", *SHARED_TRITON) or name.endswith(GRAPHED):
             continue  # the base itself (last: its hook or trainable embedding must not be copied), or triton's
         if name in ("triton", "triton_no_recompute", "triton_act_kept"):
             built[name] = ours(base, r, use_triton=True, recompute=name != "triton_no_recompute")
@@ -175,4 +186,12 @@ def build_arms(base: nn.Module, r: int, want: list[str]) -> tuple[dict, nn.Modul
             built[name] = built["triton"]  # same model, run under OPTION_CHANGES[name]
     if "frozen" in want:
         built["frozen"] = frozen_arm(base)
+    for name in want:
+        if name.endswith(GRAPHED):
+            if eager_arm(name) not in want:
+                raise ValueError(f"--model-variants: {name} replays the {eager_arm(name)} arm's model: list it too")
+            if not torch.cuda.is_available():
+                skipped[name] = "CUDA graphs need a CUDA device"
+            elif eager_arm(name) in built:
+                built[name] = built[eager_arm(name)]
     return {n: built[n] for n in want if n in built}, ref, skipped

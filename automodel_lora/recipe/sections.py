@@ -237,6 +237,12 @@ class TrainConfig:
         eval_max_batches: Cap evaluation at N batches (null: the whole validation set).
         log_every: Progress-bar / console refresh interval in steps (metrics are logged every step).
         compile: Wrap the model in ``torch.compile``.
+        cuda_graphs: Replay each micro-batch's forward and backward as a CUDA graph
+            (:class:`automodel_lora.GraphedStep`): the host work of every kernel launch is paid once,
+            at the capture, which is what a small model's step is short of. auto (on for one CUDA
+            process with ``data.packing``, off otherwise; a step that cannot be captured runs eagerly
+            and the run says why) | true (one CUDA process required; a failed capture stops the run)
+            | false.
         device: auto | cpu | cuda.
         nonfinite: What a step with a non-finite loss or gradient norm does: skip (the optimizer
             does not step; the data and the lr schedule move on; counted in ``metrics.jsonl`` as
@@ -265,6 +271,7 @@ class TrainConfig:
     eval_max_batches: int | None = None
     log_every: int = 10
     compile: bool = False
+    cuda_graphs: bool | str = "auto"
     device: str = "auto"
     nonfinite: str = "skip"
     max_nonfinite_skips: int = 5
@@ -292,6 +299,8 @@ class TrainConfig:
         _positive("train.epochs", self.epochs, allow_none=True)
         if isinstance(self.bf16, str) and self.bf16 != "auto":
             raise ConfigError(f"`train.bf16` must be true, false or auto; got {self.bf16!r}")
+        if isinstance(self.cuda_graphs, str) and self.cuda_graphs != "auto":
+            raise ConfigError(f"`train.cuda_graphs` must be true, false or auto; got {self.cuda_graphs!r}")
         _positive("train.max_grad_norm", self.max_grad_norm, allow_none=True)
         _positive("train.eval_every", self.eval_every, allow_zero=True)
         _positive("train.eval_batch_size", self.eval_batch_size, allow_none=True)

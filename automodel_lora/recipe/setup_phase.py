@@ -30,6 +30,7 @@ from .distributed import DistEnv, barrier, wrap_model
 from .errors import CheckpointError, RunDirError
 from .files import atomic_write_text, clean_stale, writing
 from .flops import peak_bf16_flops, train_flops_per_token
+from .graphs import recipe_step, use_cuda_graphs
 from .loop import use_bf16
 from .model import load_model_config, prepare_model
 from .optim import apply_settings, build_optimizer
@@ -77,6 +78,8 @@ class RecipeSetup:
         self.lock: RunLock | None = None
         self.metrics = None
         self.model = self.raw_model = self.fwd_model = self.optimizer = self.scheduler = None
+        self.graphed = None  # the GraphedStep of train.cuda_graphs, when on
+        self.said_eager: set = set()  # its input signatures whose eager fallback was said
         self.loaded: LoadedCheckpoint | None = None
         self.state = TrainState()
         self.flops_per_token: float | None = None  # None: MFU unknown (see recipe.flops)
@@ -119,6 +122,7 @@ class RecipeSetup:
         if self.metrics is not None:
             self.metrics.close()
         self.model = self.raw_model = self.fwd_model = self.optimizer = self.scheduler = self.params = None
+        self.graphed = None
         if self.lock is not None:
             self.lock.release()
 
@@ -341,6 +345,11 @@ class RecipeSetup:
         else:
             torch.manual_seed(tc.seed + env.rank)  # dropout differs per rank
         self.fwd_model = torch.compile(self.model) if tc.compile else self.model
+        on, why = use_cuda_graphs(env, tc, cfg.data)
+        self.graphed = recipe_step(self.fwd_model, self.params, self.use_bf16, fallback=tc.cuda_graphs == "auto") \
+            if on else None
+        if env.device.type == "cuda":
+            self.say(f"[cuda graphs] {why}")
         return True
 
     def _open_metrics(self) -> None:

@@ -51,6 +51,7 @@ from .distributed import all_reduce_max, all_reduce_sum, barrier, cleanup, no_sy
 from .errors import TrainingInterrupted, TrainingStopped
 from .files import TMP_PREFIX, atomic_write_text, fresh_dir, fsync_dir, replace_dir, writing
 from .flops import mfu
+from .graphs import graph_inputs
 from .loop import SignalFlag, evaluate, lr_lambda
 from .progress import MetricsWriter, format_duration
 from .setup_phase import RecipeSetup, TrainState
@@ -133,14 +134,9 @@ class Recipe(RecipeSetup):
         n_tgt, n_tok = counts.tolist()
         n_tgt = max(1.0, n_tgt)
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        scale = torch.full((), env.world_size / n_tgt, dtype=torch.float32).to(env.device, non_blocking=True)
         for m, b in enumerate(micro):
-            b = {k: v.to(env.device, non_blocking=True) for k, v in b.items()}
-            with no_sync(self.model, env, sync=(m == len(micro) - 1)):
-                with self.autocast():
-                    logits = self.fwd_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                ce = loop.causal_lm_loss_sum(logits, b["labels"])
-                (ce * (env.world_size / n_tgt)).backward()
-            loss_sum += ce.detach().double()
+            loss_sum += self._forward_backward(b, scale, sync=(m == len(micro) - 1)).double()
         all_reduce_sum(loss_sum, env)
         clip = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
@@ -157,6 +153,30 @@ class Recipe(RecipeSetup):
             torch.cuda.synchronize(env.device)
         result.seconds = time.perf_counter() - t0
         return result
+
+    def _forward_backward(self, batch: dict, scale: torch.Tensor, sync: bool) -> torch.Tensor:
+        """One micro-batch (a collated CPU batch): backward of ``CE_sum * scale``; returns ``CE_sum``
+        (detached). Replayed as a CUDA graph under ``train.cuda_graphs``."""
+        env = self.env
+        if self.graphed is not None:
+            ce = self.graphed(*graph_inputs(batch, scale, env.device))
+            self._say_eager_reasons()
+            return ce
+        b = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+        with no_sync(self.model, env, sync=sync):
+            with self.autocast():
+                logits = self.fwd_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            ce = loop.causal_lm_loss_sum(logits, b["labels"])
+            (ce * scale).backward()
+        return ce.detach()
+
+    def _say_eager_reasons(self) -> None:
+        """Say once per input shape why its micro-batches run eagerly (a capture failed under ``auto``)."""
+        for key, reason in self.graphed.eager_reasons.items():
+            if key not in self.said_eager:
+                shapes = [list(shape) for shape, _, _ in key]
+                self.say(f"[cuda graphs] inputs {shapes} run eagerly: {reason}")
+                self.said_eager.add(key)
 
     def _after_step(self, step: int, r: StepResult) -> None:
         """Count, log, evaluate; apply the non-finite policy."""

@@ -1,0 +1,83 @@
+"""``train.cuda_graphs``: when the recipe replays its micro-batches as CUDA graphs, and the step it replays.
+
+One micro-batch of the recipe is ``loss = CE_sum(model(ids), labels) * scale; loss.backward()``, with
+``scale = world_size / global target tokens`` a device tensor (a Python float would be frozen into the
+graph). A graph needs static shapes and no collectives, so ``auto`` turns it on only where both hold:
+one CUDA process, packed data (every micro-batch ``batch_size x seq_len``), no ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+from ..graphed_step import GraphedStep
+from .distributed import DistEnv
+from .errors import ConfigError
+from .loop import causal_lm_loss_sum
+from .sections import DataConfig, TrainConfig
+
+__all__ = ["graphs_blockers", "use_cuda_graphs", "recipe_step", "graph_inputs"]
+
+
+def graphs_blockers(env: DistEnv, tc: TrainConfig) -> list[str]:
+    """Why CUDA graphs can't run here at all (empty where they can)."""
+    why = []
+    if env.device.type != "cuda":
+        why.append(f"the device is {env.device.type}, not CUDA")
+    if env.world_size > 1:
+        why.append(f"{env.world_size} processes: DDP / FSDP2 collectives are not captured")
+    if tc.compile:
+        why.append("train.compile is on (torch.compile's own CUDA graphs: mode='reduce-overhead')")
+    return why
+
+
+def use_cuda_graphs(env: DistEnv, tc: TrainConfig, data: DataConfig) -> tuple[bool, str]:
+    """(on, a line saying why) for ``train.cuda_graphs``.
+
+    Raises:
+        ConfigError: ``train.cuda_graphs: true`` where graphs can't run (names why and the fix).
+    """
+    if tc.cuda_graphs is False:
+        return False, "off (train.cuda_graphs=false)"
+    blockers = graphs_blockers(env, tc)
+    if tc.cuda_graphs is True and blockers:
+        raise ConfigError(f"`train.cuda_graphs: true` can't run here: {'; '.join(blockers)}. "
+                          "Set train.cuda_graphs=auto or false")
+    if tc.cuda_graphs == "auto" and not data.packing:
+        blockers.append("data.packing is off: every batch length would be a capture of its own "
+                        "(train.cuda_graphs=true captures them anyway, up to 8)")
+    if blockers:
+        return False, "off: " + "; ".join(blockers)
+    return True, "on: each micro-batch's forward and backward replays as one CUDA graph"
+
+
+def recipe_step(model: nn.Module, params: list, bf16: bool, fallback: bool) -> GraphedStep:
+    """The recipe's micro-batch as a :class:`GraphedStep`: inputs ``(ids, labels, scale[, mask])``, all on
+    the device; reports the unscaled CE sum. Autocast's weight cache is off inside (a capture may not
+    keep tensors made under it across replays)."""
+    device_type = next(iter(params)).device.type if params else "cuda"
+
+    def micro_batch(ids, labels, scale, *mask):
+        cast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, cache_enabled=False) if bf16 \
+            else nullcontext()
+        with cast:
+            logits = model(input_ids=ids, attention_mask=mask[0] if mask else None).logits
+        ce = causal_lm_loss_sum(logits, labels)
+        return ce * scale, ce
+
+    return GraphedStep(micro_batch, params, fallback=fallback)
+
+
+def graph_inputs(batch: dict, scale: torch.Tensor, device: torch.device) -> tuple:
+    """A collated CPU batch as the graphed step's inputs. An all-ones attention mask is left out: the
+    model's causal path is the same without it, and a mask would make HF read it on the host (a sync
+    a capture can't hold) or pick a masked attention kernel."""
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    mask = batch["attention_mask"]
+    if bool(mask.all()):  # a CPU tensor: no device sync
+        return ids, labels, scale
+    return ids, labels, scale, mask.to(device, non_blocking=True)

@@ -1,0 +1,242 @@
+"""GraphedStep (forward + backward replayed as a CUDA graph) and the recipe's ``train.cuda_graphs``.
+
+The CPU tests cover what needs no GPU: argument checks, the eager warm-up (gradients exactly those of
+a plain backward), a capture refused for CPU inputs (error, or eager with the reason), and where the
+recipe turns graphs on. The GPU tests (skipped without CUDA) compare graphed training with eager
+training of the same LoRA model step for step: the replay runs the kernels the eager step ran, so the
+losses and gradients must agree to the bit, barring the order of floating-point atomics (none in
+these kernels); they are checked to a tolerance of a few float32 roundings.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from automodel_lora import GraphCaptureError, GraphedStep, PeftConfig, apply_lora_to_linear_modules
+from automodel_lora.recipe.errors import ConfigError
+
+from .recipe_helpers import run_recipe, step_losses, tiny_raw_recipe
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _linear_step(seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(5, 3).to(device)
+
+    def fn(x, y):
+        loss = ((lin(x) - y) ** 2).sum()
+        return loss, loss * 2
+
+    return lin, fn
+
+
+# ---------------------------------------------------------------- CPU
+def test_arguments_are_checked_with_the_fix_named():
+    lin, fn = _linear_step()
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        GraphedStep(fn, list(lin.parameters()), warmup=0)
+    with pytest.raises(ValueError, match="max_graphs must be >= 1"):
+        GraphedStep(fn, list(lin.parameters()), max_graphs=0)
+    lin.bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"params\[1\] does not require grad"):
+        GraphedStep(fn, list(lin.parameters()))
+    step = GraphedStep(fn, [lin.weight])
+    with pytest.raises(TypeError, match="input 1 is a float, not a tensor"):
+        step(torch.zeros(2, 5), 1.0)
+
+
+def test_warmup_calls_accumulate_exactly_the_gradients_of_a_plain_backward():
+    lin, fn = _linear_step()
+    ref, ref_fn = _linear_step()
+    step = GraphedStep(fn, list(lin.parameters()), warmup=3)
+    xs = [torch.randn(4, 5) for _ in range(2)]
+    ys = [torch.randn(4, 3) for _ in range(2)]
+    reported = [step(x, y) for x, y in zip(xs, ys)]  # two micro-batches: the gradients add up
+    want = []
+    for x, y in zip(xs, ys):
+        obj, rep = ref_fn(x, y)
+        obj.backward()
+        want.append(rep)
+    for got, w in zip(reported, want):
+        assert not got.requires_grad and torch.equal(got, w.detach())
+    assert torch.equal(lin.weight.grad, ref.weight.grad) and torch.equal(lin.bias.grad, ref.bias.grad)
+
+
+def test_a_capture_of_cpu_inputs_raises_naming_the_cause_and_the_fix():
+    lin, fn = _linear_step()
+    step = GraphedStep(fn, list(lin.parameters()), warmup=1)
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    step(x, y)  # warm-up, eager
+    with pytest.raises(GraphCaptureError, match="not on a CUDA device.*train.cuda_graphs=false"):
+        step(x, y)
+
+
+def test_with_fallback_a_failed_capture_runs_eagerly_and_records_why():
+    lin, fn = _linear_step()
+    ref, ref_fn = _linear_step()
+    step = GraphedStep(fn, list(lin.parameters()), warmup=1, fallback=True)
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    for _ in range(3):
+        step(x, y)
+        ref_fn(x, y)[0].backward()
+    assert torch.equal(lin.weight.grad, ref.weight.grad)
+    assert not step.graphs
+    (reason,) = step.eager_reasons.values()
+    assert "not on a CUDA device" in reason
+
+
+class _Env:
+    def __init__(self, device="cuda", world_size=1):
+        self.device, self.world_size = torch.device(device), world_size
+
+
+@pytest.mark.parametrize(
+    "setting, env, packing, compile_, on, why",
+    [
+        ("auto", _Env(), True, False, True, "on"),
+        ("auto", _Env("cpu"), True, False, False, "the device is cpu"),
+        ("auto", _Env(world_size=2), True, False, False, "2 processes"),
+        ("auto", _Env(), True, True, False, "train.compile is on"),
+        ("auto", _Env(), False, False, False, "data.packing is off"),
+        (True, _Env(), False, False, True, "on"),
+        (False, _Env(), True, False, False, "train.cuda_graphs=false"),
+    ],
+)
+def test_where_the_recipe_replays_cuda_graphs(setting, env, packing, compile_, on, why):
+    from automodel_lora.recipe.graphs import use_cuda_graphs
+    from automodel_lora.recipe.sections import DataConfig, TrainConfig
+
+    tc = TrainConfig(cuda_graphs=setting, compile=compile_, max_steps=1)
+    got_on, got_why = use_cuda_graphs(env, tc, DataConfig(path="x.jsonl", packing=packing))
+    assert got_on is on and why in got_why
+
+
+def test_cuda_graphs_true_where_they_cannot_run_is_a_config_error():
+    from automodel_lora.recipe.graphs import use_cuda_graphs
+    from automodel_lora.recipe.sections import DataConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="`train.cuda_graphs: true` can't run here: the device is cpu"):
+        use_cuda_graphs(_Env("cpu"), TrainConfig(cuda_graphs=True, max_steps=1), DataConfig(path="x.jsonl"))
+    with pytest.raises(ConfigError, match="train.cuda_graphs` must be true, false or auto"):
+        TrainConfig(cuda_graphs="yes", max_steps=1)
+
+
+def test_a_recipe_with_cuda_graphs_true_on_the_cpu_stops_before_training(tmp_path):
+    raw = tiny_raw_recipe(tmp_path, train={"cuda_graphs": True, "device": "cpu"})
+    with pytest.raises(ConfigError, match="the device is cpu"):
+        run_recipe(raw)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() or not step_losses(tmp_path / "out")
+
+
+# ---------------------------------------------------------------- GPU
+def _tiny_lora_model(dropout=0.0, checkpointing=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=301, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model.requires_grad_(False)
+    apply_lora_to_linear_modules(model, PeftConfig(match_all_linear=True, dim=8, alpha=16, dropout=dropout))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _train(model, graphed: bool, steps=6, micro=2, seed=0):
+    """(losses, final adapter tensors) of AdamW steps over fixed batches, graphed or eager."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def fn(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        return loss / micro, loss
+
+    step = GraphedStep(fn, params) if graphed else None
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, 301, (2, 96), generator=g).cuda() for _ in range(steps * micro)]
+    losses = []
+    for s in range(steps):
+        total = 0.0
+        for m in range(micro):
+            ids = batches[s * micro + m]
+            if step is not None:
+                rep = step(ids)
+            else:
+                obj, rep = fn(ids)
+                obj.backward()
+            total += rep.item()
+        losses.append(total)
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # the graphed step must put its buffers back
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, step
+
+
+@cuda
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gpu_graphed_training_equals_eager_training(checkpointing):
+    base = _tiny_lora_model(checkpointing=checkpointing)
+    other = copy.deepcopy(base)
+    eager_losses, eager_params, _ = _train(base, graphed=False)
+    graph_losses, graph_params, step = _train(other, graphed=True)
+    assert len(step.graphs) == 1 and not step.eager_reasons  # replayed from the third call on
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-5, atol=0)
+    for n, p in eager_params.items():
+        torch.testing.assert_close(graph_params[n].float(), p.float(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+@cuda
+def test_gpu_dropout_draws_new_masks_on_every_replay():
+    model = _tiny_lora_model(dropout=0.3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = GraphedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, warmup=1)
+    ids = torch.randint(0, 301, (2, 64), device="cuda")
+    losses = [step(ids).item() for _ in range(4)]  # warm-up, capture + replay, replay, replay
+    assert len(step.graphs) == 1
+    assert len(set(losses[1:])) == 3, f"replays repeated a dropout mask: {losses}"
+
+
+@cuda
+def test_gpu_a_host_sync_in_the_step_is_a_capture_error_or_an_eager_fallback():
+    model = _tiny_lora_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def syncing(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        if loss.item() > 1e9:  # a host read of a device value: not capturable
+            raise AssertionError
+        return loss
+
+    ids = torch.randint(0, 301, (2, 64), device="cuda")
+    step = GraphedStep(syncing, params, warmup=1)
+    step(ids)
+    with pytest.raises(GraphCaptureError, match="could not be captured"):
+        step(ids)
+    lenient = GraphedStep(syncing, params, warmup=1, fallback=True)
+    for _ in range(3):
+        assert torch.isfinite(lenient(ids))
+    assert not lenient.graphs and len(lenient.eager_reasons) == 1
+
+
+@cuda
+def test_gpu_recipe_with_cuda_graphs_matches_the_eager_recipe(tmp_path):
+    runs = {}
+    for setting in (False, True):
+        raw = tiny_raw_recipe(tmp_path / str(setting), train={"cuda_graphs": setting, "device": "cuda",
+                                                               "grad_accum_steps": 2, "max_steps": 5})
+        summary, log = run_recipe(raw)
+        assert ("[cuda graphs] on" in log) is setting, log
+        assert "run eagerly" not in log, log
+        runs[setting] = step_losses(tmp_path / str(setting) / "out")
+    assert runs[True].keys() == runs[False].keys()
+    for s in runs[False]:
+        assert runs[True][s] == pytest.approx(runs[False][s], rel=1e-5), (s, runs)
