@@ -55,13 +55,13 @@ def test_warmup_calls_accumulate_exactly_the_gradients_of_a_plain_backward():
     step = GraphedStep(fn, list(lin.parameters()), warmup=3)
     xs = [torch.randn(4, 5) for _ in range(2)]
     ys = [torch.randn(4, 3) for _ in range(2)]
-    reported = [step(x, y) for x, y in zip(xs, ys)]  # two micro-batches: the gradients add up
+    reported = [step(x, y) for x, y in zip(xs, ys, strict=True)]  # two micro-batches: the gradients add up
     want = []
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         obj, rep = ref_fn(x, y)
         obj.backward()
         want.append(rep)
-    for got, w in zip(reported, want):
+    for got, w in zip(reported, want, strict=True):
         assert not got.requires_grad and torch.equal(got, w.detach())
     assert torch.equal(lin.weight.grad, ref.weight.grad) and torch.equal(lin.bias.grad, ref.bias.grad)
 
