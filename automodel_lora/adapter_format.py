@@ -45,7 +45,6 @@ _MAGNITUDE_KEY = re.compile(r"^(?P<fqn>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9
 # `fan_in_fan_out` is not here: as in PEFT, the module's type decides (a transformers `Conv1D` stores its weight
 # `(in, out)`, a linear `(out, in)`) and the adapter tensors have the same shapes either way.
 _UNSUPPORTED = {
-    "target_parameters": "target_parameters (LoRA on raw parameters)",
     "layer_replication": "layer_replication (a model with repeated layers)",
 }
 
@@ -75,6 +74,7 @@ class AdapterConfig:
         modules_to_save: PEFT's names of fully trained modules (a list; None: none).
         lora_bias: PEFT's `lora_bias`: every `lora_B` has a bias (`<fqn>.lora_B.bias` in the weights file).
         use_dora: PEFT's `use_dora`: every module has a DoRA magnitude (`<fqn>.lora_magnitude_vector`).
+        target_parameters: PEFT's `target_parameters`: expert weights with adapters (see `experts_io`).
     """
 
     path: str
@@ -91,6 +91,7 @@ class AdapterConfig:
     modules_to_save: list[str] | None = None
     lora_bias: bool = False
     use_dora: bool = False
+    target_parameters: tuple[str, ...] = ()
 
     def alpha_for(self, fqn: str) -> float:
         """PEFT's alpha_pattern lookup: the first pattern matching the FQN or a dotted suffix of it."""
@@ -261,7 +262,7 @@ def read_adapter_config(path: str) -> AdapterConfig:
 
     Raises:
         FileNotFoundError: no such file.
-        AdapterFormatError: unreadable JSON, not an object, not LoRA / DoRA (bias, target_parameters,
+        AdapterFormatError: unreadable JSON, not an object, not LoRA / DoRA (bias,
             layer_replication...), a `lora_bias` or `use_dora` that is not a JSON boolean, a
             `layers_to_transform` that is not layer indices or a `layers_pattern` that is not names, `r` not a
             positive JSON integer, `lora_alpha` missing or not a positive number,
@@ -305,7 +306,18 @@ def read_adapter_config(path: str) -> AdapterConfig:
         modules_to_save=read_modules_to_save(path, raw.get("modules_to_save")),
         lora_bias=_flag(path, "lora_bias", raw.get("lora_bias")),
         use_dora=_flag(path, "use_dora", raw.get("use_dora")),
+        target_parameters=_parameter_names(path, raw.get("target_parameters")),
     )
+
+
+def _parameter_names(path: str, value: Any) -> tuple[str, ...]:
+    """PEFT's `target_parameters`: a list of names (None or missing: none)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise AdapterFormatError(f"{path!r}: target_parameters={value!r} must be a list of parameter names "
+                                 "('mlp.experts.gate_up_proj')")
+    return tuple(value)
 
 
 def check_tensors_fit_config(config: AdapterConfig, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],

@@ -46,6 +46,8 @@ from .atomic_files import atomic_write, atomic_write_json
 from .config import LoraSettings, PeftConfig
 from .dora import magnitude_of
 from .embedding_lora import adapter_features, adapter_keys, check_embedding_selection, check_embedding_tables, is_lora_target
+from .experts_io import experts_state, load_expert_pairs, split_expert_pairs
+from .experts_lora import experts_lora_modules
 from .kernels.options import KernelOptions
 from .lora import lora_modules
 from .modules_to_save import check_saved_tensors, load_saved_tensors, modules_to_save_state
@@ -78,6 +80,8 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
         if magnitude is not None:  # PEFT's on-disk key: no `.weight`
             state[f"{prefix}lora_magnitude_vector"] = _full_tensor(magnitude)
     state.update(modules_to_save_state(model, _full_tensor))
+    if adapter_name in (None, *adapter_names(model)[:1]):  # the experts' adapter is the model's first
+        state.update(experts_state(model, _full_tensor))
     return state
 
 
@@ -112,7 +116,7 @@ def save_adapter(
         ValueError: the model has no adapters (or no adapter `adapter_name`), or `peft_config` is given for
             several adapters at once.
     """
-    names = adapter_names(model)
+    names = adapter_names(model) or ([DEFAULT_ADAPTER_NAME] if experts_lora_modules(model) else [])
     if not names:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to save; call apply_lora_to_linear_modules first")
     if adapter_name is not None or len(names) == 1:
@@ -213,6 +217,7 @@ def load_adapter(
     library_cfg = _read_library_config(os.path.join(path, LIBRARY_CONFIG_NAME))
     weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
     pairs, saved, biases, magnitudes, tables = read_adapter_file(weights_path, peft_cfg.modules_to_save)
+    expert_pairs = split_expert_pairs(model, pairs, peft_cfg, weights_path)  # taken out of `pairs`
     check_embedding_tables(model, tables, pairs, weights_path)
     check_file_biases(peft_cfg, pairs, biases, weights_path)
     check_file_magnitudes(peft_cfg, pairs, magnitudes, weights_path)
@@ -222,6 +227,15 @@ def load_adapter(
     if merged:
         raise ValueError(f"the model's adapters are merged (e.g. {merged[:3]}); call unmerge_lora(model) before load_adapter")
     to_save = check_saved_tensors(model, saved, peft_cfg.modules_to_save, weights_path)
+    if not pairs:  # expert adapters alone
+        if adapter_name not in (None, DEFAULT_ADAPTER_NAME, *names[:1]):
+            raise ValueError(f"expert adapters load into the model's first adapter only, not {adapter_name!r}")
+        if not names and not experts_lora_modules(model):
+            model.requires_grad_(False)
+        return load_expert_pairs(model, expert_pairs, peft_cfg, weights_path, _copy_into)
+    if expert_pairs and names and (not experts_lora_modules(model) or adapter_name not in (None, names[0])):
+        raise ValueError(f"expert adapters belong to a model's first adapter; this model has {names} and the file "
+                         "would add experts to another: load it into the base model")
     if names and (adapter_name is None or adapter_name in names):  # into an adapter the model has
         adapted = dict(adapter_holders(model, adapter_name)[1])
         _check_patched_model(adapted, pairs, peft_cfg, path)
@@ -252,7 +266,7 @@ def load_adapter(
         for fqn, magnitude in magnitudes.items():
             _copy_into(magnitude_of(adapted[fqn]), magnitude)
     load_saved_tensors(model, saved, to_save, _copy_into)
-    return len(pairs)
+    return len(pairs) + load_expert_pairs(model, expert_pairs, peft_cfg, weights_path, _copy_into)
 
 
 def _adapter_directory(path: str, adapter_name: str | None) -> str:

@@ -9,9 +9,10 @@ from typing import Any
 from torch import nn
 
 from .adapter_format import peft_selects
-from .adapter_slots import adapter_holders, adapter_part_ids
+from .adapter_slots import adapter_holders, adapter_names, adapter_part_ids
 from .config import PeftConfig
 from .embedding_lora import is_embedding, is_lora_target
+from .experts_io import experts_target_parameters
 from .modules_to_save import marked_modules
 
 
@@ -26,12 +27,16 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
     modules trained fully (`automodel_lora.modules_to_save`), or is None. `adapter_name` picks one of several
     named adapters (default: the only one, or the one in use).
     """
-    _, modules = adapter_holders(model, adapter_name)
-    settings = {name: m.lora_settings for name, m in modules}
+    name, modules = adapter_holders(model, adapter_name)
+    settings = {fqn: m.lora_settings for fqn, m in modules}
+    target_parameters, expert_settings = experts_target_parameters(model)
+    if adapter_names(model)[:1] not in ([], [name]):  # the experts' adapter is the model's first
+        target_parameters, expert_settings = [], {}
+    settings.update(expert_settings)
     ranks = Counter(s.dim for s in settings.values())
     alphas = Counter(s.alpha for s in settings.values())
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
-    dropouts = {m.lora_dropout.p for _, m in modules}
+    dropouts = {m.lora_dropout.p for _, m in modules} or {0.0}
     rslora = {s.use_rslora for s in settings.values()}
     if len(rslora) > 1:
         raise ValueError("PEFT's format has one use_rslora flag per adapter, but this model mixes rsLoRA and plain LoRA")
@@ -55,7 +60,8 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": max(dropouts),
-        **_targets(model, [name for name, _ in modules], peft_config),
+        **_targets(model, [fqn for fqn, _ in modules], peft_config),
+        "target_parameters": target_parameters or None,  # expert weights (`automodel_lora.experts_io`)
         "exclude_modules": None,
         "use_rslora": rslora.pop(),
         "bias": "none",
@@ -73,6 +79,8 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
 
 def _targets(model: nn.Module, adapted: list[str], peft_config: PeftConfig | None) -> dict[str, Any]:
     """`target_modules`, `layers_to_transform` and `layers_pattern` that select exactly `adapted` by PEFT's rule."""
+    if not adapted:  # expert adapters alone
+        return {"target_modules": [], "layers_to_transform": None, "layers_pattern": None}
     short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
     parts = adapter_part_ids(model)
     linears = [n for n, m in model.named_modules() if is_lora_target(m) and id(m) not in parts]

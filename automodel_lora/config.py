@@ -95,6 +95,14 @@ class PeftConfig:
         use_dora: DoRA (HF PEFT's `use_dora`): each adapted module also trains a magnitude
             `lora_magnitude_vector` `(out_features,)` and computes `m / ||W + s B A||_row * (x W^T + s B A x) + b`
             (see `automodel_lora.dora`). Not with `lora_bias` (PEFT refuses the pair too).
+        target_parameters: expert weights to adapt, HF PEFT's `target_parameters`: an entry selects the
+            3-D parameter whose `<module fqn>.<name>` equals it or ends with `"." + entry`
+            (`["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`). Only the fused expert weights of
+            transformers' MoE experts modules (see `automodel_lora.experts_lora`); each entry must select one,
+            else applying fails naming it. Beside `target_modules` / `match_all_linear` or alone.
+        match_all_experts: adapt every expert weight (`gate_up_proj` / `up_proj`, `down_proj`) of every
+            experts module, as `target_parameters` naming them all would (`match_all_linear` leaves the
+            experts out).
         recompute_mlp_input: in gated MLPs (Llama, Mistral, Qwen2/3, Gemma, ...; see
             `automodel_lora.recompute.is_gated_mlp`) whose
             `down_proj` is adapted, make `down_proj`'s input `act(gate) * up` again in
@@ -127,10 +135,13 @@ class PeftConfig:
     modules_to_save: list[str] = field(default_factory=list)
     lora_bias: bool = False
     use_dora: bool = False
+    target_parameters: list = field(default_factory=list)
+    match_all_experts: bool = False
 
     def __post_init__(self):
         self.target_modules = _as_name_list(self.target_modules, "target_modules")
         self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
+        self.target_parameters = _as_name_list(self.target_parameters, "target_parameters")
         self.modules_to_save = check_modules_to_save(self.modules_to_save, self.target_modules)
         self.layers_to_transform, self.layers_pattern = check_layer_selection(self.layers_to_transform,
                                                                               self.layers_pattern)
@@ -143,7 +154,8 @@ class PeftConfig:
         except ValueError as e:  # name the class the user wrote
             msg = str(e).replace("LoraSettings.", "PeftConfig.").replace("KernelOptions", "PeftConfig.kernels")
             raise ValueError(msg) from None
-        for flag in ("match_all_linear", "use_triton", "use_rslora", "recompute_mlp_input", "allow_unmatched_targets"):
+        for flag in ("match_all_linear", "use_triton", "use_rslora", "recompute_mlp_input", "allow_unmatched_targets",
+                     "match_all_experts"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"PeftConfig.{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.match_all_linear and self.target_modules:
@@ -151,6 +163,19 @@ class PeftConfig:
                 f"PeftConfig.match_all_linear=True together with target_modules={self.target_modules!r}: "
                 "choose one (drop target_modules to adapt every linear, or set match_all_linear=False)"
             )
+
+        if self.adapts_experts and (self.dropout or self.use_dora or self.lora_bias):
+            what = "dropout" if self.dropout else "use_dora" if self.use_dora else "lora_bias"
+            raise ValueError(
+                f"PeftConfig: {what} with LoRA on expert weights (target_parameters / match_all_experts): HF PEFT's "
+                f"target_parameters adapters have no {what}, and its loader refuses such a file; set {what} off, "
+                "or adapt the experts in a separate adapter"
+            )
+
+    @property
+    def adapts_experts(self) -> bool:
+        """Whether the config adapts expert weights (`target_parameters` or `match_all_experts`)."""
+        return bool(self.target_parameters) or self.match_all_experts
 
     @property
     def scale(self) -> float:

@@ -33,6 +33,8 @@ from .adapter_slots import (
 from .config import PeftConfig
 from .dora import MAGNITUDE, MERGE_NORM, dora_folded, magnitude_of, record_merge_norm, reset_magnitude_
 from .embedding_lora import check_embedding_selection, init_holder, is_embedding, unpatch_parameters
+from .experts_lora import check_fold_finite, experts_lora_modules, fold_experts, unpatch_experts
+from .experts_targets import apply_lora_to_experts, select_expert_params
 from .kernels.options import KernelOptions
 from .lora import LORA_ATTRIBUTES, LinearLoRA, is_lora_module, lora_modules
 from .matcher import ModuleMatcher, is_adaptable, is_plain_name, name_matches, near_misses, output_head_names
@@ -61,8 +63,11 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
     Modules named by `peft_config.modules_to_save` are marked and left trainable (everything else is
     frozen), so `save_adapter` writes them in full (see `automodel_lora.modules_to_save`).
 
+    Expert weights of MoE layers (`peft_config.target_parameters`, `match_all_experts`) get per-expert
+    adapters in place (see `automodel_lora.experts_lora`), in the first adapter only.
+
     Returns:
-        The number of modules patched.
+        The number of modules patched, plus the number of expert weights adapted.
 
     Raises:
         ValueError: the config selects nothing (the message lists linear modules
@@ -92,7 +97,11 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
                 "a second adapter beside it"
             )
         selected.append((name, module))
-    if not selected:
+    experts = select_expert_params(model, cfg) if cfg.adapts_experts else {}
+    if experts and not first:
+        raise ValueError(f"expert weights in a second adapter ({adapter_name!r}): the experts of a model take one "
+                         "adapter; add this one without target_parameters / match_all_experts")
+    if not selected and not experts:
         raise ValueError(
             f"PeftConfig(target_modules={cfg.target_modules!r}, exclude_modules={cfg.exclude_modules!r}, "
             f"match_all_linear={cfg.match_all_linear}{_layer_selection(cfg)}) matches no linear module of "
@@ -110,7 +119,7 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
     mark_modules_to_save(to_save)
     if cfg.recompute_mlp_input:
         recompute_mlp_inputs(model)
-    return len(selected)
+    return len(selected) + apply_lora_to_experts(model, cfg, experts)
 
 
 def _check_new_adapter(model: nn.Module, adapter_name: str, cfg: PeftConfig) -> tuple[bool, bool]:
@@ -286,15 +295,20 @@ def merge_lora(model: nn.Module, safe: bool = True) -> int:
             bias while its adapter has a lora_B bias (PEFT refuses it too), or (with `safe`) a merged weight
             would hold NaN/Inf; the message names the module. Nothing is changed.
     """
-    modules = lora_modules(model)
+    modules, all_experts = lora_modules(model), experts_lora_modules(model)
     pending = [(n, m) for n, m in modules if not m.lora_merged and m.lora_enabled]
-    if modules and not pending:
+    experts = [(n, m) for n, m in all_experts if not m.lora_merged]
+    if (modules or all_experts) and not pending and not experts:
         warnings.warn("merge_lora: every adapter of this model in use is already merged (or the adapters are "
                       "disabled); nothing was done", stacklevel=2)
         return 0
     _check_mergeable(model, pending)
+    if safe:
+        check_fold_finite(experts, 1.0)
     _fold_all(pending, 1.0, safe)
-    return len(pending)
+    for _, module in experts:
+        fold_experts(module, 1.0)
+    return len(pending) + len(experts)
 
 
 def unmerge_lora(model: nn.Module, safe: bool = True) -> int:
@@ -314,13 +328,18 @@ def unmerge_lora(model: nn.Module, safe: bool = True) -> int:
         ValueError: (with `safe`) a restored weight would hold NaN/Inf (an adapter changed to NaN after
             the merge); the message names the module. Nothing is changed.
     """
-    modules = lora_modules(model)
+    modules, all_experts = lora_modules(model), experts_lora_modules(model)
     merged = [(n, m) for n, m in modules if m.lora_merged]
-    if modules and not merged:
+    experts = [(n, m) for n, m in all_experts if m.lora_merged]
+    if (modules or all_experts) and not merged and not experts:
         warnings.warn("unmerge_lora: no adapter of this model is merged; nothing was done", stacklevel=2)
         return 0
+    if safe:
+        check_fold_finite(experts, -1.0)
     _fold_all(merged, -1.0, safe)
-    return len(merged)
+    for _, module in experts:
+        fold_experts(module, -1.0)
+    return len(merged) + len(experts)
 
 
 def remove_lora(model: nn.Module, merge: bool = False) -> int:
@@ -338,18 +357,25 @@ def remove_lora(model: nn.Module, merge: bool = False) -> int:
         ValueError: as `merge_lora` / `unmerge_lora` (checked before anything changes: after an error the
             model keeps its adapters and its base weights).
     """
-    modules = lora_modules(model)
+    modules, experts = lora_modules(model), experts_lora_modules(model)
+    sign = 1.0 if merge else -1.0
+    to_fold = [(n, m) for n, m in experts if m.lora_merged != merge]
+    check_fold_finite(to_fold, sign)
     if merge:
         pending = [(n, m) for n, m in modules if not m.lora_merged and m.lora_enabled]
         _check_mergeable(model, pending)
         _fold_all(pending, 1.0, safe=True)
     else:
         _fold_all([(n, m) for n, m in modules if m.lora_merged], -1.0, safe=True)
+    for _, module in to_fold:
+        fold_experts(module, sign)
     restore_mlp_classes(model)
     unmark_modules_to_save(model)
     for _, module in modules:
         unpatch(module)
-    return len(modules)
+    for _, module in experts:
+        unpatch_experts(module)
+    return len(modules) + len(experts)
 
 
 def unpatch(module: LinearLoRA) -> None:
