@@ -199,3 +199,29 @@ def test_expert_adapters_alone_round_trip_and_a_file_missing_one_is_an_error(tmp
     save_file({k: v for k, v in tensors.items() if "layers.1." not in k}, tmp_path / "a" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="selects model.layers.1.mlp.experts.gate_up_proj, but the file has no adapter"):
         al.load_adapter(copy.deepcopy(base), tmp_path / "a")
+
+
+def test_a_moe_recipe_trains_the_experts_and_peft_loads_its_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from .recipe_helpers import run_recipe, step_losses, tiny_raw_recipe
+
+    moe = {"model_type": "qwen3_moe", "vocab_size": 259, "hidden_size": 32, "intermediate_size": 64,
+           "moe_intermediate_size": 24, "num_experts": 5, "num_experts_per_tok": 2, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+    raw = tiny_raw_recipe(tmp_path, train={"max_steps": 8, "lr": 3e-2})
+    raw["model"]["tiny"] = moe
+    raw["peft"] = {"target_modules": ["q_proj"], "match_all_experts": True, "dim": 4, "alpha": 8}
+    summary, _ = run_recipe(raw)
+    losses = step_losses(tmp_path / "out")
+    assert losses[8] < losses[1]
+    out = tmp_path / "out"
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    ids = torch.randint(0, 259, (2, 16))
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base_model"), out / "adapter")
+    ours = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    assert al.load_adapter(ours, out / "adapter") == 2 + 4
+    assert any(p.abs().max() > 0 for n, p in ours.named_parameters() if "experts.lora_B" in n)  # the experts trained
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

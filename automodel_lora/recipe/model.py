@@ -10,6 +10,7 @@ under unchanged FQNs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -37,6 +38,33 @@ def resolve_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else dtype_from_str(name, "model.dtype")
 
 
+def tiny_config(tiny: dict):
+    """The ``PretrainedConfig`` of ``model.tiny``: its ``model_type`` (default ``llama``) with the other keys.
+
+    Raises:
+        ConfigError: an unknown ``model_type`` or a key its config class does not have.
+    """
+    from transformers import AutoConfig
+
+    kwargs = dict(tiny)
+    model_type = kwargs.pop("model_type", "llama")
+    try:
+        config = AutoConfig.for_model(model_type)
+    except ValueError:
+        raise ConfigError(f"`model.tiny.model_type: {model_type}` is not a transformers model type; use e.g. llama, "
+                          "qwen2, qwen3_moe, mixtral") from None
+    fields = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    valid = fields | set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        raise ConfigError(
+            f"unknown key `model.tiny.{unknown[0]}`: `model.tiny` takes {type(config).__name__} arguments such as "
+            "vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, "
+            "num_key_value_heads, max_position_embeddings (and model_type)"
+        )
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
 def load_model_config(cfg: ModelConfig):
     """The model's ``PretrainedConfig`` without loading any weights (for early checks).
 
@@ -45,9 +73,7 @@ def load_model_config(cfg: ModelConfig):
             directory holding ``config.json``.
     """
     if cfg.tiny is not None:
-        from transformers import LlamaConfig
-
-        return LlamaConfig(**cfg.tiny)
+        return tiny_config(cfg.tiny)
     if cfg.random_init:
         _check_config_dir(cfg.name_or_path)
     from transformers import AutoConfig
@@ -102,9 +128,9 @@ def build_model(cfg: ModelConfig, qcfg: QuantizationConfig, device: torch.device
     if cfg.random_init:
         model = build_random_model(load_model_config(cfg), dtype, device, cfg.attn_implementation)
     elif cfg.tiny is not None:
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        model = LlamaForCausalLM(load_model_config(cfg))
+        model = AutoModelForCausalLM.from_config(load_model_config(cfg))
         if dtype != "auto":
             model = model.to(dtype)
     else:

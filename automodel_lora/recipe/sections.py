@@ -84,8 +84,9 @@ class ModelConfig:
         name_or_path: A local Hugging Face checkpoint directory (or hub id, if you have network)
             for ``AutoModelForCausalLM.from_pretrained``. Exclusive with ``tiny``. With
             ``random_init`` a directory holding only ``config.json`` is enough.
-        tiny: ``LlamaConfig`` keyword arguments for a small randomly initialised Llama built in
-            process (no download), e.g. ``{hidden_size: 128, num_hidden_layers: 4, ...}``.
+        tiny: config keyword arguments for a small randomly initialised model built in process (no
+            download), e.g. ``{hidden_size: 128, num_hidden_layers: 4, ...}``; ``model_type`` picks the
+            architecture (default ``llama``; ``qwen3_moe`` or ``mixtral`` for a MoE).
         dtype: Base weight dtype: float32 | bfloat16 | float16 | auto (the checkpoint's); bf16, fp16,
             fp32 are read too and stored by their full names.
         trust_remote_code: Passed to ``from_pretrained``; off by default.
@@ -128,17 +129,10 @@ class ModelConfig:
 
 def _check_tiny_keys(tiny: dict) -> None:
     try:
-        from transformers import LlamaConfig
+        from .model import tiny_config
     except ImportError:  # validated again when the model is built
         return
-    valid = set(LlamaConfig().to_dict())
-    for k in tiny:
-        if k not in valid:
-            raise ConfigError(
-                f"unknown key `model.tiny.{k}`: `model.tiny` takes LlamaConfig arguments such as "
-                "vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, "
-                "num_key_value_heads, max_position_embeddings"
-            )
+    tiny_config(tiny)
 
 
 @dataclass
