@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .adapter_bias import check_bias_finite, folded_bias
+from .experts_lora import ExpertsLoRA, check_fold_finite, delta, experts_lora_modules
 from .injection import _check_mergeable, _folded, _raise_if_not_finite
 from .lora import LinearLoRA, lora_modules
 
@@ -54,13 +55,28 @@ def merge_and_save(model: nn.Module, save_directory, *, safe: bool = True, **sav
             f"{type(model).__name__}. For another model call remove_lora(model, merge=True), then save it however "
             "you like (torch.save(model.state_dict(), ...))"
         )
-    modules = lora_modules(model)
-    if not modules:
+    modules, experts = lora_modules(model), experts_lora_modules(model)
+    if not modules and not experts:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters; call model.save_pretrained directly")
     _check_mergeable(model, [(n, m) for n, m in modules if not m.lora_merged and m.lora_enabled])
+    if safe:
+        check_fold_finite([(n, m) for n, m in experts if not m.lora_merged], 1.0)
     state_dict = _merged_state_dict(model, modules, safe)
+    _merge_experts_into(state_dict, experts)
     model.save_pretrained(save_directory, state_dict=state_dict, **save_pretrained_kwargs)
-    return len(modules)
+    return len(modules) + len(experts)
+
+
+def _merge_experts_into(state_dict: dict, experts: list[tuple[str, ExpertsLoRA]]) -> None:
+    """Each adapted expert weight in ``state_dict`` replaced by its merged copy (CPU), the adapters dropped."""
+    for name, module in experts:
+        prefix = f"{name}." if name else ""
+        for key in [k for k in state_dict if k.startswith(f"{prefix}lora_")]:
+            del state_dict[key]
+        for weight in module.lora_A:
+            w = getattr(module, weight)
+            folded = w if module.lora_merged else (w.float() + delta(module, weight)).to(w.dtype)
+            state_dict[f"{prefix}{weight}"] = folded.detach().cpu()
 
 
 def _merged_state_dict(model: nn.Module, modules: list[tuple[str, LinearLoRA]], safe: bool) -> dict[str, torch.Tensor]:

@@ -225,3 +225,18 @@ def test_a_moe_recipe_trains_the_experts_and_peft_loads_its_adapter(tmp_path):
     assert al.load_adapter(ours, out / "adapter") == 2 + 4
     assert any(p.abs().max() > 0 for n, p in ours.named_parameters() if "experts.lora_B" in n)  # the experts trained
     torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_save_writes_merged_experts_that_transformers_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _qwen3_moe()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj"], match_all_experts=True))
+    _randomize(model)
+    ids = torch.randint(0, 64, (2, 9))
+    want = model(input_ids=ids).logits
+    assert al.merge_and_save(model, tmp_path / "merged") == 2 + 2
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora_" in k for k in merged.state_dict())
+    torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(input_ids=ids).logits, want)  # the model stays adapted, unmerged
