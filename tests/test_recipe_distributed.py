@@ -173,3 +173,28 @@ def test_cleanup_frees_the_trained_model_before_destroying_the_group(tmp_path, m
         if dist.is_initialized():
             dist.destroy_process_group()
     assert seen == [True], "the model must be gone when the process group is destroyed"
+
+
+MOE = {"model_type": "qwen3_moe", "vocab_size": 259, "hidden_size": 32, "intermediate_size": 64,
+       "moe_intermediate_size": 24, "num_experts": 5, "num_experts_per_tok": 2, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
+def test_fsdp2_shards_expert_adapters_and_trains_the_same_adapter_as_one_process(tmp_path):
+    """LoRA on MoE experts under FSDP2: the (E, r, in) / (E, out, r) adapters are ordinary parameters."""
+    moe = {"model": {"tiny": dict(MOE), "dtype": "float32"},
+           "peft": {"match_all_linear": False, "target_modules": ["q_proj"], "match_all_experts": True, "dim": 4,
+                    "alpha": 8}}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    run_recipe(_recipe(tmp_path / "one", "run", batch_size=2, **moe))
+    summary, log0, _ = _torchrun(tmp_path / "two", "fsdp2", **moe)
+    assert summary["world_size"] == 2 and summary["strategy"] == "fsdp2"
+    ref_losses, losses = step_losses(tmp_path / "one" / "run"), step_losses(tmp_path / "two" / "run")
+    for step in ref_losses:
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+    ref, got = adapter_tensors(tmp_path / "one" / "run" / "adapter"), adapter_tensors(tmp_path / "two" / "run" / "adapter")
+    assert got.keys() == ref.keys() and sum("experts" in k for k in ref) == 8
+    assert any(float(t.abs().max()) > 1e-3 for k, t in ref.items() if "experts" in k and "lora_B" in k)
+    for key in ref:
+        assert_close(got[key], ref[key], what=f"moe fsdp2 {key}")
