@@ -20,6 +20,7 @@ REAL_RUNS = {  # recipe -> (config-only directory, parameters of the published m
     "llama3_8b_lora": ("llama3.1-8b", 8_030_261_248),
     "llama3_8b_qlora": ("llama3.1-8b", 8_030_261_248),
     "qwen2_5_7b_lora": ("qwen2.5-7b", 7_615_616_512),
+    "qwen3_30b_a3b_lora": ("qwen3-30b-a3b", 30_532_122_624),
 }
 
 
@@ -119,7 +120,16 @@ def test_shipped_config_directories_build_the_published_models(recipe):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     assert sum(p.numel() for p in model.parameters()) == n_params
-    assert not config.tie_word_embeddings and config.max_position_embeddings == 131072
+    assert not config.tie_word_embeddings
+    if directory == "qwen3-30b-a3b":  # the MoE recipe: every expert weight of every layer is targeted
+        import automodel_lora as al
+
+        assert config.num_experts == 128 and config.num_experts_per_tok == 8
+        n = al.apply_lora_to_linear_modules(model, cfg.peft)
+        assert n == 48 * 4 + 48 * 2
+        assert model.model.layers[47].mlp.experts.lora_A["gate_up_proj"].shape == (128, 16, 2048)
+        return
+    assert config.max_position_embeddings == 131072
     assert (model.model.layers[0].self_attn.q_proj.bias is not None) == (directory == "qwen2.5-7b")
 
 
