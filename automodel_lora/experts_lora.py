@@ -27,11 +27,14 @@ import torch.nn as nn
 
 from .config import LoraSettings
 from .grouped_mm import group_offsets, grouped_mm
+from .kernels.lora import use_kernels_for
+from .kernels.segmented_lora import segmented_lora
 
 __all__ = ["ExpertsLoRA", "EXPERT_PARAMS", "is_experts_module", "expert_params", "patch_experts_module",
            "experts_lora_modules", "fold_experts", "unpatch_experts"]
 
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")  # transformers' names of fused expert weights
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the segmented kernels' activations
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -58,12 +61,15 @@ class ExpertsLoRA(nn.Module):
         lora_A, lora_B: ``nn.ParameterDict`` keyed by the adapted weight's name: (E, r, in) and (E, out, r).
         lora_settings: {weight name: its ``LoraSettings`` (rank, alpha, rsLoRA); the scale is ``.scale``}.
         lora_merged: whether ``s B_e A_e`` is folded into the weights (the forward then skips the adapters).
+        lora_use_triton: the adapters run in the segmented Triton kernels (``kernels/segmented_lora.py``) where
+            they run (CUDA, or the CPU interpreter); else in grouped products of PyTorch.
     """
 
     lora_A: nn.ParameterDict
     lora_B: nn.ParameterDict
     lora_settings: dict
     lora_merged: bool
+    lora_use_triton: bool
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H), as the experts class computes it."""
@@ -88,11 +94,13 @@ class ExpertsLoRA(nn.Module):
         y = grouped_mm(x, weight if self.is_transposed else weight.transpose(1, 2), offsets)
         if self.has_bias:
             y = y + getattr(self, f"{name}_bias")[expert_ids]
-        if name in self.lora_A and not self.lora_merged:
-            A, B = self.lora_A[name], self.lora_B[name]  # (E, r, in), (E, out, r)
-            xa = grouped_mm(x.to(A.dtype), A.transpose(1, 2), offsets)  # (S, r)
-            y = y + (grouped_mm(xa, B.transpose(1, 2), offsets) * self.lora_settings[name].scale).to(y.dtype)
-        return y
+        if name not in self.lora_A or self.lora_merged:
+            return y
+        A, B, scale = self.lora_A[name], self.lora_B[name], self.lora_settings[name].scale  # (E, r, in), (E, out, r)
+        if self.lora_use_triton and use_kernels_for(x) and x.dtype in KERNEL_DTYPES:
+            return segmented_lora(x, A, B, y, expert_ids, offsets, scale)
+        xa = grouped_mm(x.to(A.dtype), A.transpose(1, 2), offsets)  # (S, r)
+        return y + (grouped_mm(xa, B.transpose(1, 2), offsets) * scale).to(y.dtype)
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={self.lora_A[n].shape[1]}, scale={self.lora_settings[n].scale:g}" for n in self.lora_A]
@@ -110,7 +118,8 @@ def _lora_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def patch_experts_module(module: nn.Module, params: Sequence[str], settings: LoraSettings) -> nn.Module:
+def patch_experts_module(module: nn.Module, params: Sequence[str], settings: LoraSettings,
+                         use_triton: bool = True) -> nn.Module:
     """Give the experts ``params`` of ``module`` per-expert adapters of ``settings`` (its ``dim``, ``alpha``,
     ``use_rslora``, ``lora_dtype``; dropout, DoRA and ``lora_bias`` are refused), in place.
 
@@ -140,6 +149,7 @@ def patch_experts_module(module: nn.Module, params: Sequence[str], settings: Lor
                          f"DoRA or lora_bias); got {settings}")
     if not isinstance(module, ExpertsLoRA):
         module.lora_A, module.lora_B, module.lora_settings, module.lora_merged = nn.ParameterDict(), nn.ParameterDict(), {}, False
+        module.lora_use_triton = use_triton
         module.__class__ = _lora_class(type(module))
     for name in params:
         weight = getattr(module, name)
@@ -177,7 +187,7 @@ def fold_experts(module: ExpertsLoRA, sign: float) -> None:
 
 def unpatch_experts(module: ExpertsLoRA) -> None:
     """The experts module back to its own class, its adapters gone (weights as they are now)."""
-    for attr in ("lora_A", "lora_B", "lora_settings", "lora_merged"):
+    for attr in ("lora_A", "lora_B", "lora_settings", "lora_merged", "lora_use_triton"):
         delattr(module, attr)
     module.__class__ = next(c for c in type(module).__mro__[1:] if not issubclass(c, ExpertsLoRA))
 

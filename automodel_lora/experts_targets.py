@@ -65,6 +65,6 @@ def apply_lora_to_experts(model: nn.Module, cfg: PeftConfig, selected: dict[str,
     count, base = 0, cfg.lora_settings()
     for fqn, names in selected.items():
         for name in names:
-            patch_experts_module(modules[fqn], [name], cfg.settings_for(f"{fqn}.{name}", base))
+            patch_experts_module(modules[fqn], [name], cfg.settings_for(f"{fqn}.{name}", base), cfg.use_triton)
             count += 1
     return count
