@@ -31,7 +31,8 @@ Prints the table last; writes the full JSON (GPU, date, commit, autotune choices
 (and each model shape) the results so far, with "partial": true, at the same path.
 
 Sections (--sections, run in this order): layer, ops, host (bench_layer.py), qlora (bench_qlora.py),
-model (bench_model.py); the timing harness is bench_common.py, the variants' kernel options bench_variants.py.
+model (bench_model.py), moe (bench_moe.py: one MoE experts layer, --moe-shapes qwen3_30b,mixtral,
+--moe-variants frozen,peft,torch,triton); the timing harness is bench_common.py, the variants' kernel options bench_variants.py.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import argparse
 import bench_layer
 import bench_model
 import bench_model_shapes
+import bench_moe
 import bench_qlora
 from bench_common import DEV, run_env, write_results
 from bench_model_arms import DEFAULT_ARMS, OPTIONAL_ARMS
@@ -50,7 +52,7 @@ from automodel_lora import kernels as K
 
 # name -> the section's run(args) -> its keys of the results JSON, in the order they run
 SECTIONS = {"layer": bench_layer.run, "ops": bench_layer.run_ops, "host": bench_layer.run_host,
-            "qlora": bench_qlora.run, "model": bench_model.run}
+            "qlora": bench_qlora.run, "model": bench_model.run, "moe": bench_moe.run}
 
 
 def _env():
@@ -70,12 +72,13 @@ def print_tables(results):
     if "model" in results:
         lines += bench_model.table(results)
     lines += bench_qlora.table(results)
+    lines += bench_moe.table(results)
     print("\n".join(lines), flush=True)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="layer,ops,host,qlora,model")
+    ap.add_argument("--sections", default="layer,ops,host,qlora,model,moe")
     ap.add_argument("--variants", default="frozen,peft,torch_naive,torch,triton,triton_cublas")
     ap.add_argument("--M", type=int, default=8192)
     ap.add_argument("--ranks", default="16,64")
@@ -86,6 +89,8 @@ def parse_args(argv=None):
     ap.add_argument("--model-variants", default=",".join(DEFAULT_ARMS),
                     help=f"model section: arms, of {DEFAULT_ARMS + OPTIONAL_ARMS}")
     ap.add_argument("--model-n", type=int, default=10, help="model section: steps per arm per round")
+    ap.add_argument("--moe-shapes", default=",".join(bench_moe.SHAPES), help=f"moe section: of {list(bench_moe.SHAPES)}")
+    ap.add_argument("--moe-variants", default=",".join(bench_moe.VARIANTS), help=f"moe section: of {bench_moe.VARIANTS}")
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
@@ -95,6 +100,7 @@ def parse_args(argv=None):
     args.variants = args.variants.split(",")
     args.model_shapes = args.model_shapes.split(",")
     args.model_variants = args.model_variants.split(",")
+    args.moe_shapes, args.moe_variants = args.moe_shapes.split(","), args.moe_variants.split(",")
     args.ranks = [int(v) for v in args.ranks.split(",")]
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     args.qlora_shapes = [tuple(int(v) for v in s.split("x")) for s in args.qlora_shapes.split(",")]
