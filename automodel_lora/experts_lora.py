@@ -26,15 +26,13 @@ import torch
 import torch.nn as nn
 
 from .config import LoraSettings
-from .grouped_mm import group_offsets, grouped_mm
-from .kernels.lora import use_kernels_for
-from .kernels.segmented_lora import segmented_lora
+from .grouped_linear import grouped_rows_lora
+from .grouped_mm import group_offsets
 
 __all__ = ["ExpertsLoRA", "EXPERT_PARAMS", "is_experts_module", "expert_params", "patch_experts_module",
            "experts_lora_modules", "fold_experts", "unpatch_experts"]
 
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")  # transformers' names of fused expert weights
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the segmented kernels' activations
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -90,17 +88,12 @@ class ExpertsLoRA(nn.Module):
 
     def lora_project(self, name: str, x: torch.Tensor, offsets: torch.Tensor, expert_ids: torch.Tensor):
         """x (S, in) sorted by expert -> (S, out): the base weight ``name``, plus its adapter if it has one."""
-        weight = getattr(self, name)  # (E, out, in), or (E, in, out) transposed
-        y = grouped_mm(x, weight if self.is_transposed else weight.transpose(1, 2), offsets)
-        if self.has_bias:
-            y = y + getattr(self, f"{name}_bias")[expert_ids]
-        if name not in self.lora_A or self.lora_merged:
-            return y
-        A, B, scale = self.lora_A[name], self.lora_B[name], self.lora_settings[name].scale  # (E, r, in), (E, out, r)
-        if self.lora_use_triton and use_kernels_for(x) and x.dtype in KERNEL_DTYPES:
-            return segmented_lora(x, A, B, y, expert_ids, offsets, scale)
-        xa = grouped_mm(x.to(A.dtype), A.transpose(1, 2), offsets)  # (S, r)
-        return y + (grouped_mm(xa, B.transpose(1, 2), offsets) * scale).to(y.dtype)
+        bias = getattr(self, f"{name}_bias") if self.has_bias else None
+        adapted = name in self.lora_A and not self.lora_merged
+        A, B = (self.lora_A[name], self.lora_B[name]) if adapted else (None, None)  # (E, r, in), (E, out, r)
+        scale = self.lora_settings[name].scale if adapted else 0.0
+        return grouped_rows_lora(x, getattr(self, name), A, B, scale, offsets, expert_ids, bias,
+                                 self.lora_use_triton, transposed=self.is_transposed)
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={self.lora_A[n].shape[1]}, scale={self.lora_settings[n].scale:g}" for n in self.lora_A]

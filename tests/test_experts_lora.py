@@ -240,3 +240,37 @@ def test_merge_and_save_writes_merged_experts_that_transformers_loads(tmp_path):
     assert not any("lora_" in k for k in merged.state_dict())
     torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(input_ids=ids).logits, want)  # the model stays adapted, unmerged
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_grouped_lora_linear_by_offsets_or_unsorted_group_ids_equals_a_loop(use_triton):
+    """A user's own MoE (seed d9d's GroupedLinear shape): the same result from offsets over grouped rows and
+    from per-row group ids in any order, against a float64 loop; gradients of every input."""
+    g = torch.Generator().manual_seed(3)
+    G, S, fan_in, fan_out, r = 4, 23, 12, 9, 3
+    W, b = torch.randn(G, fan_out, fan_in, generator=g), torch.randn(G, fan_out, generator=g)
+    A = torch.randn(G, r, fan_in, generator=g).requires_grad_()
+    B = torch.randn(G, fan_out, r, generator=g).requires_grad_()
+    x = torch.randn(S, fan_in, generator=g).requires_grad_()
+    ids = torch.randint(0, G, (S,), generator=g)
+    ids[ids == 1] = 2  # group 1 empty
+    want = torch.stack([x[s].double() @ (W[i].double() + 0.5 * B[i].double() @ A[i].double()).T + b[i].double()
+                        for s, i in enumerate(ids.tolist())])
+    got = al.grouped_lora_linear(x, W, A, B, 0.5, group_ids=ids, bias=b, use_triton=use_triton)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=F32_RTOL * want.abs().max().item())
+    order = torch.sort(ids, stable=True)[1]
+    counts = torch.bincount(ids, minlength=G)
+    by_offsets = al.grouped_lora_linear(x[order], W, A, B, 0.5, offsets=torch.cumsum(counts, 0), bias=b,
+                                        use_triton=use_triton)
+    torch.testing.assert_close(by_offsets, got[order])
+    got.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, A, B)]
+    for t in (x, A, B):
+        t.grad = None
+    want.square().sum().backward()  # float64 graph through x, A, B (cast per row above)
+    for mine, ref in zip(grads, (x.grad, A.grad, B.grad), strict=True):
+        torch.testing.assert_close(mine.double(), ref.double(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not both or neither"):
+        al.grouped_lora_linear(x, W, A, B, 0.5)
+    with pytest.raises(ValueError, match="do not chain"):
+        al.grouped_lora_linear(x, W, B, A, 0.5, group_ids=ids)
