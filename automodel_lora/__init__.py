@@ -13,6 +13,7 @@ import warnings
 # `automodel-lora` console script's --help / --version / recipes / cp -- load no torch.
 _LAZY = {
     "AdapterFormatError": ".adapter_format",
+    "adapter_batch": ".adapter_batch",
     "load_adapter": ".adapter_io",
     "lora_state_dict": ".adapter_io",
     "save_adapter": ".adapter_io",
@@ -59,6 +60,7 @@ __all__ = [
     "ModuleMatcher",
     "PeftConfig",
     "active_adapter",
+    "adapter_batch",
     "adapter_names",
     "add_weighted_adapter",
     "apply_lora_to_linear_modules",

@@ -20,8 +20,6 @@ from .kernels.segmented_lora import segmented_lora
 
 __all__ = ["grouped_lora_linear", "grouped_rows_lora"]
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def grouped_rows_lora(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
                       scale: float, offsets: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None = None,
@@ -33,7 +31,7 @@ def grouped_rows_lora(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tenso
         y = y + bias[ids]
     if lora_A is None:
         return y
-    if use_triton and use_kernels_for(x) and x.dtype in KERNEL_DTYPES:
+    if use_triton and use_kernels_for(x):
         return segmented_lora(x, lora_A, lora_B, y, ids, offsets, scale)
     xa = grouped_mm(x.to(lora_A.dtype), lora_A.transpose(1, 2), offsets)  # (S, r)
     return y + (grouped_mm(xa, lora_B.transpose(1, 2), offsets) * scale).to(y.dtype)

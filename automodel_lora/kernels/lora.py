@@ -86,9 +86,13 @@ def _op_options(base_gemm: str, fuse_proj: bool, fast_launch: bool) -> KernelOpt
     return opts
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels compute in; others: reference
+
+
 def use_kernels_for(t: torch.Tensor) -> bool:
-    """True when the Triton kernels run for tensors on ``t``'s device (CUDA, or the CPU interpreter)."""
-    return HAS_TRITON and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
+    """True when the Triton kernels run for ``t``: on CUDA (or the CPU interpreter), in a dtype they compute in
+    (float64 takes the PyTorch reference path everywhere)."""
+    return HAS_TRITON and (t.is_cuda or (_INTERPRET and t.device.type == "cpu")) and t.dtype in KERNEL_DTYPES
 
 
 def on_device_of(t: torch.Tensor, fn, *args):

@@ -2,7 +2,9 @@
 
     out[s] = add[s] + scale * x[s] @ w[ids[s]]^T          x (S, K), w (G, N, K), ids (S,) ascending
 
-Rows are sorted by group (``ids`` ascending; a group may have no rows). This is the low-rank half of LoRA
+Rows are usually sorted by group (``ids`` ascending; a group may have no rows), which keeps each program to
+one or two groups; any order is computed correctly, and a row with a negative id gets no product (``add``
+alone, or zero: a sequence without an adapter in a mixed batch). This is the low-rank half of LoRA
 on MoE experts (rows = token-expert pairs sorted by expert) and of a batch mixing adapters (rows sorted by
 adapter): the shrink ``x A_g^T`` (N = r small, K large) and the expand ``xa B_g^T`` added into the base
 output (K = r small, N large) are the same op with other tile shapes.
@@ -34,7 +36,7 @@ if HAS_TRITON:  # the callers check use_kernels_for() first: without triton noth
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         row_ok, col_ok = rm < S, rn < N
         ids = tl.load(ids_ptr + rm, mask=row_ok, other=-1)
-        first = tl.min(tl.where(row_ok, ids, 2147483647))
+        first = tl.maximum(tl.min(tl.where(row_ok, ids, 2147483647)), 0)  # a negative id: no group, no product
         last = tl.max(ids)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for g in range(first, last + 1):
@@ -68,7 +70,7 @@ def segment_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: float
     """``out (S, N) = add + scale * x[s] @ w[ids[s]]^T`` (see the module docstring); fp32 accumulation.
 
     Args:
-        x: (S, K) rows sorted by group. w: (G, N, K), any strides. ids: (S,) int, ascending, in [0, G).
+        x: (S, K) rows, best sorted by group. w: (G, N, K), any strides. ids: (S,) int in [0, G), or < 0 for none.
         add: (S, N) added to the product (the base output), or None.
         out_dtype: the result's dtype (default: ``add``'s, else ``x``'s).
 

@@ -1,0 +1,169 @@
+"""Many adapters in one batch: each sequence runs with its own named adapter (or none), in one forward.
+
+    al.load_adapter(model, "out/french", adapter_name="french")
+    al.load_adapter(model, "out/german", adapter_name="german")
+    with al.adapter_batch(model, ["french", "german", None, "french"]):   # one entry per sequence
+        logits = model(input_ids=ids).logits           # (4, T, V): row 2 is the base model's
+        out = model.generate(ids, max_new_tokens=32)   # prefill and decode alike
+
+Inside the block every adapted linear stacks the batch's K distinct adapters into ``A`` (K, r_max, in) and
+``B`` (K, out, r_max) (each adapter's scale folded into its ``B``; a smaller rank padded with zeros; a
+module without one of the adapters gets zeros for it, i.e. its base output, as ``set_adapter`` gives) and
+computes ``y = x W^T + b + (x A_k^T) B_k^T`` with ``k`` the adapter of the row's sequence: the segmented
+kernels (``kernels/segment_mm.py``: rows grouped by an index, as MoE experts are) where they run, else a
+loop over the adapters in PyTorch. Rows are the leading ``batch`` entries of the input (``(B, T, in)``, or
+``(B * T, in)`` batch-major), so the same code serves prefill (T rows per sequence) and decode (one).
+Integer ids index :func:`automodel_lora.adapter_names` (HF / MAX ``lora_ids``), -1 meaning none.
+
+For inference: the model must be in ``eval()`` mode (dropout off; training several adapters at once is not
+built yet). Plain LoRA adapters of linear modules only: DoRA, ``lora_bias``, embedding and expert adapters
+are refused, as is a merged model. The stacks are built on entry (a copy of the batch's adapters) and
+dropped on exit; each module's ``forward`` is overridden on the instance for the block only, so nothing
+changes outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .adapter_slots import adapter_names, holder_of
+from .dora import magnitude_of
+from .embedding_lora import is_embedding_lora
+from .experts_lora import experts_lora_modules
+from .kernels.lora import use_kernels_for
+from .kernels.segment_mm import segment_mm
+from .lora import LinearLoRA, lora_modules
+
+__all__ = ["adapter_batch"]
+
+
+class _Rows:
+    """The batch's adapter index per sequence, and per row of an input (cached per rows-per-sequence)."""
+
+    def __init__(self, seq_ids: torch.Tensor):
+        self.seq_ids = seq_ids  # (batch,) int64, -1 for none
+        self._by_length: dict[tuple, torch.Tensor] = {}
+
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows,) adapter index of each row of ``x`` (..., in), rows batch-major.
+
+        Raises:
+            ValueError: a leading dimension other than the batch's, or rows that are not a whole number per
+            sequence.
+        """
+        rows, batch = x.numel() // x.shape[-1], self.seq_ids.numel()
+        if (x.dim() > 2 and x.shape[0] != batch) or rows % batch:
+            raise ValueError(f"adapter_batch: an input of shape {tuple(x.shape)} is not {batch} sequences (its "
+                             "leading dimension, or a multiple of it in rows); pass one adapter name per sequence "
+                             "of the batch")
+        key = (rows // batch, x.device)
+        if key not in self._by_length:
+            self._by_length[key] = self.seq_ids.to(x.device).repeat_interleave(rows // batch)
+        return self._by_length[key]
+
+
+def _check_module(fqn: str, module: nn.Module, names: list) -> None:
+    if is_embedding_lora(module):
+        raise ValueError(f"adapter_batch: {fqn!r} is an adapted embedding; mixed batches are for linear adapters")
+    if not isinstance(module, LinearLoRA):
+        return
+    if module.lora_merged:
+        raise ValueError("adapter_batch: the model's adapter is merged; call unmerge_lora(model) first")
+    for name in names:
+        holder = holder_of(module, name)
+        if holder is not None and (magnitude_of(holder) is not None or holder.lora_B.bias is not None):
+            raise ValueError(f"adapter_batch: adapter {name!r} of {fqn!r} is a DoRA or lora_bias adapter; mixed "
+                             "batches take plain LoRA adapters (run it alone with set_adapter)")
+
+
+def _stack(module: LinearLoRA, names: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (K, r_max, in), B (K, out, r_max) with each adapter's scale folded in), zeros where it is missing."""
+    present = {k: h for k, name in enumerate(names) if (h := holder_of(module, name)) is not None}
+    r_max = max((h.lora_settings.dim for h in present.values()), default=1)
+    device = module.weight.device
+    A = torch.zeros(len(names), r_max, module.in_features, device=device, dtype=dtype)
+    B = torch.zeros(len(names), module.out_features, r_max, device=device, dtype=dtype)
+    for k, h in present.items():
+        r = h.lora_settings.dim
+        A[k, :r] = h.lora_A.weight.detach().to(dtype)
+        B[k, :, :r] = h.lora_B.weight.detach().to(dtype) * h.lora_settings.scale
+    return A, B
+
+
+def _batched_forward(module: LinearLoRA, A: torch.Tensor, B: torch.Tensor, rows: _Rows):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = module.base_forward(x)
+        ids = rows.of(x)  # (M,)
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        if use_kernels_for(x):
+            xa = segment_mm(x2, A, ids)  # (M, r_max); rows without an adapter stay zero
+            return segment_mm(xa, B, ids, add=y2).view(y.shape)
+        out = y2.clone()
+        for k in range(A.shape[0]):
+            sel = (ids == k).nonzero().squeeze(1)
+            out.index_add_(0, sel, ((x2[sel] @ A[k].T.to(x2.dtype)) @ B[k].T.to(x2.dtype)).to(out.dtype))
+        return out.view(y.shape)
+
+    return forward
+
+
+def _seq_ids(model: nn.Module, adapters: Sequence, known: list[str]) -> tuple[list[str], torch.Tensor]:
+    """(the distinct adapter names in first-seen order, (batch,) their index per sequence, -1 for none)."""
+    chosen: list[str] = []
+    ids = []
+    for a in adapters:
+        if a is None or (isinstance(a, int) and a == -1):
+            ids.append(-1)
+            continue
+        if isinstance(a, int):
+            if not 0 <= a < len(known):
+                raise ValueError(f"adapter_batch: adapter id {a} is out of range; the model's adapters are "
+                                 f"{known} (ids 0..{len(known) - 1}, -1 for none)")
+            a = known[a]
+        if a not in known:
+            raise ValueError(f"adapter_batch: {type(model).__name__} has no adapter {a!r}; it has {known}")
+        if a not in chosen:
+            chosen.append(a)
+        ids.append(chosen.index(a))
+    return chosen, torch.tensor(ids, dtype=torch.int64)
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None]) -> Iterator[nn.Module]:
+    """Run ``model`` with one adapter per sequence of the batch inside the block (see the module docstring).
+
+    Args:
+        model: a model with named adapters (``apply_lora_to_linear_modules`` / ``load_adapter(adapter_name=)``).
+        adapters: one entry per sequence: an adapter name, its index in ``adapter_names(model)``, or None / -1
+            for the base model.
+
+    Raises:
+        ValueError: an unknown name or id, a model in training mode, a merged model, DoRA / ``lora_bias`` /
+            embedding / expert adapters, or (at a call inside the block) an input whose rows are not a
+            multiple of the batch's sequences.
+    """
+    known = adapter_names(model)
+    names, seq_ids = _seq_ids(model, adapters, known)
+    if model.training:
+        raise ValueError("adapter_batch is for inference: call model.eval() first (training several adapters in "
+                         "one batch is not built yet)")
+    if experts_lora_modules(model):
+        raise ValueError("adapter_batch: the model has expert adapters (one adapter on experts per model); mixed "
+                         "batches take linear adapters only")
+    modules = lora_modules(model)
+    for fqn, module in modules:
+        _check_module(fqn, module, names)
+    rows = _Rows(seq_ids)
+    linears = [m for _, m in modules if isinstance(m, LinearLoRA)]
+    try:
+        for m in linears:
+            A, B = _stack(m, names, m.weight.dtype if m.weight.is_floating_point() else m.lora_A.weight.dtype)
+            m.forward = _batched_forward(m, A, B, rows)  # the instance's forward, for the block only
+        yield model
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
