@@ -18,6 +18,10 @@ device and options; tests ask them which kernels a call takes):
     "cublas"      proj, then the low-rank term written by ``expand`` and cuBLAS's ``addmm_`` on top (beta=1)
     "add"         (forward, ``lora_add``) proj, then ``expand`` adding to the caller's base output
     "adapter"     (dx, ``lora_add``) proj, then ``expand``: the adapter's part of dx only
+
+DoRA (a column scale f (N,) given, ``dora_forward``): every base_gemm takes proj, cuBLAS's ``x W^T`` (or the
+caller's base output), then one ``expand`` pass writing ``f * (base + drop_post(s xa B^T)) + b`` (in place over
+cuBLAS's product); the backward's ``dz = dy * f`` comes from ``dora_grad`` and then takes the routes above.
 """
 
 from __future__ import annotations
@@ -130,6 +134,20 @@ def triton_forward(x, weight, bias, base_out, A, B, scale, p, post, seed, option
     else:
         y = gemm_lora(x, wt, xa, bt, scale, bias=bias, tma=route == "tma", fast_launch=fast)
     return y, xa
+
+
+def dora_forward(x, weight, bias, base_out, A, B, scale, p, post, seed, col_scale, options: KernelOptions):
+    """DoRA's ``(y, xa)``: y = col_scale * (x W^T + drop_post(s xa B^T)) + bias ``(M, N)`` (``base_out`` in place
+    of x W^T for ``lora_add``: then in base_out's dtype, else x's), xa = x A^T ``(M, r)``; no "pre" dropout."""
+    fast = options.fast_launch
+    xa = proj(x, A.t(), fast_launch=fast)  # (M, r)
+    post_seed, post_p = (seed, p) if post and p > 0.0 else (None, 0.0)
+    if base_out is None:
+        base = x @ weight.t()  # (M, N) cuBLAS, overwritten with y by the expand pass
+        return expand(xa, B.t(), scale, bias=bias, add=base, col_scale=col_scale, seed=post_seed, p=post_p,
+                      out=base, fast_launch=fast), xa
+    return expand(xa, B.t(), scale, bias=bias, add=base_out, col_scale=col_scale, seed=post_seed, p=post_p,
+                  out_dtype=base_out.dtype, fast_launch=fast), xa
 
 
 def _grad_dx(route, dy, weight, A, dyB, scale, seed, pre_p, fast):
