@@ -264,6 +264,15 @@ def test_the_fused_layer_matches_dora_forward_in_float64(dtype, bias):
     check_dm(ours[MAGNITUDE], ref[MAGNITUDE], dtype)
 
 
+def test_the_output_is_saved_so_writing_it_in_place_before_backward_raises():
+    """dm is recovered from y itself: autograd refuses a y changed after the forward (not a silent wrong dm)."""
+    layer = dora_module(4, torch.float32, True)
+    y = layer(torch.randn(5, K))
+    y.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_the_check_fails_for_a_wrong_zero_column_gradient_or_a_flipped_scale():
     """The comparisons above can fail: a magnitude gradient without the zero column's term, and an output
     scaled by 1 / f, are both caught."""
