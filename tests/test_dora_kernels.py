@@ -219,6 +219,8 @@ def test_dora_inputs_are_checked():
         lora_linear(x, W, b, A, B, SCALE, magnitude=m, weight_norm=norm, lora_bias=torch.zeros(N))
     with pytest.raises(ValueError, match=rf"needs base_weight.*\({N}, {K}\).*got None"):
         lora_add(x @ W.t(), x, A, B, SCALE, magnitude=m, weight_norm=norm)
+    with pytest.raises(ValueError, match="base_bias and base_weight are DoRA's.*no magnitude"):
+        lora_add(x @ W.t() + b, x, A, B, SCALE, base_bias=b, base_weight=W)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ device and options; tests ask them which kernels a call takes):
     "add"         (forward, ``lora_add``) proj, then ``expand`` adding to the caller's base output
     "adapter"     (dx, ``lora_add``) proj, then ``expand``: the adapter's part of dx only
 
-DoRA (a column scale f (N,) given, ``dora_forward``): every base_gemm takes proj, cuBLAS's ``x W^T`` (or the
-caller's base output), then one ``expand`` pass writing ``f * (base + drop_post(s xa B^T)) + b`` (in place over
-cuBLAS's product); the backward's ``dz = dy * f`` comes from ``dora_grad`` and then takes the routes above.
+DoRA (a column scale f (N,) given, ``triton_dora_forward``): every base_gemm takes proj, cuBLAS's ``x W^T`` (or
+the caller's base output), then one ``expand`` pass writing ``f * (base + drop_post(s xa B^T)) + b`` (in place
+over cuBLAS's product); the backward's ``dz = dy * f`` comes from ``dora_grad`` and then takes the routes above.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def triton_forward(x, weight, bias, base_out, A, B, scale, p, post, seed, option
     return y, xa
 
 
-def dora_forward(x, weight, bias, base_out, A, B, scale, p, post, seed, col_scale, options: KernelOptions):
+def triton_dora_forward(x, weight, bias, base_out, A, B, scale, p, post, seed, col_scale, options: KernelOptions):
     """DoRA's ``(y, xa)``: y = col_scale * (x W^T + drop_post(s xa B^T)) + bias ``(M, N)`` (``base_out`` in place
     of x W^T for ``lora_add``: then in base_out's dtype, else x's), xa = x A^T ``(M, r)``; no "pre" dropout."""
     fast = options.fast_launch

@@ -15,7 +15,7 @@ Shapes: x ``(..., K)``, weight ``(N, K)``, bias ``(N,)``, lora_A ``(r, K)``, lor
 magnitude ``(N,)``, weight_norm ``(N,)``.
 Compute runs in x.dtype with fp32 accumulation; adapter gradients come back in the
 adapters' dtype (fp32 master weights work).  Saved for backward: x and ``xa = drop(x) A^T``
-``(M, r)`` only; the dropout mask is regenerated from a Philox seed.
+``(M, r)`` only (DoRA: y too); the dropout mask is regenerated from a Philox seed.
 
 Backends (chosen per call inside the custom op, so torch.compile sees one opaque op):
   * CUDA + triton, or CPU with ``TRITON_INTERPRET=1`` at import: the Triton kernels, routed by
@@ -47,13 +47,13 @@ from .reference import reference_backward, reference_dora_grad, reference_forwar
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:  # triton is optional: without it the reference path runs everywhere
-    from .dispatch import dora_forward, triton_backward, triton_forward
+    from .dispatch import triton_backward, triton_dora_forward, triton_forward
     from .dora_grad import dora_grad
     from .dropout import keep_mask
 
     HAS_TRITON = True
 except ImportError as _e:  # pragma: no cover - depends on the environment
-    triton_forward = triton_backward = keep_mask = dora_forward = dora_grad = None
+    triton_forward = triton_backward = keep_mask = triton_dora_forward = dora_grad = None
     HAS_TRITON = False
     if torch.cuda.is_available():
         warnings.warn(f"Triton is not importable ({_e}); LoRA layers on CUDA run the slower PyTorch reference path",
@@ -128,8 +128,8 @@ def _fwd_impl(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed, o
         return x.new_empty((0, N), dtype=dt), x.new_empty((0, lora_A.shape[0]))
     if use_kernels_for(x):
         if col_scale is not None:
-            return on_device_of(x, dora_forward, x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed,
-                                col_scale, options)
+            return on_device_of(x, triton_dora_forward, x, weight, bias, base_out, lora_A, lora_B, scale, p, post,
+                                seed, col_scale, options)
         return on_device_of(x, triton_forward, x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed,
                             options)
     return reference_forward(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed, col_scale)
@@ -258,8 +258,12 @@ def _check_dora(magnitude, weight_norm, N: int, dropout_p: float, dropout_positi
         raise ValueError("DoRA does not take a lora_bias (HF PEFT refuses the pair); pass lora_bias=None")
 
 
-def _check_dora_base(base_bias, base_weight, N: int, K: int) -> None:
-    """``lora_add``'s DoRA base: base_weight ``(N, K)`` (required), base_bias ``(N,)`` or None, both floating."""
+def _check_dora_base(magnitude, base_bias, base_weight, N: int, K: int) -> None:
+    """``lora_add``'s DoRA base: base_weight ``(N, K)`` (required), base_bias ``(N,)`` or None, both floating, and
+    neither without a magnitude."""
+    if magnitude is None:
+        raise ValueError("base_bias and base_weight are DoRA's (the output is rescaled around the base's bias), but "
+                         "no magnitude was given; pass magnitude and weight_norm, or neither base_bias nor base_weight")
     if not isinstance(base_weight, torch.Tensor) or base_weight.shape != (N, K) or not base_weight.is_floating_point():
         what = f"{tuple(base_weight.shape)} {base_weight.dtype}" if isinstance(base_weight, torch.Tensor) else repr(base_weight)
         raise ValueError(f"DoRA through lora_add needs base_weight, the base's floating ({N}, {K}) weight (read for "
@@ -505,7 +509,7 @@ def lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora
         check_lora_bias(lora_bias, N)
     if magnitude is not None or weight_norm is not None or base_bias is not None or base_weight is not None:
         _check_dora(magnitude, weight_norm, N, dropout_p, dropout_position, lora_bias)
-        _check_dora_base(base_bias, base_weight, N, x.shape[-1])
+        _check_dora_base(magnitude, base_bias, base_weight, N, x.shape[-1])
     y = _LoRAFunction.apply(x, None, base_bias, base_out, lora_A, lora_B, float(scale), float(dropout_p),
                             dropout_position == "post", None, _options(options), lora_bias, magnitude, weight_norm,
                             base_weight)
