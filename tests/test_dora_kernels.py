@@ -23,6 +23,7 @@ recomputed from x, W, xa, B, not read from y; ``check_dm`` makes sure it is not 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -31,6 +32,9 @@ from torch import nn
 import automodel_lora as al
 from automodel_lora.dora import MAGNITUDE, dora_forward
 from automodel_lora.kernels import dropout_keep_mask, lora_add, lora_linear, lora_linear_dequant
+from automodel_lora.kernels import lora as L
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 TOL = {torch.float32: (2e-6, 2e-5), torch.float16: (2e-3, 8e-3)}
 DTYPES = [torch.float32, torch.float16]
@@ -75,8 +79,10 @@ def upstream(x, W, A, B, s, p=0.0, keep=None) -> torch.Tensor:
     return dy
 
 
-def operands(r: int, dtype: torch.dtype, bias: bool, adapter_dtype=None):
-    """x, W, b, A, B, m: B nonzero, m away from ||V||_row and 0 in column ZERO; x, A, B, m require grad."""
+def operands(r: int, dtype: torch.dtype, bias: bool, adapter_dtype=None, shape=(M, K, N)):
+    """x, W, b, A, B, m of ``shape`` (M, K, N): B nonzero, m away from ||V||_row and 0 in column ZERO; x, A, B,
+    m require grad."""
+    M, K, N = shape
     adt = adapter_dtype or dtype
     x = torch.randn(M, K).to(dtype).requires_grad_(True)
     W = (torch.randn(N, K) / K**0.5).to(dtype)
@@ -141,6 +147,40 @@ def test_lora_linear_with_dora_matches_float64(dtype, r, bias, p):
         assert t.grad.dtype == t.dtype, f"{name} dtype {t.grad.dtype} != {t.dtype}"
         check(t.grad, ref, dtype, name)
     assert m.grad.dtype == m.dtype
+    check_dm(m.grad, dm, dtype)
+
+
+@pytest.mark.skipif(not (INTERPRET and L.HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("route", ["fused_proj", "tma", "portable", "cublas"])
+def test_every_forward_route_applies_the_scale_interp(route, dtype, kernel_options, monkeypatch):
+    """f and b in the epilogue of each kernel that writes y: the TMA GEMM (with and without the fused projection),
+    the portable GEMM (a Triton without TMA descriptors) and ``expand`` after cuBLAS's product, which the GEMMs
+    get as their ``col_scale``.  K, N multiples of 16 bytes per row (TMA-addressable)."""
+    from automodel_lora.kernels import dispatch as D
+    from automodel_lora.kernels import tma_desc
+
+    if route == "portable":
+        monkeypatch.setattr(tma_desc, "TensorDescriptor", None)
+    x, W, b, A, B, m = operands(16, dtype, True, adapter_dtype=torch.float32, shape=(M, 48, 40))
+    options = kernel_options(base_gemm="cublas" if route == "cublas" else "triton", fuse_proj=route == "fused_proj")
+    assert D.forward_route(x, W, None, A, B, 0.0, True, options) == route
+    scales = []
+    for name in ("gemm_lora_proj", "gemm_lora", "expand"):
+        real = getattr(D, name)
+        monkeypatch.setattr(D, name, lambda *a, _real=real, _name=name, **k: (
+            scales.append((_name, k.get("col_scale") is not None)), _real(*a, **k))[1])
+    torch.manual_seed(7)
+    norm = weight_norm(W, A, B, SCALE)
+    y = lora_linear(x, W, b, A, B, SCALE, options=options, magnitude=m, weight_norm=norm)
+    writer = {"fused_proj": "gemm_lora_proj", "tma": "gemm_lora", "portable": "gemm_lora", "cublas": "expand"}[route]
+    assert (writer, True) in scales, f"y must come from {writer} with the column scale, got {scales}"
+    dy = upstream(x, W, A, B, SCALE).to(dtype)
+    y.backward(dy)
+    yr, (dx, dA, dB, dm) = float64_grads(x, W, b, A, B, m, 0.0, None, dy)
+    check(y, yr, dtype, "y")
+    for name, t, ref in (("dx", x, dx), ("dA", A, dA), ("dB", B, dB)):
+        check(t.grad, ref, dtype, name)
     check_dm(m.grad, dm, dtype)
 
 

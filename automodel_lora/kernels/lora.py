@@ -47,13 +47,13 @@ from .reference import reference_backward, reference_dora_grad, reference_forwar
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:  # triton is optional: without it the reference path runs everywhere
-    from .dispatch import triton_backward, triton_dora_forward, triton_forward
+    from .dispatch import triton_backward, triton_forward
     from .dora_grad import dora_grad
     from .dropout import keep_mask
 
     HAS_TRITON = True
 except ImportError as _e:  # pragma: no cover - depends on the environment
-    triton_forward = triton_backward = keep_mask = triton_dora_forward = dora_grad = None
+    triton_forward = triton_backward = keep_mask = dora_grad = None
     HAS_TRITON = False
     if torch.cuda.is_available():
         warnings.warn(f"Triton is not importable ({_e}); LoRA layers on CUDA run the slower PyTorch reference path",
@@ -127,11 +127,8 @@ def _fwd_impl(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed, o
         dt = base_out.dtype if base_out is not None else x.dtype
         return x.new_empty((0, N), dtype=dt), x.new_empty((0, lora_A.shape[0]))
     if use_kernels_for(x):
-        if col_scale is not None:
-            return on_device_of(x, triton_dora_forward, x, weight, bias, base_out, lora_A, lora_B, scale, p, post,
-                                seed, col_scale, options)
         return on_device_of(x, triton_forward, x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed,
-                            options)
+                            options, col_scale)
     return reference_forward(x, weight, bias, base_out, lora_A, lora_B, scale, p, post, seed, col_scale)
 
 
