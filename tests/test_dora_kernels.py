@@ -5,8 +5,8 @@ output and every gradient (x, A, B, m, and a trainable base bias), odd shapes, a
     y = f * (x W^T + drop_post(s (x A^T) B^T)) + b,   f = m / ||W + s B A||_row (detached)
 
 Runs twice in CI, like ``test_kernels.py``: on the CPU (the PyTorch math of ``kernels/reference.py``) and under
-``TRITON_INTERPRET=1`` (the Triton kernels: ``expand`` with the column scale, ``dora_grad``); the GPU test at a real
-shape is skipped without CUDA.
+``TRITON_INTERPRET=1`` (the Triton kernels: the column scale in the epilogues of the TMA GEMM, the portable GEMM
+and ``expand``, one test per route; ``dora_grad``); the GPU test at a real shape is skipped without CUDA.
 
 Tolerances (``check``: normwise against float64 on the same rounded inputs, and elementwise relative to max|ref|),
 those of ``test_kernels.py``, with what DoRA adds:
