@@ -306,6 +306,19 @@ def test_the_fused_layer_matches_dora_forward_in_float64(dtype, bias):
     check_dm(ours[MAGNITUDE], ref[MAGNITUDE], dtype)
 
 
+@pytest.mark.skipif(INTERPRET, reason="the PyTorch path: the Triton kernels compute in fp32 at most")
+def test_a_float64_layer_keeps_float64_on_the_pytorch_path():
+    """The fused function's PyTorch math scales in fp64 for an fp64 layer (fp32 only for narrower ones)."""
+    layer = dora_module(4, torch.float64, True)
+    x = torch.randn(M, K, dtype=torch.float64)
+    dy = upstream(x, layer.weight, layer.lora_A.weight, layer.lora_B.weight, layer.lora_settings.scale)
+    ours = layer_grads(layer, x, lambda mod, v: mod(v), dy)
+    ref = layer_grads(copy.deepcopy(layer), x, dora_forward, dy)
+    for name in ours:
+        a, e = ours[name], ref[name]
+        assert ((a - e).norm() / e.norm()).item() < 1e-12, name
+
+
 def test_the_output_is_saved_so_writing_it_in_place_before_backward_raises():
     """dm is recovered from y itself: autograd refuses a y changed after the forward (not a silent wrong dm)."""
     layer = dora_module(4, torch.float32, True)

@@ -280,12 +280,14 @@ def _dequantized(dequantize, N: int, K: int, dtype: torch.dtype) -> torch.Tensor
 
 
 def _dora_scale(magnitude, weight_norm, bias, has_base_out: bool):
-    """DoRA's ``(f, epilogue bias)``: f = m / norm ``(N,)`` fp32 (detached), and the bias the expand pass adds after
-    scaling: b, or ``(1 - f) b`` (fp32) where a caller's base output already holds b (f (base - b + t) + b)."""
-    f = (magnitude.detach().to(weight_norm.dtype) / weight_norm).float()  # (N,)
+    """DoRA's ``(f, epilogue bias)``: f = m / norm ``(N,)`` in fp32 (fp64 for an fp64 norm; detached), and the bias
+    the kernel writing y adds after scaling: b, or ``(1 - f) b`` where a caller's base output already holds b
+    (f (base - b + t) + b)."""
+    acc = torch.promote_types(weight_norm.dtype, torch.float32)
+    f = magnitude.detach().to(acc) / weight_norm.to(acc)  # (N,)
     if bias is None or not has_base_out:
         return f, bias
-    return f, (1.0 - f) * bias.detach().float()
+    return f, (1.0 - f) * bias.detach().to(acc)
 
 
 def _dora_backward(ctx, dy, x, weight, xa, lora_B, seed, y, f, norm, bias, base_weight):

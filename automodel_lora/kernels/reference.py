@@ -50,7 +50,7 @@ def reference_keep(seed: torch.Tensor, M: int, D: int, p: float, device) -> torc
 
 def reference_forward(x, weight, bias, base_out, A, B, scale: float, p: float, post: bool, seed, col_scale=None):
     """``(y (M, N), xa (M, r))`` as the module docstring gives them; ``seed`` is used only when ``p > 0``;
-    ``col_scale`` (N,) fp32: DoRA's f (the scale and the bias in fp32, rounded once)."""
+    ``col_scale`` (N,): DoRA's f (the scale and the bias in fp32, fp64 for fp64 x, rounded once)."""
     cdt = x.dtype
     A_c, B_c = A.to(cdt), B.to(cdt)
     M, K = x.shape
@@ -62,8 +62,9 @@ def reference_forward(x, weight, bias, base_out, A, B, scale: float, p: float, p
     if p > 0.0 and post:
         lr = lr * reference_keep(seed, M, lr.shape[1], p, x.device).to(cdt) / (1.0 - p)
     if col_scale is not None:
-        z = (F.linear(x, weight) if base_out is None else base_out).float() + lr.float()
-        y = z * col_scale + (0.0 if bias is None else bias.float())
+        acc = torch.promote_types(cdt, torch.float32)
+        z = (F.linear(x, weight) if base_out is None else base_out).to(acc) + lr.to(acc)
+        y = z * col_scale.to(acc) + (0.0 if bias is None else bias.to(acc))
         return y.to(cdt if base_out is None else base_out.dtype), xa
     if base_out is None:
         return F.linear(x, weight, bias) + lr, xa
@@ -103,18 +104,21 @@ def reference_backward(dy, x, weight, A, B, xa, scale: float, p: float, post: bo
 
 
 def reference_dora_grad(dy, y, f, bias, norm, x, weight, xa, B, scale: float, p: float, post: bool, seed):
-    """``(dz (M, N) in dy's dtype, dm (N,) fp32)`` of DoRA's backward epilogue (module docstring); x, weight,
-    xa, B and the post-dropout mask (``p`` > 0 with ``post``) serve only the columns whose f is 0."""
-    dz = (dy.float() * f).to(dy.dtype)
+    """``(dz (M, N) in dy's dtype, dm (N,) fp32, fp64 for fp64 dy)`` of DoRA's backward epilogue (module
+    docstring); x, weight, xa, B and the post-dropout mask (``p`` > 0 with ``post``) serve only the columns whose
+    f is 0."""
+    acc = torch.promote_types(dy.dtype, torch.float32)
+    f = f.to(acc)
+    dz = (dy.to(acc) * f).to(dy.dtype)
     zero = f == 0
-    z = (y.float() - (0.0 if bias is None else bias.float())) / torch.where(zero, 1.0, f)
+    z = (y.to(acc) - (0.0 if bias is None else bias.to(acc))) / torch.where(zero, 1.0, f)
     cols = zero.nonzero()[:, 0]  # (Z,)
     if cols.numel():
-        lr = scale * (xa.float() @ B[cols].float().t())  # (M, Z)
+        lr = scale * (xa.to(acc) @ B[cols].to(acc).t())  # (M, Z)
         if p > 0.0 and post:
             lr = lr * reference_keep(seed, x.shape[0], dy.shape[1], p, x.device)[:, cols] / (1.0 - p)
-        z[:, cols] = x.float() @ weight[cols].float().t() + lr
-    return dz, (dy.float() * z).sum(0) / norm
+        z[:, cols] = x.to(acc) @ weight[cols].to(acc).t() + lr
+    return dz, (dy.to(acc) * z).sum(0) / norm.to(acc)
 
 
 # The gated activations by name: (forward, backward given (d act(g), g)), as autograd computes them.
