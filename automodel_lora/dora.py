@@ -146,15 +146,6 @@ def dora_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return base + (factor - 1) * z + factor * lora
 
 
-def finish_dora(out: torch.Tensor, factor: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`factor * out + b`: the fused path's last step, `out` being `x W^T + lora` without the base bias.
-
-    Next step: apply `factor` (and `b`) in the epilogue of the fused base GEMM, and get `d m = sum_i dy_ij z_ij`
-    from the layer's output instead of this extra elementwise pass over y (see `benchmarks/DESIGN.md`)."""
-    out = out * factor
-    return out if bias is None else out + bias.to(out.dtype)
-
-
 def new_magnitude(linear: nn.Module, dtype: torch.dtype) -> nn.Parameter:
     """A magnitude for `linear`'s adapter: `||W||_row` `(out_features,)` in `dtype` (the adapter's), on W's device."""
     weight = linear.weight

@@ -39,7 +39,7 @@ from torch import nn
 from .config import LoraSettings
 from .deprecated import LEGACY_ATTRIBUTES as _LEGACY_ATTRIBUTES
 from .deprecated import DeprecatedAlias as _DeprecatedAlias
-from .dora import MAGNITUDE, dora_forward, dora_scale, finish_dora, new_magnitude, reset_magnitude_
+from .dora import MAGNITUDE, dense_weight, dora_forward, new_magnitude, reset_magnitude_, row_norms
 from .embedding_lora import EmbeddingLoRA
 from .kernels import lora_add, lora_linear, lora_linear_dequant
 from .matcher import conv1d_class, is_conv1d
@@ -201,6 +201,9 @@ class LinearLoRA(nn.Linear):
     lora_A_init_method = _DeprecatedAlias("lora_A_init")
 
 
+_NO_DORA: dict = {}  # the keyword arguments a plain LoRA call adds (none; never written)
+
+
 class FusedLinearLoRA(LinearLoRA):
     """`LinearLoRA` whose base product and adapter run as one autograd node.
 
@@ -212,10 +215,10 @@ class FusedLinearLoRA(LinearLoRA):
     `lora_settings.kernels` as their `KernelOptions`) and the PyTorch reference math elsewhere, inside the same
     autograd function. (Formerly `TritonLinearLoRA`.)
 
-    DoRA (`use_dora`): the same functions compute `x W^T + s B A x` without the base bias, then `dora.finish_dora`
-    scales the rows by `m / ||W + s B A||_row` and adds the bias in PyTorch (extra passes over y and dy: folding
-    them into the GEMM epilogue is the next step, `benchmarks/DESIGN.md` section 10). Active "pre" dropout takes
-    the reference `dora_forward` (PEFT's rule needs a second base product on the dropped input).
+    DoRA (`use_dora`): the same functions take the magnitude and the detached `||W + s B A||_row`: the pass that
+    writes y scales its rows and adds the bias, the backward scales dy and recovers `dm` from y
+    (`benchmarks/DESIGN.md` section 10). Active "pre" dropout takes the reference `dora_forward` (PEFT's rule needs
+    a second base product on the dropped input), and so does a quantized base the 4-bit path does not take.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,8 +240,10 @@ class FusedLinearLoRA(LinearLoRA):
         # base gets the same cast tensor, so x is cast once (autocast leaves an already-cast input alone).
         compute_x = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
         dtype = compute_x.dtype
-        if dora is not None:  # the kernels run without the base bias; finish_dora scales, then adds it
-            dora = dora_scale(self, dtype)  # (N,)
+        if dora is not None:  # DoRA: magnitude and detached norm (N,), the same for every route below
+            dora = {"magnitude": dora, "weight_norm": row_norms(self, adapter[0], adapter[1], settings.scale)}
+        else:
+            dora = _NO_DORA
         if self._lora_dense_base:
             weight, bias = _param(self, "weight"), _param(self, "bias")
             if self.fan_in_fan_out:  # Conv1D's (in, out) weight: the kernels take the (out, in) view, no copy
@@ -248,9 +253,7 @@ class FusedLinearLoRA(LinearLoRA):
                 and weight.dtype == dtype
                 and (bias is None or (not bias.requires_grad and bias.dtype == dtype))
             ):
-                if dora is None:
-                    return lora_linear(compute_x, weight, bias, *adapter, options=options, lora_bias=lora_bias)
-                return finish_dora(lora_linear(compute_x, weight, None, *adapter, options=options), dora, bias)
+                return lora_linear(compute_x, weight, bias, *adapter, options=options, lora_bias=lora_bias, **dora)
         # A 4-bit base in eager mode: its weight is dequantized (as bitsandbytes would) straight into the
         # fused GEMM. Skipped when autocast cast x (bitsandbytes returns x's own dtype) and under
         # torch.compile (the dequantize closure is not a graph input).
@@ -258,15 +261,13 @@ class FusedLinearLoRA(LinearLoRA):
             dequantize = dequantizer_4bit(self, self._lora_base_cls, x)
             if dequantize is not None:
                 bias = None if self.bias is None else self.bias.to(dtype)
-                if dora is None:
-                    return lora_linear_dequant(x, dequantize, bias, *adapter, options=options, lora_bias=lora_bias)
-                return finish_dora(lora_linear_dequant(x, dequantize, None, *adapter, options=options), dora, bias)
-        base = self.base_forward(compute_x)
-        if dora is None:
-            return lora_add(base, compute_x, *adapter, options=options, lora_bias=lora_bias)
-        bias = self.bias  # the base's own forward added it: take it off, finish_dora adds it after scaling
-        z = base if bias is None else base - bias.to(base.dtype)
-        return finish_dora(lora_add(z, compute_x, *adapter, options=options), dora, bias)
+                return lora_linear_dequant(x, dequantize, bias, *adapter, options=options, lora_bias=lora_bias,
+                                           **dora)
+        if dora:
+            if is_quantized_linear(self):  # its dense weight would be dequantized for every call: the reference
+                return dora_forward(self, x)
+            dora.update(base_bias=self.bias, base_weight=dense_weight(self).detach())  # the base's own forward adds b
+        return lora_add(self.base_forward(compute_x), compute_x, *adapter, options=options, lora_bias=lora_bias, **dora)
 
 
 class Conv1DLoRA(LinearLoRA):

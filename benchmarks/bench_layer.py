@@ -17,9 +17,12 @@ from torch import nn
 
 from automodel_lora import kernels as K
 
+# DoRA arms (benchmarks/DESIGN.md section 10): PEFT's, the reference PyTorch layer, the fused one
+DORA_VARIANTS = ("peft_dora", "torch_dora", "triton_dora")
+
 
 def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Tensor, want: list[str]):
-    """Each variant: (callable x -> y, list of trainable params)."""
+    """Each variant: (callable x -> y, list of trainable params: A, B, and for DoRA the magnitude)."""
     s = 2.0 * r / r  # alpha = 2r
     out = {}
     out["frozen"] = (lin, [])
@@ -44,28 +47,58 @@ def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Ten
     for name in SHARED_TRITON:
         if name in want:
             out[name] = out["triton"]  # same layer, run under OPTION_CHANGES[name]
+    for name, use_triton in (("torch_dora", False), ("triton_dora", True)):
+        if name in want:
+            out[name] = lora_copy(lin, r, A0, B0, use_triton, share_weight=True, use_dora=True)
+    if "peft_dora" in want:
+        out["peft_dora"] = _peft_dora(lin, r, A0, B0)
     return out
 
 
-def layer_errors(variants: dict, lin: nn.Linear, A0: torch.Tensor, B0: torch.Tensor, x, g) -> dict:
-    """Each variant's relative error of y, dx (and dA, dB where it trains) against an fp32 reference on the
-    same bf16 values."""
+def _peft_dora(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Tensor):
+    """HF PEFT's DoRA on a copy of ``lin`` set to A0, B0: (module, [A, B, magnitude])."""
+    import peft
+
+    m = peft.get_peft_model(Wrap(copy.deepcopy(lin)),
+                            peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], use_dora=True))
+    pl = m.base_model.model.lin
+    with torch.no_grad():
+        pl.lora_A["default"].weight.copy_(A0)
+        pl.lora_B["default"].weight.copy_(B0)
+    return m, [pl.lora_A["default"].weight, pl.lora_B["default"].weight,
+               pl.lora_magnitude_vector["default"].weight]
+
+
+def _references(lin, A0, B0, x, g, magnitude=None) -> dict:
+    """fp32 y, dx, dA, dB (s = 2) of LoRA on the same bf16 values; with ``magnitude``, of DoRA (and dm):
+    y = f (x W^T + s x A^T B^T), f = m / ||W + s B A||_row detached, dz = g f."""
     xf, Wf, Af, Bf, gf = x.float(), lin.weight.float(), A0.float(), B0.float(), g.float()
     s = 2.0
-    ref_y = xf @ Wf.t() + s * (xf @ Af.t()) @ Bf.t()
-    ref_dx = gf @ Wf + s * (gf @ Bf) @ Af
-    ref_dA = s * (gf @ Bf).t() @ xf
-    ref_dB = s * gf.t() @ (xf @ Af.t())
+    z = xf @ Wf.t() + s * (xf @ Af.t()) @ Bf.t()
+    ref = {}
+    if magnitude is not None:
+        norm = (Wf + s * Bf @ Af).norm(dim=1)
+        f = magnitude.detach().float() / norm
+        ref["dm"] = (gf * z).sum(0) / norm
+        z, gf = z * f, gf * f
+    ref.update(y=z, dx=gf @ Wf + s * (gf @ Bf) @ Af, dA=s * (gf @ Bf).t() @ xf, dB=s * gf.t() @ (xf @ Af.t()))
+    return ref
+
+
+def layer_errors(variants: dict, lin: nn.Linear, A0: torch.Tensor, B0: torch.Tensor, x, g) -> dict:
+    """Each variant's relative error of y, dx (and dA, dB, DoRA's dm where it trains) against an fp32 reference
+    on the same bf16 values."""
+    lora_ref = _references(lin, A0, B0, x, g)
     errs = {}
     for name, (fn, params) in variants.items():
+        ref = _references(lin, A0, B0, x, g, params[2]) if name in DORA_VARIANTS else lora_ref
         x.grad = None
         for p_ in params:
             p_.grad = None
         y = fwd_bwd(name, fn, x, g)
-        e = {"y": rel_err(y, ref_y), "dx": rel_err(x.grad, ref_dx)}
-        if params:
-            e["dA"] = rel_err(params[0].grad, ref_dA)
-            e["dB"] = rel_err(params[1].grad, ref_dB)
+        e = {"y": rel_err(y, ref["y"]), "dx": rel_err(x.grad, ref["dx"])}
+        for key, p_ in zip(("dA", "dB", "dm"), params, strict=False):
+            e[key] = rel_err(p_.grad, ref[key])
         errs[name] = e
         del y
     return errs

@@ -50,16 +50,18 @@ class Wrap(nn.Module):
         return self.lin(x)
 
 
-def lora_copy(base: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Tensor, use_triton: bool, share_weight=False):
-    """(a copy of `base` patched with our adapter set to A0, B0; its two trainable params)."""
+def lora_copy(base: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Tensor, use_triton: bool, share_weight=False,
+              use_dora: bool = False):
+    """(a copy of `base` patched with our adapter set to A0, B0; its trainable params: A, B, and with
+    ``use_dora`` the magnitude, ||W||_row)."""
     m = copy.deepcopy(base)
     if share_weight:
         m.weight = base.weight
-    patch_linear_module(m, dim=r, alpha=2 * r, use_triton=use_triton)
+    patch_linear_module(m, dim=r, alpha=2 * r, use_triton=use_triton, use_dora=use_dora)
     with torch.no_grad():
         m.lora_A.weight.copy_(A0)
         m.lora_B.weight.copy_(B0)
-    return m, [m.lora_A.weight, m.lora_B.weight]
+    return m, [m.lora_A.weight, m.lora_B.weight] + ([m.lora_magnitude_vector] if use_dora else [])
 
 
 @contextlib.contextmanager

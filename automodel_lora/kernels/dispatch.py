@@ -18,6 +18,11 @@ device and options; tests ask them which kernels a call takes):
     "cublas"      proj, then the low-rank term written by ``expand`` and cuBLAS's ``addmm_`` on top (beta=1)
     "add"         (forward, ``lora_add``) proj, then ``expand`` adding to the caller's base output
     "adapter"     (dx, ``lora_add``) proj, then ``expand``: the adapter's part of dx only
+
+DoRA (a column scale f (N,), ``col_scale``): the forward takes the same routes, f applied before the bias in the
+epilogue of the kernel that writes y (the Triton GEMMs, ``expand``); on "cublas" the order turns round: cuBLAS
+writes ``x W^T`` first, then ``expand`` reads it and writes ``f * (x W^T + drop_post(s xa B^T)) + b`` in place
+(the same bytes).  The backward's ``dz = dy * f`` comes from ``dora_grad``, then takes the routes above.
 """
 
 from __future__ import annotations
@@ -109,26 +114,32 @@ def dx_route(dy, weight, A, B, p: float, post: bool, options: KernelOptions) -> 
     return base_gemm_route(dy, weight, A, B.shape[1], options.base_gemm)
 
 
-def triton_forward(x, weight, bias, base_out, A, B, scale, p, post, seed, options: KernelOptions):
-    """``(y, xa)`` of the layer: y ``(M, N)`` (base_out's dtype for ``lora_add``, else x's), xa ``(M, r)``."""
+def triton_forward(x, weight, bias, base_out, A, B, scale, p, post, seed, options: KernelOptions, col_scale=None):
+    """``(y, xa)`` of the layer: y ``(M, N)`` (base_out's dtype for ``lora_add``, else x's), xa ``(M, r)``;
+    ``col_scale`` ``(N,)`` fp32 (DoRA's f; never with "pre" dropout): y = f * (base + term) + bias."""
     # A, B go to the kernels in their own dtype (fp32 masters too): the kernels cast the adapter
     # tiles to x's dtype after loading, so no per-step cast kernel runs
     fast = options.fast_launch
     route = forward_route(x, weight, base_out, A, B, p, post, options)
+    f = col_scale
     if route == "fused_proj":  # (y, xa) in one launch
-        return gemm_lora_proj(x, weight.t(), A.t(), B.t(), scale, bias=bias, eligible=True, fast_launch=fast)
+        return gemm_lora_proj(x, weight.t(), A.t(), B.t(), scale, bias=bias, eligible=True, col_scale=f,
+                              fast_launch=fast)
     xa = proj(x, A.t(), seed=None if post else seed, p=0.0 if post else p, fast_launch=fast)  # (M, r)
     post_seed, post_p = (seed, p) if post else (None, 0.0)
     if route == "add":  # lora_add: one pass writing base_out + low-rank term (+ bias: lora_B's, folded)
-        y = expand(xa, B.t(), scale, bias=bias, add=base_out, seed=post_seed, p=post_p, out_dtype=base_out.dtype,
-                   fast_launch=fast)
+        y = expand(xa, B.t(), scale, bias=bias, add=base_out, col_scale=f, seed=post_seed, p=post_p,
+                   out_dtype=base_out.dtype, fast_launch=fast)
         return y, xa
     wt, bt = weight.t(), B.t()
-    if route == "cublas":
+    if route == "cublas" and f is not None:  # x W^T first, then one pass scaling it with the term added
+        y = x @ wt  # (M, N), cuBLAS
+        expand(xa, bt, scale, bias=bias, add=y, col_scale=f, seed=post_seed, p=post_p, out=y, fast_launch=fast)
+    elif route == "cublas":
         y = expand(xa, bt, scale, bias=bias, seed=post_seed, p=post_p, fast_launch=fast)
         y.addmm_(x, wt)  # cuBLAS, low-rank term accumulated through beta=1
     else:
-        y = gemm_lora(x, wt, xa, bt, scale, bias=bias, tma=route == "tma", fast_launch=fast)
+        y = gemm_lora(x, wt, xa, bt, scale, bias=bias, tma=route == "tma", col_scale=f, fast_launch=fast)
     return y, xa
 
 

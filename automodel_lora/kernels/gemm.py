@@ -1,6 +1,6 @@
 """The portable base GEMM with the low-rank term as one more K step.
 
-    C = X @ Y + P @ (s * Q) + bias
+    C = f * (X @ Y + P @ (s * Q)) + bias            f (N,): an optional column scale (DoRA's), else 1
       forward: y  = x @ W^T + xa @ (s * B^T) + b     X (M, K), Y = W^T (K, N), P = xa  (M, r), Q = B^T (r, N)
       dx:      dx = dy @ W  + dyB @ (s * A)          X = dy (M, N), Y = W (N, K), P = dyB (M, r), Q = A (r, K)
 
@@ -29,11 +29,12 @@ def tile_coords(tile, num_in_group, num_m, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _gemm_lora_kernel(
-    x_ptr, y_ptr, p_ptr, q_ptr, bias_ptr, c_ptr,
+    x_ptr, y_ptr, p_ptr, q_ptr, bias_ptr, c_ptr, f_ptr,
     M, N, K, R,
     sxm, sxk, syk, syn, spm, spr, sqr, sqn, scm, scn,
     scale,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(N, BN)
@@ -67,6 +68,8 @@ def _gemm_lora_kernel(
             qt = tl.load(q_ptr + (r0 + rr)[:, None] * sqr + rn_l[None, :] * sqn, mask=r_ok[:, None], other=0.0)
             qt = (qt.to(tl.float32) * scale).to(pt.dtype)
             acc = tl.dot(pt, qt, acc, input_precision=DOT_PREC)
+    if HAS_SCALE:
+        acc *= tl.load(f_ptr + rn_l).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_l).to(tl.float32)[None, :]
     rm64 = rm.to(tl.int64)
@@ -83,22 +86,24 @@ _gemm_tuned = triton.autotune(
         (dict(BM=128, BN=128, BK=64, GROUP_M=8), 4, 4),
         (dict(BM=128, BN=256, BK=32, GROUP_M=8), 8, 4),
     ]),
-    key=["M", "N", "K", "R", "HAS_LORA"], do_bench=bench,
+    key=["M", "N", "K", "R", "HAS_LORA", "HAS_SCALE"], do_bench=bench,
 )(_gemm_lora_kernel)
 
 
 def gemm_lora_portable(x: torch.Tensor, y: torch.Tensor, pm, q, scale: float, bias, out: torch.Tensor, *,
-                       fast_launch: bool = True) -> torch.Tensor:
-    """``out = x @ y + pm @ (scale * q) + bias`` through the portable kernel (``pm`` None: no low-rank term);
-    x ``(M, K)``, y ``(K, N)``, pm ``(M, R)``, q ``(R, N)``, out ``(M, N)``, any strides.  Returns ``out``."""
+                       col_scale=None, fast_launch: bool = True) -> torch.Tensor:
+    """``out = col_scale * (x @ y + pm @ (scale * q)) + bias`` through the portable kernel (``pm`` None: no
+    low-rank term; ``col_scale`` None: 1); x ``(M, K)``, y ``(K, N)``, pm ``(M, R)``, q ``(R, N)``, out ``(M, N)``,
+    any strides; col_scale ``(N,)`` contiguous.  Returns ``out``."""
     M, K = x.shape
     N = y.shape[1]
     has_lora = pm is not None and pm.shape[1] > 0
     R = pm.shape[1] if has_lora else 0
-    ptrs = (x, y, pm if has_lora else x, q if has_lora else y, bias if bias is not None else out, out)
+    ptrs = (x, y, pm if has_lora else x, q if has_lora else y, bias if bias is not None else out, out,
+            col_scale if col_scale is not None else out)
     sig = ("gemm", x.get_device(), M, N, K, R, x.stride(), y.stride(), x.dtype, y.dtype,
            (pm.stride(), q.stride(), pm.dtype, q.dtype) if has_lora else None, None if bias is None else bias.dtype,
-           scale)
+           None if col_scale is None else col_scale.dtype, scale)
     if run_cached(sig, ptrs, fast=fast_launch):
         return out
     fixed = dict(BM=16, BN=32, BK=32, GROUP_M=4)
@@ -106,7 +111,7 @@ def gemm_lora_portable(x: torch.Tensor, y: torch.Tensor, pm, q, scale: float, bi
     launch(
         "gemm", _gemm_tuned, _gemm_lora_kernel,
         lambda meta: (cdiv(M, meta["BM"]) * cdiv(N, meta["BN"]),), fixed,
-        (m_bucket(M), N, K, R, has_lora, x.dtype, y.stride(0) == 1),
+        (m_bucket(M), N, K, R, has_lora, col_scale is not None, x.dtype, y.stride(0) == 1),
         ptrs,
         (M, N, K, R,
          x.stride(0), x.stride(1), y.stride(0), y.stride(1),
@@ -114,7 +119,7 @@ def gemm_lora_portable(x: torch.Tensor, y: torch.Tensor, pm, q, scale: float, bi
          q.stride(0) if has_lora else 0, q.stride(1) if has_lora else 0,
          out.stride(0), out.stride(1),
          float(scale)),
-        dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, EVEN_K=even_k, DOT_PREC=dot_prec(x.dtype),
-             BR=rank_block(max(R, 1))), sig, fast_launch,
+        dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_SCALE=col_scale is not None, EVEN_K=even_k,
+             DOT_PREC=dot_prec(x.dtype), BR=rank_block(max(R, 1))), sig, fast_launch,
     )
     return out

@@ -8,6 +8,11 @@ With ``s = scale``, ``p`` the inverted-dropout probability and ``keep`` a bool m
     forward, "post" (``post=True``):  xa = x A^T                  y = base + drop(s * xa B^T)
     base = x W^T + b  (``weight`` given), or the caller's ``base_out`` (+ b where given: ``lora_add``'s
            folded lora_B bias)
+    DoRA (``col_scale`` f (N,) given): y = f * (x W^T + <term>) + b, or f * (base_out + <term>) + b
+
+    DoRA's backward epilogue (``reference_dora_grad``), y = f * z + b:
+        dz = dy * f                  (then the backward below runs on dz)
+        dm = sum_i dy_ij z_ij / norm_j,  z = (y - b) / f, recomputed as x W^T + <term> where f is 0
 
     backward, with dyd = dy (pre) or drop(dy) (post, the same mask as forward):
         dx = dy W + s * ((dyd B) A) [* keep / (1 - p) for pre]   (the dy W term only when ``weight`` is given)
@@ -43,8 +48,9 @@ def reference_keep(seed: torch.Tensor, M: int, D: int, p: float, device) -> torc
     return torch.rand((M, D), generator=g, device=device) >= p
 
 
-def reference_forward(x, weight, bias, base_out, A, B, scale: float, p: float, post: bool, seed):
-    """``(y (M, N), xa (M, r))`` as the module docstring gives them; ``seed`` is used only when ``p > 0``."""
+def reference_forward(x, weight, bias, base_out, A, B, scale: float, p: float, post: bool, seed, col_scale=None):
+    """``(y (M, N), xa (M, r))`` as the module docstring gives them; ``seed`` is used only when ``p > 0``;
+    ``col_scale`` (N,): DoRA's f (the scale and the bias in fp32, fp64 for fp64 x, rounded once)."""
     cdt = x.dtype
     A_c, B_c = A.to(cdt), B.to(cdt)
     M, K = x.shape
@@ -55,6 +61,11 @@ def reference_forward(x, weight, bias, base_out, A, B, scale: float, p: float, p
     lr = (xa @ B_c.t()) * scale
     if p > 0.0 and post:
         lr = lr * reference_keep(seed, M, lr.shape[1], p, x.device).to(cdt) / (1.0 - p)
+    if col_scale is not None:
+        acc = torch.promote_types(cdt, torch.float32)
+        z = (F.linear(x, weight) if base_out is None else base_out).to(acc) + lr.to(acc)
+        y = z * col_scale.to(acc) + (0.0 if bias is None else bias.to(acc))
+        return y.to(cdt if base_out is None else base_out.dtype), xa
     if base_out is None:
         return F.linear(x, weight, bias) + lr, xa
     if bias is not None:
@@ -90,6 +101,24 @@ def reference_backward(dy, x, weight, A, B, xa, scale: float, p: float, post: bo
     if need_dB:
         dB = ((dyd.t().float() @ xa.float()) * scale).to(B.dtype)
     return dx, dA, dB
+
+
+def reference_dora_grad(dy, y, f, bias, norm, x, weight, xa, B, scale: float, p: float, post: bool, seed):
+    """``(dz (M, N) in dy's dtype, dm (N,) fp32, fp64 for fp64 dy)`` of DoRA's backward epilogue (module
+    docstring); x, weight, xa, B and the post-dropout mask (``p`` > 0 with ``post``) serve only the columns whose
+    f is 0."""
+    acc = torch.promote_types(dy.dtype, torch.float32)
+    f = f.to(acc)
+    dz = (dy.to(acc) * f).to(dy.dtype)
+    zero = f == 0
+    z = (y.to(acc) - (0.0 if bias is None else bias.to(acc))) / torch.where(zero, 1.0, f)
+    cols = zero.nonzero()[:, 0]  # (Z,)
+    if cols.numel():
+        lr = scale * (xa.to(acc) @ B[cols].to(acc).t())  # (M, Z)
+        if p > 0.0 and post:
+            lr = lr * reference_keep(seed, x.shape[0], dy.shape[1], p, x.device)[:, cols] / (1.0 - p)
+        z[:, cols] = x.to(acc) @ weight[cols].to(acc).t() + lr
+    return dz, (dy.to(acc) * z).sum(0) / norm.to(acc)
 
 
 # The gated activations by name: (forward, backward given (d act(g), g)), as autograd computes them.

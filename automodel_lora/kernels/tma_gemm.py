@@ -1,7 +1,7 @@
 """The base GEMM with the low-rank term for Hopper (sm_90+), through TMA; optionally making the skinny
 product itself (the fused projection).
 
-    gemm_lora:      C = X @ Y + P @ (s * Q) + bias                       (M, N)
+    gemm_lora:      C = f * (X @ Y + P @ (s * Q)) + bias                 (M, N); f (N,) optional (DoRA), else 1
     gemm_lora_proj: P = X @ Rop, then C as above, in one launch          P (M, r), C (M, N)
       forward:  X = x (M, K),  Y = W^T (K, N), Rop = A^T (K, r), Q = B^T (r, N)    -> y,  xa
       dx:       X = dy (M, N), Y = W (N, K),   Rop = B (N, r),   Q = A (r, K)      -> dx, dyB
@@ -110,9 +110,10 @@ def _reset_flags(flag_ptr, num_m, BM: tl.constexpr):
 
 @triton.jit
 def _tma_gemm_lora_kernel(
-    a_desc, b_desc, q_desc, c_desc, bias_ptr, r_desc, pm_ptr, flag_ptr,
+    a_desc, b_desc, q_desc, c_desc, bias_ptr, r_desc, pm_ptr, flag_ptr, f_ptr,
     M, N, K, R, spm, scale,
-    B_NK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_PROJ: tl.constexpr, R_T: tl.constexpr, R_BYTES: tl.constexpr,
+    B_NK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, FUSE_PROJ: tl.constexpr,
+    R_T: tl.constexpr, R_BYTES: tl.constexpr,
     Q_BYTES: tl.constexpr,  # Q's element size: only an autotune key (descriptors give the autotuner no dtype)
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr, STAGES: tl.constexpr, SPLIT_STORE: tl.constexpr, NUM_SMS: tl.constexpr,
@@ -164,8 +165,10 @@ def _tma_gemm_lora_kernel(
         pid_m, pid_n = tile_coords(tile_c, num_in_group, num_m, GROUP_M)
         off_m = pid_m * BM
         off_n = pid_n * BN
+        rn = off_n + tl.arange(0, BN)
+        if HAS_SCALE:  # the column scale applies to the product and the term, before the bias
+            acc *= tl.load(f_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            rn = off_n + tl.arange(0, BN)
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if SPLIT_STORE:  # two [BM, BN/2] stores: half the epilogue's shared memory (BN=256 at r=64)
             c0, c1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
@@ -217,7 +220,8 @@ _tma_gemm_tuned = triton.autotune(
              for bn, st, w, sp, gm in ((256, 3, 8, False, 8), (256, 3, 8, True, 8), (256, 3, 8, False, 16),
                                        (256, 3, 8, True, 16), (128, 4, 4, False, 8))],
     # Q_BYTES: an fp32 Q tile takes twice the shared memory, so a config chosen for a 16-bit Q may not fit
-    key=["M", "N", "K", "B_NK", "HAS_BIAS", "FUSE_PROJ", "R_T", "R_BYTES", "Q_BYTES", "BR"], do_bench=bench,
+    key=["M", "N", "K", "B_NK", "HAS_BIAS", "HAS_SCALE", "FUSE_PROJ", "R_T", "R_BYTES", "Q_BYTES", "BR"],
+    do_bench=bench,
     prune_configs_by={"early_config_prune": _prune_to_fit},
 )(_tma_gemm_lora_kernel)
 
@@ -225,12 +229,12 @@ _tma_gemm_tuned = triton.autotune(
 TMA_MIN_BM = 16 if INTERPRET else min(cfg.kwargs["BM"] for cfg in _tma_gemm_tuned.configs)
 
 
-def tma_plan_key(x, y, pm, q, has_bias: bool, rop=None) -> tuple:
+def tma_plan_key(x, y, pm, q, has_bias: bool, rop=None, has_scale: bool = False) -> tuple:
     """The ``launch.PLANS`` key of the TMA GEMM's launch plan for ``gemm_lora(x, y, pm, q)``
-    (``("tma_gemm", key)``): one autotuned config per M bucket, N, K, rank block, B layout, bias and dtypes;
-    with ``rop`` (``gemm_lora_proj``), also its layout and dtype."""
+    (``("tma_gemm", key)``): one autotuned config per M bucket, N, K, rank block, B layout, bias, column scale
+    and dtypes; with ``rop`` (``gemm_lora_proj``), also its layout and dtype."""
     return (m_bucket(x.shape[0]), y.shape[1], x.shape[1], rank_block(pm.shape[1]), is_transposed(y), has_bias,
-            x.dtype, q.dtype, None if rop is None else (is_transposed(rop), rop.dtype))
+            x.dtype, q.dtype, None if rop is None else (is_transposed(rop), rop.dtype), has_scale)
 
 
 # Block shapes ((BM, BK), B's, Q's, C's, Rop's) of the TMA descriptors of each recorded launch, by
@@ -238,14 +242,15 @@ def tma_plan_key(x, y, pm, q, has_bias: bool, rop=None) -> tuple:
 _TMA_BLOCKS: dict = {}
 
 
-def _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk: bool, rop, flags) -> tuple:
+def _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk: bool, rop, flags, f_ptr) -> tuple:
     """The TMA GEMM's pointer arguments: descriptors of x, y, q, out with ``blocks``, the bias, rop's
-    descriptor, pm and the flags (without ``rop``, x's descriptor and the bias stand in for the last two)."""
+    descriptor, pm, the flags and the column scale (without ``rop``, x's descriptor and the bias stand in for
+    rop's descriptor and the flags; ``f_ptr``: the scale, or the bias standing in)."""
     bx, by, bq, bc, br = blocks
     x_desc = tma_desc(x, bx)
     r_desc = x_desc if rop is None else tma_desc(rop, br, is_transposed(rop))
     return (x_desc, tma_desc(y, by, b_nk), tma_desc(q, bq, b_nk), tma_desc(out, bc), bias_ptr, r_desc, pm,
-            bias_ptr if flags is None else flags)
+            bias_ptr if flags is None else flags, f_ptr)
 
 
 def _tma_config(M: int, plan):
@@ -258,36 +263,39 @@ def _tma_config(M: int, plan):
     return dict(BM=128, BN=128, BK=64, SPLIT_STORE=False), None, None  # the pre-hook sets the block shapes
 
 
-def gemm_lora_tma(x, y, pm, q, scale, bias, out, rop=None, *, fast_launch: bool = True) -> None:
-    """``out = x @ y + pm @ (scale * q) + bias`` through the TMA kernel (``tma_eligible`` holds); with ``rop``
-    (``tma_eligible_proj`` holds), the kernel first writes ``pm = x @ rop`` itself (FUSE_PROJ)."""
+def gemm_lora_tma(x, y, pm, q, scale, bias, out, rop=None, *, col_scale=None, fast_launch: bool = True) -> None:
+    """``out = col_scale * (x @ y + pm @ (scale * q)) + bias`` through the TMA kernel (``tma_eligible`` holds;
+    ``col_scale`` ``(N,)`` contiguous or None: 1); with ``rop`` (``tma_eligible_proj`` holds), the kernel first
+    writes ``pm = x @ rop`` itself (FUSE_PROJ)."""
     M, K = x.shape
     N, R = y.shape[1], pm.shape[1]
     b_nk = is_transposed(y)  # y, q: transposed views of row-major (N, K) / (N, R) tensors
     bias_ptr = bias if bias is not None else out
+    f_ptr = col_scale if col_scale is not None else bias_ptr
     fuse = rop is not None
     r_t = fuse and is_transposed(rop)
     flags = tile_locks(x.device, cdiv(M, TMA_MIN_BM) + 2) if fuse else None  # a flag per row block, 2 counters
     sig = ("tma_gemm", out.get_device(), M, N, K, R, pm.stride(0), b_nk, x.dtype, pm.dtype, q.dtype, scale,
-           None if bias is None else bias.dtype, (r_t, rop.dtype) if fuse else None)
-    checked = (bias_ptr, pm, flags) if fuse else (bias_ptr, pm)
+           None if bias is None else bias.dtype, (r_t, rop.dtype) if fuse else None,
+           None if col_scale is None else col_scale.dtype)
+    checked = (bias_ptr, pm, flags, f_ptr) if fuse else (bias_ptr, pm, f_ptr)
     blocks = _TMA_BLOCKS.get(sig) if fast_launch else None
-    if blocks is not None and run_cached(sig, _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk, rop, flags),
-                                         checked):
+    if blocks is not None and run_cached(
+            sig, _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk, rop, flags, f_ptr), checked):
         return
     BR = rank_block(R)
-    key = tma_plan_key(x, y, pm, q, bias is not None, rop)
+    key = tma_plan_key(x, y, pm, q, bias is not None, rop, col_scale is not None)
     plan = None if INTERPRET else PLANS.get(("tma_gemm", key))
     kw, warps, stages = _tma_config(M, plan)
     BM, BN, BK = kw["BM"], kw["BN"], kw["BK"]
     blocks = ([BM, BK], [BN, BK] if b_nk else [BK, BN], [BN, BR] if b_nk else [BR, BN],
               [BM, BN // 2 if kw["SPLIT_STORE"] else BN], [BR, BK] if r_t else [BK, BR])
-    ptrs = _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk, rop, flags)
+    ptrs = _tma_ptrs(x, y, pm, q, out, bias_ptr, blocks, b_nk, rop, flags, f_ptr)
     # the interpreter runs programs one after another: with FUSE_PROJ one program walks every tile, so
     # each projection tile runs before the GEMM tiles that wait for it
     n_sm = 1 if INTERPRET and fuse else sm_count(x.device)
     args = (*ptrs, M, N, K, R, pm.stride(0), float(scale))
-    consts = dict(B_NK=b_nk, HAS_BIAS=bias is not None, FUSE_PROJ=fuse, R_T=r_t,
+    consts = dict(B_NK=b_nk, HAS_BIAS=bias is not None, HAS_SCALE=col_scale is not None, FUSE_PROJ=fuse, R_T=r_t,
                   R_BYTES=rop.element_size() if fuse else 0, Q_BYTES=q.element_size(), BR=BR, NUM_SMS=n_sm)
 
     def grid(meta):
@@ -308,8 +316,9 @@ def gemm_lora_tma(x, y, pm, q, scale, bias, out, rop=None, *, fast_launch: bool 
 
 
 def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 1.0, bias=None,
-              tma=None, *, fast_launch: bool = True) -> torch.Tensor:
-    """``x @ y + pm @ (scale * q) + bias`` in one Triton GEMM; x ``(M, K)``, y ``(K, N)``, pm ``(M, R)``, q ``(R, N)``.
+              tma=None, *, col_scale=None, fast_launch: bool = True) -> torch.Tensor:
+    """``col_scale * (x @ y + pm @ (scale * q)) + bias`` in one Triton GEMM; x ``(M, K)``, y ``(K, N)``,
+    pm ``(M, R)``, q ``(R, N)``, col_scale ``(N,)`` contiguous or None (1).
 
     The TMA kernel where it applies, else the portable one (``gemm.py``).  ``tma``: whether the TMA kernel
     applies, if the caller already asked ``tma_eligible``; None: ask here.  ``fast_launch``: as
@@ -322,9 +331,9 @@ def gemm_lora(x: torch.Tensor, y: torch.Tensor, pm=None, q=None, scale: float = 
         return out
     has_lora = pm is not None and pm.shape[1] > 0
     if has_lora and (tma_eligible(x, y, pm, q) if tma is None else tma):
-        gemm_lora_tma(x, y, pm, q, scale, bias, out, fast_launch=fast_launch)
+        gemm_lora_tma(x, y, pm, q, scale, bias, out, col_scale=col_scale, fast_launch=fast_launch)
         return out
-    return gemm_lora_portable(x, y, pm, q, scale, bias, out, fast_launch=fast_launch)
+    return gemm_lora_portable(x, y, pm, q, scale, bias, out, col_scale=col_scale, fast_launch=fast_launch)
 
 
 def proj_tiles_fit(M: int, N: int, n_sm: int) -> bool:
@@ -340,13 +349,15 @@ def proj_tiles_fit(M: int, N: int, n_sm: int) -> bool:
 
 
 def gemm_lora_proj(x: torch.Tensor, y: torch.Tensor, rop: torch.Tensor, q: torch.Tensor, scale: float = 1.0,
-                   bias=None, eligible=None, *, fast_launch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x @ y + pm @ (scale * q) + bias, pm)`` with ``pm = x @ rop`` made in the same TMA GEMM launch, by
-    projection tiles that run first on the programs its schedule leaves a tile short (no launch of its own;
-    see ``proj_tiles_fit`` for when that is free).  x ``(M, K)``, y ``(K, N)``, rop ``(K, R)``, q ``(R, N)``;
-    ``pm`` ``(M, R)`` comes back in x's dtype.  Needs ``tma_eligible_proj(x, y, rop, q)``; ``eligible``: its
-    value if the caller already asked (the layer's path does), None: ask here.  Its programs wait on one
-    another: call it only where all of them can be resident (``options.all_programs_resident``).
+                   bias=None, eligible=None, *, col_scale=None,
+                   fast_launch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(col_scale * (x @ y + pm @ (scale * q)) + bias, pm)`` (col_scale ``(N,)`` or None: 1) with ``pm = x @ rop``
+    made in the same TMA GEMM launch, by projection tiles that run first on the programs its schedule leaves a
+    tile short (no launch of its own; see ``proj_tiles_fit`` for when that is free).  x ``(M, K)``, y ``(K, N)``,
+    rop ``(K, R)``, q ``(R, N)``; ``pm`` ``(M, R)`` comes back in x's dtype.  Needs
+    ``tma_eligible_proj(x, y, rop, q)``; ``eligible``: its value if the caller already asked (the layer's path
+    does), None: ask here.  Its programs wait on one another: call it only where all of them can be resident
+    (``options.all_programs_resident``).
 
     Raises:
         ValueError: when the TMA kernel cannot take these operands (use ``proj`` and ``gemm_lora`` then).
@@ -362,5 +373,5 @@ def gemm_lora_proj(x: torch.Tensor, y: torch.Tensor, rop: torch.Tensor, q: torch
         return out, pm
     if N == 0:
         return out, proj(x, rop, fast_launch=fast_launch)
-    gemm_lora_tma(x, y, pm, q, scale, bias, out, rop, fast_launch=fast_launch)
+    gemm_lora_tma(x, y, pm, q, scale, bias, out, rop, col_scale=col_scale, fast_launch=fast_launch)
     return out, pm
