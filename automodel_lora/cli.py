@@ -1,4 +1,5 @@
-"""Command line: ``automodel-lora finetune --config RECIPE [section.key=value ...]``.
+"""Command line: ``automodel-lora finetune --config RECIPE [section.key=value ...]``; also ``generate``
+(batch generation with mixed adapters: ``automodel_lora.batch_generate``), ``recipes`` and ``cp``.
 
 ``RECIPE`` is a YAML file or the name of a bundled recipe (``automodel-lora recipes`` lists them;
 ``automodel-lora cp NAME my.yaml`` copies one to edit). The bundled recipes are the repository's
@@ -239,6 +240,8 @@ _COMMANDS = {
     "finetune": ("--config RECIPE [section.key=value ...]", "fine-tune from a recipe (`automodel-lora finetune --help`)"),
     "recipes": ("", "list the bundled recipes"),
     "cp": ("NAME DEST [--force]", "copy a bundled recipe to edit it"),
+    "generate": ("--config GEN.yaml [key=value ...]", "batch generation, each prompt with its own adapter "
+                 "(`automodel-lora generate --help`)"),
 }
 
 
@@ -272,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return rc
         if command == "cp":
             return cp_main(rest, prog=prog)
+        if command == "generate":
+            from .batch_generate import generate_main
+
+            return generate_main(rest, prog=prog)
         return finetune_main(rest, prog=prog)
     except SystemExit as e:  # argparse's --help (0) and usage errors (2)
         return e.code if isinstance(e.code, int) else 2
