@@ -15,11 +15,17 @@ loop over the adapters in PyTorch. Rows are the leading ``batch`` entries of the
 ``(B * T, in)`` batch-major), so the same code serves prefill (T rows per sequence) and decode (one).
 Integer ids index :func:`automodel_lora.adapter_names` (HF / MAX ``lora_ids``), -1 meaning none.
 
-For inference: the model must be in ``eval()`` mode (dropout off; training several adapters at once is not
-built yet). Plain LoRA adapters of linear modules only: DoRA, ``lora_bias``, embedding and expert adapters
-are refused, as is a merged model. The stacks are built on entry (a copy of the batch's adapters) and
-dropped on exit; each module's ``forward`` is overridden on the instance for the block only, so nothing
-changes outside it.
+Training several adapters in one batch: with the model in ``train()`` mode every adapter of the batch is
+trainable inside the block (the former flags come back on exit) and each gets the gradient of its own
+sequences' loss only: the stacks are then rebuilt from the parameters per call (a copy of the small adapter
+tensors, through which autograd reaches each adapter), and the segmented kernels need the sequences grouped
+by adapter with the base-only ones last (``["a", "a", "b", None]``; another order takes the PyTorch loop).
+No dropout in training mode (refused): a mask per adapter is not built. Outside training (``eval()``, or
+no gradient needed) the stacks are built once on entry, detached.
+
+Plain LoRA adapters of linear modules only: DoRA, ``lora_bias``, embedding and expert adapters are refused,
+as is a merged model. Each module's ``forward`` is overridden on the instance for the block only, so
+nothing changes outside it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapter_slots import adapter_names, holder_of
@@ -36,6 +43,7 @@ from .embedding_lora import is_embedding_lora
 from .experts_lora import experts_lora_modules
 from .kernels.lora import use_kernels_for
 from .kernels.segment_mm import segment_mm
+from .kernels.segmented_lora import segmented_lora
 from .lora import LinearLoRA, lora_modules
 
 __all__ = ["adapter_batch"]
@@ -44,29 +52,45 @@ __all__ = ["adapter_batch"]
 class _Rows:
     """The batch's adapter index per sequence, and per row of an input (cached per rows-per-sequence)."""
 
-    def __init__(self, seq_ids: torch.Tensor):
+    def __init__(self, seq_ids: torch.Tensor, groups: int, train: bool):
         self.seq_ids = seq_ids  # (batch,) int64, -1 for none
-        self._by_length: dict[tuple, torch.Tensor] = {}
+        self.train = train
+        # rows grouped by adapter (ids non-decreasing, the base-only sequences last): what the segmented
+        # weight-gradient kernel needs (contiguous rows per adapter)
+        known = seq_ids[seq_ids >= 0]
+        self.grouped = bool((known[1:] >= known[:-1]).all()) and bool((seq_ids[: known.numel()] >= 0).all())
+        self.counts = torch.bincount(known, minlength=groups)  # (K,) sequences per adapter
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def _per_seq(self, x: torch.Tensor) -> int:
+        rows, batch = x.numel() // x.shape[-1], self.seq_ids.numel()
+        if (x.dim() > 2 and x.shape[0] != batch) or rows % batch:
+            raise ValueError(f"adapter_batch: an input of shape {tuple(x.shape)} is not {batch} sequences (its "
+                             "leading dimension, or a multiple of it in rows); pass one adapter name per sequence "
+                             "of the batch")
+        return rows // batch
 
     def of(self, x: torch.Tensor) -> torch.Tensor:
         """(rows,) adapter index of each row of ``x`` (..., in), rows batch-major.
 
         Raises:
             ValueError: a leading dimension other than the batch's, or rows that are not a whole number per
-            sequence.
+                sequence.
         """
-        rows, batch = x.numel() // x.shape[-1], self.seq_ids.numel()
-        if (x.dim() > 2 and x.shape[0] != batch) or rows % batch:
-            raise ValueError(f"adapter_batch: an input of shape {tuple(x.shape)} is not {batch} sequences (its "
-                             "leading dimension, or a multiple of it in rows); pass one adapter name per sequence "
-                             "of the batch")
-        key = (rows // batch, x.device)
-        if key not in self._by_length:
-            self._by_length[key] = self.seq_ids.to(x.device).repeat_interleave(rows // batch)
-        return self._by_length[key]
+        key = ("ids", self._per_seq(x), x.device)
+        if key not in self._cache:
+            self._cache[key] = self.seq_ids.to(x.device).repeat_interleave(key[1])
+        return self._cache[key]
+
+    def offsets(self, x: torch.Tensor) -> torch.Tensor:
+        """(K,) int32 cumulative rows per adapter (rows grouped; the base-only rows after the last)."""
+        key = ("offsets", self._per_seq(x), x.device)
+        if key not in self._cache:
+            self._cache[key] = (torch.cumsum(self.counts, 0) * key[1]).to(x.device, torch.int32)
+        return self._cache[key]
 
 
-def _check_module(fqn: str, module: nn.Module, names: list) -> None:
+def _check_module(fqn: str, module: nn.Module, names: list, training: bool) -> None:
     if is_embedding_lora(module):
         raise ValueError(f"adapter_batch: {fqn!r} is an adapted embedding; mixed batches are for linear adapters")
     if not isinstance(module, LinearLoRA):
@@ -78,34 +102,52 @@ def _check_module(fqn: str, module: nn.Module, names: list) -> None:
         if holder is not None and (magnitude_of(holder) is not None or holder.lora_B.bias is not None):
             raise ValueError(f"adapter_batch: adapter {name!r} of {fqn!r} is a DoRA or lora_bias adapter; mixed "
                              "batches take plain LoRA adapters (run it alone with set_adapter)")
+        if training and holder is not None and holder.lora_dropout.p > 0:
+            raise ValueError(f"adapter_batch: adapter {name!r} of {fqn!r} has dropout {holder.lora_dropout.p} and "
+                             "the model is training; mixed batches train without dropout (set the adapters' dropout "
+                             "to 0, or train them one at a time)")
 
 
 def _stack(module: LinearLoRA, names: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (K, r_max, in), B (K, out, r_max) with each adapter's scale folded in), zeros where it is missing."""
+    """(A (K, r_max, in), B (K, out, r_max) with each adapter's scale folded in), zeros where it is missing.
+    Built from the parameters: under grad mode the stacks carry each adapter's gradient back to it."""
     present = {k: h for k, name in enumerate(names) if (h := holder_of(module, name)) is not None}
     r_max = max((h.lora_settings.dim for h in present.values()), default=1)
     device = module.weight.device
-    A = torch.zeros(len(names), r_max, module.in_features, device=device, dtype=dtype)
-    B = torch.zeros(len(names), module.out_features, r_max, device=device, dtype=dtype)
-    for k, h in present.items():
-        r = h.lora_settings.dim
-        A[k, :r] = h.lora_A.weight.detach().to(dtype)
-        B[k, :, :r] = h.lora_B.weight.detach().to(dtype) * h.lora_settings.scale
-    return A, B
+    As, Bs = [], []
+    for k in range(len(names)):
+        h = present.get(k)
+        if h is None:
+            As.append(torch.zeros(r_max, module.in_features, device=device, dtype=dtype))
+            Bs.append(torch.zeros(module.out_features, r_max, device=device, dtype=dtype))
+            continue
+        pad = r_max - h.lora_settings.dim
+        As.append(F.pad(h.lora_A.weight.to(dtype), (0, 0, 0, pad)))
+        Bs.append(F.pad(h.lora_B.weight.to(dtype) * h.lora_settings.scale, (0, pad)))
+    return torch.stack(As), torch.stack(Bs)
 
 
-def _batched_forward(module: LinearLoRA, A: torch.Tensor, B: torch.Tensor, rows: _Rows):
+def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: _Rows):
+    with torch.no_grad():
+        fixed = _stack(module, names, dtype) if names else None  # for calls that need no gradient (inference)
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = module.base_forward(x)
+        if not names:  # every sequence runs the base model
+            return y
         ids = rows.of(x)  # (M,)
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        if use_kernels_for(x):
+        grad = torch.is_grad_enabled() and (rows.train or x.requires_grad)
+        A, B = _stack(module, names, dtype) if grad else fixed
+        if use_kernels_for(x) and not grad:
             xa = segment_mm(x2, A, ids)  # (M, r_max); rows without an adapter stay zero
             return segment_mm(xa, B, ids, add=y2).view(y.shape)
-        out = y2.clone()
+        if use_kernels_for(x) and rows.grouped:
+            return segmented_lora(x2, A, B, y2, ids, rows.offsets(x), 1.0).view(y.shape)
+        out = y2
         for k in range(A.shape[0]):
             sel = (ids == k).nonzero().squeeze(1)
-            out.index_add_(0, sel, ((x2[sel] @ A[k].T.to(x2.dtype)) @ B[k].T.to(x2.dtype)).to(out.dtype))
+            out = out.index_add(0, sel, ((x2[sel] @ A[k].T.to(x2.dtype)) @ B[k].T.to(x2.dtype)).to(out.dtype))
         return out.view(y.shape)
 
     return forward
@@ -142,28 +184,41 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None]) -> Ite
             for the base model.
 
     Raises:
-        ValueError: an unknown name or id, a model in training mode, a merged model, DoRA / ``lora_bias`` /
-            embedding / expert adapters, or (at a call inside the block) an input whose rows are not a
-            multiple of the batch's sequences.
+        ValueError: an unknown name or id, a merged model, DoRA / ``lora_bias`` / embedding / expert adapters,
+            adapters with dropout on a model in training mode, or (at a call inside the block) an input that is
+            not the batch's sequences.
     """
     known = adapter_names(model)
     names, seq_ids = _seq_ids(model, adapters, known)
-    if model.training:
-        raise ValueError("adapter_batch is for inference: call model.eval() first (training several adapters in "
-                         "one batch is not built yet)")
     if experts_lora_modules(model):
         raise ValueError("adapter_batch: the model has expert adapters (one adapter on experts per model); mixed "
                          "batches take linear adapters only")
     modules = lora_modules(model)
     for fqn, module in modules:
-        _check_module(fqn, module, names)
-    rows = _Rows(seq_ids)
+        _check_module(fqn, module, names, model.training)
+    rows = _Rows(seq_ids, len(names), model.training)
     linears = [m for _, m in modules if isinstance(m, LinearLoRA)]
+    trainable = _train_all(linears, names) if model.training else []
     try:
         for m in linears:
-            A, B = _stack(m, names, m.weight.dtype if m.weight.is_floating_point() else m.lora_A.weight.dtype)
-            m.forward = _batched_forward(m, A, B, rows)  # the instance's forward, for the block only
+            dtype = m.weight.dtype if m.weight.is_floating_point() else m.lora_A.weight.dtype
+            m.forward = _batched_forward(m, names, dtype, rows)  # the instance's forward, for the block only
         yield model
     finally:
         for m in linears:
             m.__dict__.pop("forward", None)
+        for p, flag in trainable:
+            p.requires_grad_(flag)
+
+
+def _train_all(linears: list, names: list) -> list:
+    """Make every adapter of the batch trainable; returns (parameter, its former flag) to restore."""
+    changed = []
+    for m in linears:
+        for name in names:
+            holder = holder_of(m, name)
+            if holder is not None:
+                for p in (holder.lora_A.weight, holder.lora_B.weight):
+                    changed.append((p, p.requires_grad))
+                    p.requires_grad_(True)
+    return changed
