@@ -1,0 +1,164 @@
+"""Section ``multi`` of bench_lora.py: many adapters in one batch (``automodel_lora.adapter_batch``) on the 4-layer
+Llama-8B-shaped model, bf16, r = 16 on all 7 projections, interleaved in one run, ratio to the base model:
+
+  prefill   8 sequences x 1024 tokens, forward only, with 1, 4 and 8 distinct adapters (``prefill_k``)
+  decode    64 sequences, one token each, forward only, with 1 and 64 distinct adapters (``decode_k``)
+  train     fwd + bwd of 8 x 1024 tokens with 4 adapters (two sequences each, grouped), against the same
+            step with one adapter through the single-adapter path (``train_single``) and the base model
+Every mixed arm's logits on the batch are checked against the sequences run one adapter at a time
+(``set_adapter``) before timing. Peak memory beside each. HF PEFT's mixed-adapter inference (``adapter_names=``
+in forward) is not an arm yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import bench_model_shapes
+import torch
+from bench_common import DEV, interleaved, peak_delta_mib
+
+import automodel_lora as al
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+R, N_ADAPTERS = 16, 64
+PREFILL, DECODE = (8, 1024), (64, 1)
+LOGITS_RTOL = 2**-5  # bf16 logits of two orders of the same sums
+
+
+def build(smoke: bool):
+    """(the 8b-shaped model with N_ADAPTERS named adapters a0..a63 (B nonzero), the same base without adapters,
+    both in eval mode; the config)."""
+    shape = bench_model_shapes.select(["8b"], smoke)[0]
+    cfg, cls, _ = shape.build()
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        base = cls(cfg)
+    base = base.to(torch.bfloat16 if DEV == "cuda" else torch.float32).requires_grad_(False).eval()
+    model = copy.deepcopy(base)
+    for k in range(2 if smoke else N_ADAPTERS):
+        al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=PROJ, dim=R, alpha=2 * R),
+                                        adapter_name=f"a{k}")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    return model.eval(), base, cfg
+
+
+def _names(model, k: int, n: int) -> list[str]:
+    """``n`` sequences over ``k`` distinct adapters, grouped (a0 a0 a1 a1 ...)."""
+    names = al.adapter_names(model)
+    return [names[i * k // n] for i in range(n)]
+
+
+@torch.no_grad()
+def check(model, ids, names) -> float:
+    """max |mixed - one at a time| / max |logit| of the batch."""
+    with al.adapter_batch(model, names):
+        mixed = model(input_ids=ids).logits.float()
+    worst = 0.0
+    for i, name in enumerate(names):
+        al.set_adapter(model, name)
+        alone = model(input_ids=ids[i : i + 1]).logits[0].float()
+        worst = max(worst, ((mixed[i] - alone).abs().max() / alone.abs().max()).item())
+    al.set_adapter(model, "a0")
+    return worst
+
+
+def _forward_arm(model, ids, names, contexts: contextlib.ExitStack):
+    """Forward of a copy of ``model`` inside an ``adapter_batch`` entered once (the stacks built outside the
+    timing, as in generation, where one block serves every decode step)."""
+    own = copy.deepcopy(model)
+    contexts.enter_context(al.adapter_batch(own, names))
+
+    def step(i):
+        with torch.no_grad():
+            own(input_ids=ids)
+    return step
+
+
+def _base_arm(base, ids, grad: bool):
+    """The model without adapters (a copy never patched: no adapter machinery on its path)."""
+    def step(i):
+        with torch.set_grad_enabled(grad):
+            out = base(input_ids=ids, labels=ids if grad else None)
+        if grad:
+            out.loss.backward()
+    return step
+
+
+def arms(model, base, cfg, smoke: bool, contexts: contextlib.ExitStack) -> tuple[dict, dict, list]:
+    """({arm: step}, {arm: logits check}, the training copies) of the three protocols."""
+    pre = (2, 16) if smoke else PREFILL
+    dec = (4, 1) if smoke else DECODE
+    g = torch.Generator(device=DEV).manual_seed(1)
+    pre_ids = torch.randint(0, cfg.vocab_size, pre, device=DEV, generator=g)
+    dec_ids = torch.randint(0, cfg.vocab_size, dec, device=DEV, generator=g)
+    steps = {"prefill_base": _base_arm(base, pre_ids, False), "decode_base": _base_arm(base, dec_ids, False)}
+    checks = {}
+    for k in (1, 4, 8) if not smoke else (1, 2):
+        names = _names(model, k, pre[0])
+        steps[f"prefill_{k}"] = _forward_arm(model, pre_ids, names, contexts)
+        checks[f"prefill_{k}"] = check(model, pre_ids, names)
+    for k in (1, N_ADAPTERS) if not smoke else (1, 2):
+        names = _names(model, k, dec[0])
+        steps[f"decode_{k}"] = _forward_arm(model, dec_ids, names, contexts)
+        checks[f"decode_{k}"] = check(model, dec_ids, names)
+    train, models = train_arms(model, base, pre_ids, smoke)
+    steps.update(train)
+    return steps, checks, models
+
+
+def train_arms(model, base, ids, smoke: bool) -> tuple[dict, list]:
+    """({arm: step} of the training protocol: 4 adapters in one batch, one adapter alone, the base model
+    (fwd + bwd; its embedding output requires grad so backward runs through every layer), the models)."""
+    trained = copy.deepcopy(model).train()
+    names = _names(trained, 2 if smoke else 4, ids.shape[0])
+
+    def mixed(i):
+        with al.adapter_batch(trained, names):
+            trained(input_ids=ids, labels=ids).loss.backward()
+
+    def single(i):
+        trained(input_ids=ids, labels=ids).loss.backward()
+
+    frozen = copy.deepcopy(base).train()
+    frozen.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))  # backward
+    return {"train_4": mixed, "train_single": single, "train_base": _base_arm(frozen, ids, True)}, [trained, frozen]
+
+
+def run(args) -> dict:
+    """{"multi": one row per arm}."""
+    model, base, cfg = build(args.smoke)
+    with contextlib.ExitStack() as contexts:
+        steps, checks, copies = arms(model, base, cfg, args.smoke, contexts)
+        params = [p for m in (model, base, *copies) for p in m.parameters()]
+
+        def prep(i):
+            for p in params:
+                p.grad = None
+
+        times = interleaved(steps, n=args.n, rounds=args.rounds, warmup=args.warmup, prep=prep)
+        mem = {k: peak_delta_mib(s, prep) for k, s in steps.items()}
+    rows = []
+    for k, ms in times.items():
+        protocol = k.split("_")[0]
+        ref = times.get(f"{protocol}_base")
+        rows.append(dict(variant=k, protocol=protocol, ms=ms, ratio=ms / ref if ref else None, peak_mib=mem[k],
+                         logits_rel_diff=checks.get(k), logits_ok=None if k not in checks else checks[k] <= LOGITS_RTOL))
+        print(f"[multi] {k}: {ms:.3f} ms" + (f", {ms / ref:.3f}x of base" if ref else ""), flush=True)
+    return {"multi": rows}
+
+
+def table(results: dict) -> list[str]:
+    if not results.get("multi"):
+        return []
+    lines = ["\n## Many adapters in one batch: 8b-shaped model, bf16, r=16 on 7 projections, ratio to the base model",
+             "| arm | ms | ratio to base | peak MiB | logits vs one at a time |", "|---|---|---|---|---|"]
+    for r in results["multi"]:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}x"
+        diff = "-" if r["logits_rel_diff"] is None else f"{r['logits_rel_diff']:.2e}" + ("" if r["logits_ok"] else " (DISAGREES)")
+        lines.append(f"| {r['variant']} | {r['ms']:.3f} | {ratio} | {r['peak_mib']:.0f} | {diff} |")
+    return lines
