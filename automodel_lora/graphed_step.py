@@ -37,6 +37,7 @@ eager path and records the reason in :attr:`eager_reasons`.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 
 import torch
@@ -122,12 +123,38 @@ class GraphedStep:
                             "pass numbers as 0-dim tensors (a Python number would be frozen into the graph)")
         return tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
 
-    def _run(self, inputs) -> tuple:
-        """fn, backward of the objective; the reported tensors (detached)."""
+    def _run(self, inputs, check_leaves: bool = False) -> tuple:
+        """fn, backward of the objective; the reported tensors (detached). ``check_leaves`` (at a capture):
+        every trainable leaf the objective reaches must be one of ``params`` (see :meth:`_check_leaves`)."""
         out = self.fn(*inputs)
         out = out if isinstance(out, tuple) else (out,)
+        if check_leaves:
+            self._check_leaves(out[0])
         out[0].backward()
         return tuple(t.detach() for t in (out[1:] or out[:1]))
+
+    def _check_leaves(self, objective: torch.Tensor) -> None:
+        """A trainable leaf outside ``params`` would get its ``.grad`` from the graph's pool, overwritten (not
+        accumulated) on every replay: refuse it.
+
+        Raises:
+            ValueError: naming how many such leaves and the shape of the first.
+        """
+        known, missing, seen = {id(p) for p in self.params}, [], set()
+        stack = [objective.grad_fn]
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            leaf = getattr(fn, "variable", None)  # an AccumulateGrad node
+            if leaf is not None and leaf.requires_grad and id(leaf) not in known:
+                missing.append(leaf)
+            stack.extend(f for f, _ in fn.next_functions)
+        if missing:
+            raise ValueError(f"GraphedStep: {len(missing)} trainable tensor(s) the step differentiates are not in "
+                             f"params (the first of shape {tuple(missing[0].shape)}); pass every parameter that "
+                             "requires grad: [p for p in model.parameters() if p.requires_grad]")
 
     def _eager(self, inputs, side_stream: bool):
         if not side_stream or not torch.cuda.is_available() or not any(t.is_cuda for t in inputs):
@@ -148,21 +175,40 @@ class GraphedStep:
 
     # ---------------------------------------------------------------- capture
     def _capture(self, key: tuple, inputs) -> _Graph | None:
-        """Capture ``key``'s graph (None, with the reason recorded, where it failed and ``fallback`` is on)."""
+        """Capture ``key``'s graph (None, with the reason recorded, where it failed and ``fallback`` is on).
+
+        The capture runs on a side stream entered with ``with``, so the caller's stream is current again
+        whatever the capture raised; a failed capture's memory pool is dropped (a later capture starts a
+        fresh one rather than one left mid-recording)."""
         if not all(t.is_cuda for t in inputs):
             return self._failed(key, "an input is not on a CUDA device (CUDA graphs replay CUDA kernels only)")
         self._own_grads()
         static = [t.detach().clone() for t in inputs]
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
+        graph, stream, error, outputs = torch.cuda.CUDAGraph(), torch.cuda.Stream(), None, None
         torch.cuda.synchronize()
-        try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                outputs = self._run(static)
-        except Exception as e:  # any op that a capture cannot record: the signature stays eager
+        gc.collect()
+        torch.cuda.empty_cache()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=self._pool)
+            try:
+                outputs = self._run(static, check_leaves=True)
+            except Exception as e:  # any op that a capture cannot record: the signature stays eager
+                error = e
+            finally:
+                try:
+                    graph.capture_end()
+                except Exception as e:  # an invalidated capture fails here too: keep the first cause
+                    error = error or e
+        torch.cuda.current_stream().wait_stream(stream)
+        if error is not None:
             torch.cuda.synchronize()
-            return self._failed(key, f"{type(e).__name__}: {e}".strip())
+            self._pool = None
+            if isinstance(error, ValueError) and "GraphedStep:" in str(error):
+                raise error  # a misuse (parameters missing from params), not a capture limit
+            return self._failed(key, f"{type(error).__name__}: {error}".strip())
         self.graphs[key] = _Graph(graph, static, outputs)
         return self.graphs[key]
 

@@ -102,7 +102,7 @@ class _Env:
         ("auto", _Env(world_size=2), True, False, False, "2 processes"),
         ("auto", _Env(), True, True, False, "train.compile is on"),
         ("auto", _Env(), False, False, False, "data.packing is off"),
-        (True, _Env(), False, False, True, "on"),
+        (True, _Env(), True, False, True, "on"),
         (False, _Env(), True, False, False, "train.cuda_graphs=false"),
     ],
 )
@@ -121,6 +121,9 @@ def test_cuda_graphs_true_where_they_cannot_run_is_a_config_error():
 
     with pytest.raises(ConfigError, match="`train.cuda_graphs: true` can't run here: the device is cpu"):
         use_cuda_graphs(_Env("cpu"), TrainConfig(cuda_graphs=True, max_steps=1), DataConfig(path="x.jsonl"))
+    with pytest.raises(ConfigError, match="can't run here: data.packing is off"):
+        use_cuda_graphs(_Env(), TrainConfig(cuda_graphs=True, max_steps=1), DataConfig(path="x.jsonl", packing=False))
+    assert TrainConfig(max_steps=1).cuda_graphs is False  # off by default until measured on a GPU
     with pytest.raises(ConfigError, match="train.cuda_graphs` must be true, false or auto"):
         TrainConfig(cuda_graphs="yes", max_steps=1)
 
@@ -129,7 +132,8 @@ def test_a_recipe_with_cuda_graphs_true_on_the_cpu_stops_before_training(tmp_pat
     raw = tiny_raw_recipe(tmp_path, train={"cuda_graphs": True, "device": "cpu"})
     with pytest.raises(ConfigError, match="the device is cpu"):
         run_recipe(raw)
-    assert not (tmp_path / "out" / "metrics.jsonl").exists() or not step_losses(tmp_path / "out")
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""  # stopped before the first step
 
 
 # ---------------------------------------------------------------- GPU
@@ -240,3 +244,38 @@ def test_gpu_recipe_with_cuda_graphs_matches_the_eager_recipe(tmp_path):
     assert runs[True].keys() == runs[False].keys()
     for s in runs[False]:
         assert runs[True][s] == pytest.approx(runs[False][s], rel=1e-5), (s, runs)
+
+
+@cuda
+def test_gpu_a_failed_capture_restores_the_stream_and_a_later_capture_works():
+    model = _tiny_lora_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    calls = {"n": 0}
+
+    def sometimes_syncing(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        calls["n"] += 1
+        if ids.shape[1] == 64:
+            loss.item()  # this signature cannot be captured
+        return loss
+
+    step = GraphedStep(sometimes_syncing, params, warmup=1, fallback=True)
+    short, long = torch.randint(0, 301, (2, 64), device="cuda"), torch.randint(0, 301, (2, 80), device="cuda")
+    default = torch.cuda.current_stream()
+    for _ in range(3):
+        step(short)
+    assert torch.cuda.current_stream() == default and not step.graphs and len(step.eager_reasons) == 1
+    for _ in range(3):
+        step(long)
+    assert len(step.graphs) == 1  # the pool of the failed capture was dropped; this one captured
+
+
+@cuda
+def test_gpu_a_trainable_tensor_missing_from_params_is_refused_at_the_capture():
+    model = _tiny_lora_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = GraphedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params[1:], warmup=1)
+    ids = torch.randint(0, 301, (2, 64), device="cuda")
+    step(ids)
+    with pytest.raises(ValueError, match="1 trainable tensor.*not in params"):
+        step(ids)

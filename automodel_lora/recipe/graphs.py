@@ -43,12 +43,12 @@ def use_cuda_graphs(env: DistEnv, tc: TrainConfig, data: DataConfig) -> tuple[bo
     if tc.cuda_graphs is False:
         return False, "off (train.cuda_graphs=false)"
     blockers = graphs_blockers(env, tc)
+    if not data.packing:  # a padded batch's mask is read on the host by transformers: no capture holds that
+        blockers.append("data.packing is off (a padded batch's attention mask is read on the host, which a "
+                        "capture cannot hold)")
     if tc.cuda_graphs is True and blockers:
         raise ConfigError(f"`train.cuda_graphs: true` can't run here: {'; '.join(blockers)}. "
                           "Set train.cuda_graphs=auto or false")
-    if tc.cuda_graphs == "auto" and not data.packing:
-        blockers.append("data.packing is off: every batch length would be a capture of its own "
-                        "(train.cuda_graphs=true captures them anyway, up to 8)")
     if blockers:
         return False, "off: " + "; ".join(blockers)
     return True, "on: each micro-batch's forward and backward replays as one CUDA graph"

@@ -233,10 +233,10 @@ class TrainConfig:
         compile: Wrap the model in ``torch.compile``.
         cuda_graphs: Replay each micro-batch's forward and backward as a CUDA graph
             (:class:`automodel_lora.GraphedStep`): the host work of every kernel launch is paid once,
-            at the capture, which is what a small model's step is short of. auto (on for one CUDA
-            process with ``data.packing``, off otherwise; a step that cannot be captured runs eagerly
-            and the run says why) | true (one CUDA process required; a failed capture stops the run)
-            | false.
+            at the capture, which is what a small model's step is short of. false (the default until
+            measured on a GPU) | auto (on for one CUDA process with ``data.packing``, off otherwise; a
+            step that cannot be captured runs eagerly and the run says why) | true (one CUDA process
+            and packed data required; a failed capture stops the run).
         device: auto | cpu | cuda.
         nonfinite: What a step with a non-finite loss or gradient norm does: skip (the optimizer
             does not step; the data and the lr schedule move on; counted in ``metrics.jsonl`` as
@@ -265,7 +265,7 @@ class TrainConfig:
     eval_max_batches: int | None = None
     log_every: int = 10
     compile: bool = False
-    cuda_graphs: bool | str = "auto"
+    cuda_graphs: bool | str = False
     device: str = "auto"
     nonfinite: str = "skip"
     max_nonfinite_skips: int = 5
