@@ -138,6 +138,22 @@ def test_fp32_adapters_on_an_fp16_table_interp():
 
 
 @interp_only
+def test_transposed_table_and_adapters_interp():
+    """Views with a column stride other than 1 (a table stored (D, V), adapters stored transposed) are read in
+    place through their strides."""
+    ids = ids_with_repeats((2, 11), V)
+    E = torch.randn(D, V).t()
+    A = torch.randn(V, 8).t().requires_grad_()
+    B = torch.randn(8, D).t().requires_grad_()
+    y = embedding_lora(ids, E, A, B, 0.5)
+    dy = torch.randn_like(y)
+    dA, dB = torch.autograd.grad(y, (A, B), dy)
+    ey, edA, edB = reference(ids, E[ids], A.detach(), B.detach(), 0.5, dy)
+    for name, a, e in (("y", y.reshape(-1, D), ey), ("dA", dA, edA), ("dB", dB, edB)):
+        check(a, e, torch.float32, name)
+
+
+@interp_only
 def test_two_backward_passes_are_bit_identical_interp():
     ids = ids_with_repeats((4, 31), V, pad=2)
     E = torch.randn(V, D, dtype=torch.float16)

@@ -54,7 +54,7 @@ if HAS_TRITON:  # triton is optional: without it the PyTorch math runs everywher
     import triton
     import triton.language as tl
 
-    from .launch import INTERPRET, cdiv, next_pow2, rank_block, sm_count
+    from .launch import INTERPRET, cdiv, rank_block, sm_count
 
     # (BT tokens, BD columns) per program. GPU: a (32, 128) tile is 8 KB of bf16 rows per operand (not tuned
     # yet); the interpreter's small tiles make the test shapes span several programs and rank blocks.
@@ -65,7 +65,7 @@ if HAS_TRITON:  # triton is optional: without it the PyTorch math runs everywher
 
     @triton.jit
     def _fwd_kernel(ids_ptr, base_ptr, a_ptr, b_ptr, es_ptr, y_ptr, T, V, D, R, scale,
-                    s_base, s_ar, s_av, s_bd, s_br,
+                    s_base, s_bc, s_ar, s_av, s_bd, s_br,
                     GATHER: tl.constexpr, ES: tl.constexpr, PREC: tl.constexpr,
                     BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
         rt = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -86,9 +86,10 @@ if HAS_TRITON:  # triton is optional: without it the PyTorch math runs everywher
             c = c * tl.load(es_ptr)
         ok = ok_t[:, None] & ok_d[None, :]
         if GATHER:  # the frozen table's rows
-            base = tl.load(base_ptr + ids[:, None] * s_base + rd[None, :], mask=ok_v[:, None] & ok_d[None, :], other=0.0)
+            base = tl.load(base_ptr + ids[:, None] * s_base + rd[None, :] * s_bc, mask=ok_v[:, None] & ok_d[None, :],
+                           other=0.0)
         else:  # a base output computed by the caller, (T, D)
-            base = tl.load(base_ptr + rt[:, None].to(tl.int64) * s_base + rd[None, :], mask=ok, other=0.0)
+            base = tl.load(base_ptr + rt[:, None].to(tl.int64) * s_base + rd[None, :] * s_bc, mask=ok, other=0.0)
         y = base.to(tl.float32) + c * acc
         tl.store(y_ptr + rt[:, None].to(tl.int64) * D + rd[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -186,7 +187,7 @@ def embedding_lora_forward(ids: torch.Tensor, base: torch.Tensor, gather: bool, 
     BT, BD = _FWD["BT"], _FWD["BD"]
     grid = (cdiv(T, BT), cdiv(D, BD))
     _fwd_kernel[grid](ids, base, lora_A, lora_B, base if es is None else es, y, T, V, D, R, float(scale),
-                      base.stride(0), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+                      base.stride(0), base.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
                       GATHER=gather, ES=es is not None, PREC=_prec(lora_A.dtype, lora_B.dtype),
                       BT=BT, BD=BD, BR=rank_block(R))
     return y
@@ -234,7 +235,7 @@ def embedding_lora_backward(dy: torch.Tensor, ids: torch.Tensor, lora_A: torch.T
             _seg_kernel[(T, cdiv(R, BR))](sorted_ids, order, ends, g, dA, V, R,
                                           -1 if padding_idx is None else int(padding_idx), dA.stride(0), dA.stride(1),
                                           PAD=padding_idx is not None, FREQ=bool(scale_grad_by_freq), BM=_SEG_BM,
-                                          BR=min(BR, next_pow2(R)))
+                                          BR=BR)
     return dA, dB
 
 
@@ -246,9 +247,7 @@ class _EmbeddingLoRAFunction(torch.autograd.Function):
     def forward(ctx, ids, base, gather: bool, lora_A, lora_B, scale: float, es, padding_idx, scale_grad_by_freq):
         flat = ids.reshape(-1).contiguous()
         D = lora_B.shape[0]
-        base2 = base if gather else base.reshape(-1, D)
-        if base2.stride(-1) != 1:
-            base2 = base2.contiguous()
+        base2 = base if gather else base.reshape(-1, D)  # any strides: the kernel reads both
         y = on_device_of(flat, embedding_lora_forward, flat, base2, gather, lora_A, lora_B, scale, es)
         ctx.save_for_backward(flat, lora_A, lora_B, es)
         ctx.scale, ctx.padding_idx, ctx.freq = scale, padding_idx, scale_grad_by_freq
