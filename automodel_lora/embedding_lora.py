@@ -21,7 +21,14 @@ a linear adapter on a weight stored `(in, out)`: `lora_A.weight` is `lora_embedd
 `W += (s B A)^T` is PEFT's `transpose(B @ A, True) * scaling`. Those views are read-only.
 
 Not supported on embeddings: DoRA (`use_dora`), `lora_bias`, and a second named adapter on the same module.
-The PyTorch path only: `use_triton` has no effect here.
+
+`use_triton` (`lora_use_triton`, default True) runs the fused kernel of `kernels/embedding_lora.py` where
+`use_kernels_for` holds (CUDA, or the CPU under `TRITON_INTERPRET=1`; fp32 / fp16 / bf16 tables and adapters):
+one forward launch gathers E's row and A's column per token and writes `y` once, and the backward reduces `dA`
+per id over sorted tokens (deterministic). A plain `nn.Embedding` forward is gathered in the kernel; a
+subclass's own forward (Gemma's scaled embeddings) runs first and the kernel adds the adapter term to its output.
+The PyTorch path runs with `max_norm` (its in-place renorm of A's columns) or `sparse`, with a table that
+requires grad, under `torch.compile`, and where the kernels do not run.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraSettings
+from .kernels.embedding_lora import embedding_lora
 from .matcher import is_adaptable, is_conv1d
 from .patching import is_swapped_class, swapped_class, swapped_reduce
 
@@ -58,7 +66,7 @@ class _LinearView:
 
 
 class EmbeddingLoRA(nn.Embedding):
-    """An `nn.Embedding` (or subclass) with a LoRA adapter, computed in plain PyTorch.
+    """An `nn.Embedding` (or subclass) with a LoRA adapter: the fused kernel or the PyTorch path (module docstring).
 
     Modules get this class through `patch_embedding_module` (or `apply_lora_to_linear_modules` with the
     embedding named in `target_modules`).
@@ -69,6 +77,7 @@ class EmbeddingLoRA(nn.Embedding):
         lora_dropout (nn.Dropout): unused in forward (PEFT applies no dropout on embeddings).
         lora_settings (LoraSettings): the adapter's settings.
         lora_merged (bool): whether the adapter is folded into the base weight (`merge_lora`).
+        lora_use_triton (bool): the fused kernel where it runs (`patch_embedding_module`'s `use_triton`).
     """
 
     # The original class (set on each patched subclass); its forward computes the base lookup.
@@ -77,6 +86,7 @@ class EmbeddingLoRA(nn.Embedding):
     fan_in_fan_out: bool = True
     lora_adapter_name: str = "default"
     lora_enabled: bool = True
+    lora_use_triton: bool = True
 
     def __reduce_ex__(self, protocol):
         """Pickle by the (adapter class, original class) pair, as the linear layers do."""
@@ -100,9 +110,16 @@ class EmbeddingLoRA(nn.Embedding):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(...) int64 -> (..., embedding_dim)`: base lookup plus the scaled adapter term."""
-        out = self.base_forward(x)
         if self.lora_merged or not self.lora_enabled:
-            return out
+            return self.base_forward(x)
+        if self.lora_use_triton and self.max_norm is None and not self.sparse:
+            # a plain embedding's lookup is gathered in the kernel; a subclass's forward runs first
+            plain = self._lora_base_cls.forward is nn.Embedding.forward
+            return embedding_lora(x, self.weight, self.lora_embedding_A, self.lora_embedding_B, self.lora_settings.scale,
+                                  padding_idx=self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq,
+                                  embed_scale=getattr(self, "embed_scale", None),
+                                  base_out=None if plain else self.base_forward(x))
+        out = self.base_forward(x)
         return out + self.lora_delta(x, out.dtype)
 
     def lora_delta(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -163,7 +180,8 @@ def adapter_keys(module: nn.Module) -> tuple[str, str]:
     return "lora_A.weight", "lora_B.weight"
 
 
-def patch_embedding_module(embedding: nn.Embedding, settings: LoraSettings | None = None, **overrides: Any) -> nn.Embedding:
+def patch_embedding_module(embedding: nn.Embedding, settings: LoraSettings | None = None, *, use_triton: bool = True,
+                           **overrides: Any) -> nn.Embedding:
     """Give `embedding` a LoRA adapter in place and return the same object.
 
     Its class becomes a cached subclass of (`EmbeddingLoRA`, its own class), so `isinstance(m, nn.Embedding)`
@@ -173,14 +191,13 @@ def patch_embedding_module(embedding: nn.Embedding, settings: LoraSettings | Non
     Args:
         embedding: an `nn.Embedding` or subclass.
         settings: the adapter's `LoraSettings` (default: `LoraSettings()`).
-        **overrides: `LoraSettings` fields applied over `settings` (`dim=16, alpha=32, ...`); `use_triton` is
-            accepted and ignored (embeddings have the PyTorch path only).
+        use_triton: the fused kernel where it runs (module docstring); False: the PyTorch path everywhere.
+        **overrides: `LoraSettings` fields applied over `settings` (`dim=16, alpha=32, ...`).
 
     Raises:
         TypeError: `embedding` is not an `nn.Embedding`.
         ValueError: it already has an adapter, or the settings ask for `use_dora` or `lora_bias`.
     """
-    overrides.pop("use_triton", None)
     if not is_embedding(embedding):
         raise TypeError(f"patch_embedding_module needs an nn.Embedding (or subclass), got {type(embedding).__name__}")
     if is_embedding_lora(embedding):
@@ -202,6 +219,7 @@ def patch_embedding_module(embedding: nn.Embedding, settings: LoraSettings | Non
     embedding.lora_dropout = nn.Dropout(p=settings.dropout)
     embedding.lora_settings = settings
     embedding.lora_merged = False
+    embedding.lora_use_triton = bool(use_triton)
     embedding.__class__ = swapped_class(EmbeddingLoRA, base_cls, "_lora_base_cls")
     if device.type != "meta":  # a meta-built model is initialised by init_lora_weights after to_empty
         embedding.reset_lora_parameters()

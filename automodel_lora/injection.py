@@ -384,6 +384,6 @@ def unpatch(module: LinearLoRA) -> None:
         module._modules.pop(attr, None)
     module._parameters.pop(MAGNITUDE, None)
     unpatch_parameters(module)  # an embedding's lora_embedding_A / lora_embedding_B
-    for attr in (*LORA_ATTRIBUTES, "lora_adapter_name", "lora_enabled", MERGE_NORM):
+    for attr in (*LORA_ATTRIBUTES, "lora_adapter_name", "lora_enabled", "lora_use_triton", MERGE_NORM):
         module.__dict__.pop(attr, None)
     module.__class__ = module._lora_base_cls

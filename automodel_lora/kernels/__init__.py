@@ -14,7 +14,8 @@ pure-PyTorch math every kernel is checked against, and the CPU path), ``lora`` (
 autograd.Function and the public functions).
 
 Beside the LoRA linear: ``silu_mul`` (a gated MLP's ``act(g) * u`` keeping only g and u for backward; its
-kernels, autograd.Function and public function in one file). Import it from its module,
+kernels, autograd.Function and public function in one file) and ``embedding_lora`` (LoRA on an embedding: the
+lookup, the adapter term and the add in one forward kernel; a deterministic per-id backward). Import it from its module,
 ``from automodel_lora.kernels.silu_mul import silu_mul``: re-exported here, the function would hide the
 module of the same name.
 """

@@ -1,0 +1,330 @@
+"""LoRA on an embedding, fused: the lookup, the adapter term and the add in one forward kernel.
+
+    forward:   y[t]     = base[t] + c * a_t B^T          a_t = A[:, x_t] (r,),  base[t] = E[x_t] (or base_out[t])
+    backward:  dB       = c * sum_t dy[t]^T a_t                                          (D, r)
+               dA[:, v] = c * w_v * sum_{t: x_t = v} dy[t] B                             (r, V)
+               w_v = 1 / count(v) with ``scale_grad_by_freq`` (else 1), and 0 at ``padding_idx``
+
+with c = s * embed_scale (s = alpha / r; embed_scale 1 unless the embedding has one: Gemma's scaled
+embeddings scale the adapter term too, as HF PEFT does). This is ``F.embedding``'s semantics on the
+adapter's ``A^T``: the padding index is looked up in forward like any other (its tokens reach y and dB),
+only its column of A gets no gradient. The frozen table gets no gradient. ``max_norm`` (a renorm of the
+looked-up columns in place) and ``sparse`` gradients are not here: the module keeps its PyTorch path for them.
+
+Shapes: ids ``x`` any shape, int32 / int64 (T = x.numel() tokens); E ``(V, D)``; A ``(r, V)`` (HF PEFT's
+``lora_embedding_A``); B ``(D, r)`` (``lora_embedding_B``); base_out, y, dy ``(*x.shape, D)``.
+
+Kernels (Triton on CUDA, or on the CPU under ``TRITON_INTERPRET=1``):
+  * ``_fwd``: one launch; one program per tile of BT tokens x BD columns gathers the tile's ids, E's rows
+    (or base_out's), A's columns (r strided loads per token) and B's (BD, r) tile, forms the
+    (BT, r) x (r, BD) product in registers and writes y once. Nothing of shape (T, r) is written or saved:
+    backward gathers a_t from A again (A and B are saved, as parameters cost nothing to keep; so are the ids).
+  * backward, after one stable sort of the ids (``torch.sort(stable=True)``) and a ``searchsorted`` for
+    the end of each run of equal ids (no host sync):
+      ``_dyb``: g = c * dy B ``(T, r)`` fp32, one read of dy;
+      ``_db``: dB, one program per (BD columns, rank block, split of the tokens) walking its tokens in
+        order; fp32 partials ``(splits, D, r)`` added by ``torch.sum`` over the split axis (a second read of dy);
+      ``_seg``: one program per sorted position; the first position of each run sums g over the run in
+        sorted order, scales it by w_v and writes A's column v; the other positions exit. dA starts at zero.
+  Deterministic: no atomics, and every sum runs in an order the ids alone fix (the sort is stable; the
+  splits of dB are fixed by the shapes and the device). Two backward passes give the same bits.
+
+Precision: every operand is widened to fp32 in registers; the products run as ``tf32`` dots when all
+their operands are fp16 / bf16 (such values are exact in tf32, so the products are exact) and as
+``ieee`` fp32 dots otherwise; y, dA and dB are rounded once to their dtypes (y: the base's; dA, dB: A's
+and B's). The PyTorch path rounds ``A^T[x] B^T``, its product by s and the sum each to the base's dtype,
+so the two differ by about one unit of that format's rounding.
+
+Ids outside ``[0, V)`` raise an ``IndexError`` on the CPU (as ``F.embedding``); on CUDA they are not
+checked (that would cost a sync): their rows read as zero. Block sizes below are starting points for
+a bandwidth-bound gather, not yet tuned on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .lora import HAS_TRITON, KERNEL_DTYPES, on_device_of, use_kernels_for
+
+_FUNCTORCH_LEVEL = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+
+if HAS_TRITON:  # triton is optional: without it the PyTorch math runs everywhere
+    import triton
+    import triton.language as tl
+
+    from .launch import INTERPRET, cdiv, rank_block, sm_count
+
+    # (BT tokens, BD columns) per program. GPU: a (32, 128) tile is 8 KB of bf16 rows per operand (not tuned
+    # yet); the interpreter's small tiles make the test shapes span several programs and rank blocks.
+    _FWD = dict(BT=16, BD=16) if INTERPRET else dict(BT=32, BD=128)
+    _DYB = dict(BT=16, BD=16) if INTERPRET else dict(BT=16, BD=128)  # BT 16: T / 16 programs (256 at 4096 tokens)
+    _DB = dict(BT=16, BD=16) if INTERPRET else dict(BT=64, BD=64)
+    _SEG_BM = 4 if INTERPRET else 32  # rows of g summed per step of a run
+
+    @triton.jit
+    def _fwd_kernel(ids_ptr, base_ptr, a_ptr, b_ptr, es_ptr, y_ptr, T, V, D, R, scale,
+                    s_base, s_bc, s_ar, s_av, s_bd, s_br,
+                    GATHER: tl.constexpr, ES: tl.constexpr, PREC: tl.constexpr,
+                    BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+        rt = tl.program_id(0) * BT + tl.arange(0, BT)
+        rd = tl.program_id(1) * BD + tl.arange(0, BD)
+        ok_t, ok_d = rt < T, rd < D
+        ids = tl.load(ids_ptr + rt, mask=ok_t, other=0).to(tl.int64)  # int64: ids * s_base may pass 2**31
+        ok_v = ok_t & (ids >= 0) & (ids < V)
+        acc = tl.zeros((BT, BD), dtype=tl.float32)
+        for r0 in range(0, R, BR):
+            rr = r0 + tl.arange(0, BR)
+            a = tl.load(a_ptr + rr[None, :] * s_ar + ids[:, None] * s_av,
+                        mask=ok_v[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32)  # (BT, BR): A[:, x_t]^T
+            bt = tl.load(b_ptr + rd[None, :].to(tl.int64) * s_bd + rr[:, None] * s_br,
+                         mask=(rr[:, None] < R) & ok_d[None, :], other=0.0).to(tl.float32)  # (BR, BD): B^T tile
+            acc += tl.dot(a, bt, input_precision=PREC)
+        c = scale
+        if ES:
+            c = c * tl.load(es_ptr)
+        ok = ok_t[:, None] & ok_d[None, :]
+        if GATHER:  # the frozen table's rows
+            base = tl.load(base_ptr + ids[:, None] * s_base + rd[None, :] * s_bc, mask=ok_v[:, None] & ok_d[None, :],
+                           other=0.0)
+        else:  # a base output computed by the caller, (T, D)
+            base = tl.load(base_ptr + rt[:, None].to(tl.int64) * s_base + rd[None, :] * s_bc, mask=ok, other=0.0)
+        y = base.to(tl.float32) + c * acc
+        tl.store(y_ptr + rt[:, None].to(tl.int64) * D + rd[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _dyb_kernel(dy_ptr, b_ptr, es_ptr, g_ptr, T, D, R, scale, s_bd, s_br,
+                    ES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+        rt = tl.program_id(0) * BT + tl.arange(0, BT)
+        rr = tl.program_id(1) * BR + tl.arange(0, BR)
+        ok_t, ok_r = rt < T, rr < R
+        acc = tl.zeros((BT, BR), dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            rd = d0 + tl.arange(0, BD)
+            dy = tl.load(dy_ptr + rt[:, None].to(tl.int64) * D + rd[None, :],
+                         mask=ok_t[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # (BT, BD)
+            b = tl.load(b_ptr + rd[:, None].to(tl.int64) * s_bd + rr[None, :] * s_br,
+                        mask=(rd[:, None] < D) & ok_r[None, :], other=0.0).to(tl.float32)  # (BD, BR)
+            acc += tl.dot(dy, b, input_precision=PREC)
+        c = scale
+        if ES:
+            c = c * tl.load(es_ptr)
+        tl.store(g_ptr + rt[:, None].to(tl.int64) * R + rr[None, :], acc * c, mask=ok_t[:, None] & ok_r[None, :])
+
+    @triton.jit
+    def _db_kernel(dy_ptr, ids_ptr, a_ptr, es_ptr, out_ptr, T, V, D, R, scale, chunk,
+                   s_ar, s_av, s_os, s_od, s_or,
+                   ES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+        rd = tl.program_id(0) * BD + tl.arange(0, BD)
+        rr = tl.program_id(1) * BR + tl.arange(0, BR)
+        split = tl.program_id(2)
+        ok_d, ok_r = rd < D, rr < R
+        start = split * chunk
+        end = tl.minimum(start + chunk, T)
+        acc = tl.zeros((BD, BR), dtype=tl.float32)
+        for t0 in range(start, end, BT):
+            rt = t0 + tl.arange(0, BT)
+            ok_t = rt < end
+            dyt = tl.load(dy_ptr + rt[None, :].to(tl.int64) * D + rd[:, None],
+                          mask=ok_d[:, None] & ok_t[None, :], other=0.0).to(tl.float32)  # (BD, BT): dy^T tile
+            ids = tl.load(ids_ptr + rt, mask=ok_t, other=0).to(tl.int64)
+            ok_v = ok_t & (ids >= 0) & (ids < V)
+            a = tl.load(a_ptr + rr[None, :] * s_ar + ids[:, None] * s_av,
+                        mask=ok_v[:, None] & ok_r[None, :], other=0.0).to(tl.float32)  # (BT, BR)
+            acc += tl.dot(dyt, a, input_precision=PREC)
+        c = scale
+        if ES:
+            c = c * tl.load(es_ptr)
+        tl.store(out_ptr + split * s_os + rd[:, None] * s_od + rr[None, :] * s_or,
+                 (acc * c).to(out_ptr.dtype.element_ty), mask=ok_d[:, None] & ok_r[None, :])
+
+    @triton.jit
+    def _seg_kernel(sorted_ptr, order_ptr, ends_ptr, g_ptr, da_ptr, V, R, pad, s_dar, s_dav,
+                    PAD: tl.constexpr, FREQ: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64)
+        rr = tl.program_id(1) * BR + tl.arange(0, BR)
+        ok_r = rr < R
+        v = tl.load(sorted_ptr + i)
+        prev = tl.load(sorted_ptr + i - 1, mask=i > 0, other=-1)
+        first = (i == 0) | (prev != v)
+        if PAD:
+            first = first & (v != pad)  # the padding column keeps its zero gradient
+        if first & (v >= 0) & (v < V):
+            end = tl.load(ends_ptr + i)
+            acc = tl.zeros((BR,), dtype=tl.float32)
+            for m0 in range(i, end, BM):
+                rm = m0 + tl.arange(0, BM)
+                ok_m = rm < end
+                tok = tl.load(order_ptr + rm, mask=ok_m, other=0).to(tl.int64)
+                g = tl.load(g_ptr + tok[:, None] * R + rr[None, :], mask=ok_m[:, None] & ok_r[None, :], other=0.0)
+                acc += tl.sum(g, axis=0)
+            if FREQ:  # F.embedding's scale_grad_by_freq: the column's gradient over its count in the batch
+                acc = acc / (end - i).to(tl.float32)
+            tl.store(da_ptr + rr * s_dar + v.to(tl.int64) * s_dav, acc.to(da_ptr.dtype.element_ty), mask=ok_r)
+
+
+def _prec(*dtypes: torch.dtype) -> str:
+    """``"ieee"`` when an operand is fp32, else ``"tf32"`` (fp16 / bf16 values are exact in tf32)."""
+    return "ieee" if torch.float32 in dtypes else "tf32"
+
+
+def _check_ids(ids: torch.Tensor, V: int) -> None:
+    """On the CPU, ids outside ``[0, V)`` raise as ``F.embedding`` does (free there; on CUDA a check would sync)."""
+    if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise IndexError(f"embedding ids must lie in [0, {V}), got ids in [{int(ids.min())}, {int(ids.max())}]")
+
+
+def embedding_lora_forward(ids: torch.Tensor, base: torch.Tensor, gather: bool, lora_A: torch.Tensor,
+                           lora_B: torch.Tensor, scale: float, es: torch.Tensor | None) -> torch.Tensor:
+    """y ``(T, D)`` in base's dtype for flat contiguous ``ids`` (T,): ``base`` is the table E ``(V, D)``
+    (``gather``) or a base output ``(T, D)``; ``es`` a one-element fp32 tensor or None."""
+    T, (R, V), D = ids.numel(), lora_A.shape, lora_B.shape[0]
+    _check_ids(ids, V)
+    y = torch.empty(T, D, device=base.device, dtype=base.dtype)
+    if T == 0 or D == 0:
+        return y
+    BT, BD = _FWD["BT"], _FWD["BD"]
+    grid = (cdiv(T, BT), cdiv(D, BD))
+    _fwd_kernel[grid](ids, base, lora_A, lora_B, base if es is None else es, y, T, V, D, R, float(scale),
+                      base.stride(0), base.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+                      GATHER=gather, ES=es is not None, PREC=_prec(lora_A.dtype, lora_B.dtype),
+                      BT=BT, BD=BD, BR=rank_block(R))
+    return y
+
+
+def _db_splits(T: int, n_tiles: int, device) -> int:
+    """Token splits of the dB kernel: about two programs per SM in all, each split at least BT tokens."""
+    return max(1, min(cdiv(2 * sm_count(device), n_tiles), cdiv(T, _DB["BT"])))
+
+
+def embedding_lora_backward(dy: torch.Tensor, ids: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                            scale: float, es: torch.Tensor | None, padding_idx: int | None, scale_grad_by_freq: bool,
+                            need_dA: bool, need_dB: bool):
+    """``(dA, dB)`` (None where not needed) for contiguous dy ``(T, D)`` and flat ids ``(T,)``."""
+    T, (R, V), D = ids.numel(), lora_A.shape, lora_B.shape[0]
+    es_arg = dy if es is None else es
+    BR = rank_block(R)
+    dA = dB = None
+    if need_dB:
+        BT, BD = _DB["BT"], _DB["BD"]
+        tiles = cdiv(D, BD) * cdiv(R, BR)
+        splits = _db_splits(T, tiles, dy.device)
+        chunk = max(1, cdiv(cdiv(T, splits), BT)) * BT
+        splits = max(1, cdiv(T, chunk))
+        out = (torch.empty(D, R, device=dy.device, dtype=lora_B.dtype)[None] if splits == 1
+               else torch.empty(splits, D, R, device=dy.device, dtype=torch.float32))
+        if T and D and R:
+            _db_kernel[(cdiv(D, BD), cdiv(R, BR), splits)](
+                dy, ids, lora_A, es_arg, out, T, V, D, R, float(scale), chunk, lora_A.stride(0), lora_A.stride(1),
+                out.stride(0), out.stride(1), out.stride(2), ES=es is not None, PREC=_prec(dy.dtype, lora_A.dtype),
+                BT=BT, BD=BD, BR=BR)
+        else:
+            out.zero_()
+        dB = out[0] if splits == 1 else out.sum(0).to(lora_B.dtype)  # a fixed-order sum over a fixed split
+    if need_dA:
+        dA = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
+        if T and D and R:
+            g = torch.empty(T, R, device=dy.device, dtype=torch.float32)  # c * dy B, (T, r)
+            BT, BD = _DYB["BT"], _DYB["BD"]
+            _dyb_kernel[(cdiv(T, BT), cdiv(R, BR))](dy, lora_B, es_arg, g, T, D, R, float(scale), lora_B.stride(0),
+                                                     lora_B.stride(1), ES=es is not None,
+                                                     PREC=_prec(dy.dtype, lora_B.dtype), BT=BT, BD=BD, BR=BR)
+            sorted_ids, order = torch.sort(ids.long(), stable=True)  # stable: ties keep token order
+            ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # end of each position's run
+            _seg_kernel[(T, cdiv(R, BR))](sorted_ids, order, ends, g, dA, V, R,
+                                          -1 if padding_idx is None else int(padding_idx), dA.stride(0), dA.stride(1),
+                                          PAD=padding_idx is not None, FREQ=bool(scale_grad_by_freq), BM=_SEG_BM,
+                                          BR=BR)
+    return dA, dB
+
+
+class _EmbeddingLoRAFunction(torch.autograd.Function):
+    """ids ``(...)`` int, base ``(V, D)`` (gather) or ``(..., D)``, lora_A ``(r, V)``, lora_B ``(D, r)`` ->
+    y ``(..., D)``. Saves the ids, A, B (and embed_scale's tensor): nothing of shape (T, r) or (T, D)."""
+
+    @staticmethod
+    def forward(ctx, ids, base, gather: bool, lora_A, lora_B, scale: float, es, padding_idx, scale_grad_by_freq):
+        flat = ids.reshape(-1).contiguous()
+        D = lora_B.shape[0]
+        base2 = base if gather else base.reshape(-1, D)  # any strides: the kernel reads both
+        y = on_device_of(flat, embedding_lora_forward, flat, base2, gather, lora_A, lora_B, scale, es)
+        ctx.save_for_backward(flat, lora_A, lora_B, es)
+        ctx.scale, ctx.padding_idx, ctx.freq = scale, padding_idx, scale_grad_by_freq
+        return y.view(*ids.shape, D)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        flat, lora_A, lora_B, es = ctx.saved_tensors
+        need_dA, need_dB = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dy2 = dy.reshape(-1, lora_B.shape[0]).contiguous()
+        dA, dB = on_device_of(flat, embedding_lora_backward, dy2, flat, lora_A, lora_B, ctx.scale, es,
+                              ctx.padding_idx, ctx.freq, need_dA, need_dB)
+        return None, None, None, dA, dB, None, None, None, None
+
+
+def reference_embedding_lora(ids, weight, lora_A, lora_B, scale, padding_idx=None, scale_grad_by_freq=False,
+                             embed_scale=None, base_out=None) -> torch.Tensor:
+    """The PyTorch math (``EmbeddingLoRA``'s path without ``max_norm``): the lookup of ``A^T`` by ``F.embedding``
+    with the base's padding and frequency options, in the base output's dtype."""
+    out = base_out if base_out is not None else F.embedding(ids, weight, padding_idx, None, 2.0, scale_grad_by_freq)
+    dtype = out.dtype
+    after_A = F.embedding(ids, lora_A.to(dtype).t(), padding_idx, None, 2.0, scale_grad_by_freq)  # (..., r)
+    delta = (after_A @ lora_B.to(dtype).t()) * scale  # (..., D)
+    if embed_scale is not None:
+        delta = delta * (embed_scale.to(dtype) if torch.is_tensor(embed_scale) else embed_scale)
+    return out + delta
+
+
+def embedding_lora(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                   *, padding_idx: int | None = None, scale_grad_by_freq: bool = False,
+                   embed_scale: float | torch.Tensor | None = None, base_out: torch.Tensor | None = None,
+                   use_triton: bool = True) -> torch.Tensor:
+    """``E[x] + c * A^T[x] B^T`` (c = scale * embed_scale) with a frozen table E, fused where the kernels run.
+
+    Args:
+        ids: token ids, any shape, int32 or int64, in ``[0, V)``.
+        weight: the table E ``(V, D)`` (fp32, fp16 or bf16 for the kernels); frozen on the kernel path (a table
+            that requires grad takes the PyTorch path, which gives it its gradient).
+        lora_A: ``(r, V)`` (HF PEFT's ``lora_embedding_A``). lora_B: ``(D, r)`` (``lora_embedding_B``).
+        scale: s = alpha / r (or alpha / sqrt(r)).
+        padding_idx: A's column at this index gets no gradient (its tokens are looked up and reach dB).
+        scale_grad_by_freq: each column's gradient divided by its id's count in ``ids``.
+        embed_scale: a float or one-element tensor multiplying the adapter term (the base output carries its own).
+        base_out: the base lookup ``(*ids.shape, D)`` when the caller computes it (a subclass's forward);
+            None: ``E[ids]`` is gathered in the kernel.
+        use_triton: run the kernels where they run (CUDA, or the CPU under ``TRITON_INTERPRET=1``; fp32 / fp16 /
+            bf16 tables and adapters); False: the PyTorch math everywhere.
+
+    Returns:
+        ``(*ids.shape, D)`` in the base's dtype; gradients flow to lora_A and lora_B (in their dtypes).
+
+    Raises:
+        ValueError: ids that are not integers, or shapes that do not chain.
+    """
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"embedding ids must be int32 or int64, got {ids.dtype}")
+    V, D = weight.shape
+    R = lora_A.shape[0]
+    if lora_A.shape != (R, V) or lora_B.shape != (D, R):
+        raise ValueError(f"embedding_lora: weight {tuple(weight.shape)}, lora_A {tuple(lora_A.shape)}, lora_B "
+                         f"{tuple(lora_B.shape)} do not chain; expected (V, D), (r, V), (D, r)")
+    if base_out is not None and base_out.shape != (*ids.shape, D):
+        raise ValueError(f"base_out must have shape {(*ids.shape, D)}, got {tuple(base_out.shape)}")
+    base = weight if base_out is None else base_out
+    kernels = (use_triton and use_kernels_for(base) and lora_A.dtype in KERNEL_DTYPES
+               and lora_B.dtype in KERNEL_DTYPES and not base.requires_grad
+               and ids.device == base.device == lora_A.device == lora_B.device
+               and not torch.compiler.is_compiling()
+               and (_FUNCTORCH_LEVEL is None or _FUNCTORCH_LEVEL() is None))
+    if not kernels:
+        return reference_embedding_lora(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq,
+                                        embed_scale, base_out)
+    es = None
+    if torch.is_tensor(embed_scale):  # rounded to the base's dtype first, as the PyTorch path multiplies it
+        es = embed_scale.detach().to(base.dtype).to(device=base.device, dtype=torch.float32).reshape(1)
+    elif embed_scale is not None:
+        scale = scale * float(embed_scale)
+    return _EmbeddingLoRAFunction.apply(ids, base, base_out is None, lora_A, lora_B, float(scale), es, padding_idx,
+                                        scale_grad_by_freq)
