@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_slots import adapter_names, holder_of
+from .adapter_slots import adapter_names, check_not_in_disabled_block, holder_of
 from .dora import magnitude_of
 from .embedding_lora import is_embedding_lora
 from .experts_lora import experts_lora_modules
@@ -95,6 +95,10 @@ def _check_module(fqn: str, module: nn.Module, names: list, training: bool) -> N
         raise ValueError(f"adapter_batch: {fqn!r} is an adapted embedding; mixed batches are for linear adapters")
     if not isinstance(module, LinearLoRA):
         return
+    if "forward" in module.__dict__:  # a hook's forward (accelerate's offload), or an enclosing adapter_batch
+        raise ValueError(f"adapter_batch: {fqn!r} has a forward of its own on the instance (a hook such as "
+                         "accelerate's device_map / offload, or an adapter_batch block already open); mixed batches "
+                         "need the module's class forward: load the model without such hooks, and do not nest blocks")
     if module.lora_merged:
         raise ValueError("adapter_batch: the model's adapter is merged; call unmerge_lora(model) first")
     for name in names:
@@ -185,8 +189,9 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None]) -> Ite
 
     Raises:
         ValueError: an unknown name or id, a merged model, DoRA / ``lora_bias`` / embedding / expert adapters,
-            adapters with dropout on a model in training mode, or (at a call inside the block) an input that is
-            not the batch's sequences.
+            adapters with dropout on a model in training mode, a module with a forward of its own on the
+            instance (a hook, or a block already open), a call inside ``disable_adapter``, or (at a call inside
+            the block) an input that is not the batch's sequences.
     """
     known = adapter_names(model)
     names, seq_ids = _seq_ids(model, adapters, known)
@@ -194,6 +199,7 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None]) -> Ite
         raise ValueError("adapter_batch: the model has expert adapters (one adapter on experts per model); mixed "
                          "batches take linear adapters only")
     modules = lora_modules(model)
+    check_not_in_disabled_block(modules, "run adapter_batch")
     for fqn, module in modules:
         _check_module(fqn, module, names, model.training)
     rows = _Rows(seq_ids, len(names), model.training)

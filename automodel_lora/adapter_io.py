@@ -46,7 +46,13 @@ from .atomic_files import atomic_write, atomic_write_json
 from .config import LoraSettings, PeftConfig
 from .dora import magnitude_of
 from .embedding_lora import adapter_features, adapter_keys, check_embedding_selection, check_embedding_tables, is_lora_target
-from .experts_io import experts_state, load_expert_pairs, split_expert_pairs
+from .experts_io import (
+    check_expert_destination,
+    check_expert_pairs,
+    experts_state,
+    load_expert_pairs,
+    split_expert_pairs,
+)
 from .experts_lora import experts_lora_modules
 from .kernels.options import KernelOptions
 from .lora import lora_modules
@@ -227,15 +233,10 @@ def load_adapter(
     if merged:
         raise ValueError(f"the model's adapters are merged (e.g. {merged[:3]}); call unmerge_lora(model) before load_adapter")
     to_save = check_saved_tensors(model, saved, peft_cfg.modules_to_save, weights_path)
+    check_expert_destination(model, expert_pairs, names, adapter_name)
+    check_expert_pairs(model, expert_pairs, peft_cfg, weights_path)
     if not pairs:  # expert adapters alone
-        if adapter_name not in (None, DEFAULT_ADAPTER_NAME, *names[:1]):
-            raise ValueError(f"expert adapters load into the model's first adapter only, not {adapter_name!r}")
-        if not names and not experts_lora_modules(model):
-            model.requires_grad_(False)
-        return load_expert_pairs(model, expert_pairs, peft_cfg, weights_path, _copy_into)
-    if expert_pairs and names and (not experts_lora_modules(model) or adapter_name not in (None, names[0])):
-        raise ValueError(f"expert adapters belong to a model's first adapter; this model has {names} and the file "
-                         "would add experts to another: load it into the base model")
+        return _load_experts_alone(model, expert_pairs, peft_cfg, saved, to_save, names, adapter_name)
     if names and (adapter_name is None or adapter_name in names):  # into an adapter the model has
         adapted = dict(adapter_holders(model, adapter_name)[1])
         _check_patched_model(adapted, pairs, peft_cfg, path)
@@ -266,7 +267,18 @@ def load_adapter(
         for fqn, magnitude in magnitudes.items():
             _copy_into(magnitude_of(adapted[fqn]), magnitude)
     load_saved_tensors(model, saved, to_save, _copy_into)
-    return len(pairs) + load_expert_pairs(model, expert_pairs, peft_cfg, weights_path, _copy_into)
+    return len(pairs) + load_expert_pairs(model, expert_pairs, peft_cfg, _copy_into)
+
+
+def _load_experts_alone(model, expert_pairs, peft_cfg, saved, to_save, names, adapter_name) -> int:
+    """`load_adapter` for a file of expert adapters only (checked): into the model's first adapter."""
+    if adapter_name not in (None, DEFAULT_ADAPTER_NAME, *names[:1]):
+        raise ValueError(f"expert adapters load into the model's first adapter only, not {adapter_name!r}")
+    if not names and not experts_lora_modules(model):
+        model.requires_grad_(False)
+    count = load_expert_pairs(model, expert_pairs, peft_cfg, _copy_into)
+    load_saved_tensors(model, saved, to_save, _copy_into)
+    return count
 
 
 def _adapter_directory(path: str, adapter_name: str | None) -> str:

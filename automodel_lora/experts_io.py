@@ -21,7 +21,8 @@ from .adapter_format import AdapterConfig, AdapterFormatError
 from .config import LoraSettings
 from .experts_lora import ExpertsLoRA, expert_params, experts_lora_modules, is_experts_module, patch_experts_module
 
-__all__ = ["experts_state", "experts_target_parameters", "split_expert_pairs", "load_expert_pairs"]
+__all__ = ["experts_state", "experts_target_parameters", "split_expert_pairs", "check_expert_pairs",
+           "check_expert_destination", "load_expert_pairs"]
 
 BASE_LAYER = ".base_layer"
 
@@ -108,24 +109,52 @@ def _to_ours(module: nn.Module, name: str, file_A: torch.Tensor, file_B: torch.T
     return file_A.reshape(experts, r, fan_in), file_B.reshape(fan_out, r, experts).permute(2, 0, 1)
 
 
-@torch.no_grad()
-def load_expert_pairs(model: nn.Module, found: dict, cfg: AdapterConfig, path: str, copy_into) -> int:
-    """Patch (where needed) and fill the expert adapters ``found`` (from :func:`split_expert_pairs`).
+def _settings(cfg: AdapterConfig, key: str, A: torch.Tensor) -> LoraSettings:
+    return LoraSettings(dim=A.shape[1], alpha=cfg.alpha_for(key), use_rslora=cfg.use_rslora)
+
+
+def check_expert_pairs(model: nn.Module, found: dict, cfg: AdapterConfig, path: str) -> None:
+    """Everything :func:`load_expert_pairs` needs, checked before the model is changed.
 
     Raises:
         AdapterFormatError: an expert weight adapted already with another rank or scale than the file's.
+        ValueError: the model's expert adapters are merged.
     """
     modules = dict(model.named_modules())
-    for (fqn, name), (A, B) in found.items():
+    for (fqn, name), (A, _) in found.items():
         module, key = modules[fqn], f"{fqn}.{name}"
-        settings = LoraSettings(dim=A.shape[1], alpha=cfg.alpha_for(key), use_rslora=cfg.use_rslora)
+        if isinstance(module, ExpertsLoRA) and module.lora_merged:
+            raise ValueError(f"the model's expert adapters are merged ({fqn!r}); call unmerge_lora(model) before "
+                             "load_adapter")
         if isinstance(module, ExpertsLoRA) and name in module.lora_A:
-            have = module.lora_settings[name]
-            if (have.dim, have.scale) != (settings.dim, settings.scale):
-                raise AdapterFormatError(f"{path}: {key} has rank {settings.dim}, scale {settings.scale:g} in the file "
+            have, want = module.lora_settings[name], _settings(cfg, key, A)
+            if (have.dim, have.scale) != (want.dim, want.scale):
+                raise AdapterFormatError(f"{path}: {key} has rank {want.dim}, scale {want.scale:g} in the file "
                                          f"but rank {have.dim}, scale {have.scale:g} in the model")
-        else:
-            patch_experts_module(module, [name], settings)
+
+
+def check_expert_destination(model: nn.Module, found: dict, names: list, adapter_name: str | None) -> None:
+    """Expert adapters belong to a model's first adapter (or to a model without adapters).
+
+    Raises:
+        ValueError: the file would put expert adapters into another named adapter.
+    """
+    if not found or not names:
+        return
+    if not experts_lora_modules(model) or adapter_name not in (None, names[0]):
+        raise ValueError(f"expert adapters belong to a model's first adapter; this model has {names} and the file "
+                         "would add experts to another: load it into the base model (or into its first adapter)")
+
+
+@torch.no_grad()
+def load_expert_pairs(model: nn.Module, found: dict, cfg: AdapterConfig, copy_into) -> int:
+    """Patch (where needed) and fill the expert adapters ``found`` (from :func:`split_expert_pairs`, checked by
+    :func:`check_expert_pairs`). Returns their count."""
+    modules = dict(model.named_modules())
+    for (fqn, name), (A, B) in found.items():
+        module = modules[fqn]
+        if not (isinstance(module, ExpertsLoRA) and name in module.lora_A):
+            patch_experts_module(module, [name], _settings(cfg, f"{fqn}.{name}", A))
         copy_into(module.lora_A[name], A)
         copy_into(module.lora_B[name], B)
     return len(found)

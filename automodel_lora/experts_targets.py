@@ -12,7 +12,7 @@ import torch.nn as nn
 from .config import PeftConfig
 from .experts_lora import EXPERT_PARAMS, expert_params, experts_lora_modules, is_experts_module, patch_experts_module
 
-__all__ = ["select_expert_params", "apply_lora_to_experts"]
+__all__ = ["select_expert_params", "check_experts_adaptable", "apply_lora_to_experts"]
 
 
 def _selects(entry: str, key: str) -> bool:
@@ -51,16 +51,27 @@ def select_expert_params(model: nn.Module, cfg: PeftConfig) -> dict[str, list[st
     return {fqn: [n for n in expert_params(experts[fqn]) if n in names] for fqn, names in chosen.items()}
 
 
-def apply_lora_to_experts(model: nn.Module, cfg: PeftConfig, selected: dict[str, list[str]]) -> int:
-    """Adapt the expert weights ``selected`` (from :func:`select_expert_params`) with ``cfg``'s rank and alpha
-    (``rank_pattern`` / ``alpha_pattern`` keyed by ``<module fqn>.<weight>``). Returns the count of weights.
+def check_experts_adaptable(model: nn.Module, selected: dict[str, list[str]]) -> None:
+    """What :func:`apply_lora_to_experts` would refuse, checked before anything is changed.
 
     Raises:
-        ValueError: the model has expert adapters already (one adapter on experts per model).
+        ValueError: the model has expert adapters already (one adapter on experts per model), or a selected
+            experts module runs under expert parallelism.
     """
-    if experts_lora_modules(model):
+    if selected and experts_lora_modules(model):
         raise ValueError("the model's experts have an adapter already; remove_lora(model) first (named adapters "
                          "beside it are for linear modules only)")
+    modules = dict(model.named_modules())
+    parallel = [fqn for fqn in selected if getattr(modules[fqn], "_is_expert_parallel", False)]
+    if parallel:
+        raise ValueError(f"{parallel[0]!r} runs under expert parallelism, which LoRA on experts does not support; "
+                         "load the model without it")
+
+
+def apply_lora_to_experts(model: nn.Module, cfg: PeftConfig, selected: dict[str, list[str]]) -> int:
+    """Adapt the expert weights ``selected`` (from :func:`select_expert_params`, checked by
+    :func:`check_experts_adaptable`) with ``cfg``'s rank and alpha (``rank_pattern`` / ``alpha_pattern`` keyed
+    by ``<module fqn>.<weight>``). Returns the count of weights."""
     modules = dict(model.named_modules())
     count, base = 0, cfg.lora_settings()
     for fqn, names in selected.items():

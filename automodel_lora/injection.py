@@ -34,7 +34,7 @@ from .config import PeftConfig
 from .dora import MAGNITUDE, MERGE_NORM, dora_folded, magnitude_of, record_merge_norm, reset_magnitude_
 from .embedding_lora import check_embedding_selection, init_holder, is_embedding, unpatch_parameters
 from .experts_lora import check_fold_finite, experts_lora_modules, fold_experts, unpatch_experts
-from .experts_targets import apply_lora_to_experts, select_expert_params
+from .experts_targets import apply_lora_to_experts, check_experts_adaptable, select_expert_params
 from .kernels.options import KernelOptions
 from .lora import LORA_ATTRIBUTES, LinearLoRA, is_lora_module, lora_modules
 from .matcher import ModuleMatcher, is_adaptable, is_plain_name, name_matches, near_misses, output_head_names
@@ -101,6 +101,7 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: PeftConfig | dic
     if experts and not first:
         raise ValueError(f"expert weights in a second adapter ({adapter_name!r}): the experts of a model take one "
                          "adapter; add this one without target_parameters / match_all_experts")
+    check_experts_adaptable(model, experts)
     if not selected and not experts:
         raise ValueError(
             f"PeftConfig(target_modules={cfg.target_modules!r}, exclude_modules={cfg.exclude_modules!r}, "

@@ -177,3 +177,24 @@ def test_training_restores_the_trainable_flags_and_refuses_dropout():
     with pytest.raises(ValueError, match="has dropout 0.1 and the model is training"):
         with al.adapter_batch(model, ["default"]):
             pass
+
+
+def test_hooks_nesting_and_disabled_blocks_are_refused_and_left_as_they_were():
+    model = _model_with_adapters()
+    q = model.model.layers[0].self_attn.q_proj
+    hook = q.forward  # a bound method standing in for a hook's instance forward
+    q.forward = hook
+    with pytest.raises(ValueError, match="has a forward of its own on the instance"):
+        with al.adapter_batch(model, ["b"]):
+            pass
+    assert q.__dict__["forward"] is hook
+    del q.forward
+    with al.adapter_batch(model, ["b"]):
+        with pytest.raises(ValueError, match="do not nest blocks"):
+            with al.adapter_batch(model, ["c"]):
+                pass
+        assert "forward" in q.__dict__  # the outer block's forward survives the refused inner one
+    with al.disable_adapter(model):
+        with pytest.raises(ValueError, match="inside `with disable_adapter"):
+            with al.adapter_batch(model, ["b"]):
+                pass

@@ -274,3 +274,34 @@ def test_grouped_lora_linear_by_offsets_or_unsorted_group_ids_equals_a_loop(use_
         al.grouped_lora_linear(x, W, A, B, 0.5)
     with pytest.raises(ValueError, match="do not chain"):
         al.grouped_lora_linear(x, W, B, A, 0.5, group_ids=ids)
+
+
+def test_a_refused_expert_apply_changes_nothing():
+    model = _qwen3_moe()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(target_parameters=["mlp.experts.down_proj"], dim=4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="experts have an adapter already"):
+        al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj"],
+                                                             target_parameters=["mlp.experts.gate_up_proj"]))
+    assert not al.lora_modules(model) and model.state_dict().keys() == state.keys()
+    assert flags == {k: p.requires_grad for k, p in model.named_parameters()}
+    other = _qwen3_moe()
+    other.model.layers[1].mlp.experts._is_expert_parallel = True
+    with pytest.raises(ValueError, match="layers.1.mlp.experts' runs under expert parallelism"):
+        al.apply_lora_to_linear_modules(other, al.PeftConfig(target_modules=["q_proj"], match_all_experts=True))
+    assert not al.lora_modules(other) and type(other.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+    assert all(p.requires_grad for p in other.parameters())
+
+
+def test_loading_into_merged_expert_adapters_is_refused_and_changes_nothing(tmp_path):
+    model = _qwen3_moe()
+    al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_experts=True, dim=2, alpha=4))
+    _randomize(model)
+    al.save_adapter(model, tmp_path / "a")
+    al.merge_lora(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="expert adapters are merged"):
+        al.load_adapter(model, tmp_path / "a")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k

@@ -482,3 +482,20 @@ def test_recompute_mlp_input_saves_its_bytes_and_changes_no_bit(quantized):
     h_bytes = cfg.num_hidden_layers * tokens * cfg.intermediate_size * 2
     saved = held[False] - held[True]
     assert abs(saved - h_bytes) <= 0.05 * h_bytes, (saved, h_bytes, held)
+
+
+def test_in_place_expand_is_right_on_its_first_autotuned_call():
+    """``expand(..., add=y, out=y)`` (DoRA's cuBLAS route): the autotuner times every config on the real
+    arguments, which must not add the term once per timed run (the output is restored between runs)."""
+    from automodel_lora.kernels.expand import expand
+
+    torch.manual_seed(0)
+    M, N, R = 3001, 1536, 16  # a shape no other test autotunes
+    pm = torch.randn(M, R, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(R, N, device="cuda", dtype=torch.bfloat16) * 0.1
+    y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    f = torch.rand(N, device="cuda", dtype=torch.float32) + 0.5
+    want = (y.float() + 2.0 * pm.float() @ q.float()) * f
+    out = expand(pm, q, 2.0, add=y, col_scale=f, out=y)
+    assert out.data_ptr() == y.data_ptr()
+    assert rel(out, want) < BF16_TOL

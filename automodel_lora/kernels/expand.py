@@ -61,16 +61,19 @@ def _expand_kernel(
     tl.store(c_ptr + rm64[:, None] * scm + rn[None, :] * scn, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-_expand_tuned = triton.autotune(
-    configs=configs([
-        (dict(BM=128, BN=128), 4, 2),
-        (dict(BM=128, BN=128), 8, 2),
-        (dict(BM=64, BN=256), 8, 2),
-        (dict(BM=128, BN=256), 8, 2),
-        (dict(BM=64, BN=128), 4, 2),
-    ]),
-    key=["M", "N", "R", "DROP", "HAS_ADD", "HAS_SCALE"], do_bench=bench,
-)(_expand_kernel)
+_EXPAND_CONFIGS = [
+    (dict(BM=128, BN=128), 4, 2),
+    (dict(BM=128, BN=128), 8, 2),
+    (dict(BM=64, BN=256), 8, 2),
+    (dict(BM=128, BN=256), 8, 2),
+    (dict(BM=64, BN=128), 4, 2),
+]
+_KEY = ["M", "N", "R", "DROP", "HAS_ADD", "HAS_SCALE"]
+_expand_tuned = triton.autotune(configs=configs(_EXPAND_CONFIGS), key=_KEY, do_bench=bench)(_expand_kernel)
+# In place (``out`` is ``add``): the autotuner times each config on the real arguments, so the output is
+# restored after every timed run; without it the first call per key would add the term many times over.
+_expand_tuned_in_place = triton.autotune(configs=configs(_EXPAND_CONFIGS), key=_KEY, do_bench=bench,
+                                         restore_value=["c_ptr"])(_expand_kernel)
 
 
 def expand(pm: torch.Tensor, q: torch.Tensor, scale: float, *, bias=None, add=None, col_scale=None, seed=None,
@@ -97,8 +100,10 @@ def expand(pm: torch.Tensor, q: torch.Tensor, scale: float, *, bias=None, add=No
         return out
     drop = p > 0.0
     BR = rank_block(R)
+    in_place = add is not None and out.data_ptr() == add.data_ptr()
     launch(
-        "expand", _expand_tuned, _expand_kernel,
+        "expand_in_place" if in_place else "expand", _expand_tuned_in_place if in_place else _expand_tuned,
+        _expand_kernel,
         lambda meta: (cdiv(M, meta["BM"]), cdiv(N, meta["BN"])), dict(BM=16, BN=32),
         (m_bucket(M), N, R, drop, add is not None, col_scale is not None, pm.dtype, out.dtype),
         ptrs,
