@@ -30,7 +30,7 @@ from .grouped_linear import grouped_rows_lora
 from .grouped_mm import group_offsets
 
 __all__ = ["ExpertsLoRA", "EXPERT_PARAMS", "is_experts_module", "expert_params", "patch_experts_module",
-           "experts_lora_modules", "fold_experts", "unpatch_experts"]
+           "experts_lora_modules", "delta", "folded", "fold_experts", "check_fold_finite", "unpatch_experts"]
 
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")  # transformers' names of fused expert weights
 
@@ -163,18 +163,26 @@ def experts_lora_modules(model: nn.Module) -> list[tuple[str, ExpertsLoRA]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertsLoRA)]
 
 
-def delta(module: ExpertsLoRA, name: str) -> torch.Tensor:
-    """``s B_e A_e`` laid out as the weight ``name`` is ((E, out, in), or (E, in, out) if transposed), in fp32."""
-    d = torch.bmm(module.lora_B[name].float(), module.lora_A[name].float()) * module.lora_settings[name].scale  # (E, out, in)
-    return d.transpose(1, 2) if module.is_transposed else d
+def delta(module: ExpertsLoRA, name: str, expert: int) -> torch.Tensor:
+    """``s B_e A_e`` of one expert, laid out as its weight slice ((out, in), or (in, out) if transposed), in fp32.
+    One expert at a time: a whole stack in fp32 would be gigabytes at Mixtral's sizes."""
+    d = (module.lora_B[name][expert].float() @ module.lora_A[name][expert].float()) * module.lora_settings[name].scale
+    return d.T if module.is_transposed else d
+
+
+def folded(module: ExpertsLoRA, name: str, expert: int, sign: float) -> torch.Tensor:
+    """Expert ``expert``'s weight slice with its adapter added (``sign`` 1) or taken out (-1), in its dtype."""
+    w = getattr(module, name)[expert]
+    return (w.float() + sign * delta(module, name, expert)).to(w.dtype)
 
 
 @torch.no_grad()
 def fold_experts(module: ExpertsLoRA, sign: float) -> None:
-    """Add (``sign`` = 1: merge) or subtract (-1: unmerge) every adapter's delta into its weight."""
+    """Add (``sign`` = 1: merge) or subtract (-1: unmerge) every adapter's delta into its weight, expert by expert."""
     for name in module.lora_A:
         weight = getattr(module, name)
-        weight.copy_((weight.float() + sign * delta(module, name)).to(weight.dtype))
+        for e in range(weight.shape[0]):
+            weight[e].copy_(folded(module, name, e, sign))
     module.lora_merged = sign > 0
 
 
@@ -195,6 +203,6 @@ def check_fold_finite(modules: list[tuple[str, ExpertsLoRA]], sign: float) -> No
     for fqn, module in modules:
         for name in module.lora_A:
             weight = getattr(module, name)
-            if not torch.isfinite((weight.float() + sign * delta(module, name)).to(weight.dtype)).all():
+            if not all(torch.isfinite(folded(module, name, e, sign)).all() for e in range(weight.shape[0])):
                 raise ValueError(f"cannot {verb} the adapter of {fqn}.{name}: the result holds NaN/Inf (a non-finite "
                                  f"adapter, or one too large for {weight.dtype}); no weight was changed")

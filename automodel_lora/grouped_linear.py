@@ -37,6 +37,22 @@ def grouped_rows_lora(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tenso
     return y + (grouped_mm(xa, lora_B.transpose(1, 2), offsets) * scale).to(y.dtype)
 
 
+def _check_ids(group_ids: torch.Tensor, groups: int) -> None:
+    """Every id in ``[0, groups)``: checked here on the CPU; on a GPU by a device-side assert (no host sync:
+    a bad id fails the next synchronizing call with a CUDA assertion instead of computing garbage).
+
+    Raises:
+        ValueError: (CPU tensors) an id out of range, naming it.
+    """
+    if group_ids.device.type == "cpu":
+        bad = group_ids[(group_ids < 0) | (group_ids >= groups)]
+        if bad.numel():
+            raise ValueError(f"grouped_lora_linear: group id {int(bad[0])} is outside [0, {groups}) (the weight's "
+                             "first dimension); route every row to one of the groups")
+        return
+    torch._assert_async(((group_ids >= 0) & (group_ids < groups)).all(), "grouped_lora_linear: a group id is out of range")
+
+
 def grouped_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                         scale: float, *, offsets: torch.Tensor | None = None, group_ids: torch.Tensor | None = None,
                         bias: torch.Tensor | None = None, use_triton: bool = True) -> torch.Tensor:
@@ -50,7 +66,8 @@ def grouped_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Ten
         use_triton: the segmented kernels where they run (else grouped products of PyTorch).
 
     Raises:
-        ValueError: neither or both of ``offsets`` / ``group_ids``, or shapes that do not chain.
+        ValueError: neither or both of ``offsets`` / ``group_ids``, shapes that do not chain, or (CPU) a group id
+            out of range (on a GPU a device-side assert fails instead).
     """
     if (offsets is None) == (group_ids is None):
         raise ValueError("grouped_lora_linear: give the groups as offsets (cumulative row counts of grouped rows) "
@@ -68,6 +85,7 @@ def grouped_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Ten
     if group_ids.shape != (x.shape[0],):
         raise ValueError(f"grouped_lora_linear: group_ids {tuple(group_ids.shape)} must hold one group per row of x "
                          f"({x.shape[0]})")
+    _check_ids(group_ids, G)
     ids, perm = torch.sort(group_ids, stable=True)
     y = grouped_rows_lora(x[perm], weight, lora_A, lora_B, scale, group_offsets(ids, G), ids, bias, use_triton)
     inverse = torch.empty_like(perm)

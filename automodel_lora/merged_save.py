@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .adapter_bias import check_bias_finite, folded_bias
-from .experts_lora import ExpertsLoRA, check_fold_finite, delta, experts_lora_modules
+from .experts_lora import ExpertsLoRA, check_fold_finite, experts_lora_modules, folded
 from .injection import _check_mergeable, _folded, _raise_if_not_finite
 from .lora import LinearLoRA, lora_modules
 
@@ -74,9 +74,14 @@ def _merge_experts_into(state_dict: dict, experts: list[tuple[str, ExpertsLoRA]]
         for key in [k for k in state_dict if k.startswith(f"{prefix}lora_")]:
             del state_dict[key]
         for weight in module.lora_A:
-            w = getattr(module, weight)
-            folded = w if module.lora_merged else (w.float() + delta(module, weight)).to(w.dtype)
-            state_dict[f"{prefix}{weight}"] = folded.detach().cpu()
+            w = getattr(module, weight).detach()
+            if module.lora_merged:
+                state_dict[f"{prefix}{weight}"] = w.cpu()
+                continue
+            merged = torch.empty(w.shape, dtype=w.dtype)  # on the CPU, filled one expert at a time
+            for e in range(w.shape[0]):
+                merged[e] = folded(module, weight, e, 1.0).cpu()
+            state_dict[f"{prefix}{weight}"] = merged
 
 
 def _merged_state_dict(model: nn.Module, modules: list[tuple[str, LinearLoRA]], safe: bool) -> dict[str, torch.Tensor]:

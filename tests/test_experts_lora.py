@@ -274,6 +274,8 @@ def test_grouped_lora_linear_by_offsets_or_unsorted_group_ids_equals_a_loop(use_
         al.grouped_lora_linear(x, W, A, B, 0.5)
     with pytest.raises(ValueError, match="do not chain"):
         al.grouped_lora_linear(x, W, B, A, 0.5, group_ids=ids)
+    with pytest.raises(ValueError, match=r"group id 4 is outside \[0, 4\)"):
+        al.grouped_lora_linear(x, W, A, B, 0.5, group_ids=torch.where(ids == 3, 4, ids))
 
 
 def test_a_refused_expert_apply_changes_nothing():

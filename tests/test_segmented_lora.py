@@ -120,3 +120,16 @@ def test_gpu_bf16_at_a_qwen3_30b_a3b_expert_shape():
     S, K, N, r, G = 8192, 2048, 1536, 16, 128
     ids, offsets, x, A, B, base, dy = _case(S, K, N, r, G, torch.bfloat16, device="cuda", empty=tuple(range(0, 128, 9)))
     _check(ids, offsets, x, A, B, base, dy, scale=2.0)
+
+
+def test_rows_without_a_group_get_no_product():
+    """Negative ids (a sequence without an adapter) and ids of G or more (a routing sentinel) add nothing."""
+    from automodel_lora.kernels.segment_mm import segment_mm
+
+    g = torch.Generator().manual_seed(5)
+    x, w, add = torch.randn(9, 20, generator=g), torch.randn(3, 17, 20, generator=g), torch.randn(9, 17, generator=g)
+    ids = torch.tensor([-1, 0, 0, 1, -1, 2, 3, 7, 2])
+    out = segment_mm(x, w, ids, 0.5, add=add)
+    for s, i in enumerate(ids.tolist()):
+        want = add[s] + (0.5 * x[s] @ w[i].T if 0 <= i < 3 else 0)
+        torch.testing.assert_close(out[s], want, rtol=1e-5, atol=1e-5)

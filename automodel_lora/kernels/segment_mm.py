@@ -3,8 +3,8 @@
     out[s] = add[s] + scale * x[s] @ w[ids[s]]^T          x (S, K), w (G, N, K), ids (S,) ascending
 
 Rows are usually sorted by group (``ids`` ascending; a group may have no rows), which keeps each program to
-one or two groups; any order is computed correctly, and a row with a negative id gets no product (``add``
-alone, or zero: a sequence without an adapter in a mixed batch). This is the low-rank half of LoRA
+one or two groups; any order is computed correctly, and a row with a negative id, or one of G or more, gets no product (``add``
+alone, or zero: a sequence without an adapter in a mixed batch, a routing sentinel). This is the low-rank half of LoRA
 on MoE experts (rows = token-expert pairs sorted by expert) and of a batch mixing adapters (rows sorted by
 adapter): the shrink ``x A_g^T`` (N = r small, K large) and the expand ``xa B_g^T`` added into the base
 output (K = r small, N large) are the same op with other tile shapes.
@@ -28,7 +28,7 @@ if HAS_TRITON:  # the callers check use_kernels_for() first: without triton noth
     from .launch import INTERPRET, cdiv, dot_prec
 
     @triton.jit
-    def _segment_mm_kernel(x_ptr, w_ptr, ids_ptr, add_ptr, out_ptr, S, N, K, scale,
+    def _segment_mm_kernel(x_ptr, w_ptr, ids_ptr, add_ptr, out_ptr, S, N, K, G, scale,
                            sxm, sxk, swg, swn, swk, sam, san, som, son,
                            HAS_ADD: tl.constexpr, PREC: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -37,7 +37,7 @@ if HAS_TRITON:  # the callers check use_kernels_for() first: without triton noth
         row_ok, col_ok = rm < S, rn < N
         ids = tl.load(ids_ptr + rm, mask=row_ok, other=-1)
         first = tl.maximum(tl.min(tl.where(row_ok, ids, 2147483647)), 0)  # a negative id: no group, no product
-        last = tl.max(ids)
+        last = tl.minimum(tl.max(ids), G - 1)  # an id past the groups (a routing sentinel): no product either
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for g in range(first, last + 1):
             sel = row_ok & (ids == g)
@@ -90,7 +90,7 @@ def segment_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: float
     a = add if add is not None else out  # a placeholder pointer when HAS_ADD is off
     grid = (cdiv(S, BM), cdiv(N, BN))
     on_device_of(x, lambda: _segment_mm_kernel[grid](
-        x, w, ids, a, out, S, N, K, float(scale), x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        x, w, ids, a, out, S, N, K, G, float(scale), x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         a.stride(0), a.stride(1), out.stride(0), out.stride(1), HAS_ADD=add is not None, PREC=dot_prec(x.dtype),
         BM=BM, BN=BN, BK=BK))
     return out
