@@ -81,8 +81,11 @@ def run_shape(shape, args) -> tuple[list, list, dict]:
             diffs[k] = diffs[eager_arm(k)]
     skipped.update(failed)
     arms = {k: m for k, m in arms.items() if k not in skipped}
-    times, mem, weights = time_arms(arms, ids, args)
+    times, mem, weights, replay_diff = time_arms(arms, ids, args)
     rows = arm_rows(shape.name, times, mem, weights, diffs, scale, bsz * seq)
+    for row in rows:
+        if row["variant"] in replay_diff:
+            row["replay_loss_rel_diff"] = replay_diff[row["variant"]]
     info = dict(shape=shape.name, title=shape.title(), arch=arch, tokens=bsz * seq, r=R,
                 attn_implementation=getattr(cfg, "_attn_implementation", None), max_abs_ref_logit=scale,
                 logits_tol=LOGITS_RTOL * scale)
@@ -134,8 +137,9 @@ def trial_steps(arms: dict, ids: torch.Tensor) -> dict:
     return failed
 
 
-def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict]:
-    """(median ms per step, peak MiB of a step above what was allocated before it, MiB of weights) per arm."""
+def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict, dict]:
+    """(median ms per step, peak MiB of a step above what was allocated before it, MiB of weights) per arm, and
+    per graphed arm the relative difference of a replay's loss from the eager model's (``replay_check``)."""
     def make_step(name, m):
         if name != eager_arm(name):
             graphed = graphed_step(m)
@@ -155,13 +159,25 @@ def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict]:
     steps = {k: make_step(k, m) for k, m in arms.items()}
     n = SMOKE_STEPS if args.smoke else args.model_n
     times = interleaved(steps, n=n, rounds=args.rounds, warmup=1 if args.smoke else MODEL_WARMUP, prep=prep)
+    replay_diff = {k: replay_check(step, arms[k], ids[0]) for k, step in steps.items() if k != eager_arm(k)}
     steps = None  # the graphs' memory pools go; each graphed arm's peak is taken from a capture of its own
     mem = {k: peak_delta_mib(memory_step(k, m, make_step), prep) for k, m in arms.items()}
     prep(0)
     # the arm's own weights (a tied head counted once; PEFT's fp32 adapters at 4 bytes)
     weights = {k: sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())) / 2**20
                for k, m in arms.items()}
-    return times, mem, weights
+    return times, mem, weights, replay_diff
+
+
+def replay_check(graphed_call, model: nn.Module, ids: torch.Tensor) -> float:
+    """|loss of a replay - loss of the eager step| / |eager loss| on the same batch (printed, and in the arm's
+    row): the graphed arm's replay checked against the eager model it replays (after timing)."""
+    got = graphed_call(0).item()
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=ids).loss.item()
+    diff = abs(got - want) / abs(want)
+    print(f"[model] graph replay loss {got:.6g} vs eager {want:.6g}: rel diff {diff:.2e}", flush=True)
+    return diff
 
 
 def graphed_step(m: nn.Module) -> GraphedStep:
