@@ -34,14 +34,16 @@ Prints the table last; writes the full JSON (GPU, date, commit, autotune choices
 
 Sections (--sections, run in this order): layer, ops, host (bench_layer.py), qlora (bench_qlora.py),
 model (bench_model.py), moe (bench_moe.py: one MoE experts layer, --moe-shapes qwen3_30b,mixtral,
---moe-variants frozen,peft,torch,triton), multi (bench_multi.py: many adapters in one batch; not in the
-default list); the timing harness is bench_common.py, the variants' kernel options bench_variants.py.
+--moe-variants frozen,peft,torch,triton), multi (bench_multi.py: many adapters in one batch), embedding
+(bench_embedding.py: LoRA on a 128256 x 4096 input embedding); multi and embedding are not in the default
+list; the timing harness is bench_common.py, the variants' kernel options bench_variants.py.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import bench_embedding
 import bench_layer
 import bench_model
 import bench_model_shapes
@@ -57,7 +59,7 @@ from automodel_lora import kernels as K
 # name -> the section's run(args) -> its keys of the results JSON, in the order they run
 SECTIONS = {"layer": bench_layer.run, "ops": bench_layer.run_ops, "host": bench_layer.run_host,
             "qlora": bench_qlora.run, "model": bench_model.run, "moe": bench_moe.run,
-            "multi": bench_multi.run}
+            "multi": bench_multi.run, "embedding": bench_embedding.run}
 
 
 def _env():
@@ -79,6 +81,7 @@ def print_tables(results):
     lines += bench_qlora.table(results)
     lines += bench_moe.table(results)
     lines += bench_multi.table(results)
+    lines += bench_embedding.table(results)
     print("\n".join(lines), flush=True)
 
 
