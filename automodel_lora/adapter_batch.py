@@ -41,7 +41,7 @@ from .adapter_slots import adapter_names, check_not_in_disabled_block, holder_of
 from .dora import magnitude_of
 from .embedding_lora import is_embedding_lora
 from .experts_lora import experts_lora_modules
-from .kernels.lora import use_kernels_for
+from .kernels.backend import use_kernels_for
 from .kernels.segment_mm import segment_mm
 from .kernels.segmented_lora import segmented_lora
 from .lora import LinearLoRA, lora_modules

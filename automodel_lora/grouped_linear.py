@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .grouped_mm import group_offsets, grouped_mm
-from .kernels.lora import use_kernels_for
+from .kernels.backend import use_kernels_for
 from .kernels.segmented_lora import segmented_lora
 
 __all__ = ["grouped_lora_linear", "grouped_rows_lora"]

@@ -68,7 +68,7 @@ def dequantizer_4bit(module: nn.Linear, base_cls: type, x: torch.Tensor) -> Call
     packed = weight.data
     dtype = x.dtype  # dequantize into x's dtype directly (one rounding, as bitsandbytes' matmul)
     state = _snapshot(quant_state)  # Params4bit.to() moves the module's quant state in place
-    from .kernels import lora as kernels  # here, not at import: it may load triton
+    from .kernels import backend as kernels  # here, not at import: it may load triton
 
     if kernels.use_kernels_for(x):
         from .kernels import nf4

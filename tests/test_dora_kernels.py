@@ -33,8 +33,8 @@ from torch import nn
 
 import automodel_lora as al
 from automodel_lora.dora import MAGNITUDE, dora_forward
+from automodel_lora.kernels import backend as B
 from automodel_lora.kernels import dropout_keep_mask, lora_add, lora_linear, lora_linear_dequant
-from automodel_lora.kernels import lora as L
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -152,7 +152,7 @@ def test_lora_linear_with_dora_matches_float64(dtype, r, bias, p):
     check_dm(m.grad, dm, dtype)
 
 
-@pytest.mark.skipif(not (INTERPRET and L.HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.skipif(not (INTERPRET and B.HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("route", ["fused_proj", "tma", "portable", "cublas"])
 def test_every_forward_route_applies_the_scale_interp(route, dtype, kernel_options, monkeypatch):

@@ -20,11 +20,12 @@ import pytest
 import torch
 
 from automodel_lora.kernels import KernelOptions, all_programs_resident, lora_add, lora_linear
+from automodel_lora.kernels import backend as B
 from automodel_lora.kernels import lora as L
 from tests.test_kernels import check, make, run_and_check
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-interp_only = pytest.mark.skipif(not (INTERPRET and L.HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
+interp_only = pytest.mark.skipif(not (INTERPRET and B.HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
 ENV = ("AUTOMODEL_LORA_BASE_GEMM", "AUTOMODEL_LORA_FUSE_PROJ", "AUTOMODEL_LORA_FAST_LAUNCH")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,7 +171,7 @@ def test_two_layers_with_their_own_options(monkeypatch, compiled):
     if compiled:
         torch._dynamo.reset()
         forward = torch.compile(forward, backend="aot_eager", fullgraph=True)
-    kernels = L.use_kernels_for(torch.empty(0))
+    kernels = B.use_kernels_for(torch.empty(0))
     if kernels:
         from automodel_lora.kernels import dispatch as D
 

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from automodel_lora.kernels import KernelOptions, dropout_keep_mask, lora_add, lora_linear
-from automodel_lora.kernels import lora as L
+from automodel_lora.kernels import backend as B
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-interp_only = pytest.mark.skipif(not (INTERPRET and L.HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
+interp_only = pytest.mark.skipif(not (INTERPRET and B.HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
 
 TOL = {torch.float32: (2e-6, 2e-5), torch.float16: (2e-3, 8e-3)}
 
@@ -373,7 +373,7 @@ def test_reference_path_without_triton():
 # ------------------------------------------------------------------------------------------
 @interp_only
 def test_backend_is_triton_under_interpreter_interp():
-    assert L.use_kernels_for(torch.empty(1))
+    assert B.use_kernels_for(torch.empty(1))
 
 
 @interp_only

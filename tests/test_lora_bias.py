@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from automodel_lora.kernels import KernelOptions, dropout_keep_mask, lora_add, lora_linear, lora_linear_dequant
-from automodel_lora.kernels import lora as L
+from automodel_lora.kernels import backend as B
 from automodel_lora.lora import FusedLinearLoRA, patch_linear_module
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -41,7 +41,7 @@ SCALE = 2.0
 def skip_unsupported(device: str, dtype: torch.dtype) -> None:
     """The Triton interpreter computes through numpy, which has no bf16: its bf16 results are garbage for
     every kernel of the package (the interpreter runs of test_kernels.py use fp32 / fp16 only)."""
-    if device == "cpu" and INTERPRET and L.HAS_TRITON and dtype == torch.bfloat16:
+    if device == "cpu" and INTERPRET and B.HAS_TRITON and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bf16 (numpy)")
 
 

@@ -250,7 +250,7 @@ def _step_with(monkeypatch, layer, x, g, fuse):
         return _step(layer, x, g)
 
 
-KERNELS_ON_CPU = al.kernels.lora.use_kernels_for(torch.empty(0))  # the Triton interpreter
+KERNELS_ON_CPU = al.kernels.backend.use_kernels_for(torch.empty(0))  # the Triton interpreter
 # who dequantizes a 4-bit weight for the fused GEMM: our NF4 kernel where the kernels run, else bitsandbytes
 DEQUANTIZER = "triton" if KERNELS_ON_CPU else "bitsandbytes"
 

@@ -20,7 +20,8 @@ lookup, the adapter term and the add in one forward kernel; a deterministic per-
 module of the same name.
 """
 
-from .lora import HAS_TRITON, dropout_keep_mask, lora_add, lora_linear, lora_linear_dequant
+from .backend import HAS_TRITON, dropout_keep_mask
+from .lora import lora_add, lora_linear, lora_linear_dequant
 from .options import KernelOptions, all_programs_resident
 
 __all__ = ["lora_linear", "lora_linear_dequant", "lora_add", "dropout_keep_mask", "HAS_TRITON", "KernelOptions",

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .lora import HAS_TRITON, KERNEL_DTYPES, on_device_of, use_kernels_for
+from .backend import HAS_TRITON, KERNEL_DTYPES, on_device_of, use_kernels_for
 
 _FUNCTORCH_LEVEL = getattr(torch._C._functorch, "peek_interpreter_stack", None)
 

@@ -48,7 +48,7 @@ def folded_bias(bias: torch.Tensor | None, lora_bias: torch.Tensor, scale: float
 
 @torch.library.custom_op("automodel_lora::post_keep_mask", mutates_args=())
 def _post_keep_op(seed: torch.Tensor, M: int, N: int, p: float) -> torch.Tensor:
-    from .lora import dropout_keep_mask  # lora.py imports this module
+    from .backend import dropout_keep_mask  # backend.py imports this module (through dispatch.py)
 
     return dropout_keep_mask(seed, M, N, p, seed.device)
 
@@ -63,7 +63,7 @@ def post_keep(seed: torch.Tensor, M: int, N: int, p: float) -> torch.Tensor:
     ``seed``.  An opaque custom op under torch.compile (the reference mask reads the seed on the host)."""
     if torch.compiler.is_compiling():
         return _post_keep_op(seed, M, N, p)
-    from .lora import dropout_keep_mask
+    from .backend import dropout_keep_mask
 
     return dropout_keep_mask(seed, M, N, p, seed.device)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora import HAS_TRITON, on_device_of
+from .backend import HAS_TRITON, on_device_of
 
 if HAS_TRITON:  # the callers check use_kernels_for() first: without triton nothing here runs
     import triton

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .lora import HAS_TRITON, on_device_of, use_kernels_for
+from .backend import HAS_TRITON, on_device_of, use_kernels_for
 from .reference import GATED_ACTIVATIONS, reference_act_mul, reference_act_mul_backward
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
