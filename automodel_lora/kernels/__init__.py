@@ -10,8 +10,13 @@ Modules, in the order the math runs: ``options`` (the settings), ``launch`` (the
 a K step), ``dora_grad`` (DoRA's dy * f and magnitude gradient from the output), ``nf4`` (4-bit weights),
 ``dispatch`` (which kernels a call takes), ``lora_bias`` (PEFT's bias
 on lora_B, folded into the base bias), ``reference`` (the
-pure-PyTorch math every kernel is checked against, and the CPU path), ``lora`` (custom ops, the
+pure-PyTorch math every kernel is checked against, and the CPU path), ``backend`` (whether Triton runs,
+the device guard, the options of a call), ``lora_ops`` (the custom ops torch.compile sees), ``lora`` (the
 autograd.Function and the public functions).
+
+Rows grouped by an index (MoE experts, adapters per sequence): ``segment_mm`` (each row times its group's
+matrix, added into another tensor), ``segment_tn`` (per-group weight gradients), ``segmented_lora`` (the
+two as one autograd.Function).
 
 Beside the LoRA linear: ``silu_mul`` (a gated MLP's ``act(g) * u`` keeping only g and u for backward; its
 kernels, autograd.Function and public function in one file) and ``embedding_lora`` (LoRA on an embedding: the
