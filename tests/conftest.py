@@ -33,6 +33,29 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         )
 
 
+def reference_check(tolerances: dict):
+    """``check(actual, expected, dtype, what)``: a normwise (``tolerances[dtype][0]``, relative to the reference's
+    norm) and elementwise (``[1]``, relative to its largest value) comparison against a float64 reference,
+    reporting how many elements fail and the first of them. Each kernel test file derives its tolerances."""
+
+    def check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+        norm_tol, elem_tol = tolerances[dtype]
+        assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+        assert torch.isfinite(a).all(), f"{what}: non-finite values"
+        scale = e.abs().max().clamp_min(1e-30)
+        rel = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+        bad = (a - e).abs() > elem_tol * scale
+        msg = (f"{what}: normwise rel err {rel:.2e} (tol {norm_tol:.0e}); {int(bad.sum())}/{bad.numel()} elements "
+               f"beyond {elem_tol:.0e}*max|ref|")
+        if bad.any():
+            idx = tuple(bad.nonzero()[0].tolist())
+            msg += f", first at {idx}: {a[idx].item():.6g} vs {e[idx].item():.6g}"
+        assert rel <= norm_tol and not bad.any(), msg
+
+    return check
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

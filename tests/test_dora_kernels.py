@@ -36,6 +36,8 @@ from automodel_lora.dora import MAGNITUDE, dora_forward
 from automodel_lora.kernels import backend as B
 from automodel_lora.kernels import dropout_keep_mask, lora_add, lora_linear, lora_linear_dequant
 
+from .conftest import reference_check
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 TOL = {torch.float32: (2e-6, 2e-5), torch.float16: (2e-3, 8e-3)}
@@ -45,21 +47,7 @@ ZERO = 3  # the column whose magnitude is 0
 SCALE = 2.0
 
 
-def check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """Normwise and elementwise comparison against a float64 reference; reports where it fails."""
-    norm_tol, elem_tol = TOL[dtype]
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.detach().double(), expected.detach().double()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    scale = e.abs().max().clamp_min(1e-30)
-    rel = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
-    bad = (a - e).abs() > elem_tol * scale
-    msg = (f"{what}: normwise rel err {rel:.2e} (tol {norm_tol:.0e}); {int(bad.sum())}/{bad.numel()} elements "
-           f"beyond {elem_tol:.0e}*max|ref|")
-    if bad.any():
-        idx = tuple(bad.nonzero()[0].tolist())
-        msg += f", first at {idx}: {a[idx].item():.6g} vs {e[idx].item():.6g}"
-    assert rel <= norm_tol and not bad.any(), msg
+check = reference_check(TOL)
 
 
 def check_dm(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:

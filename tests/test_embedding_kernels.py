@@ -31,6 +31,8 @@ from automodel_lora.kernels import HAS_TRITON
 from automodel_lora.kernels import embedding_lora as EK
 from automodel_lora.kernels.embedding_lora import embedding_lora
 
+from .conftest import reference_check
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 interp_only = pytest.mark.skipif(not (INTERPRET and HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
 cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
@@ -39,21 +41,7 @@ TOL = {torch.float32: (2e-6, 2e-5), torch.float16: (6e-4, 1e-3), torch.bfloat16:
 V, D = 37, 45  # odd: no tile divides them
 
 
-def check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
-    """Normwise and elementwise comparison against a float64 reference; reports where it fails."""
-    norm_tol, elem_tol = TOL[dtype]
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.detach().double(), expected.detach().double()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    scale = e.abs().max().clamp_min(1e-30)
-    rel = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
-    bad = (a - e).abs() > elem_tol * scale
-    msg = (f"{what}: normwise rel err {rel:.2e} (tol {norm_tol:.0e}); {int(bad.sum())}/{bad.numel()} elements "
-           f"beyond {elem_tol:.0e}*max|ref|")
-    if bad.any():
-        idx = tuple(bad.nonzero()[0].tolist())
-        msg += f", first at {idx}: {a[idx].item():.6g} vs {e[idx].item():.6g}"
-    assert rel <= norm_tol and not bad.any(), msg
+check = reference_check(TOL)
 
 
 def reference(ids, E_rows, A, B, c, dy, padding_idx=None, freq=False):

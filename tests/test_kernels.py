@@ -25,6 +25,8 @@ import torch
 from automodel_lora.kernels import KernelOptions, dropout_keep_mask, lora_add, lora_linear
 from automodel_lora.kernels import backend as B
 
+from .conftest import reference_check
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 interp_only = pytest.mark.skipif(not (INTERPRET and B.HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
 
@@ -36,22 +38,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-def check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
-    """Normwise and elementwise comparison against a float64 reference; reports where it fails."""
-    norm_tol, elem_tol = TOL[dtype]
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.detach().double(), expected.detach().double()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    scale = e.abs().max().clamp_min(1e-30)
-    rel = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
-    diff = (a - e).abs()
-    bad = diff > elem_tol * scale
-    msg = (f"{what}: normwise rel err {rel:.2e} (tol {norm_tol:.0e}); {int(bad.sum())}/{bad.numel()} elements "
-           f"beyond {elem_tol:.0e}*max|ref|")
-    if bad.any():
-        idx = tuple(bad.nonzero()[0].tolist())
-        msg += f", first at {idx}: {a[idx].item():.6g} vs {e[idx].item():.6g}"
-    assert rel <= norm_tol and not bad.any(), msg
+check = reference_check(TOL)
 
 
 def reference(x, W, b, A, B, s, p, pos, keep):

@@ -30,6 +30,8 @@ from automodel_lora.kernels import KernelOptions, dropout_keep_mask, lora_add, l
 from automodel_lora.kernels import backend as B
 from automodel_lora.lora import FusedLinearLoRA, patch_linear_module
 
+from .conftest import reference_check
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -45,21 +47,7 @@ def skip_unsupported(device: str, dtype: torch.dtype) -> None:
         pytest.skip("the Triton interpreter has no bf16 (numpy)")
 
 
-def check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """Normwise and elementwise comparison; reports how many elements differ and the first of them."""
-    norm_tol, elem_tol = TOL[dtype]
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    scale = e.abs().max().clamp_min(1e-30)
-    rel = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
-    bad = (a - e).abs() > elem_tol * scale
-    msg = (f"{what}: normwise rel err {rel:.2e} (tol {norm_tol:.0e}); {int(bad.sum())}/{bad.numel()} elements "
-           f"beyond {elem_tol:.0e}*max|ref|")
-    if bad.any():
-        idx = tuple(bad.nonzero()[0].tolist())
-        msg += f", first at {idx}: {a[idx].item():.6g} vs {e[idx].item():.6g}"
-    assert rel <= norm_tol and not bad.any(), msg
+check = reference_check(TOL)
 
 
 def reference(x, W, b, A, B, b_B, s, p, pos, keep):
