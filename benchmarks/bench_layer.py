@@ -212,7 +212,8 @@ def _op_rows(ops: dict, Kd: int, N: int, r: int) -> list:
 
 
 def run_host(args) -> dict:
-    """{"host_us_per_step", "host_profile_triton"}: tiny shapes, so a step's time is its Python/launch time."""
+    """{"host_us_per_step", "host_pieces_us", "kernels_per_step" (CUDA), "host_profile_triton"}: tiny shapes, so a
+    step's time is its Python / dispatch / launch time; the pieces and kernel counts say where it goes."""
     import cProfile
     import io
     import pstats
@@ -237,8 +238,12 @@ def run_host(args) -> dict:
             step()
         sync()
         rows[name] = (time.perf_counter() - t) / 100 * 1e6
-    results = {"host_us_per_step": rows}
+    results = {"host_us_per_step": rows, "host_pieces_us": host_pieces(x, g)}
+    if DEV == "cuda":
+        results["kernels_per_step"] = {k: kernels_per_step(fn, x, g) for k, (fn, _) in variants.items()}
     print("[host] us per fwd+bwd step at tiny shapes: " + ", ".join(f"{k}={v:.0f}" for k, v in rows.items()), flush=True)
+    print("[host] pieces (us): " + ", ".join(f"{k}={v:.1f}" for k, v in results["host_pieces_us"].items())
+          + (f"; kernels per step: {results['kernels_per_step']}" if "kernels_per_step" in results else ""), flush=True)
     if "triton" in variants:
         fn = variants["triton"][0]
         pr = cProfile.Profile()
@@ -251,6 +256,57 @@ def run_host(args) -> dict:
         pstats.Stats(pr, stream=sio).sort_stats("tottime").print_stats(30)
         results["host_profile_triton"] = sio.getvalue()
     return results
+
+
+class _Identity(torch.autograd.Function):
+    """An autograd.Function that does nothing: its cost is the Function machinery's host time."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@torch.library.custom_op("automodel_lora_bench::noop", mutates_args=())
+def _noop_op(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0)  # a custom op may not return a view of its input
+
+
+def _us(fn, n: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def host_pieces(x: torch.Tensor, g: torch.Tensor) -> dict:
+    """Host microseconds of the pieces an adapted linear's step is made of, each alone: a tensor op dispatch
+    (``x.view_as``), an autograd.Function forward + backward that does nothing, a torch custom op call (the
+    path torch.compile takes; eager calls skip it), an empty kernel launch (``torch.empty`` + ``zero_``)."""
+    def function_step():
+        _Identity.apply(x).backward(g)
+
+    return {"tensor_op": _us(lambda: x.view_as(x)), "autograd_function_step": _us(function_step),
+            "custom_op_call": _us(lambda: _noop_op(x)), "empty_plus_zero_launch": _us(lambda: torch.empty_like(x).zero_())}
+
+
+def kernels_per_step(fn, x: torch.Tensor, g: torch.Tensor) -> int:
+    """CUDA kernels launched by one forward + backward of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(x).backward(g)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(x).backward(g)
+        sync()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
 def table(results: dict) -> list[str]:
