@@ -1,5 +1,6 @@
 """Section 3 of bench_lora.py: a QLoRA layer (bitsandbytes NF4 base, bf16 compute), fwd+bwd, ratio to the
-bf16 frozen layer; and the NF4 dequantize alone, bitsandbytes' against the project's kernel."""
+bf16 frozen layer, with QDoRA variants beside (``*_dora``); and the NF4 dequantize alone, bitsandbytes' against
+the project's kernel."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ def nf4_copy(bnb, lin: nn.Linear) -> nn.Module:
     return q.to(DEV)
 
 
-def qlora_variants(lin: nn.Linear, q: nn.Module, r: int, A0: torch.Tensor, B0: torch.Tensor) -> dict:
-    """Each variant: (callable x -> y, list of trainable params)."""
+def qlora_variants(lin: nn.Linear, q: nn.Module, r: int, A0: torch.Tensor, B0: torch.Tensor, dora: bool = True) -> dict:
+    """Each variant: (callable x -> y, list of trainable params); with ``dora`` also QDoRA's (``torch_dora``,
+    ``triton_dora``, ``peft_dora``: the issue's QDoRA layer rows)."""
     variants = {"frozen_bf16": (lin, []), "frozen_nf4": (q, [])}
     try:
         import peft
@@ -32,6 +34,21 @@ def qlora_variants(lin: nn.Linear, q: nn.Module, r: int, A0: torch.Tensor, B0: t
     for name, use_triton in (("torch", False), ("triton", True)):
         variants[name] = lora_copy(q, r, A0, B0, use_triton)
     variants[BNB_DEQUANT] = variants["triton"]  # same layer, dequantized by bitsandbytes (base_gemm_for)
+    if dora:  # QDoRA: the magnitude's norms from the dequantized weight
+        for name, use_triton in (("torch_dora", False), ("triton_dora", True)):
+            variants[name] = lora_copy(q, r, A0, B0, use_triton, use_dora=True)
+        try:
+            import peft
+
+            m = peft.get_peft_model(Wrap(copy.deepcopy(q)), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"],
+                                                                              use_dora=True))
+            pl = m.base_model.model.lin
+            with torch.no_grad():
+                pl.lora_A["default"].weight.copy_(A0)
+                pl.lora_B["default"].weight.copy_(B0)
+            variants["peft_dora"] = (m, [p_ for p_ in m.parameters() if p_.requires_grad])
+        except Exception as e:  # pragma: no cover - a peer's failure is reported, the others still measured
+            print(f"[qlora] peft DoRA unavailable: {e!r}")
     return variants
 
 
@@ -46,6 +63,15 @@ def qlora_errors(bnb, variants: dict, q, A0: torch.Tensor, B0: torch.Tensor, x, 
         x.grad = None
         y = fwd_bwd(name, variants[name][0], x, g)
         errs[name] = {"y": rel_err(y, ref_y), "dx": rel_err(x.grad, ref_dx)}
+    if "torch_dora" in variants:  # QDoRA: against our PyTorch path (DoRA's own reference, PEFT's math)
+        x.grad = None
+        want_y = fwd_bwd("torch_dora", variants["torch_dora"][0], x, g).detach()
+        want_dx = x.grad.clone()
+        for name in ("triton_dora", "peft_dora"):
+            if name in variants:
+                x.grad = None
+                y = fwd_bwd(name, variants[name][0], x, g)
+                errs[name] = {"y": rel_err(y, want_y), "dx": rel_err(x.grad, want_dx)}
     return errs
 
 
