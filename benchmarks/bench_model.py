@@ -17,7 +17,7 @@ import bench_axolotl
 import bench_model_shapes
 import torch
 from bench_common import DEV, free_device_memory, interleaved, peak_delta_mib
-from bench_model_arms import build_arms, eager_arm
+from bench_model_arms import DORA_REFERENCE, build_arms, eager_arm
 from bench_variants import base_gemm_for, forget_options
 from torch import nn
 
@@ -102,6 +102,7 @@ def logits_diffs(arms: dict, ref: nn.Module, ids: torch.Tensor) -> tuple[dict, f
     scale = want.abs().max().item()
     tol = LOGITS_RTOL * scale
     diffs, failed = {}, {}
+    dora_want = arms[DORA_REFERENCE](input_ids=ids).logits if DORA_REFERENCE in arms else None
     for name, m in arms.items():
         try:
             with base_gemm_for(name, m):
@@ -111,7 +112,8 @@ def logits_diffs(arms: dict, ref: nn.Module, ids: torch.Tensor) -> tuple[dict, f
             print(f"[model] {name}: {failed[name]}", flush=True)
             continue
         # one sequence at a time: fp32 copies of one [seq, vocab] slice, not of the batch's logits
-        diffs[name] = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want, strict=True))
+        against = dora_want if name.endswith("_dora") else want  # DoRA arms: against our DoRA reference
+        diffs[name] = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, against, strict=True))
         got = None
         verdict = "agrees" if diffs[name] <= tol else "DISAGREES"
         if name == "frozen":  # no adapters: how far they move the logits, against which the check must see

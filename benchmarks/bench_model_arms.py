@@ -14,8 +14,9 @@ Any arm listed with ``_graphed`` after its name is that arm's model under a Grap
 be listed too). Optional (--model-variants): ``torch`` (automodel_lora's PyTorch path), ``triton_no_recompute``
 (``recompute_mlp_input=False``), ``triton_act_kept`` (the recompute, with the MLP product as ``act_fn(g) * u``
 so autograd keeps act(g) too: the product before ``silu_mul``), ``axolotl_o`` (axolotl with ``LoRA_O`` on each
-of q/k/v/o instead of ``LoRA_QKV``), and the kernel-option variants of bench_variants.SHARED_TRITON (the ``triton`` model run
-under other ``KernelOptions``).
+of q/k/v/o instead of ``LoRA_QKV``), ``torch_dora`` / ``triton_dora`` / ``peft_dora`` (DoRA on the 7 projections:
+our PyTorch path, our kernels, HF PEFT; checked against ``torch_dora``), and the kernel-option variants of
+bench_variants.SHARED_TRITON (the ``triton`` model run under other ``KernelOptions``).
 
 The adapters are drawn once, on the reference (automodel_lora's PyTorch path, ``LinearLoRA``: the base
 product plus ``s (x A^T) B^T`` in plain torch): A by its default init, B ~ N(0, 0.01) (nonzero, so the
@@ -34,7 +35,9 @@ from automodel_lora import PeftConfig, apply_lora_to_linear_modules, lora_module
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_ARMS = ["frozen", "triton", "peft", "peft_bf16", "axolotl", "frozen_graphed", "triton_graphed"]
-OPTIONAL_ARMS = ["torch", "triton_no_recompute", "triton_act_kept", "axolotl_o", *SHARED_TRITON]
+OPTIONAL_ARMS = ["torch", "triton_no_recompute", "triton_act_kept", "axolotl_o", "torch_dora", "triton_dora", "peft_dora",
+                 *SHARED_TRITON]
+DORA_REFERENCE = "torch_dora"  # the arm the other DoRA arms' logits are checked against
 GRAPHED = "_graphed"  # suffix: the arm before it, its steps replayed as a CUDA graph
 
 
@@ -44,11 +47,11 @@ def eager_arm(name: str) -> str:
 B_STD = 0.01
 
 
-def ours(base: nn.Module, r: int, use_triton: bool, recompute: bool = True) -> nn.Module:
+def ours(base: nn.Module, r: int, use_triton: bool, recompute: bool = True, use_dora: bool = False) -> nn.Module:
     """A copy of ``base`` with automodel_lora adapters on PROJ."""
     m = copy.deepcopy(base)
     apply_lora_to_linear_modules(m, PeftConfig(target_modules=PROJ, dim=r, alpha=2 * r, use_triton=use_triton,
-                                               recompute_mlp_input=recompute))
+                                               recompute_mlp_input=recompute, use_dora=use_dora))
     return m
 
 
@@ -90,11 +93,12 @@ def reference(base: nn.Module, r: int) -> tuple[nn.Module, dict]:
     return m, pairs
 
 
-def peft_arm(base: nn.Module, r: int, pairs: dict, fp32_adapters: bool) -> nn.Module:
+def peft_arm(base: nn.Module, r: int, pairs: dict, fp32_adapters: bool, use_dora: bool = False) -> nn.Module:
     """HF PEFT on a copy of ``base``: its defaults (fp32 adapters), or adapters in the base's dtype."""
     import peft
 
-    m = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJ),
+    m = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJ,
+                                                                 use_dora=use_dora),
                             autocast_adapter_dtype=fp32_adapters)
     set_adapters(m, pairs)
     return m
@@ -127,7 +131,7 @@ def peer_arm(name: str, base: nn.Module, r: int, pairs: dict) -> nn.Module:
         m = peft_arm(base, r, pairs, fp32_adapters=False)  # bf16 adapters, as axolotl gives them
         bench_axolotl.patch_model(m, bench_axolotl.load_kernels(), qkv="linear" if name == "axolotl_o" else "fused")
         return m
-    return peft_arm(base, r, pairs, fp32_adapters=name == "peft")
+    return peft_arm(base, r, pairs, fp32_adapters=name == "peft", use_dora=name.endswith("_dora"))
 
 
 def keep_act_product(model: nn.Module) -> int:
@@ -163,7 +167,10 @@ def build_arms(base: nn.Module, r: int, want: list[str]) -> tuple[dict, nn.Modul
     for name in want:
         if name in ("frozen", *SHARED_TRITON) or name.endswith(GRAPHED):
             continue  # the base itself (last: its hook or trainable embedding must not be copied), or triton's
-        if name in ("triton", "triton_no_recompute", "triton_act_kept"):
+        if name in ("torch_dora", "triton_dora"):  # DoRA: magnitudes from ||W|| (B = 0 at patch), as PEFT's
+            built[name] = ours(base, r, use_triton=name == "triton_dora", use_dora=True)
+            set_adapters(built[name], pairs)
+        elif name in ("triton", "triton_no_recompute", "triton_act_kept"):
             built[name] = ours(base, r, use_triton=True, recompute=name != "triton_no_recompute")
             set_adapters(built[name], pairs)
             if name == "triton_act_kept":
