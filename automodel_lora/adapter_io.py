@@ -16,13 +16,13 @@ crash never leaves a half-written adapter under the real name.
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 from torch import nn
 
 from .adapter_bias import check_file_biases, check_patched_biases
 from .adapter_dora import check_file_magnitudes, check_patched_magnitudes
+from .adapter_fit import check_patched_model, check_targets_covered, check_unpatched_model
 from .adapter_format import (
     PEFT_KEY_PREFIX,
     AdapterConfig,
@@ -37,7 +37,6 @@ from .adapter_slots import (
     DEFAULT_ADAPTER_NAME,
     adapter_holders,
     adapter_names,
-    adapter_part_ids,
     attach_adapter,
     check_adapter_name,
     check_not_in_disabled_block,
@@ -45,7 +44,7 @@ from .adapter_slots import (
 from .atomic_files import atomic_write, atomic_write_json
 from .config import LoraSettings, PeftConfig
 from .dora import magnitude_of
-from .embedding_lora import adapter_features, adapter_keys, check_embedding_selection, check_embedding_tables, is_lora_target
+from .embedding_lora import adapter_keys, check_embedding_selection, check_embedding_tables
 from .experts_io import (
     check_expert_destination,
     check_expert_pairs,
@@ -239,7 +238,7 @@ def load_adapter(
         return _load_experts_alone(model, expert_pairs, peft_cfg, saved, to_save, names, adapter_name)
     if names and (adapter_name is None or adapter_name in names):  # into an adapter the model has
         adapted = dict(adapter_holders(model, adapter_name)[1])
-        _check_patched_model(adapted, pairs, peft_cfg, path)
+        check_patched_model(adapted, pairs, peft_cfg, path)
         check_patched_biases(adapted, biases, path)
         check_patched_magnitudes(adapted, magnitudes, path)
         check_tensors_fit_config(peft_cfg, pairs, weights_path)
@@ -251,11 +250,11 @@ def load_adapter(
                 "trained fully belong to the model's first adapter only; load this one into an unpatched model"
             )
         modules = dict(model.named_modules())
-        _check_unpatched_model(model, modules, pairs, weights_path)
+        check_unpatched_model(model, modules, pairs, weights_path)
         if names:  # beside the model's adapters: linear modules only (named adapters are not on embeddings)
             check_embedding_selection([(fqn, modules[fqn]) for fqn in pairs], LoraSettings(), name, first=False)
         check_tensors_fit_config(peft_cfg, pairs, weights_path)
-        _check_targets_covered(model, pairs, peft_cfg, strict)
+        check_targets_covered(model, pairs, peft_cfg, strict)
         _patch_from_file(model, modules, pairs, peft_cfg, library_cfg, use_triton, kernels, name, in_use=not names)
         adapted = dict(adapter_holders(model, name)[1])
     with torch.no_grad():
@@ -309,83 +308,6 @@ def _read_library_config(path: str) -> PeftConfig | None:
         ) from None
 
 
-def _check_patched_model(adapted: dict[str, nn.Module], pairs, peft_cfg: AdapterConfig, path: str) -> None:
-    """The file must give every adapted module (`{fqn: holder}` of the adapter loaded into) its weights, of its
-    shapes, at its scale."""
-    missing = sorted(set(adapted) - set(pairs))
-    if missing:
-        raise AdapterFormatError(
-            f"{path!r} holds no adapter for {len(missing)} adapted module(s) of the model, e.g. {missing[:5]}; "
-            "load a complete adapter, or patch only the modules the file has"
-        )
-    for fqn, (lora_A, lora_B) in pairs.items():
-        module = adapted.get(fqn)
-        if module is None:
-            raise AdapterFormatError(
-                f"adapter key {PEFT_KEY_PREFIX}{fqn}.lora_A.weight names {fqn!r}, which has no LoRA adapter in the model"
-            )
-        _check_shape(module.lora_A.weight, lora_A, f"{fqn}.lora_A.weight")
-        _check_shape(module.lora_B.weight, lora_B, f"{fqn}.lora_B.weight")
-        _check_scaling(module, fqn, peft_cfg, path)
-
-
-def _check_unpatched_model(model: nn.Module, modules: dict[str, nn.Module], pairs, source: str) -> None:
-    """Every key must name a linear module whose (in, out) features the tensors fit."""
-    for fqn, (lora_A, lora_B) in pairs.items():
-        module = modules.get(fqn)
-        if not is_lora_target(module):
-            what = "no such module" if module is None else f"a {type(module).__name__}, not a linear or embedding"
-            raise AdapterFormatError(
-                f"adapter key {PEFT_KEY_PREFIX}{fqn}.lora_A.weight names {fqn!r}: {what} in {type(model).__name__}"
-            )
-        # a Conv1D stores its weight (in, out), an embedding (num_embeddings, dim); adapters are (r, in) / (out, r)
-        in_features, out_features = adapter_features(module)
-        if lora_A.shape[1] != in_features or lora_B.shape[0] != out_features:
-            raise AdapterFormatError(
-                f"{source}: {fqn!r} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, but the model's "
-                f"layer is ({out_features}, {in_features}) (out, in); is this the adapter of another model?"
-            )
-
-
-def _check_targets_covered(model: nn.Module, pairs, peft_cfg: AdapterConfig, strict: bool) -> None:
-    """Linear modules the file's `target_modules` select (HF PEFT's rules) must all have weights in it."""
-    targets = peft_cfg.target_modules
-    if targets is None or targets == "all-linear":
-        return
-    parts = adapter_part_ids(model)
-    missing = sorted(
-        name
-        for name, m in model.named_modules()
-        if is_lora_target(m)
-        and id(m) not in parts
-        and name not in pairs
-        and peft_cfg.selects(name)
-    )
-    if not missing:
-        return
-    msg = (
-        f"{peft_cfg.path!r}: target_modules={targets!r} selects {len(missing)} linear module(s) of "
-        f"{type(model).__name__} that the adapter has no weights for, e.g. {missing[:5]}; the file is incomplete "
-        "or belongs to another model"
-    )
-    if strict:
-        raise AdapterFormatError(msg + " (pass strict=False to load the rest with a warning)")
-    warnings.warn(msg + "; those modules stay unadapted", stacklevel=3)
-
-
-def _check_scaling(module, fqn: str, peft_cfg: AdapterConfig, path: str) -> None:
-    """The file's alpha and rsLoRA flag for `fqn` must be the ones the patched module scales with."""
-    alpha, rslora = peft_cfg.alpha_for(fqn), peft_cfg.use_rslora
-    settings = module.lora_settings
-    if float(alpha) != float(settings.alpha) or rslora != settings.use_rslora:
-        raise AdapterFormatError(
-            f"{path!r} was trained with lora_alpha={alpha}, use_rslora={rslora} for {fqn!r}, but the "
-            f"model's adapter there has lora_alpha={settings.alpha}, use_rslora={settings.use_rslora}; the "
-            "outputs would be scaled differently. Load into an unpatched model (load_adapter patches it from the "
-            "file) or patch with the file's values"
-        )
-
-
 def _patch_from_file(model, modules, pairs, peft_cfg: AdapterConfig, library_cfg, use_triton, kernels, name: str,
                      in_use: bool) -> None:
     """Give each module the file has weights for an adapter `name` with the file's settings (not yet its values)."""
@@ -409,13 +331,6 @@ def _patch_from_file(model, modules, pairs, peft_cfg: AdapterConfig, library_cfg
         attach_adapter(modules[fqn], name, settings, use_triton, in_use)
     if library_cfg is None or library_cfg.recompute_mlp_input:  # as apply_lora_to_linear_modules does
         recompute_mlp_inputs(model)
-
-
-def _check_shape(param: torch.Tensor, value: torch.Tensor, key: str) -> None:
-    if tuple(param.shape) != tuple(value.shape):
-        raise AdapterFormatError(
-            f"adapter key {key!r}: the file has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}"
-        )
 
 
 def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
