@@ -29,7 +29,6 @@ from .adapter_format import (
     AdapterFormatError,
     check_tensors_fit_config,
     read_adapter_config,
-    read_adapter_file,
     read_json_object,
 )
 from .adapter_peft_config import peft_adapter_config
@@ -41,6 +40,7 @@ from .adapter_slots import (
     check_adapter_name,
     check_not_in_disabled_block,
 )
+from .adapter_weights import read_adapter_file
 from .atomic_files import atomic_write, atomic_write_json
 from .config import LoraSettings, PeftConfig
 from .dora import magnitude_of

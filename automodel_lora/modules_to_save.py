@@ -137,7 +137,7 @@ def read_modules_to_save(path: str, value) -> list[str] | None:
 
 def check_saved_tensors(model: nn.Module, saved: dict[str, torch.Tensor], entries: list[str] | None,
                         source: str) -> list[tuple[str, nn.Module]]:
-    """The modules that `saved` (`read_adapter_file`'s tensors of `modules_to_save` modules) loads into, after
+    """The modules that `saved` (`adapter_weights.read_adapter_file`'s tensors of `modules_to_save` modules) loads into, after
     checking that every key names a tensor of `model` of the same shape. Changes nothing.
 
     Raises:
