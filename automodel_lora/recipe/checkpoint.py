@@ -274,10 +274,15 @@ class CheckpointManager:
         Raises:
             CheckpointError: the adapter files are missing, unreadable, or don't fit the model.
         """
-        from automodel_lora import load_adapter
+        from automodel_lora import adapter_names, load_adapter
 
+        names = adapter_names(raw_model)
         try:
-            load_adapter(raw_model, str(Path(path) / ADAPTER_DIR))
+            if len(names) == 1:
+                load_adapter(raw_model, str(Path(path) / ADAPTER_DIR))
+            else:  # several adapters (data.adapters): each in ADAPTER_DIR/<name>
+                for name in names:
+                    load_adapter(raw_model, str(Path(path) / ADAPTER_DIR / name), adapter_name=name)
         except Exception as e:  # safetensors / JSON / shape errors of a damaged adapter directory
             raise CheckpointError(f"{Path(path) / ADAPTER_DIR}: can't load the adapter ({type(e).__name__}: {e})") from None
 
@@ -314,11 +319,16 @@ class CheckpointManager:
 def write_adapter(raw_model: nn.Module, adapter_dir: Path, peft_cfg, env: DistEnv) -> None:
     """``save_adapter`` into ``adapter_dir`` (collective; rank 0 writes), then on rank 0 the file
     checked whole and the directory's entries flushed (``save_adapter`` fsyncs each file itself)."""
-    from automodel_lora import save_adapter
+    from automodel_lora import adapter_names, save_adapter
 
-    save_adapter(raw_model, str(adapter_dir), peft_cfg)
+    names = adapter_names(raw_model)
+    dirs = [Path(adapter_dir)] if len(names) == 1 else [Path(adapter_dir) / name for name in names]
+    for name, directory in zip(names if len(names) > 1 else [None], dirs, strict=True):
+        save_adapter(raw_model, str(directory), peft_cfg, adapter_name=name)  # several: each in <dir>/<name>
     if env.is_main:
-        check_adapter_file(adapter_dir)
+        for directory in dirs:
+            check_adapter_file(directory)
+            fsync_dir(directory)
         fsync_dir(adapter_dir)
 
 

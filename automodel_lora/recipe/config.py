@@ -244,6 +244,28 @@ class RecipeConfig:
             )
         if self.model.tiny is not None and self.data.tokenizer is None:
             raise ConfigError("`model.tiny` has no tokenizer of its own: set `data.tokenizer: byte` (or a tokenizer directory)")
+        if self.data.adapters is not None:
+            self._check_multi_adapter()
+
+    def _check_multi_adapter(self) -> None:
+        """What training several adapters in one batch needs (``data.adapters``)."""
+        p, why = self.peft, None
+        if self.train.max_steps is None:
+            why = "set `train.max_steps` (each adapter's data has its own length, so epochs name no common end)"
+        elif p.dropout:
+            why = f"`peft.dropout: {p.dropout}`: mixed batches train without dropout (set it to 0)"
+        elif p.use_dora or p.lora_bias:
+            why = "`peft.use_dora` / `peft.lora_bias`: mixed batches take plain LoRA adapters"
+        elif p.adapts_experts:
+            why = "`peft.target_parameters` / `match_all_experts`: a model's experts take one adapter"
+        elif p.modules_to_save:
+            why = "`peft.modules_to_save`: fully trained modules belong to one adapter"
+        elif self.distributed.strategy in ("fsdp2", "ddp"):
+            why = f"`distributed.strategy: {self.distributed.strategy}`: several adapters train in one process"
+        elif self.train.cuda_graphs is True:
+            why = "`train.cuda_graphs: true`: mixed batches run eagerly"
+        if why:
+            raise ConfigError(f"`data.adapters` (several adapters at once): {why}")
 
     def to_dict(self) -> dict:
         """A plain nested dict (YAML-serialisable) with every field, defaults included."""
@@ -332,7 +354,12 @@ _YAML_RELATIVE_PATHS = (("data", "path"), ("data", "validation_path"), ("data", 
 
 
 def _resolve_yaml_paths(raw: dict, base: Path) -> None:
-    """Make relative paths written in a YAML file relative to that file's directory."""
+    """Make relative paths written in a YAML file relative to that file's directory (``data.adapters``' too)."""
+    adapters = raw.get("data", {}).get("adapters") if isinstance(raw.get("data"), dict) else None
+    if isinstance(adapters, dict):
+        for name, value in adapters.items():
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                adapters[name] = str((base / value).resolve())
     for sec, key in _YAML_RELATIVE_PATHS:
         section = raw.get(sec)
         if not isinstance(section, dict):

@@ -215,6 +215,7 @@ def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Path | 
         ConfigError: the ``peft`` section selects no linear module of the model.
     """
     from automodel_lora import apply_lora_to_linear_modules
+    from automodel_lora.adapter_slots import DEFAULT_ADAPTER_NAME
 
     model = build_model(cfg.model, cfg.quantization, device)
     if save_base_to is not None:
@@ -222,10 +223,16 @@ def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Path | 
     qc = cfg.quantization
     if qc.load_in_4bit and (cfg.model.tiny is not None or cfg.model.random_init):
         quantize_linears_4bit(model, qc, device)
+    names = list(cfg.data.adapters) if cfg.data.adapters else [None]
+    rng = torch.get_rng_state()
     try:
-        n_patched = apply_lora_to_linear_modules(model, cfg.peft)
+        for name in names:  # each adapter initialised as a run of its own would (the same RNG state)
+            torch.set_rng_state(rng)
+            n_patched = apply_lora_to_linear_modules(model, cfg.peft, adapter_name=name or DEFAULT_ADAPTER_NAME)
     except ValueError as e:
         raise ConfigError(f"[peft] {e}") from e
+    if name is not None:  # every adapter trains (named adapters beside the first are frozen by default)
+        train_adapters(model, names)
     if cfg.model.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -234,14 +241,28 @@ def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Path | 
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     desc = (
-        f"{type(model).__name__}: LoRA on {n_patched} linear modules; trainable {n_train:,} / {n_all:,} "
-        f"parameters ({100 * n_train / n_all:.3f}%)"
+        f"{type(model).__name__}: LoRA on {n_patched} linear modules"
+        + (f" x {len(names)} adapters ({', '.join(names)})" if names[0] else "")
+        + f"; trainable {n_train:,} / {n_all:,} parameters ({100 * n_train / n_all:.3f}%)"
     )
     if qc.load_in_4bit:
         desc += f"; base 4-bit {qc.bnb_4bit_quant_type} (compute {qc.bnb_4bit_compute_dtype})"
     if cfg.model.gradient_checkpointing:
         desc += "; gradient checkpointing on"
     return model, desc
+
+
+def train_adapters(model: nn.Module, names: list[str]) -> None:
+    """Make every adapter in ``names`` trainable on every module that has it."""
+    from automodel_lora.adapter_slots import holder_of
+    from automodel_lora.lora import lora_modules
+
+    for _, module in lora_modules(model):
+        for name in names:
+            holder = holder_of(module, name)
+            if holder is not None:
+                holder.lora_A.weight.requires_grad_(True)
+                holder.lora_B.weight.requires_grad_(True)
 
 
 def quantize_linears_4bit(model: nn.Module, qcfg: QuantizationConfig, device: torch.device) -> int:

@@ -178,6 +178,13 @@ class DataConfig:
         validation_split: Fraction of examples held out for validation (0 disables).
         validation_path: A separate JSONL validation file (exclusive with validation_split).
         shuffle: Shuffle the training order every epoch (seeded by ``train.seed``).
+        adapters: Several adapters trained at once, each on its own data: ``{name: JSONL path}`` in place
+            of ``path`` (every other ``data`` setting applies to each). Each step's batch holds every
+            adapter's micro-batch, each sequence run with its own adapter (``automodel_lora.adapter_batch``);
+            each adapter gets the gradient of its own mean token loss, is clipped by its own norm, and is
+            saved to ``adapter/<name>/``: the run trains what one run per adapter with the same seed would.
+            One process, ``train.max_steps`` set, plain LoRA on linears (no dropout, DoRA, ``lora_bias``,
+            embeddings or experts).
     """
 
     path: str | None = None
@@ -193,9 +200,12 @@ class DataConfig:
     validation_split: float = 0.0
     validation_path: str | None = None
     shuffle: bool = True
+    adapters: dict | None = None
 
     def __post_init__(self):
-        if not self.path:
+        if self.adapters is not None:
+            _check_adapter_data(self)
+        elif not self.path:
             raise ConfigError("`data.path` is required: a JSONL file with `text` or `prompt`+`completion` per line")
         _choice("data.format", self.format, ("auto", "text", "prompt_completion"))
         if self.seq_len < 2:
@@ -204,6 +214,27 @@ class DataConfig:
             raise ConfigError(f"`data.validation_split` must be in [0, 1), got {self.validation_split}")
         if self.validation_split > 0 and self.validation_path:
             raise ConfigError("Can't provide both `data.validation_split` and `data.validation_path`. Choose one.")
+
+
+def _check_adapter_data(dc) -> None:
+    """``data.adapters``: a non-empty mapping of adapter names to files, instead of ``data.path``."""
+    from ..adapter_slots import check_adapter_name
+
+    if not isinstance(dc.adapters, dict) or not dc.adapters:
+        raise ConfigError(f"`data.adapters` must map adapter names to JSONL files, got {dc.adapters!r}")
+    if dc.path:
+        raise ConfigError("`data.path` and `data.adapters` both set: with several adapters each has its own file in "
+                          "`data.adapters`; drop `data.path`")
+    if dc.validation_path:
+        raise ConfigError("`data.validation_path` with `data.adapters`: use `data.validation_split` (each adapter's "
+                          "validation set is split from its own file)")
+    for name, path in dc.adapters.items():
+        try:
+            check_adapter_name(name)
+        except ValueError as e:
+            raise ConfigError(f"`data.adapters`: {e}") from None
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"`data.adapters.{name}` must be a JSONL file path, got {path!r}")
 
 
 @dataclass

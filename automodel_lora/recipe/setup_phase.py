@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from .flops import peak_bf16_flops, train_flops_per_token
 from .graphs import recipe_step, use_cuda_graphs
 from .loop import use_bf16
 from .model import load_model_config, prepare_model
+from .multi_adapter import adapter_params
 from .optim import apply_settings, build_optimizer
 from .progress import ProgressBar
 from .rundir import RunLock, move_aside
@@ -80,6 +81,7 @@ class RecipeSetup:
         self.model = self.raw_model = self.fwd_model = self.optimizer = self.scheduler = None
         self.graphed = None  # the GraphedStep of train.cuda_graphs, when on
         self.said_eager: set = set()  # its input signatures whose eager fallback was said
+        self.val_by_adapter: dict = {}  # with data.adapters: {"val_loss/<name>": loss} of the last evaluation
         self.loaded: LoadedCheckpoint | None = None
         self.state = TrainState()
         self.flops_per_token: float | None = None  # None: MFU unknown (see recipe.flops)
@@ -146,21 +148,25 @@ class RecipeSetup:
                 f"the tokenizer ({self.tokenizer.name}) has {self.tokenizer.vocab_size} tokens but the model's "
                 f"vocab_size is {vocab}"
             )
-        self.train_set, self.val_set, info = build_datasets(dc, self.tokenizer, tc.seed)
-        self.sampler = sampler = StepSampler(
-            len(self.train_set), tc.batch_size, tc.grad_accum_steps, env.world_size, tc.seed, dc.shuffle
-        )
+        self.adapter_data = {}  # with data.adapters: name -> (train set, validation set, sampler), each its own
+        for name, path in (dc.adapters or {None: dc.path}).items():
+            train_set, val_set, info = build_datasets(replace(dc, path=path, adapters=None), self.tokenizer, tc.seed)
+            sampler = StepSampler(len(train_set), tc.batch_size, tc.grad_accum_steps, env.world_size, tc.seed, dc.shuffle)
+            self.adapter_data[name] = (train_set, val_set, sampler)
+            self.say(
+                f"[data]{f' adapter {name}:' if name else ''} {info['train_records']} train records -> "
+                f"{len(train_set)} sequences of <= {dc.seq_len} tokens ({'packed' if dc.packing else 'padded'}); "
+                f"{len(val_set)} validation sequences" + (f"; {info['truncated']} truncated" if info["truncated"] else "")
+            )
+        # the first (or only) adapter's data: what counts epochs and what a single-adapter run trains on
+        self.train_set, self.val_set, self.sampler = next(iter(self.adapter_data.values()))
+        sampler = self.sampler
         if tc.max_steps is not None:
             self.total_steps = tc.max_steps
         else:
             self.total_steps = max(1, int(math.ceil((tc.epochs or 1) * sampler.steps_per_epoch)))
         self.warmup = tc.warmup_steps if tc.warmup_steps is not None else int((tc.warmup_ratio or 0.0) * self.total_steps)
         self.use_bf16 = use_bf16(tc.bf16, env.device)
-        self.say(
-            f"[data] {info['train_records']} train records -> {len(self.train_set)} sequences of <= {dc.seq_len} "
-            f"tokens ({'packed' if dc.packing else 'padded'}); {len(self.val_set)} validation sequences"
-            + (f"; {info['truncated']} truncated" if info["truncated"] else "")
-        )
         self.say(
             f"[train] {self.total_steps} steps x global batch {sampler.global_batch} "
             f"({tc.batch_size} x {tc.grad_accum_steps} accum x {env.world_size} proc) = "
@@ -322,6 +328,7 @@ class RecipeSetup:
         self.model = wrap_model(self.raw_model, env, cfg.distributed)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.adapter_params = adapter_params(self.raw_model, list(cfg.data.adapters)) if cfg.data.adapters else {}
         self.optimizer, self.scheduler = build_optimizer(self.params, tc, self.total_steps, self.warmup)
         if self.loaded is not None:
             error = None
@@ -369,11 +376,14 @@ class RecipeSetup:
             error = e
         if not agree(error is None, self.env):
             raise error or RunDirError(f"rank 0 failed to open metrics.jsonl in {out}")
-        self.val = eval_batches(self.val_set, tc.eval_batch_size or tc.batch_size, tc.eval_max_batches)
+        size = tc.eval_batch_size or tc.batch_size
+        self.val_batches = {name: eval_batches(val, size, tc.eval_max_batches) for name, (_, val, _) in
+                            self.adapter_data.items()}
+        self.val = next((b for b in self.val_batches.values() if b), [])  # truthy where any validation runs
         if self.state.val_loss_before is None and self.val:
             self.state.val_loss_before = self.evaluate()
             self.say(f"[eval] step {self.start_step}: val_loss {self.state.val_loss_before:.4f} (before training)")
-            self.metrics.write({"step": self.start_step, "val_loss": self.state.val_loss_before})
+            self.metrics.write({"step": self.start_step, "val_loss": self.state.val_loss_before, **self.val_by_adapter})
 
     def new_metrics_writer(self, path: Path, enabled: bool):  # pragma: no cover - Recipe overrides it
         raise NotImplementedError

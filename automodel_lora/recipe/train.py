@@ -53,6 +53,7 @@ from .files import TMP_PREFIX, atomic_write_text, fresh_dir, fsync_dir, replace_
 from .flops import mfu
 from .graphs import graph_inputs
 from .loop import SignalFlag, evaluate, lr_lambda
+from .multi_adapter import evaluate_adapters, multi_train_step
 from .progress import MetricsWriter, format_duration
 from .setup_phase import RecipeSetup, TrainState
 
@@ -68,6 +69,7 @@ class StepResult:
     lr: float
     n_tokens: float
     seconds: float
+    per_adapter: dict | None = None  # with data.adapters: {name: its loss}
 
     @property
     def finite(self) -> bool:
@@ -121,6 +123,8 @@ class Recipe(RecipeSetup):
 
     def train_step(self, step: int) -> StepResult:
         """Forward/backward over this rank's micro-batches of ``step``, clip, and (if finite) step."""
+        if self.cfg.data.adapters:
+            return multi_train_step(self, step)
         env, tc = self.env, self.cfg.train
         t0 = time.perf_counter()
         pad = self.tokenizer.pad_token_id
@@ -204,6 +208,7 @@ class Recipe(RecipeSetup):
         }
         if step_mfu is not None:
             rec["mfu"] = step_mfu
+        rec.update({f"loss/{k}": _finite_or_none(v) for k, v in (r.per_adapter or {}).items()})
         if not r.finite:
             rec["skipped"] = True
         if self.env.device.type == "cuda":
@@ -216,7 +221,7 @@ class Recipe(RecipeSetup):
         if tc.eval_every and step % tc.eval_every == 0 and step < self.total_steps and self.val:
             vl = self.evaluate()
             self.say(f"[eval] step {step}: val_loss {vl:.4f}")
-            self.metrics.write({"step": step, "val_loss": vl})
+            self.metrics.write({"step": step, "val_loss": vl, **self.val_by_adapter})
 
     def _last_good(self) -> str:
         return f"{self.last_checkpoint}" if self.last_checkpoint is not None else "none (no checkpoint was saved)"
@@ -277,7 +282,11 @@ class Recipe(RecipeSetup):
 
     # ---------------------------------------------------------------- evaluate / save
     def evaluate(self) -> float | None:
-        """Mean validation token loss (None without a validation set)."""
+        """Mean validation token loss (None without a validation set; with ``data.adapters`` the mean over the
+        adapters, each on its own set, and ``val_by_adapter`` holds each)."""
+        if self.cfg.data.adapters:
+            mean, self.val_by_adapter = evaluate_adapters(self)
+            return mean
         return evaluate(self.fwd_model, self.val, self.env, self.tokenizer.pad_token_id, self.autocast)
 
     def autocast(self):
@@ -320,7 +329,7 @@ class Recipe(RecipeSetup):
         self._save_final_adapter()
         val_after = self.evaluate() if self.val else None
         if val_after is not None:
-            self.metrics.write({"step": total, "val_loss": val_after})
+            self.metrics.write({"step": total, "val_loss": val_after, **self.val_by_adapter})
         st = self.state
         summary = {
             "steps": total,
@@ -369,13 +378,14 @@ class Recipe(RecipeSetup):
             say(f"[done] train loss {first:.4f} -> {self.last_loss:.4f} in {wall}")
         if summary["val_loss_after"] is not None and summary["val_loss_before"] is not None:
             say(f"[done] val loss {summary['val_loss_before']:.4f} (untrained) -> {summary['val_loss_after']:.4f} (trained)")
-        say(f"[done] adapter: {out / 'adapter'}")
+        names = list(self.cfg.data.adapters or [])
+        say(f"[done] adapter: {out / 'adapter'}" + (f" (one directory per adapter: {', '.join(names)})" if names else ""))
         if self.save_base:
             say(
                 "[done] load it with PEFT:\n"
                 "  from transformers import AutoModelForCausalLM; from peft import PeftModel\n"
                 f"  base = AutoModelForCausalLM.from_pretrained('{out / 'base_model'}')\n"
-                f"  model = PeftModel.from_pretrained(base, '{out / 'adapter'}')"
+                f"  model = PeftModel.from_pretrained(base, '{out / 'adapter' / names[0] if names else out / 'adapter'}')"
             )
 
 

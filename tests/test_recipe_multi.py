@@ -1,0 +1,87 @@
+"""Several adapters trained in one recipe run (``data.adapters``), every batch mixing them: each adapter
+ends where a run of its own (same seed, settings, data order) ends, its losses are that run's, it is saved
+in PEFT format in ``adapter/<name>/``, and a resumed run ends where an uninterrupted one does.
+
+float32 tiny model on the CPU: the mixed run and the separate runs compute the same sums in other orders
+(the mixed batch stacks the adapters; the loss is a sum of per-adapter terms), so they differ by float32
+roundings carried through the steps: 1e-5 relative on losses, 1e-4 of each tensor's largest value on the
+trained adapters (lr 1e-2, 6 steps). A gradient reaching the wrong adapter moves them by O(1)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from automodel_lora.recipe.errors import ConfigError
+
+from .recipe_helpers import adapter_tensors, read_metrics, run_recipe, step_losses, tiny_raw_recipe, write_text_data
+
+
+def _data(tmp_path):
+    a = write_text_data(tmp_path / "a.jsonl", n_records=120)
+    b = tmp_path / "b.jsonl"  # other text: the two adapters must learn different things
+    b.write_text("".join(json.dumps({"text": f"item {i}: " + "xyz " * (i % 7 + 3)}) + "\n" for i in range(150)))
+    return {"alpha": str(a), "beta": str(b)}
+
+
+def _raw(tmp_path, out: str, data: dict, **train):
+    raw = tiny_raw_recipe(tmp_path, train={"max_steps": 6, "grad_accum_steps": 2, "batch_size": 2, **train},
+                          checkpoint={"output_dir": str(tmp_path / out), "save_every": 0, "resume": None})
+    raw["data"].pop("path")
+    raw["data"].update(data)
+    return raw
+
+
+def test_each_adapter_trains_as_a_run_of_its_own(tmp_path):
+    files = _data(tmp_path)
+    summary, log = run_recipe(_raw(tmp_path, "multi", {"adapters": files}))
+    assert "x 2 adapters (alpha, beta)" in log and "[data] adapter beta:" in log
+    multi = read_metrics(tmp_path / "multi")
+    for name, path in files.items():
+        run_recipe(_raw(tmp_path, name, {"path": path}))
+        alone = step_losses(tmp_path / name)
+        mixed = {r["step"]: r[f"loss/{name}"] for r in multi if f"loss/{name}" in r}
+        assert mixed.keys() == alone.keys() == set(range(1, 7))
+        for step in alone:
+            assert mixed[step] == pytest.approx(alone[step], rel=1e-5), (name, step)
+        want = adapter_tensors(tmp_path / name / "adapter")
+        got = adapter_tensors(tmp_path / "multi" / "adapter" / name)
+        assert got.keys() == want.keys()
+        for key, t in want.items():
+            assert (got[key] - t).abs().max() <= 1e-4 * t.abs().max(), (name, key)
+    a, b = adapter_tensors(tmp_path / "alpha" / "adapter"), adapter_tensors(tmp_path / "beta" / "adapter")
+    assert any((a[k] - b[k]).abs().max() > 1e-2 for k in a if "lora_B" in k)  # the two runs differ
+    assert {f"val_loss/{n}" for n in files} <= set(multi[-1])
+
+
+def test_a_resumed_multi_adapter_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    files = _data(tmp_path)
+    run_recipe(_raw(tmp_path, "straight", {"adapters": files}))
+    raw = _raw(tmp_path, "resumed", {"adapters": files}, max_steps=3)
+    raw["checkpoint"].update(save_every=3, resume="auto")
+    run_recipe(raw)
+    raw["train"]["max_steps"] = 6
+    summary, log = run_recipe(raw)
+    assert "[resume]" in log and summary["resumed_from_step"] == 3
+    for name in files:
+        want = adapter_tensors(tmp_path / "straight" / "adapter" / name)
+        got = adapter_tensors(tmp_path / "resumed" / "adapter" / name)
+        for key, t in want.items():
+            assert (got[key] - t).abs().max() <= 1e-4 * t.abs().max(), (name, key)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"max_steps": None, "epochs": 1}}, "set `train.max_steps`"),
+    ({"peft": {"dropout": 0.1}}, "mixed batches train without dropout"),
+    ({"peft": {"use_dora": True}}, "plain LoRA adapters"),
+    ({"data": {"path": "x.jsonl"}}, "`data.path` and `data.adapters` both set"),
+    ({"data": {"adapters": {"bad.name": "x.jsonl"}}}, "cannot name an adapter"),
+])
+def test_what_a_multi_adapter_run_refuses_is_named(tmp_path, change, message):
+    raw = _raw(tmp_path, "out", {"adapters": _data(tmp_path)})
+    for section, values in change.items():
+        raw[section].update(values)
+    with pytest.raises(ConfigError, match=message):
+        run_recipe(raw)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("checkpoints/*"))
