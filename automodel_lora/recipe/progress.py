@@ -10,7 +10,7 @@ from typing import TextIO
 
 from .files import writing
 
-__all__ = ["ProgressBar", "MetricsWriter", "format_duration"]
+__all__ = ["ProgressBar", "MetricsWriter", "format_duration", "say_done"]
 
 
 def format_duration(seconds: float) -> str:
@@ -127,3 +127,21 @@ class MetricsWriter:
                 f.close()
             except OSError:
                 pass
+
+
+def say_done(say, summary: dict, last_loss: float | None, out, adapters: list, save_base: bool) -> None:
+    """The run's last lines: losses before and after, where the adapter is (one directory per adapter with
+    ``data.adapters``), and how PEFT loads it where the base was saved beside it."""
+    if last_loss is not None:
+        first, wall = summary["first_loss"], format_duration(summary["wall_time_s"])
+        say(f"[done] train loss {first:.4f} -> {last_loss:.4f} in {wall}")
+    if summary["val_loss_after"] is not None and summary["val_loss_before"] is not None:
+        say(f"[done] val loss {summary['val_loss_before']:.4f} (untrained) -> {summary['val_loss_after']:.4f} (trained)")
+    say(f"[done] adapter: {out / 'adapter'}" + (f" (one directory per adapter: {', '.join(adapters)})" if adapters else ""))
+    if save_base:
+        say(
+            "[done] load it with PEFT:\n"
+            "  from transformers import AutoModelForCausalLM; from peft import PeftModel\n"
+            f"  base = AutoModelForCausalLM.from_pretrained('{out / 'base_model'}')\n"
+            f"  model = PeftModel.from_pretrained(base, '{out / 'adapter' / adapters[0] if adapters else out / 'adapter'}')"
+        )

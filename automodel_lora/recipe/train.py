@@ -54,7 +54,7 @@ from .flops import mfu
 from .graphs import graph_inputs
 from .loop import SignalFlag, evaluate, lr_lambda
 from .multi_adapter import evaluate_adapters, multi_train_step
-from .progress import MetricsWriter, format_duration
+from .progress import MetricsWriter, say_done
 from .setup_phase import RecipeSetup, TrainState
 
 __all__ = ["finetune", "lr_lambda", "evaluate", "Recipe", "TrainState", "TrainingInterrupted", "TrainingStopped"]
@@ -352,7 +352,7 @@ class Recipe(RecipeSetup):
         if self.env.is_main:
             with writing("summary.json", out):
                 atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-            self._say_done(summary)
+            say_done(self.say, summary, self.last_loss, out, list(self.cfg.data.adapters or []), self.save_base)
         barrier(self.env)
         return summary
 
@@ -370,23 +370,6 @@ class Recipe(RecipeSetup):
                 replace_dir(tmp, final)
                 fsync_dir(out)
         barrier(self.env)
-
-    def _say_done(self, summary: dict) -> None:
-        out, say = self.out_dir, self.say
-        if self.last_loss is not None:
-            first, wall = summary["first_loss"], format_duration(summary["wall_time_s"])
-            say(f"[done] train loss {first:.4f} -> {self.last_loss:.4f} in {wall}")
-        if summary["val_loss_after"] is not None and summary["val_loss_before"] is not None:
-            say(f"[done] val loss {summary['val_loss_before']:.4f} (untrained) -> {summary['val_loss_after']:.4f} (trained)")
-        names = list(self.cfg.data.adapters or [])
-        say(f"[done] adapter: {out / 'adapter'}" + (f" (one directory per adapter: {', '.join(names)})" if names else ""))
-        if self.save_base:
-            say(
-                "[done] load it with PEFT:\n"
-                "  from transformers import AutoModelForCausalLM; from peft import PeftModel\n"
-                f"  base = AutoModelForCausalLM.from_pretrained('{out / 'base_model'}')\n"
-                f"  model = PeftModel.from_pretrained(base, '{out / 'adapter' / names[0] if names else out / 'adapter'}')"
-            )
 
 
 def finetune(cfg: RecipeConfig, stream=None) -> dict:
