@@ -1,4 +1,5 @@
-"""DoRA (weight-decomposed low-rank adaptation, HF PEFT's `use_dora`) on linear layers: the math of both layer classes.
+"""DoRA (weight-decomposed low-rank adaptation, HF PEFT's `use_dora`) on linear layers (and embeddings, whose table
+`(num_embeddings, dim)` reads as a weight `(out = dim, in = num_embeddings)`, as PEFT's `DoraEmbeddingLayer` reads it).
 
     V = W + s B A                                   (N, K): the adapted direction, never built in forward
     y = m / ||V||_row * (x W^T + s (x A^T) B^T) + b  m (N,) trained, ||V||_row (N,) detached
@@ -77,7 +78,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         import bitsandbytes as bnb
 
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-    return weight.t() if is_conv1d(module) else weight  # a Conv1D stores (in, out); checked by type, not yet patched
+    # a Conv1D stores (in, out), an embedding (num_embeddings, dim) = (in, out); checked by type, not yet patched
+    return weight.t() if is_conv1d(module) or isinstance(module, nn.Embedding) else weight
 
 
 @torch.no_grad()
@@ -185,7 +187,7 @@ def dora_folded(module: nn.Module, sign: float) -> torch.Tensor:
     weight = dense_weight(module).to(acc)  # (N, K)
     delta = (module.lora_B.weight.to(acc) @ module.lora_A.weight.to(acc)) * settings.scale  # (N, K)
     new = factor * (weight + delta) if sign > 0 else weight / factor - delta
-    if is_conv1d(module):  # a Conv1D stores (in, out)
+    if is_conv1d(module) or isinstance(module, nn.Embedding):  # stored (in, out)
         new = new.t()
     return new.to(module.weight.dtype)
 

@@ -20,7 +20,10 @@ a linear adapter on a weight stored `(in, out)`: `lora_A.weight` is `lora_embedd
 `lora_B.weight` is `lora_embedding_B` `(out = embedding_dim, r)`, and `fan_in_fan_out` is True, so the merge
 `W += (s B A)^T` is PEFT's `transpose(B @ A, True) * scaling`. Those views are read-only.
 
-Not supported on embeddings: DoRA (`use_dora`), `lora_bias`, and a second named adapter on the same module.
+DoRA (`use_dora`, HF PEFT's `DoraEmbeddingLayer`): a magnitude `lora_magnitude_vector` `(embedding_dim,)` and
+`y = m / ||E^T + s B A||_row * (E[x] + s A^T[x] B^T)`, the norm over the vocabulary per embedding dimension, detached
+(`automodel_lora.dora`; the PyTorch path). Not supported on embeddings: `lora_bias`, and a second named adapter on
+the same module.
 
 `use_triton` (`lora_use_triton`, default True) runs the fused kernel of `kernels/embedding_lora.py` where
 `use_kernels_for` holds (CUDA, or the CPU under `TRITON_INTERPRET=1`; fp32 / fp16 / bf16 tables and adapters):
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraSettings
+from .dora import MAGNITUDE, dora_scale, new_magnitude
 from .kernels.embedding_lora import embedding_lora
 from .matcher import is_adaptable, is_conv1d
 from .patching import is_swapped_class, swapped_class, swapped_reduce
@@ -112,6 +116,9 @@ class EmbeddingLoRA(nn.Embedding):
         """`(...) int64 -> (..., embedding_dim)`: base lookup plus the scaled adapter term."""
         if self.lora_merged or not self.lora_enabled:
             return self.base_forward(x)
+        if self._parameters.get(MAGNITUDE) is not None:  # DoRA: the direction's lookup, rescaled per dimension
+            out = self.base_forward(x)
+            return dora_scale(self, out.dtype) * (out + self.lora_delta(x, out.dtype))
         if self.lora_use_triton and self.max_norm is None and not self.sparse:
             # a plain embedding's lookup is gathered in the kernel; a subclass's forward runs first
             plain = self._lora_base_cls.forward is nn.Embedding.forward
@@ -196,7 +203,7 @@ def patch_embedding_module(embedding: nn.Embedding, settings: LoraSettings | Non
 
     Raises:
         TypeError: `embedding` is not an `nn.Embedding`.
-        ValueError: it already has an adapter, or the settings ask for `use_dora` or `lora_bias`.
+        ValueError: it already has an adapter, or the settings ask for `lora_bias`.
     """
     if not is_embedding(embedding):
         raise TypeError(f"patch_embedding_module needs an nn.Embedding (or subclass), got {type(embedding).__name__}")
@@ -223,6 +230,8 @@ def patch_embedding_module(embedding: nn.Embedding, settings: LoraSettings | Non
     embedding.__class__ = swapped_class(EmbeddingLoRA, base_cls, "_lora_base_cls")
     if device.type != "meta":  # a meta-built model is initialised by init_lora_weights after to_empty
         embedding.reset_lora_parameters()
+    if settings.use_dora:  # ||E^T||_row: A starts at zero, so the adapter changes nothing
+        embedding.register_parameter(MAGNITUDE, new_magnitude(embedding, dtype))
     return embedding
 
 
@@ -230,24 +239,23 @@ def check_embedding_settings(settings: LoraSettings, what: str) -> None:
     """Refuse the adapter kinds embeddings do not have.
 
     Raises:
-        ValueError: `use_dora` or `lora_bias` is set.
+        ValueError: `lora_bias` is set.
     """
-    for field in ("use_dora", "lora_bias"):
-        if getattr(settings, field):
-            raise ValueError(
-                f"{field}=True cannot be applied to the embedding {what}: embeddings take plain LoRA only here "
-                f"(HF PEFT has no {field} on embeddings either). Set {field}=False for it, e.g. leave the embedding "
-                "out of target_modules, or use a separate PeftConfig without it"
-            )
+    if settings.lora_bias:
+        raise ValueError(
+            f"lora_bias=True cannot be applied to the embedding {what}: embeddings take no lora_B bias (HF PEFT's "
+            "embedding adapters have none either). Set lora_bias=False for it, e.g. leave the embedding out of "
+            "target_modules, or use a separate PeftConfig without it"
+        )
 
 
 def check_embedding_selection(selected: list[tuple[str, nn.Module]], settings: LoraSettings, adapter_name: str,
                               first: bool) -> None:
     """Before a model is touched: the embeddings among `selected` can take adapter `adapter_name` with
-    `settings` (plain LoRA, and the model's first adapter: named adapters are for linear modules only).
+    `settings` (no `lora_bias`, and the model's first adapter: named adapters are for linear modules only).
 
     Raises:
-        ValueError: an embedding is selected with `use_dora` / `lora_bias`, or as a second adapter.
+        ValueError: an embedding is selected with `lora_bias`, or as a second adapter.
     """
     embeddings = [name for name, module in selected if is_embedding(module)]
     for name in embeddings:

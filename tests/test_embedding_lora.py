@@ -4,6 +4,7 @@ tied input / output embeddings, HF PEFT's format both ways against the real `pef
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
@@ -109,15 +110,72 @@ def test_max_norm_renorms_the_looked_up_adapter_columns_as_peft_does():
     assert_close(norms[[0, 2]], torch.full((2,), 2 * 3**0.5), what="untouched columns")
 
 
-def test_dora_and_lora_bias_on_an_embedding_are_refused():
-    for field in ("use_dora", "lora_bias"):
-        with pytest.raises(ValueError, match=f"{field}=True cannot be applied to the embedding"):
-            patch_embedding_module(nn.Embedding(4, 4), **{field: True})
-        model = tiny_llama()
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(ValueError, match=rf"{field}=True cannot be applied to the embedding 'model\.embed_tokens'"):
-            al.apply_lora_to_linear_modules(model, {"target_modules": TARGETS, field: True})
-        assert not al.lora_modules(model) and model.state_dict().keys() == before.keys()
+def test_lora_bias_on_an_embedding_is_refused():
+    with pytest.raises(ValueError, match="lora_bias=True cannot be applied to the embedding"):
+        patch_embedding_module(nn.Embedding(4, 4), lora_bias=True)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lora_bias=True cannot be applied to the embedding 'model\.embed_tokens'"):
+        al.apply_lora_to_linear_modules(model, {"target_modules": TARGETS, "lora_bias": True})
+    assert not al.lora_modules(model) and model.state_dict().keys() == before.keys()
+
+
+def _dora_embedding_reference(emb, ids):
+    """float64 PEFT DoRA on an embedding: m / ||E^T + s B A||_row (norm detached) * (E[x] + s A^T[x] B^T)."""
+    E, A, B = emb.weight.double(), emb.lora_embedding_A.double(), emb.lora_embedding_B.double()
+    m, s = emb.lora_magnitude_vector.double(), emb.lora_settings.scale
+    norm = (E.T + s * B @ A).norm(dim=1).detach()  # (D,): over the vocabulary
+    return (m / norm) * (E[ids] + s * A.T[ids] @ B.T)
+
+
+def test_dora_on_an_embedding_equals_float64_peft_math_with_gradients():
+    torch.manual_seed(3)
+    emb = patch_embedding_module(nn.Embedding(37, 12), dim=4, alpha=8, use_dora=True)
+    assert emb.lora_magnitude_vector.shape == (12,)
+    ids = torch.tensor([[1, 5, 5, 36], [0, 2, 9, 5]])
+    torch.testing.assert_close(emb(ids), emb.base_forward(ids))  # A = 0 at init: nothing changes
+    with torch.no_grad():
+        emb.lora_embedding_A.normal_()
+        emb.lora_magnitude_vector.mul_(1.3)
+    params = [emb.lora_embedding_A, emb.lora_embedding_B, emb.lora_magnitude_vector]
+    got = emb(ids)
+    got_grads = torch.autograd.grad(got.square().sum(), params)
+    ref = _dora_embedding_reference(emb, ids)
+    want_grads = torch.autograd.grad(ref.square().sum(), params)
+    assert_close(got, ref.float(), torch.float32, "y")
+    for name, g, w in zip(("dA", "dB", "dm"), got_grads, want_grads, strict=True):
+        assert_close(g, w.float(), torch.float32, name)
+
+
+def test_dora_on_an_embedding_round_trips_with_peft_and_merges(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = tiny_llama()
+    ids = torch.randint(0, 128, (2, 9))
+    ours = copy.deepcopy(base)
+    al.apply_lora_to_linear_modules(ours, al.PeftConfig(target_modules=TARGETS, dim=4, alpha=8, use_dora=True))
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    al.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    made = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=5, target_modules=TARGETS,
+                                                                    use_dora=True))
+    with torch.no_grad():
+        for n, p in made.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.2)
+    made.save_pretrained(tmp_path / "peft")
+    loaded = copy.deepcopy(base)
+    al.load_adapter(loaded, tmp_path / "peft")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, made(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    want = ours(input_ids=ids).logits
+    al.merge_lora(ours)
+    torch.testing.assert_close(ours(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    al.unmerge_lora(ours)
+    torch.testing.assert_close(ours(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("config,adapted", [
