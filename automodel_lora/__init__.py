@@ -13,7 +13,7 @@ import warnings
 # `automodel-lora` console script's --help / --version / recipes / cp -- load no torch.
 _LAZY = {
     "AdapterFormatError": ".adapter_format",
-    "adapter_batch": ".adapter_batch",
+    "adapter_batch": ".mixed_adapters",
     "load_adapter": ".adapter_io",
     "lora_state_dict": ".adapter_io",
     "save_adapter": ".adapter_io",

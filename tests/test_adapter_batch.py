@@ -198,3 +198,17 @@ def test_hooks_nesting_and_disabled_blocks_are_refused_and_left_as_they_were():
         with pytest.raises(ValueError, match="inside `with disable_adapter"):
             with al.adapter_batch(model, ["b"]):
                 pass
+
+
+def test_no_public_name_is_shadowed_by_a_submodule_of_the_same_name():
+    """Importing a submodule sets the package attribute of its name: a lazily exported function named as a
+    module would become that module once anything imported it (``al.adapter_batch`` did, after the recipe)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    for info in pkgutil.iter_modules(al.__path__):
+        importlib.import_module(f"automodel_lora.{info.name}")
+    shadowed = [name for name in al.__all__ if inspect.ismodule(getattr(al, name))]
+    assert not shadowed, shadowed
+    assert callable(al.adapter_batch)

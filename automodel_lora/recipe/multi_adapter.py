@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from ..adapter_batch import adapter_batch
 from ..adapter_slots import holder_of
 from ..lora import lora_modules
+from ..mixed_adapters import adapter_batch
 from ..named_adapters import set_adapter
 from .data import collate
 from .loop import causal_lm_loss_sum, evaluate, n_targets
