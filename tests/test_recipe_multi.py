@@ -85,3 +85,11 @@ def test_what_a_multi_adapter_run_refuses_is_named(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         run_recipe(raw)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("checkpoints/*"))
+
+
+def test_one_named_adapter_is_saved_in_its_own_directory_too(tmp_path):
+    files = _data(tmp_path)
+    run_recipe(_raw(tmp_path, "one", {"adapters": {"alpha": files["alpha"]}}, max_steps=2))
+    assert (tmp_path / "one" / "adapter" / "alpha" / "adapter_config.json").is_file()
+    assert not (tmp_path / "one" / "adapter" / "adapter_config.json").exists()
+

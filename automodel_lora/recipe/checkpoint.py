@@ -278,9 +278,9 @@ class CheckpointManager:
 
         names = adapter_names(raw_model)
         try:
-            if len(names) == 1:
+            if not per_adapter_dirs(names):
                 load_adapter(raw_model, str(Path(path) / ADAPTER_DIR))
-            else:  # several adapters (data.adapters): each in ADAPTER_DIR/<name>
+            else:  # named adapters (data.adapters): each in ADAPTER_DIR/<name>
                 for name in names:
                     load_adapter(raw_model, str(Path(path) / ADAPTER_DIR / name), adapter_name=name)
         except Exception as e:  # safetensors / JSON / shape errors of a damaged adapter directory
@@ -322,14 +322,23 @@ def write_adapter(raw_model: nn.Module, adapter_dir: Path, peft_cfg, env: DistEn
     from automodel_lora import adapter_names, save_adapter
 
     names = adapter_names(raw_model)
-    dirs = [Path(adapter_dir)] if len(names) == 1 else [Path(adapter_dir) / name for name in names]
-    for name, directory in zip(names if len(names) > 1 else [None], dirs, strict=True):
-        save_adapter(raw_model, str(directory), peft_cfg, adapter_name=name)  # several: each in <dir>/<name>
+    split = per_adapter_dirs(names)
+    dirs = [Path(adapter_dir) / name for name in names] if split else [Path(adapter_dir)]
+    for name, directory in zip(names if split else [None], dirs, strict=True):
+        save_adapter(raw_model, str(directory), peft_cfg, adapter_name=name)  # named: each in <dir>/<name>
     if env.is_main:
         for directory in dirs:
             check_adapter_file(directory)
             fsync_dir(directory)
         fsync_dir(adapter_dir)
+
+
+def per_adapter_dirs(names: list[str]) -> bool:
+    """Whether a run's adapters are written one directory each (``adapter/<name>/``): the named adapters of
+    ``data.adapters`` (one or several), not the single ``"default"`` adapter of a plain run."""
+    from automodel_lora.adapter_slots import DEFAULT_ADAPTER_NAME
+
+    return names != [DEFAULT_ADAPTER_NAME]
 
 
 def check_adapter_file(adapter_dir: Path) -> None:

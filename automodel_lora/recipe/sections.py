@@ -182,7 +182,8 @@ class DataConfig:
             of ``path`` (every other ``data`` setting applies to each). Each step's batch holds every
             adapter's micro-batch, each sequence run with its own adapter (``automodel_lora.adapter_batch``);
             each adapter gets the gradient of its own mean token loss, is clipped by its own norm, and is
-            saved to ``adapter/<name>/``: the run trains what one run per adapter with the same seed would.
+            saved to ``adapter/<name>/`` (a name other than ``default``; one adapter is saved there too): the
+            run trains what one run per adapter with the same seed would.
             One process, ``train.max_steps`` set, plain LoRA on linears (no dropout, DoRA, ``lora_bias``,
             embeddings or experts).
     """
