@@ -174,13 +174,12 @@ def _referenced_files(recipe: Path) -> list[str]:
         raw = yaml.safe_load(recipe.read_text("utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return []
-    found = []
-    for sec, key in _RELATIVE_KEYS:
-        value = raw.get(sec, {}).get(key) if isinstance(raw.get(sec), dict) else None
-        if isinstance(value, str) and value and value != "byte" and not os.path.isabs(value):
-            if (recipe.parent / value).is_file():
-                found.append(value)
-    return found
+    values = [raw.get(sec, {}).get(key) if isinstance(raw.get(sec), dict) else None for sec, key in _RELATIVE_KEYS]
+    adapters = raw.get("data", {}).get("adapters") if isinstance(raw.get("data"), dict) else None
+    if isinstance(adapters, dict):  # data.adapters: one file per adapter
+        values += list(adapters.values())
+    return [value for value in values if isinstance(value, str) and value and value != "byte"
+            and not os.path.isabs(value) and (recipe.parent / value).is_file()]
 
 
 def _same_file_content(a: Path, b: Path) -> bool:

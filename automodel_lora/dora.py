@@ -97,11 +97,15 @@ def weight_sq_norms(module: nn.Module) -> torch.Tensor:
     cached = _WEIGHT_SQ_NORMS.get(weight)
     if cached is not None and cached[0] == key:
         return cached[1]
-    # fp32 in row blocks: never a full fp32 copy of a bf16 W
-    dense = dense_weight(module)
-    acc = _acc(dense)
-    value = torch.cat([rows.to(acc).square().sum(1) for rows in dense.split(4096)]) if dense.shape[0] else \
-        dense.new_zeros(0, dtype=acc)
+    # fp32 in blocks of the stored rows: never a full fp32 copy of a bf16 W (an embedding's table is stored
+    # (in, out): its column sums, block by block)
+    acc = _acc(weight)
+    if isinstance(module, nn.Embedding):
+        value = sum((rows.to(acc).square().sum(0) for rows in weight.split(4096)), weight.new_zeros(weight.shape[1], dtype=acc))
+    else:
+        dense = dense_weight(module)
+        value = torch.cat([rows.to(acc).square().sum(1) for rows in dense.split(4096)]) if dense.shape[0] else \
+            dense.new_zeros(0, dtype=acc)
     _WEIGHT_SQ_NORMS[weight] = (key, value)
     return value
 

@@ -213,7 +213,7 @@ def patch_embedding_module(embedding: nn.Embedding, settings: LoraSettings | Non
             "call remove_lora(model) first to replace it"
         )
     settings = LoraSettings.resolve(settings, overrides, "patch_embedding_module")
-    check_embedding_settings(settings, type(embedding).__name__)
+    check_embedding_settings(settings, type(embedding).__name__, embedding)
     if settings.lora_dtype is None:
         settings = settings.replace(lora_dtype=embedding.weight.dtype)
     base_cls = type(embedding)
@@ -235,12 +235,19 @@ def patch_embedding_module(embedding: nn.Embedding, settings: LoraSettings | Non
     return embedding
 
 
-def check_embedding_settings(settings: LoraSettings, what: str) -> None:
-    """Refuse the adapter kinds embeddings do not have.
+def check_embedding_settings(settings: LoraSettings, what: str, embedding: nn.Module | None = None) -> None:
+    """Refuse the adapter kinds embeddings do not have (for `embedding`, if given, DoRA with `max_norm`).
 
     Raises:
-        ValueError: `lora_bias` is set.
+        ValueError: `lora_bias` is set, or `use_dora` on an embedding with `max_norm` (the lookup renorms rows of
+            the table in place, so the norm DoRA's magnitude was taken from keeps moving).
     """
+    if settings.use_dora and embedding is not None and getattr(embedding, "max_norm", None) is not None:
+        raise ValueError(
+            f"use_dora=True on the embedding {what} with max_norm={embedding.max_norm}: its lookup renorms rows of the "
+            "table in place, so DoRA's magnitude (the table's norms at patch time) would not match the table it "
+            "scales; use plain LoRA there (use_dora=False) or an embedding without max_norm"
+        )
     if settings.lora_bias:
         raise ValueError(
             f"lora_bias=True cannot be applied to the embedding {what}: embeddings take no lora_B bias (HF PEFT's "
@@ -258,8 +265,9 @@ def check_embedding_selection(selected: list[tuple[str, nn.Module]], settings: L
         ValueError: an embedding is selected with `lora_bias`, or as a second adapter.
     """
     embeddings = [name for name, module in selected if is_embedding(module)]
+    modules = dict(selected)
     for name in embeddings:
-        check_embedding_settings(settings, repr(name))
+        check_embedding_settings(settings, repr(name), modules[name])
     if embeddings and not first:
         raise ValueError(
             f"adapter {adapter_name!r} would be a second adapter on the embedding(s) {embeddings}; named adapters "

@@ -50,10 +50,11 @@ class GraphCaptureError(RuntimeError):
 
 
 class _Graph:
-    """One captured signature: the graph, its static inputs and outputs."""
+    """One captured signature: the graph, its static inputs and outputs, and the parameters its backward does
+    not reach (their ``.grad`` is None after a replay, as after an eager backward)."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list, outputs: tuple):
-        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list, outputs: tuple, unreached: list):
+        self.graph, self.inputs, self.outputs, self.unreached = graph, inputs, outputs, unreached
 
 
 class GraphedStep:
@@ -91,6 +92,7 @@ class GraphedStep:
         self._calls: dict[tuple, int] = {}
         self._grads: list[torch.Tensor] | None = None  # the .grad tensors the graphs accumulate into
         self._pool = None
+        self._reached: set = set()  # ids of the params the objective reaches (found at a capture)
 
     # ---------------------------------------------------------------- calls
     def __call__(self, *inputs: torch.Tensor):
@@ -135,7 +137,9 @@ class GraphedStep:
 
     def _check_leaves(self, objective: torch.Tensor) -> None:
         """A trainable leaf outside ``params`` would get its ``.grad`` from the graph's pool, overwritten (not
-        accumulated) on every replay: refuse it.
+        accumulated) on every replay: refuse it. Records the ``params`` the objective reaches (``_reached``).
+        Leaves inside reentrant activation checkpointing are not in the forward graph and go unseen: the recipe
+        checkpoints non-reentrantly.
 
         Raises:
             ValueError: naming how many such leaves and the shape of the first.
@@ -150,6 +154,8 @@ class GraphedStep:
             leaf = getattr(fn, "variable", None)  # an AccumulateGrad node
             if leaf is not None and leaf.requires_grad and id(leaf) not in known:
                 missing.append(leaf)
+            elif leaf is not None:
+                self._reached.add(id(leaf))
             stack.extend(f for f, _ in fn.next_functions)
         if missing:
             raise ValueError(f"GraphedStep: {len(missing)} trainable tensor(s) the step differentiates are not in "
@@ -171,6 +177,8 @@ class GraphedStep:
         for static, x in zip(graph.inputs, inputs, strict=True):
             static.copy_(x, non_blocking=True)
         graph.graph.replay()
+        for p in graph.unreached:  # an optimizer skips a None grad; a zero one would still decay and move it
+            p.grad = None
         return _unpack(tuple(t.clone() for t in graph.outputs))
 
     # ---------------------------------------------------------------- capture
@@ -187,6 +195,7 @@ class GraphedStep:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph, stream, error, outputs = torch.cuda.CUDAGraph(), torch.cuda.Stream(), None, None
+        self._reached = set()
         torch.cuda.synchronize()
         gc.collect()
         torch.cuda.empty_cache()
@@ -209,7 +218,7 @@ class GraphedStep:
             if isinstance(error, ValueError) and "GraphedStep:" in str(error):
                 raise error  # a misuse (parameters missing from params), not a capture limit
             return self._failed(key, f"{type(error).__name__}: {error}".strip())
-        self.graphs[key] = _Graph(graph, static, outputs)
+        self.graphs[key] = _Graph(graph, static, outputs, [p for p in self.params if id(p) not in self._reached])
         return self.graphs[key]
 
     def _failed(self, key: tuple, reason: str) -> None:

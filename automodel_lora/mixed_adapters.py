@@ -21,7 +21,8 @@ sequences' loss only: the stacks are then rebuilt from the parameters per call (
 tensors, through which autograd reaches each adapter), and the segmented kernels need the sequences grouped
 by adapter with the base-only ones last (``["a", "a", "b", None]``; another order takes the PyTorch loop).
 No dropout in training mode (refused): a mask per adapter is not built. Outside training (``eval()``, or
-no gradient needed) the stacks are built once on entry, detached.
+no gradient needed) the stacks are built once per block, detached, at the first call. With activation
+checkpointing, run backward inside the block too: the recompute calls the modules' forward again.
 
 Plain LoRA adapters of linear modules only: DoRA, ``lora_bias``, embedding and expert adapters are refused,
 as is a merged model. Each module's ``forward`` is overridden on the instance for the block only, so
@@ -132,8 +133,7 @@ def _stack(module: LinearLoRA, names: list, dtype: torch.dtype) -> tuple[torch.T
 
 
 def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: _Rows):
-    with torch.no_grad():
-        fixed = _stack(module, names, dtype) if names else None  # for calls that need no gradient (inference)
+    fixed: list = []  # the detached stacks, built at the first call that needs no gradient (inference)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = module.base_forward(x)
@@ -142,6 +142,9 @@ def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: 
         ids = rows.of(x)  # (M,)
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         grad = torch.is_grad_enabled() and (rows.train or x.requires_grad)
+        if not grad and not fixed:
+            with torch.no_grad():
+                fixed.extend(_stack(module, names, dtype))
         A, B = _stack(module, names, dtype) if grad else fixed
         if use_kernels_for(x) and not grad:
             xa = segment_mm(x2, A, ids)  # (M, r_max); rows without an adapter stay zero

@@ -147,6 +147,11 @@ def test_dora_on_an_embedding_equals_float64_peft_math_with_gradients():
         assert_close(g, w.float(), torch.float32, name)
 
 
+def test_dora_on_an_embedding_with_max_norm_is_refused():
+    with pytest.raises(ValueError, match="use_dora=True on the embedding Embedding with max_norm=1.0"):
+        patch_embedding_module(nn.Embedding(10, 4, max_norm=1.0), use_dora=True)
+
+
 def test_dora_on_an_embedding_round_trips_with_peft_and_merges(tmp_path):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)

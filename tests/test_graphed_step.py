@@ -279,3 +279,15 @@ def test_gpu_a_trainable_tensor_missing_from_params_is_refused_at_the_capture():
     step(ids)
     with pytest.raises(ValueError, match="1 trainable tensor.*not in params"):
         step(ids)
+
+
+@cuda
+def test_gpu_a_parameter_the_step_does_not_reach_keeps_a_none_grad_as_in_eager():
+    model = _tiny_lora_model()
+    spare = torch.nn.Parameter(torch.zeros(3, device="cuda"))  # trainable, never used by the step
+    params = [p for p in model.parameters() if p.requires_grad] + [spare]
+    step = GraphedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, warmup=1)
+    ids = torch.randint(0, 301, (2, 64), device="cuda")
+    for _ in range(3):
+        step(ids)
+        assert spare.grad is None  # AdamW skips a None grad; a zero one would still be decayed and moved

@@ -77,6 +77,8 @@ def test_a_resumed_multi_adapter_run_ends_where_an_uninterrupted_one_does(tmp_pa
     ({"peft": {"use_dora": True}}, "plain LoRA adapters"),
     ({"data": {"path": "x.jsonl"}}, "`data.path` and `data.adapters` both set"),
     ({"data": {"adapters": {"bad.name": "x.jsonl"}}}, "cannot name an adapter"),
+    ({"data": {"adapters": {"default": "x.jsonl"}}}, "'default' is the name of a plain run's adapter"),
+    ({"train": {"compile": True}}, "mixed batches run eagerly"),
 ])
 def test_what_a_multi_adapter_run_refuses_is_named(tmp_path, change, message):
     raw = _raw(tmp_path, "out", {"adapters": _data(tmp_path)})

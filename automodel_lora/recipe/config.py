@@ -262,8 +262,8 @@ class RecipeConfig:
             why = "`peft.modules_to_save`: fully trained modules belong to one adapter"
         elif self.distributed.strategy in ("fsdp2", "ddp"):
             why = f"`distributed.strategy: {self.distributed.strategy}`: several adapters train in one process"
-        elif self.train.cuda_graphs is True:
-            why = "`train.cuda_graphs: true`: mixed batches run eagerly"
+        elif self.train.cuda_graphs is True or self.train.compile:
+            why = "`train.cuda_graphs: true` / `train.compile: true`: mixed batches run eagerly"
         if why:
             raise ConfigError(f"`data.adapters` (several adapters at once): {why}")
 

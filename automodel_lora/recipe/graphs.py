@@ -43,6 +43,8 @@ def use_cuda_graphs(env: DistEnv, tc: TrainConfig, data: DataConfig) -> tuple[bo
     if tc.cuda_graphs is False:
         return False, "off (train.cuda_graphs=false)"
     blockers = graphs_blockers(env, tc)
+    if data.adapters:
+        blockers.append("data.adapters (mixed batches run eagerly)")
     if not data.packing:  # a padded batch's mask is read on the host by transformers: no capture holds that
         blockers.append("data.packing is off (a padded batch's attention mask is read on the host, which a "
                         "capture cannot hold)")

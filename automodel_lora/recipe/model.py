@@ -224,10 +224,10 @@ def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Path | 
     if qc.load_in_4bit and (cfg.model.tiny is not None or cfg.model.random_init):
         quantize_linears_4bit(model, qc, device)
     names = list(cfg.data.adapters) if cfg.data.adapters else [None]
-    rng = torch.get_rng_state()
+    states = _rng_states(model)
     try:
-        for name in names:  # each adapter initialised as a run of its own would (the same RNG state)
-            torch.set_rng_state(rng)
+        for name in names:  # each adapter initialised as a run of its own would: the same RNG states
+            _restore_rng_states(states)
             n_patched = apply_lora_to_linear_modules(model, cfg.peft, adapter_name=name or DEFAULT_ADAPTER_NAME)
     except ValueError as e:
         raise ConfigError(f"[peft] {e}") from e
@@ -250,6 +250,24 @@ def prepare_model(cfg: RecipeConfig, device: torch.device, save_base_to: Path | 
     if cfg.model.gradient_checkpointing:
         desc += "; gradient checkpointing on"
     return model, desc
+
+
+def _rng_states(model: nn.Module) -> dict:
+    """The CPU generator's state and, where the model's weights are on a GPU (adapters are initialised there),
+    that GPU's."""
+    states = {"cpu": torch.get_rng_state()}
+    devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    for device in devices:
+        states[device] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _restore_rng_states(states: dict) -> None:
+    for device, state in states.items():
+        if device == "cpu":
+            torch.set_rng_state(state)
+        else:
+            torch.cuda.set_rng_state(state, device)
 
 
 def train_adapters(model: nn.Module, names: list[str]) -> None:

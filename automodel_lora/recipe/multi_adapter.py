@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 
@@ -87,9 +88,11 @@ def multi_train_step(recipe, step: int):
     losses = {k: float(loss_sum[k]) / n_tgt[k] for k in names}
     result = StepResult(sum(losses.values()) / len(losses), math.sqrt(sum(v * v for v in norms.values())),
                         recipe.optimizer.param_groups[0]["lr"], n_tok, 0.0, per_adapter=losses)
-    if result.finite and all(math.isfinite(v) for v in losses.values()):
+    if result.finite:  # the mean and the norm are finite only where every adapter's are
         recipe.optimizer.step()
-    recipe.scheduler.step()
+    with warnings.catch_warnings():  # a skipped first step: the schedule moves on regardless
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        recipe.scheduler.step()
     recipe.optimizer.zero_grad(set_to_none=True)
     if env.device.type == "cuda":
         torch.cuda.synchronize(env.device)
@@ -102,13 +105,15 @@ def evaluate_adapters(recipe) -> tuple[float | None, dict[str, float]]:
     set, alone. The first adapter is put back in place after (checkpoints name the parameters by place)."""
     names = list(recipe.adapter_data)
     each = {}
-    for name in names:
-        batches = recipe.val_batches[name]
-        if not batches:
-            continue
-        set_adapter(recipe.raw_model, name)
-        each[f"val_loss/{name}"] = evaluate(recipe.fwd_model, batches, recipe.env, recipe.tokenizer.pad_token_id,
-                                            recipe.autocast)
-    set_adapter(recipe.raw_model, names[0])
-    train_adapters(recipe.raw_model, names)  # set_adapter froze the others
+    try:
+        for name in names:
+            batches = recipe.val_batches[name]
+            if not batches:
+                continue
+            set_adapter(recipe.raw_model, name)
+            each[f"val_loss/{name}"] = evaluate(recipe.fwd_model, batches, recipe.env, recipe.tokenizer.pad_token_id,
+                                                recipe.autocast)
+    finally:  # whatever evaluation raised: the first adapter in place, every adapter trainable
+        set_adapter(recipe.raw_model, names[0])
+        train_adapters(recipe.raw_model, names)  # set_adapter froze the others
     return (sum(each.values()) / len(each) if each else None), each

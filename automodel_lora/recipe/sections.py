@@ -182,8 +182,9 @@ class DataConfig:
             of ``path`` (every other ``data`` setting applies to each). Each step's batch holds every
             adapter's micro-batch, each sequence run with its own adapter (``automodel_lora.adapter_batch``);
             each adapter gets the gradient of its own mean token loss, is clipped by its own norm, and is
-            saved to ``adapter/<name>/`` (a name other than ``default``; one adapter is saved there too): the
-            run trains what one run per adapter with the same seed would.
+            saved to ``adapter/<name>/`` (any name but ``default``; a single adapter too): the run trains what
+            one run per adapter with the same seed would (except that a step non-finite in any adapter is
+            skipped for all).
             One process, ``train.max_steps`` set, plain LoRA on linears (no dropout, DoRA, ``lora_bias``,
             embeddings or experts).
     """
@@ -234,6 +235,9 @@ def _check_adapter_data(dc) -> None:
             check_adapter_name(name)
         except ValueError as e:
             raise ConfigError(f"`data.adapters`: {e}") from None
+        if name == "default":
+            raise ConfigError("`data.adapters`: 'default' is the name of a plain run's adapter (written to adapter/ "
+                              "itself); give each adapter of a multi-adapter run its own name")
         if not isinstance(path, str) or not path:
             raise ConfigError(f"`data.adapters.{name}` must be a JSONL file path, got {path!r}")
 
