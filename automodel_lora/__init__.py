@@ -14,6 +14,8 @@ import warnings
 _LAZY = {
     "AdapterFormatError": ".adapter_format",
     "adapter_batch": ".mixed_adapters",
+    "stack_adapters": ".adapter_stacks",
+    "unstack_adapters": ".adapter_stacks",
     "load_adapter": ".adapter_io",
     "lora_state_dict": ".adapter_io",
     "save_adapter": ".adapter_io",
@@ -80,7 +82,9 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_kernel_options",
+    "stack_adapters",
     "unmerge_lora",
+    "unstack_adapters",
 ]
 
 

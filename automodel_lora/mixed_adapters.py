@@ -6,7 +6,8 @@
         logits = model(input_ids=ids).logits           # (4, T, V): row 2 is the base model's
         out = model.generate(ids, max_new_tokens=32)   # prefill and decode alike
 
-Inside the block every adapted linear stacks the batch's K distinct adapters into ``A`` (K, r_max, in) and
+Inside the block every adapted linear uses the model's persistent stacks where ``stack_adapters`` has packed every
+adapter of the batch (``adapter_stacks``), else stacks the batch's K distinct adapters into ``A`` (K, r_max, in) and
 ``B`` (K, out, r_max) (each adapter's scale folded into its ``B``; a smaller rank padded with zeros; a
 module without one of the adapters gets zeros for it, i.e. its base output, as ``set_adapter`` gives) and
 computes ``y = x W^T + b + (x A_k^T) B_k^T`` with ``k`` the adapter of the row's sequence: the segmented
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter_slots import adapter_names, check_not_in_disabled_block, holder_of
+from .adapter_stacks import stacked_buffers, stacked_slots, stacks_for
 from .dora import magnitude_of
 from .embedding_lora import is_embedding_lora
 from .experts_lora import experts_lora_modules
@@ -132,8 +134,11 @@ def _stack(module: LinearLoRA, names: list, dtype: torch.dtype) -> tuple[torch.T
     return torch.stack(As), torch.stack(Bs)
 
 
-def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: _Rows):
-    fixed: list = []  # the detached stacks, built at the first call that needs no gradient (inference)
+def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: _Rows, fixed: list | None = None):
+    """The block's forward of ``module``: ``names[i]`` is the adapter of row id ``i`` (None: zeros); ``fixed``, the
+    detached stacks for calls without gradient (the model's persistent ones, ``adapter_stacks``), else built at
+    the first such call."""
+    fixed = [] if fixed is None else fixed
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = module.base_forward(x)
@@ -205,13 +210,19 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None]) -> Ite
     check_not_in_disabled_block(modules, "run adapter_batch")
     for fqn, module in modules:
         _check_module(fqn, module, names, model.training)
-    rows = _Rows(seq_ids, len(names), model.training)
     linears = [m for _, m in modules if isinstance(m, LinearLoRA)]
+    slots = None if model.training else stacks_for(model, linears, names)  # the model's persistent stacks
+    if slots is not None:  # row ids are slots; the stacks' names by slot
+        by_slot = {slot: name for name, slot in stacked_slots(model).items()}
+        seq_ids = torch.tensor([-1 if i < 0 else slots[names[i]] for i in seq_ids.tolist()], dtype=torch.int64)
+        names = [by_slot.get(i) for i in range(stacked_buffers(linears[0])[0].shape[0])]
+    rows = _Rows(seq_ids, len(names), model.training)
     trainable = _train_all(linears, names) if model.training else []
     try:
         for m in linears:
             dtype = m.weight.dtype if m.weight.is_floating_point() else m.lora_A.weight.dtype
-            m.forward = _batched_forward(m, names, dtype, rows)  # the instance's forward, for the block only
+            fixed = list(stacked_buffers(m)) if slots is not None else None
+            m.forward = _batched_forward(m, names, dtype, rows, fixed)  # the instance's forward, for the block only
         yield model
     finally:
         for m in linears:

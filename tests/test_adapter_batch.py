@@ -114,6 +114,10 @@ def test_float32_mixed_batch_on_the_kernel_path_equals_each_alone():
     for i, name in enumerate(batch):
         want = _alone(model, name, ids[i : i + 1])[0]
         assert (mixed[i] - want).abs().max() <= 1e-4 * want.abs().max(), (i, name)
+    al.stack_adapters(model, ["b", "c"], max_num_loras=4)  # the persistent stacks, read by the kernels
+    with al.adapter_batch(model, batch):
+        stacked = model(input_ids=ids).logits
+    assert (stacked - mixed).abs().max() <= 1e-4 * mixed.abs().max()
 
 
 def _grads_alone(model, name, ids):
@@ -212,3 +216,34 @@ def test_no_public_name_is_shadowed_by_a_submodule_of_the_same_name():
     shadowed = [name for name in al.__all__ if inspect.ismodule(getattr(al, name))]
     assert not shadowed, shadowed
     assert callable(al.adapter_batch)
+
+
+def test_persistent_stacks_give_the_same_logits_fill_free_slots_in_place_and_refresh():
+    model = _model_with_adapters()
+    ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(6))
+    batch = ["b", None, "c"]
+    with al.adapter_batch(model, batch):
+        want = model(input_ids=ids).logits
+    slots = al.stack_adapters(model, ["b"], max_num_loras=3)
+    assert slots == {"b": 0}
+    q = model.model.layers[0].self_attn.q_proj
+    buffer = q.__dict__["lora_stack"].A.data_ptr()
+    assert al.stack_adapters(model, ["c"]) == {"b": 0, "c": 1}  # into a free slot
+    assert q.__dict__["lora_stack"].A.data_ptr() == buffer  # no reallocation
+    with al.adapter_batch(model, batch):
+        got = model(input_ids=ids).logits
+    assert (got - want).abs().max() <= TOL * want.abs().max()
+    from automodel_lora.adapter_slots import holder_of
+
+    with torch.no_grad():  # an adapter trained after stacking: its slot is refreshed at the next block
+        holder_of(q, "c").lora_B.weight.mul_(2.0)
+    with al.adapter_batch(model, batch):
+        got = model(input_ids=ids).logits
+    want_c = _alone(model, "c", ids[2:3])[0]
+    assert (got[2] - want_c).abs().max() <= TOL * want_c.abs().max()
+    al.unstack_adapters(model, ["b"])
+    assert al.stack_adapters(model, ["default"]) == {"c": 1, "default": 0}  # the freed slot is reused
+    with pytest.raises(ValueError, match="max_num_loras=1 cannot hold 3 adapters"):
+        al.stack_adapters(model, ["b"], max_num_loras=1)
+    al.unstack_adapters(model)
+    assert "lora_stack" not in q.__dict__ and al.adapter_stacks.stacked_slots(model) == {}
