@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 
 import torch
 
@@ -84,20 +83,13 @@ def multi_train_step(recipe, step: int):
                 loss_sum[k] += ce.detach().double()
             objective.backward()
     clip = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
-    norms = {k: float(torch.nn.utils.clip_grad_norm_(ps, clip)) for k, ps in recipe.adapter_params.items()}
-    losses = {k: float(loss_sum[k]) / n_tgt[k] for k in names}
-    result = StepResult(sum(losses.values()) / len(losses), math.sqrt(sum(v * v for v in norms.values())),
+    norms = [torch.nn.utils.clip_grad_norm_(recipe.adapter_params[k], clip).double() for k in names]
+    values = torch.stack([*norms, *(loss_sum[k] for k in names)]).tolist()  # one host sync for all of them
+    losses = {k: v / n_tgt[k] for k, v in zip(names, values[len(names):], strict=True)}
+    # the mean and the norm are finite only where every adapter's are: end_step skips the step otherwise
+    result = StepResult(sum(losses.values()) / len(losses), math.sqrt(sum(v * v for v in values[:len(names)])),
                         recipe.optimizer.param_groups[0]["lr"], n_tok, 0.0, per_adapter=losses)
-    if result.finite:  # the mean and the norm are finite only where every adapter's are
-        recipe.optimizer.step()
-    with warnings.catch_warnings():  # a skipped first step: the schedule moves on regardless
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
-        recipe.scheduler.step()
-    recipe.optimizer.zero_grad(set_to_none=True)
-    if env.device.type == "cuda":
-        torch.cuda.synchronize(env.device)
-    result.seconds = time.perf_counter() - t0
-    return result
+    return recipe.end_step(result, t0)
 
 
 def evaluate_adapters(recipe) -> tuple[float | None, dict[str, float]]:

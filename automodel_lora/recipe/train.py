@@ -147,14 +147,19 @@ class Recipe(RecipeSetup):
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         result = StepResult(float(loss_sum) / n_tgt, float(grad_norm), self.optimizer.param_groups[0]["lr"], n_tok, 0.0)
-        if result.finite:  # the same decision on every rank: loss and norm are global
+        return self.end_step(result, t0)
+
+    def end_step(self, result: StepResult, t0: float) -> StepResult:
+        """The optimizer step if ``result`` is finite (the same decision on every rank: its loss and norm are
+        global), the schedule's step regardless, gradients cleared; ``result.seconds`` since ``t0``."""
+        if result.finite:
             self.optimizer.step()
         with warnings.catch_warnings():  # a skipped first step: the schedule moves on regardless
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if env.device.type == "cuda":
-            torch.cuda.synchronize(env.device)
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
         result.seconds = time.perf_counter() - t0
         return result
 
