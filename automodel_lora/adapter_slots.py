@@ -88,6 +88,22 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
+def adapter_weights(model: nn.Module, names: list[str]) -> dict[str, list]:
+    """{name: the `lora_A` / `lora_B` weights of adapter `name` on every module of `model` that has it}."""
+    out = {name: [] for name in names}
+    for _, module in lora_modules(model):
+        for name in names:
+            holder = holder_of(module, name)
+            if holder is not None:
+                out[name] += [holder.lora_A.weight, holder.lora_B.weight]
+    return out
+
+
+def is_plain_lora(holder: nn.Module) -> bool:
+    """Whether an adapter holder is plain LoRA: no DoRA magnitude, no `lora_B` bias."""
+    return magnitude_of(holder) is None and holder.lora_B.bias is None
+
+
 def adapter_part_ids(model: nn.Module) -> set[int]:
     """`id`s of the adapters' own linears (`lora_A`, `lora_B` of every adapter, in place or not), which
     target matching must never select."""

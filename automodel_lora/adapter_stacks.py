@@ -17,12 +17,13 @@ gradient must reach them).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .adapter_slots import adapter_names, holder_of
+from .adapter_slots import adapter_names, holder_of, is_plain_lora
 from .lora import LinearLoRA, lora_modules
 
-__all__ = ["stack_adapters", "unstack_adapters", "stacked_slots", "stacks_for", "stacked_buffers"]
+__all__ = ["stack_adapters", "unstack_adapters", "stacked_slots", "stacks_for", "stacked_buffers", "padded_adapter"]
 
 STACK = "lora_stack"  # the attribute of an adapted linear holding its AdapterStack
 
@@ -38,17 +39,24 @@ class AdapterStack:
         self.versions: list = [None] * capacity
 
     @torch.no_grad()
-    def fill(self, slot: int, holder: nn.Module | None) -> None:
+    def fill(self, module: LinearLoRA, slot: int, holder: nn.Module | None) -> None:
         """Slot ``slot`` from ``holder``'s adapter (zeros for None)."""
-        self.A[slot].zero_()
-        self.B[slot].zero_()
-        self.versions[slot] = None
-        if holder is None:
-            return
-        r = holder.lora_settings.dim
-        self.A[slot, :r] = holder.lora_A.weight.to(self.A.dtype)
-        self.B[slot, :, :r] = holder.lora_B.weight.to(self.B.dtype) * holder.lora_settings.scale
-        self.versions[slot] = _version(holder)
+        A, B = padded_adapter(module, holder, self.A.shape[1], self.A.dtype)
+        self.A[slot].copy_(A)
+        self.B[slot].copy_(B)
+        self.versions[slot] = None if holder is None else _version(holder)
+
+
+def padded_adapter(module: LinearLoRA, holder: nn.Module | None, rank: int, dtype: torch.dtype):
+    """``(A (rank, in), s B (out, rank))`` of ``holder``'s adapter of ``module``, zero-padded to ``rank`` and in
+    ``dtype`` (zeros for None): an adapter's entry of a stack (differentiable where the weights are)."""
+    if holder is None:
+        device = module.weight.device
+        return (torch.zeros(rank, module.in_features, device=device, dtype=dtype),
+                torch.zeros(module.out_features, rank, device=device, dtype=dtype))
+    pad = rank - holder.lora_settings.dim
+    return (F.pad(holder.lora_A.weight.to(dtype), (0, 0, 0, pad)),
+            F.pad(holder.lora_B.weight.to(dtype) * holder.lora_settings.scale, (0, pad)))
 
 
 def _version(holder: nn.Module) -> tuple:
@@ -92,7 +100,7 @@ def stack_adapters(model: nn.Module, names: list[str], max_num_loras: int | None
     for m in linears:
         for n in wanted:
             h = holder_of(m, n)
-            if h is not None and (h._parameters.get("lora_magnitude_vector") is not None or h.lora_B.bias is not None):
+            if h is not None and not is_plain_lora(h):
                 raise ValueError(f"stack_adapters: adapter {n!r} is a DoRA or lora_bias adapter; stacks take plain LoRA")
     rank = max(ranks, default=1)
     current = [getattr(m, STACK, None) for m in linears]
@@ -107,7 +115,7 @@ def stack_adapters(model: nn.Module, names: list[str], max_num_loras: int | None
         slots.update({n: free.pop(0) for n in wanted if n not in slots})
     for m in linears:
         for n in names if fits else wanted:
-            m.__dict__[STACK].fill(slots[n], holder_of(m, n))
+            m.__dict__[STACK].fill(m, slots[n], holder_of(m, n))
     model.__dict__["_lora_stack_slots"] = slots
     return dict(slots)
 
@@ -124,7 +132,7 @@ def unstack_adapters(model: nn.Module, names: list[str] | None = None) -> None:
             continue
         for n in names:
             if n in slots:
-                stack.fill(slots[n], None)
+                stack.fill(m, slots[n], None)
     model.__dict__["_lora_stack_slots"] = {} if names is None else {n: s for n, s in slots.items() if n not in names}
 
 
@@ -139,7 +147,7 @@ def stacks_for(model: nn.Module, linears: list[LinearLoRA], names: list[str]) ->
         for n in names:
             holder = holder_of(m, n)
             if (None if holder is None else _version(holder)) != stack.versions[slots[n]]:
-                stack.fill(slots[n], holder)
+                stack.fill(m, slots[n], holder)
     return {n: slots[n] for n in names}
 
 

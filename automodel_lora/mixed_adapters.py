@@ -36,12 +36,10 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .adapter_slots import adapter_names, check_not_in_disabled_block, holder_of
-from .adapter_stacks import stacked_buffers, stacked_slots, stacks_for
-from .dora import magnitude_of
+from .adapter_slots import adapter_names, adapter_weights, check_not_in_disabled_block, holder_of, is_plain_lora
+from .adapter_stacks import padded_adapter, stacked_buffers, stacked_slots, stacks_for
 from .embedding_lora import is_embedding_lora
 from .experts_lora import experts_lora_modules
 from .kernels.backend import use_kernels_for
@@ -106,7 +104,7 @@ def _check_module(fqn: str, module: nn.Module, names: list, training: bool) -> N
         raise ValueError("adapter_batch: the model's adapter is merged; call unmerge_lora(model) first")
     for name in names:
         holder = holder_of(module, name)
-        if holder is not None and (magnitude_of(holder) is not None or holder.lora_B.bias is not None):
+        if holder is not None and not is_plain_lora(holder):
             raise ValueError(f"adapter_batch: adapter {name!r} of {fqn!r} is a DoRA or lora_bias adapter; mixed "
                              "batches take plain LoRA adapters (run it alone with set_adapter)")
         if training and holder is not None and holder.lora_dropout.p > 0:
@@ -118,20 +116,10 @@ def _check_module(fqn: str, module: nn.Module, names: list, training: bool) -> N
 def _stack(module: LinearLoRA, names: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (K, r_max, in), B (K, out, r_max) with each adapter's scale folded in), zeros where it is missing.
     Built from the parameters: under grad mode the stacks carry each adapter's gradient back to it."""
-    present = {k: h for k, name in enumerate(names) if (h := holder_of(module, name)) is not None}
-    r_max = max((h.lora_settings.dim for h in present.values()), default=1)
-    device = module.weight.device
-    As, Bs = [], []
-    for k in range(len(names)):
-        h = present.get(k)
-        if h is None:
-            As.append(torch.zeros(r_max, module.in_features, device=device, dtype=dtype))
-            Bs.append(torch.zeros(module.out_features, r_max, device=device, dtype=dtype))
-            continue
-        pad = r_max - h.lora_settings.dim
-        As.append(F.pad(h.lora_A.weight.to(dtype), (0, 0, 0, pad)))
-        Bs.append(F.pad(h.lora_B.weight.to(dtype) * h.lora_settings.scale, (0, pad)))
-    return torch.stack(As), torch.stack(Bs)
+    holders = [holder_of(module, name) for name in names]
+    r_max = max((h.lora_settings.dim for h in holders if h is not None), default=1)
+    pairs = [padded_adapter(module, h, r_max, dtype) for h in holders]
+    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
 
 def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: _Rows, fixed: list | None = None):
@@ -217,7 +205,7 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None]) -> Ite
         seq_ids = torch.tensor([-1 if i < 0 else slots[names[i]] for i in seq_ids.tolist()], dtype=torch.int64)
         names = [by_slot.get(i) for i in range(stacked_buffers(linears[0])[0].shape[0])]
     rows = _Rows(seq_ids, len(names), model.training)
-    trainable = _train_all(linears, names) if model.training else []
+    trainable = _train_all(model, names) if model.training else []
     try:
         for m in linears:
             dtype = m.weight.dtype if m.weight.is_floating_point() else m.lora_A.weight.dtype
@@ -231,14 +219,9 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None]) -> Ite
             p.requires_grad_(flag)
 
 
-def _train_all(linears: list, names: list) -> list:
+def _train_all(model: nn.Module, names: list) -> list:
     """Make every adapter of the batch trainable; returns (parameter, its former flag) to restore."""
-    changed = []
-    for m in linears:
-        for name in names:
-            holder = holder_of(m, name)
-            if holder is not None:
-                for p in (holder.lora_A.weight, holder.lora_B.weight):
-                    changed.append((p, p.requires_grad))
-                    p.requires_grad_(True)
+    changed = [(p, p.requires_grad) for weights in adapter_weights(model, names).values() for p in weights]
+    for p, _ in changed:
+        p.requires_grad_(True)
     return changed

@@ -272,15 +272,11 @@ def _restore_rng_states(states: dict) -> None:
 
 def train_adapters(model: nn.Module, names: list[str]) -> None:
     """Make every adapter in ``names`` trainable on every module that has it."""
-    from automodel_lora.adapter_slots import holder_of
-    from automodel_lora.lora import lora_modules
+    from automodel_lora.adapter_slots import adapter_weights
 
-    for _, module in lora_modules(model):
-        for name in names:
-            holder = holder_of(module, name)
-            if holder is not None:
-                holder.lora_A.weight.requires_grad_(True)
-                holder.lora_B.weight.requires_grad_(True)
+    for weights in adapter_weights(model, names).values():
+        for weight in weights:
+            weight.requires_grad_(True)
 
 
 def quantize_linears_4bit(model: nn.Module, qcfg: QuantizationConfig, device: torch.device) -> int:

@@ -20,15 +20,13 @@ import time
 
 import torch
 
-from ..adapter_slots import holder_of
-from ..lora import lora_modules
 from ..mixed_adapters import adapter_batch
 from ..named_adapters import set_adapter
 from .data import collate
 from .loop import causal_lm_loss_sum, evaluate, n_targets
 from .model import train_adapters
 
-__all__ = ["mixed_micro_batches", "adapter_params", "multi_train_step", "evaluate_adapters"]
+__all__ = ["mixed_micro_batches", "multi_train_step", "evaluate_adapters"]
 
 
 def mixed_micro_batches(recipe, step: int) -> list[tuple[dict, list[str], dict[str, slice]]]:
@@ -45,17 +43,6 @@ def mixed_micro_batches(recipe, step: int) -> list[tuple[dict, list[str], dict[s
             examples += micro[m]
             names += [name] * len(micro[m])
         out.append((collate(examples, pad), names, rows))
-    return out
-
-
-def adapter_params(model, names) -> dict[str, list[torch.Tensor]]:
-    """{adapter: its lora_A / lora_B weights on every module} (what each adapter's clipping sees)."""
-    out = {name: [] for name in names}
-    for _, module in lora_modules(model):
-        for name in names:
-            holder = holder_of(module, name)
-            if holder is not None:
-                out[name] += [holder.lora_A.weight, holder.lora_B.weight]
     return out
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapter_slots import adapter_weights
 from .checkpoint import CheckpointManager, LoadedCheckpoint, agree
 from .config import ConfigError, RecipeConfig
 from .data import StepSampler, build_datasets, eval_batches
@@ -33,7 +34,6 @@ from .flops import peak_bf16_flops, train_flops_per_token
 from .graphs import recipe_step, use_cuda_graphs
 from .loop import use_bf16
 from .model import load_model_config, prepare_model
-from .multi_adapter import adapter_params
 from .optim import apply_settings, build_optimizer
 from .progress import ProgressBar
 from .rundir import RunLock, move_aside
@@ -328,7 +328,8 @@ class RecipeSetup:
         self.model = wrap_model(self.raw_model, env, cfg.distributed)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.adapter_params = adapter_params(self.raw_model, list(cfg.data.adapters)) if cfg.data.adapters else {}
+        # each adapter's weights, clipped by their own norm (data.adapters)
+        self.adapter_params = adapter_weights(self.raw_model, list(cfg.data.adapters)) if cfg.data.adapters else {}
         self.optimizer, self.scheduler = build_optimizer(self.params, tc, self.total_steps, self.warmup)
         if self.loaded is not None:
             error = None
