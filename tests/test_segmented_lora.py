@@ -133,3 +133,11 @@ def test_rows_without_a_group_get_no_product():
     for s, i in enumerate(ids.tolist()):
         want = add[s] + (0.5 * x[s] @ w[i].T if 0 <= i < 3 else 0)
         torch.testing.assert_close(out[s], want, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_inputs_and_gradient_are_read_in_place():
+    """The kernels read x, base and dy through their strides: transposed views give the same result."""
+    ids, offsets, x, A, B, base, dy = _case(23, 18, 13, 4, 3, torch.float32)
+    xt = x.detach().T.contiguous().T.requires_grad_()  # column-major (S, K)
+    bt = base.detach().T.contiguous().T.requires_grad_()
+    _check(ids, offsets, xt, A, B, bt, dy.T.contiguous().T)

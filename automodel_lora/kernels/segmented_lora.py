@@ -44,7 +44,6 @@ class SegmentedLoRA(torch.autograd.Function):
         x, A, B, xa, ids, offsets = ctx.saved_tensors
         s = ctx.scale
         need_x, need_A, need_B, need_base = ctx.needs_input_grad[:4]
-        dy = dy.contiguous()
         dyB = segment_mm(dy, B.transpose(1, 2), ids, out_dtype=dy.dtype) if need_x or need_A else None  # (S, r)
         dx = segment_mm(dyB, A.transpose(1, 2), ids, s, out_dtype=x.dtype) if need_x else None  # (S, K)
         dA = segment_tn(dyB, x, offsets, s, out_dtype=A.dtype) if need_A else None  # (G, r, K)
@@ -61,4 +60,4 @@ def segmented_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: torc
         ids: (S,) ascending group ids. offsets: (G,) int cumulative row counts (``group_offsets``).
         scale: the adapter's scale.
     """
-    return SegmentedLoRA.apply(x.contiguous(), A, B, base, ids, offsets, float(scale))
+    return SegmentedLoRA.apply(x, A, B, base, ids, offsets, float(scale))  # the kernels read any strides
