@@ -244,6 +244,12 @@ class RecipeConfig:
             )
         if self.model.tiny is not None and self.data.tokenizer is None:
             raise ConfigError("`model.tiny` has no tokenizer of its own: set `data.tokenizer: byte` (or a tokenizer directory)")
+        if self.train.fused_loss and self.distributed.strategy in ("fsdp2", "ddp"):
+            raise ConfigError(
+                f"`train.fused_loss: liger` with `distributed.strategy: {self.distributed.strategy}`: the fused loss "
+                "calls the decoder without the wrapper's forward; train in one process (distributed.strategy: none) "
+                "or set train.fused_loss=false"
+            )
         if self.data.adapters is not None:
             self._check_multi_adapter()
 
@@ -264,6 +270,8 @@ class RecipeConfig:
             why = f"`distributed.strategy: {self.distributed.strategy}`: several adapters train in one process"
         elif self.train.cuda_graphs is True or self.train.compile:
             why = "`train.cuda_graphs: true` / `train.compile: true`: mixed batches run eagerly"
+        elif self.train.fused_loss:
+            why = "`train.fused_loss: liger`: each adapter's loss is taken from its rows of the logits (set it to false)"
         if why:
             raise ConfigError(f"`data.adapters` (several adapters at once): {why}")
 

@@ -3,7 +3,8 @@
 One micro-batch of the recipe is ``loss = CE_sum(model(ids), labels) * scale; loss.backward()``, with
 ``scale = world_size / global target tokens`` a device tensor (a Python float would be frozen into the
 graph). A graph needs static shapes and no collectives, so ``auto`` turns it on only where both hold:
-one CUDA process, packed data (every micro-batch ``batch_size x seq_len``), no ``torch.compile``.
+one CUDA process, packed data (every micro-batch ``batch_size x seq_len``), no ``torch.compile``, and the plain
+loss (``train.fused_loss: liger`` reads the target count on the host, which no capture holds).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def graphs_blockers(env: DistEnv, tc: TrainConfig) -> list[str]:
         why.append(f"{env.world_size} processes: DDP / FSDP2 collectives are not captured")
     if tc.compile:
         why.append("train.compile is on (torch.compile's own CUDA graphs: mode='reduce-overhead')")
+    if tc.fused_loss:
+        why.append("train.fused_loss is on (Liger counts the target tokens on the host, which a capture can't hold)")
     return why
 
 

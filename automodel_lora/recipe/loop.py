@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, collate
 from .distributed import DistEnv, all_reduce_sum
+from .fused_loss import fused_causal_lm_loss_sum
 
-__all__ = ["lr_lambda", "causal_lm_loss_sum", "n_targets", "SignalFlag", "use_bf16", "evaluate"]
+__all__ = ["lr_lambda", "causal_lm_loss_sum", "loss_sum", "n_targets", "SignalFlag", "use_bf16", "evaluate"]
 
 
 def lr_lambda(step: int, total: int, warmup: int, scheduler: str, min_ratio: float) -> float:
@@ -31,6 +32,18 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     # Shift the labels, not the logits: logits.flatten is a view, so the fp32 copy is the only one.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # (B*T,), last position ignored
     return F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def loss_sum(model: nn.Module, batch: dict, autocast, fused: bool) -> torch.Tensor:
+    """The CE sum of one batch on the device (``input_ids``, ``attention_mask``, ``labels``: (B, T)), () fp32: from
+    the model's logits, or with ``fused`` (``train.fused_loss: liger``) from its hidden states and head weight
+    (``recipe.fused_loss``), the same value without the (B, T, V) logits."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    with autocast():
+        if fused:
+            return fused_causal_lm_loss_sum(model, ids, mask, labels)
+        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    return causal_lm_loss_sum(logits, labels)
 
 
 def n_targets(batch: dict) -> int:
@@ -75,7 +88,8 @@ def use_bf16(setting, device: torch.device) -> bool:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list, env: DistEnv, pad_id: int, autocast) -> float | None:
     """Mean target-token loss over ``batches`` (shared by all ranks; each rank runs its share,
-    padded with weight-0 repeats so FSDP2 collectives stay matched)."""
+    padded with weight-0 repeats so FSDP2 collectives stay matched). Always the plain loss, also under
+    ``train.fused_loss``: no gradients here, so one batch's logits are all it holds."""
     if not batches:
         return None
     was_training = model.training

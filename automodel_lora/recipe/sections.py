@@ -270,9 +270,15 @@ class TrainConfig:
         cuda_graphs: Replay each micro-batch's forward and backward as a CUDA graph
             (:class:`automodel_lora.GraphedStep`): the host work of every kernel launch is paid once,
             at the capture, which is what a small model's step is short of. false (the default until
-            measured on a GPU) | auto (on for one CUDA process with ``data.packing``, off otherwise; a
+            measured on a GPU) | auto (on for one CUDA process with ``data.packing`` and no ``fused_loss``, off otherwise; a
             step that cannot be captured runs eagerly and the run says why) | true (one CUDA process
             and packed data required; a failed capture stops the run).
+        fused_loss: false (the default: the model's logits, then the cross-entropy) | liger (Liger-Kernel's
+            fused linear + cross-entropy from the decoder's hidden states and the head's weight, chunk by chunk:
+            no (tokens, vocab) logits in memory; ``recipe.fused_loss``). ``liger`` needs ``liger_kernel``
+            installed, one process on CUDA, a head that is a plain ``nn.Linear`` (a LoRA adapter on it is fine;
+            DoRA is not) and no logit softcapping or scaling in the model; not with ``compile``,
+            ``cuda_graphs: true`` (Liger reads the target count on the host) or ``data.adapters``.
         device: auto | cpu | cuda.
         nonfinite: What a step with a non-finite loss or gradient norm does: skip (the optimizer
             does not step; the data and the lr schedule move on; counted in ``metrics.jsonl`` as
@@ -302,6 +308,7 @@ class TrainConfig:
     log_every: int = 10
     compile: bool = False
     cuda_graphs: bool | str = False
+    fused_loss: bool | str = False
     device: str = "auto"
     nonfinite: str = "skip"
     max_nonfinite_skips: int = 5
@@ -331,6 +338,7 @@ class TrainConfig:
             raise ConfigError(f"`train.bf16` must be true, false or auto; got {self.bf16!r}")
         if isinstance(self.cuda_graphs, str) and self.cuda_graphs != "auto":
             raise ConfigError(f"`train.cuda_graphs` must be true, false or auto; got {self.cuda_graphs!r}")
+        _check_fused_loss(self)
         _positive("train.max_grad_norm", self.max_grad_norm, allow_none=True)
         _positive("train.eval_every", self.eval_every, allow_zero=True)
         _positive("train.eval_batch_size", self.eval_batch_size, allow_none=True)
@@ -339,6 +347,27 @@ class TrainConfig:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.nonfinite", self.nonfinite, ("skip", "stop"))
         _positive("train.max_nonfinite_skips", self.max_nonfinite_skips)
+
+
+def _check_fused_loss(tc: TrainConfig) -> None:
+    """``train.fused_loss``: false or liger; liger importable, and not with the settings it can't run under."""
+    from .fused_loss import LIGER_INSTALL, liger_available
+
+    if tc.fused_loss is False:
+        return
+    if tc.fused_loss != "liger":
+        raise ConfigError(f"`train.fused_loss` must be false or liger; got {tc.fused_loss!r}. Set train.fused_loss=liger "
+                          "(Liger-Kernel's fused linear + cross-entropy, no logits in memory) or false (the plain loss)")
+    if not liger_available():
+        raise ConfigError(f"`train.fused_loss: liger` needs the liger_kernel package, which is not installed: run "
+                          f"`{LIGER_INSTALL}`, or set train.fused_loss=false")
+    if tc.compile:
+        raise ConfigError("`train.fused_loss: liger` with `train.compile: true`: the fused loss calls the decoder "
+                          "outside the compiled model; set train.compile=false or train.fused_loss=false")
+    if tc.cuda_graphs is True:
+        raise ConfigError("`train.fused_loss: liger` with `train.cuda_graphs: true`: Liger counts the target tokens on "
+                          "the host, which a CUDA graph capture cannot hold; set train.cuda_graphs=auto (off with "
+                          "the fused loss) or false, or train.fused_loss=false")
 
 
 @dataclass

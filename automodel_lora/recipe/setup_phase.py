@@ -31,6 +31,7 @@ from .distributed import DistEnv, barrier, wrap_model
 from .errors import CheckpointError, RunDirError
 from .files import atomic_write_text, clean_stale, writing
 from .flops import peak_bf16_flops, train_flops_per_token
+from .fused_loss import check_fused_loss
 from .graphs import recipe_step, use_cuda_graphs
 from .loop import use_bf16
 from .model import load_model_config, prepare_model
@@ -295,6 +296,9 @@ class RecipeSetup:
         )
         model, description = prepare_model(cfg, self.env.device, save_base_to=self.base_dir if write_base else None)
         self.say(f"[model] {description}")
+        if cfg.train.fused_loss:
+            check_fused_loss(model, self.env.world_size, self.env.device)
+            self.say("[loss] fused linear + cross-entropy (Liger): no (tokens, vocab) logits in the training step")
         self.raw_model = model
         # Counted on the unsharded model, before FSDP2 splits the adapters over the ranks.
         n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -165,7 +165,8 @@ class Recipe(RecipeSetup):
 
     def _forward_backward(self, batch: dict, scale: torch.Tensor, sync: bool) -> torch.Tensor:
         """One micro-batch (a collated CPU batch): backward of ``CE_sum * scale``; returns ``CE_sum``
-        (detached). Replayed as a CUDA graph under ``train.cuda_graphs``."""
+        (detached). Replayed as a CUDA graph under ``train.cuda_graphs``; from the hidden states under
+        ``train.fused_loss``."""
         env = self.env
         if self.graphed is not None:
             ce = self.graphed(*graph_inputs(batch, scale, env.device))
@@ -173,9 +174,7 @@ class Recipe(RecipeSetup):
             return ce
         b = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
         with no_sync(self.model, env, sync=sync):
-            with self.autocast():
-                logits = self.fwd_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            ce = loop.causal_lm_loss_sum(logits, b["labels"])
+            ce = loop.loss_sum(self.fwd_model, b, self.autocast, fused=bool(self.cfg.train.fused_loss))
             (ce * scale).backward()
         return ce.detach()
 
