@@ -5,6 +5,8 @@ For each run (``--runs``, default all three), on one GPU:
 - ``ours``: the recipe YAML (``configs/<run>.yaml``) through its Python entry point (the ``Recipe``
   phases, in this process), with ``model.random_init: true`` on the shipped config-only directory
   (``configs/models/...``): the published architecture, random weights, no download.
+- ``ours_liger`` (not in the default arms): ``ours`` with ``train.fused_loss: liger`` (Liger-Kernel's fused
+  linear + cross-entropy; needs ``liger_kernel`` on the path), to measure that switch.
 - ``peft_trainer``: what a user would otherwise run: the same model (built by the same function
   from the same ``config.json`` and seed, NF4-quantized by the same function for the QLoRA run),
   ``peft.get_peft_model`` with the recipe's rank, alpha, dropout and target modules (PEFT's
@@ -66,6 +68,9 @@ RUNS = {  # run -> (recipe, config-only model directory)
     "llama3_8b_qlora": ("llama3_8b_qlora.yaml", "llama3.1-8b"),
     "qwen2_5_7b_lora": ("qwen2_5_7b_lora.yaml", "qwen2.5-7b"),
 }
+# Arms: ours (with the recipe overrides of each switch measured), or HF PEFT + transformers.Trainer.
+OUR_ARMS = {"ours": [], "ours_liger": ["train.fused_loss=liger"]}
+ARMS = (*OUR_ARMS, "peft_trainer")
 # --smoke: each architecture shrunk to a few hundred thousand parameters (the same model classes).
 SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=256)
@@ -74,7 +79,8 @@ SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
-    p.add_argument("--arms", default="ours,peft_trainer", help="comma-separated, of: ours, peft_trainer")
+    p.add_argument("--arms", default="ours,peft_trainer", help=f"comma-separated, of: {', '.join(ARMS)} "
+                   "(ours_liger: ours with train.fused_loss=liger)")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps per arm")
     p.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of tokens/s")
     p.add_argument("--seq-len", type=int, default=2048)
@@ -88,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.steps, args.warmup_steps, args.seq_len = min(args.steps, 4), 1, 64
     runs, arms = args.runs.split(","), args.arms.split(",")
-    for name, given, valid in (("--runs", runs, RUNS), ("--arms", arms, ("ours", "peft_trainer"))):
+    for name, given, valid in (("--runs", runs, RUNS), ("--arms", arms, ARMS)):
         bad = [x for x in given if x not in valid]
         if bad:
             p.error(f"{name}: unknown {bad[0]!r}; choose from {', '.join(valid)}")
@@ -114,8 +120,9 @@ def smoke_model_dir(run: str, root: Path) -> Path:
     return directory
 
 
-def recipe_for(run: str, args, work: Path):
-    """The run's recipe YAML with the overrides of this benchmark (random init, data, steps, no saving)."""
+def recipe_for(run: str, args, work: Path, arm_overrides: list[str] = ()):
+    """The run's recipe YAML with the overrides of this benchmark (random init, data, steps, no saving) and
+    ``arm_overrides`` (the switches an arm of ours measures)."""
     model_dir = smoke_model_dir(run, work) if args.smoke else REPO / "configs" / "models" / RUNS[run][1]
     overrides = [
         "model.random_init=true", f"model.name_or_path={model_dir}",
@@ -127,7 +134,7 @@ def recipe_for(run: str, args, work: Path):
     if args.smoke:  # the CPU: fp32 throughout
         overrides += ["model.dtype=float32", "train.bf16=false", "train.device=cpu",
                       "quantization.bnb_4bit_compute_dtype=float32"]
-    return load_recipe(REPO / "configs" / RUNS[run][0], overrides)
+    return load_recipe(REPO / "configs" / RUNS[run][0], [*overrides, *arm_overrides])
 
 
 def _summary(step_ends: list[float], tokens: list[int], losses: list[float], warmup: int, peak_mib, start_mib) -> dict:
@@ -290,9 +297,9 @@ def main(argv=None) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="real_size_") as tmp:
         for run in args.runs:
-            cfg = recipe_for(run, args, Path(tmp))
             for arm in args.arms:
-                row = run_ours(cfg, args) if arm == "ours" else run_peft_trainer(cfg, args, Path(tmp) / run)
+                cfg = recipe_for(run, args, Path(tmp), OUR_ARMS.get(arm, []))
+                row = run_ours(cfg, args) if arm in OUR_ARMS else run_peft_trainer(cfg, args, Path(tmp) / run)
                 row["mfu"] = mfu(row["flops_per_token"], row["tok_s"], row["peak_flops"])
                 results["rows"].append({"run": run, "arm": arm, **row})
                 path.write_text(json.dumps(results, indent=1, default=str) + "\n")
