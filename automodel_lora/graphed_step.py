@@ -41,6 +41,7 @@ import gc
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn as nn
 
 __all__ = ["GraphedStep", "GraphCaptureError"]
 
@@ -136,7 +137,7 @@ class GraphedStep:
         return tuple(t.detach() for t in (out[1:] or out[:1]))
 
     def _check_leaves(self, objective: torch.Tensor) -> None:
-        """A trainable leaf outside ``params`` would get its ``.grad`` from the graph's pool, overwritten (not
+        """A trainable parameter outside ``params`` would get its ``.grad`` from the graph's pool, overwritten (not
         accumulated) on every replay: refuse it. Records the ``params`` the objective reaches (``_reached``).
         Leaves inside reentrant activation checkpointing are not in the forward graph and go unseen: the recipe
         checkpoints non-reentrantly.
@@ -152,7 +153,9 @@ class GraphedStep:
                 continue
             seen.add(fn)
             leaf = getattr(fn, "variable", None)  # an AccumulateGrad node
-            if leaf is not None and leaf.requires_grad and id(leaf) not in known:
+            # Only parameters: a tensor the step itself made a leaf (``enable_input_require_grads``'s embedding
+            # output, for checkpointing) is born and dropped inside each replay, and so is its ``.grad``.
+            if isinstance(leaf, nn.Parameter) and leaf.requires_grad and id(leaf) not in known:
                 missing.append(leaf)
             elif leaf is not None:
                 self._reached.add(id(leaf))
