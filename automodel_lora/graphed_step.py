@@ -202,6 +202,8 @@ class GraphedStep:
         torch.cuda.synchronize()
         gc.collect()
         torch.cuda.empty_cache()
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        clean_rng = generator.clone_state()  # the generator's state before the capture registers it
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             graph.capture_begin(pool=self._pool)
@@ -217,6 +219,9 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(stream)
         if error is not None:
             torch.cuda.synchronize()
+            # An invalidated capture never ends the generator's capture: its state would refuse every later draw
+            # ("Offset increment outside graph capture"). Put back the state from before the capture.
+            generator.graphsafe_set_state(clean_rng)
             self._pool = None
             if isinstance(error, ValueError) and "GraphedStep:" in str(error):
                 raise error  # a misuse (parameters missing from params), not a capture limit

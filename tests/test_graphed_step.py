@@ -235,6 +235,7 @@ def test_gpu_a_host_sync_in_the_step_is_a_capture_error_or_an_eager_fallback():
 def test_gpu_recipe_with_cuda_graphs_matches_the_eager_recipe(tmp_path):
     runs = {}
     for setting in (False, True):
+        (tmp_path / str(setting)).mkdir()
         raw = tiny_raw_recipe(tmp_path / str(setting), train={"cuda_graphs": setting, "device": "cuda",
                                                                "grad_accum_steps": 2, "max_steps": 5})
         summary, log = run_recipe(raw)
