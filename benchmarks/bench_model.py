@@ -210,7 +210,7 @@ def arm_rows(shape: str, times: dict, mem: dict, weights: dict, diffs: dict, sca
             shape=shape, variant=k, ms=times[k], tok_s=tokens / times[k] * 1e3,
             thr_ratio=times[f] / times[k] if f else None, step_peak_mib=mem[k], weights_mib=weights[k],
             peak_total_mib=total, mem_ratio=total / (mem[f] + weights[f]) if f else None,
-            logits_max_diff=diffs[k], logits_ok=None if k == "frozen" else diffs[k] <= LOGITS_RTOL * scale))
+            logits_max_diff=diffs[k], logits_ok=None if eager_arm(k) == "frozen" else diffs[k] <= LOGITS_RTOL * scale))
         print(f"[model] {shape} {k}: {times[k]:.2f} ms/step, {tokens / times[k] * 1e3:.0f} tok/s, "
               f"peak {total:.0f} MiB", flush=True)
     return rows
