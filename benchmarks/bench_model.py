@@ -17,7 +17,7 @@ import bench_axolotl
 import bench_model_shapes
 import torch
 from bench_common import DEV, free_device_memory, interleaved, peak_delta_mib
-from bench_model_arms import DORA_REFERENCE, build_arms, eager_arm
+from bench_model_arms import COMPILED, DORA_REFERENCE, GRAPHED, build_arms, eager_arm
 from bench_variants import base_gemm_for, forget_options
 from torch import nn
 
@@ -143,9 +143,12 @@ def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict, dict]:
     """(median ms per step, peak MiB of a step above what was allocated before it, MiB of weights) per arm, and
     per graphed arm the relative difference of a replay's loss from the eager model's (``replay_check``)."""
     def make_step(name, m):
-        if name != eager_arm(name):
+        if name.endswith(GRAPHED):
             graphed = graphed_step(m)
             return lambda i: graphed(ids[i % 2])
+        if name.endswith(COMPILED):  # the first (warm-up) calls compile forward and backward
+            compiled = torch.compile(m)
+            return lambda i: compiled(input_ids=ids[i % 2], labels=ids[i % 2]).loss.backward()
 
         def step(i):
             with base_gemm_for(name, m):
@@ -161,7 +164,7 @@ def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict, dict]:
     steps = {k: make_step(k, m) for k, m in arms.items()}
     n = SMOKE_STEPS if args.smoke else args.model_n
     times = interleaved(steps, n=n, rounds=args.rounds, warmup=1 if args.smoke else MODEL_WARMUP, prep=prep)
-    replay_diff = {k: replay_check(step, arms[k], ids[0]) for k, step in steps.items() if k != eager_arm(k)}
+    replay_diff = {k: replay_check(step, arms[k], ids[0]) for k, step in steps.items() if k.endswith(GRAPHED)}
     steps = None  # the graphs' memory pools go; each graphed arm's peak is taken from a capture of its own
     mem = {k: peak_delta_mib(memory_step(k, m, make_step), prep) for k, m in arms.items()}
     prep(0)
@@ -194,7 +197,7 @@ def memory_step(name: str, m: nn.Module, make_step):
     """The step whose one call ``peak_delta_mib`` measures. A replay allocates nothing (its tensors live in the
     graph's pool since the capture), so a graphed arm's call is a fresh step's warm-up and capture: the
     capture allocates, in the pool, what the eager step allocates, in the same order."""
-    if name == eager_arm(name):
+    if not name.endswith(GRAPHED):
         return make_step(name, m)
     fresh = make_step(name, m)
     return lambda i: [fresh(i) for _ in range(GRAPH_WARMUP + 1)]

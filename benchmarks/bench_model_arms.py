@@ -10,8 +10,11 @@ it), every adapted arm with the same adapters (r = 16, alpha = 32, on the 7 proj
              recipe runs one process on packed data (``train.cuda_graphs: auto``)
   frozen_graphed  ``frozen`` replayed as a CUDA graph: the frozen model without its host time, the stricter
              reference for the graphed arm
-Any arm listed with ``_graphed`` after its name is that arm's model under a GraphedStep (its eager arm must
-be listed too). Optional (--model-variants): ``torch`` (automodel_lora's PyTorch path), ``triton_no_recompute``
+  triton_compiled / frozen_compiled (optional)  ``triton`` / ``frozen`` under ``torch.compile`` (default mode,
+             as the recipe's ``train.compile``): the host's per-module work traced away instead of replayed
+Any arm listed with ``_graphed`` after its name is that arm's model under a GraphedStep, with ``_compiled``
+that arm's model under ``torch.compile`` (its eager arm must be listed too). Optional (--model-variants):
+``torch`` (automodel_lora's PyTorch path), ``triton_no_recompute``
 (``recompute_mlp_input=False``), ``triton_act_kept`` (the recompute, with the MLP product as ``act_fn(g) * u``
 so autograd keeps act(g) too: the product before ``silu_mul``), ``axolotl_o`` (axolotl with ``LoRA_O`` on each
 of q/k/v/o instead of ``LoRA_QKV``), ``torch_dora`` / ``triton_dora`` / ``peft_dora`` (DoRA on the 7 projections:
@@ -39,11 +42,15 @@ OPTIONAL_ARMS = ["torch", "triton_no_recompute", "triton_act_kept", "axolotl_o",
                  *SHARED_TRITON]
 DORA_REFERENCE = "torch_dora"  # the arm the other DoRA arms' logits are checked against
 GRAPHED = "_graphed"  # suffix: the arm before it, its steps replayed as a CUDA graph
+COMPILED = "_compiled"  # suffix: the arm before it, its model under torch.compile
 
 
 def eager_arm(name: str) -> str:
-    """The arm whose model a ``<arm>_graphed`` arm replays (``name`` itself for an eager arm)."""
-    return name[: -len(GRAPHED)] if name.endswith(GRAPHED) else name
+    """The arm whose model a ``<arm>_graphed`` or ``<arm>_compiled`` arm runs (``name`` itself for an eager arm)."""
+    for suffix in (GRAPHED, COMPILED):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 B_STD = 0.01
 
 
@@ -165,7 +172,7 @@ def build_arms(base: nn.Module, r: int, want: list[str]) -> tuple[dict, nn.Modul
     ref, pairs = reference(base, r)
     built, skipped = {}, {}
     for name in want:
-        if name in ("frozen", *SHARED_TRITON) or name.endswith(GRAPHED):
+        if name in ("frozen", *SHARED_TRITON) or name != eager_arm(name):
             continue  # the base itself (last: its hook or trainable embedding must not be copied), or triton's
         if name in ("torch_dora", "triton_dora"):  # DoRA: magnitudes from ||W|| (B = 0 at patch), as PEFT's
             built[name] = ours(base, r, use_triton=name == "triton_dora", use_dora=True)
@@ -194,10 +201,10 @@ def build_arms(base: nn.Module, r: int, want: list[str]) -> tuple[dict, nn.Modul
     if "frozen" in want:
         built["frozen"] = frozen_arm(base)
     for name in want:
-        if name.endswith(GRAPHED):
+        if name != eager_arm(name):
             if eager_arm(name) not in want:
-                raise ValueError(f"--model-variants: {name} replays the {eager_arm(name)} arm's model: list it too")
-            if not torch.cuda.is_available():
+                raise ValueError(f"--model-variants: {name} runs the {eager_arm(name)} arm's model: list it too")
+            if name.endswith(GRAPHED) and not torch.cuda.is_available():
                 skipped[name] = "CUDA graphs need a CUDA device"
             elif eager_arm(name) in built:
                 built[name] = built[eager_arm(name)]
