@@ -7,7 +7,11 @@ import errno
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -76,6 +80,25 @@ def run_recipe(raw: dict) -> tuple[dict, str]:
     log = io.StringIO()
     summary = finetune(RecipeConfig.from_dict(raw), stream=log)
     return summary, log.getvalue()
+
+
+def torchrun_recipe(tmp_path: Path, raw: dict, strategy: str) -> tuple[dict, str, str]:
+    """Run ``raw`` under ``torchrun --nproc-per-node 2`` with ``distributed.strategy: strategy`` over gloo (CPU),
+    its YAML and logs in ``tmp_path``; returns (the run's summary, rank 0's log, rank 1's log)."""
+    raw = {**raw, "distributed": {"strategy": strategy, "backend": "gloo"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["--log-dir", str(tmp_path / "logs"), "--redirects", "3"]
+    cmd += [str(REPO / "scripts" / "finetune.py"), "--config", str(tmp_path / "r.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    logs = {}
+    for rank in (0, 1):
+        rank_dir = max((tmp_path / "logs").glob(f"*/attempt_0/{rank}"), key=lambda d: d.stat().st_mtime)  # this run's
+        logs[rank] = (rank_dir / "stdout.log").read_text() + (rank_dir / "stderr.log").read_text()
+    assert proc.returncode == 0, f"{proc.stderr}\n--- rank 0:\n{logs[0]}\n--- rank 1:\n{logs[1]}"
+    summary = json.loads((Path(raw["checkpoint"]["output_dir"]) / "summary.json").read_text())
+    return summary, logs[0], logs[1]
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -8,16 +8,12 @@ is split. Only rank 0 writes the run's files.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-import yaml
 
 from .conftest import assert_close
-from .recipe_helpers import REPO, adapter_tensors, read_metrics, run_recipe, step_losses, tiny_raw_recipe
+from .recipe_helpers import adapter_tensors, read_metrics, run_recipe, step_losses, tiny_raw_recipe, torchrun_recipe
 
 STEPS = 6
 
@@ -43,21 +39,7 @@ def single_process(tmp_path_factory):
 
 def _torchrun(tmp_path, strategy: str, **sections) -> tuple[dict, str, str]:
     """Run the recipe under ``torchrun --nproc-per-node 2`` (gloo); returns (summary, rank 0 log, rank 1 log)."""
-    raw = _recipe(tmp_path, "run", batch_size=1, **sections)
-    raw["distributed"] = {"strategy": strategy, "backend": "gloo"}
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["--log-dir", str(tmp_path / "logs"), "--redirects", "3"]
-    cmd += [str(REPO / "scripts" / "finetune.py"), "--config", str(tmp_path / "r.yaml")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    logs = {}
-    for rank in (0, 1):
-        (rank_dir,) = list((tmp_path / "logs").glob(f"*/attempt_0/{rank}"))
-        logs[rank] = (rank_dir / "stdout.log").read_text() + (rank_dir / "stderr.log").read_text()
-    assert proc.returncode == 0, f"{proc.stderr}\n--- rank 0:\n{logs[0]}\n--- rank 1:\n{logs[1]}"
-    summary = yaml.safe_load((tmp_path / "run" / "summary.json").read_text())
-    return summary, logs[0], logs[1]
+    return torchrun_recipe(tmp_path, _recipe(tmp_path, "run", batch_size=1, **sections), strategy)
 
 
 @pytest.fixture(scope="module")

@@ -266,8 +266,6 @@ class RecipeConfig:
             why = "`peft.target_parameters` / `match_all_experts`: a model's experts take one adapter"
         elif p.modules_to_save:
             why = "`peft.modules_to_save`: fully trained modules belong to one adapter"
-        elif self.distributed.strategy in ("fsdp2", "ddp"):
-            why = f"`distributed.strategy: {self.distributed.strategy}`: several adapters train in one process"
         elif self.train.cuda_graphs is True or self.train.compile:
             why = "`train.cuda_graphs: true` / `train.compile: true`: mixed batches run eagerly"
         elif self.train.fused_loss:

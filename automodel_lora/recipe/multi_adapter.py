@@ -1,16 +1,21 @@
 """Several adapters trained in one run (``data.adapters``): each on its own data, every batch mixing them.
 
-One optimizer step, with adapters a_1 .. a_K, each with its own dataset and sampler (seeded alike)::
+One optimizer step, with adapters a_1 .. a_K, each with its own dataset and sampler (seeded alike, split over
+the ranks as a single adapter's is)::
 
-    for each micro-batch m: the K adapters' micro-batches m, concatenated (grouped by adapter), one forward
-        under adapter_batch (each sequence through its own adapter), loss = sum_k CE_k / n_tgt_k
-    per adapter: clip_grad_norm_ of its own parameters; AdamW.step (per parameter), scheduler.step
+    n_tgt_k = all_reduce(adapter k's target tokens on this rank), for every k in one collective
+    for each micro-batch m: this rank's K micro-batches m, concatenated (grouped by adapter), one forward
+        under adapter_batch (each sequence through its own adapter), loss = sum_k CE_k * world_size / n_tgt_k
+                                                        # DDP / FSDP2 average the gradients over the ranks
+    per adapter: clip_grad_norm_ of its own parameters (a global norm); AdamW.step (per parameter), scheduler.step
 
-so adapter k's gradient is that of its own mean token loss, clipped by its own norm, and the run trains each
-adapter as a run of its own with the same seed, data order and settings would (``tests/test_recipe_multi.py``).
+so adapter k's gradient is that of its own mean token loss over the global batch, clipped by its own norm, and
+the run trains each adapter as a run of its own with the same seed, data order and settings would
+(``tests/test_recipe_multi.py``), on one process or several (DDP / FSDP2: ``tests/test_recipe_multi_distributed.py``).
 A step with a non-finite loss or norm in any adapter is skipped for all of them. Evaluation runs each
-adapter on its own validation set (``set_adapter``); the metrics carry ``loss/<name>`` and ``val_loss/<name>``
-beside their mean.
+adapter on its own validation set (``set_adapter``: under FSDP2 the adapters' modules swap places within a
+layer, and FSDP2 gathers each shard into the module that holds it, wherever that sits); the metrics carry
+``loss/<name>`` and ``val_loss/<name>`` beside their mean.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from ..mixed_adapters import adapter_batch
 from ..named_adapters import set_adapter
 from .data import collate
+from .distributed import all_reduce_sum, no_sync
 from .loop import causal_lm_loss_sum, evaluate, n_targets
 from .model import train_adapters
 
@@ -48,35 +54,58 @@ def mixed_micro_batches(recipe, step: int) -> list[tuple[dict, list[str], dict[s
 
 def multi_train_step(recipe, step: int):
     """One optimizer step over every adapter (module docstring); returns the recipe's ``StepResult`` with the
-    mean of the adapters' losses, the norm over all of them, and ``per_adapter`` losses."""
+    mean of the adapters' losses, the norm over all of them, and ``per_adapter`` losses, all global over ranks."""
     from .train import StepResult
 
-    env, tc = recipe.env, recipe.cfg.train
+    env = recipe.env
     t0 = time.perf_counter()
     micro = mixed_micro_batches(recipe, step)
     names = list(recipe.adapter_data)
-    n_tgt = {k: max(1, sum(n_targets({"labels": b["labels"][rows[k]]}) for b, _, rows in micro)) for k in names}
-    n_tok = sum(int(b["attention_mask"].sum()) for b, _, _ in micro)
-    loss_sum = {k: torch.zeros((), dtype=torch.float64, device=env.device) for k in names}
-    for batch, seq_names, rows in micro:
-        b = {key: v.to(env.device, non_blocking=True) for key, v in batch.items()}
-        with adapter_batch(recipe.raw_model, seq_names):
-            with recipe.autocast():
-                logits = recipe.fwd_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            objective = 0.0
-            for k, r in rows.items():
-                ce = causal_lm_loss_sum(logits[r], b["labels"][r])
-                objective = objective + ce / n_tgt[k]
-                loss_sum[k] += ce.detach().double()
-            objective.backward()
-    clip = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
-    norms = [torch.nn.utils.clip_grad_norm_(recipe.adapter_params[k], clip).double() for k in names]
-    values = torch.stack([*norms, *(loss_sum[k] for k in names)]).tolist()  # one host sync for all of them
+    # every adapter's target count and the tokens, summed over the ranks in one collective, before any forward
+    counts = torch.tensor([*(sum(n_targets({"labels": b["labels"][rows[k]]}) for b, _, rows in micro) for k in names),
+                           sum(int(b["attention_mask"].sum()) for b, _, _ in micro)], dtype=torch.float64)
+    *n_tgt, n_tok = all_reduce_sum(counts.to(env.device), env).tolist()
+    n_tgt = {k: max(1.0, v) for k, v in zip(names, n_tgt, strict=True)}
+    # DDP / FSDP2 average the gradients over the ranks: world_size / n_tgt makes the average that of the CE sums
+    scale = torch.tensor([env.world_size / n_tgt[k] for k in names], dtype=torch.float32).to(env.device, non_blocking=True)
+    loss_sum = torch.zeros(len(names), dtype=torch.float64, device=env.device)
+    for m, (batch, seq_names, rows) in enumerate(micro):
+        loss_sum += _forward_backward(recipe, batch, seq_names, rows, scale, sync=m == len(micro) - 1)
+    all_reduce_sum(loss_sum, env)
+    norms = _clip_each(recipe, names)
+    values = torch.cat([norms, loss_sum]).tolist()  # one host sync for all of them
     losses = {k: v / n_tgt[k] for k, v in zip(names, values[len(names):], strict=True)}
     # the mean and the norm are finite only where every adapter's are: end_step skips the step otherwise
     result = StepResult(sum(losses.values()) / len(losses), math.sqrt(sum(v * v for v in values[:len(names)])),
                         recipe.optimizer.param_groups[0]["lr"], n_tok, 0.0, per_adapter=losses)
     return recipe.end_step(result, t0)
+
+
+def _forward_backward(recipe, batch: dict, seq_names: list[str], rows: dict[str, slice], scale: torch.Tensor,
+                      sync: bool) -> torch.Tensor:
+    """One mixed micro-batch (a collated CPU batch): backward of ``sum_k CE_k * scale[k]`` (``scale``: (K,) on the
+    device, in the order of ``rows``), the gradient all-reduced (DDP) or reduce-scattered (FSDP2) only where
+    ``sync``; returns the (K,) CE sums, detached."""
+    env = recipe.env
+    b = {key: v.to(env.device, non_blocking=True) for key, v in batch.items()}
+    with no_sync(recipe.model, env, sync=sync), adapter_batch(recipe.raw_model, seq_names):
+        with recipe.autocast():
+            logits = recipe.fwd_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        ce = torch.stack([causal_lm_loss_sum(logits[r], b["labels"][r]) for r in rows.values()])
+        (ce * scale).sum().backward()
+    return ce.detach().double()
+
+
+def _clip_each(recipe, names: list[str]) -> torch.Tensor:
+    """(K,) float64: each adapter's gradient norm, global over the ranks (DDP's gradients are all-reduced
+    already; FSDP2's are DTensors, whose norm torch computes over every shard), its gradients clipped by it."""
+    tc = recipe.cfg.train
+    clip = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
+    norms = []
+    for k in names:
+        norm = torch.nn.utils.clip_grad_norm_(recipe.adapter_params[k], clip)
+        norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double())
+    return torch.stack(norms)
 
 
 def evaluate_adapters(recipe) -> tuple[float | None, dict[str, float]]:

@@ -185,8 +185,10 @@ class DataConfig:
             saved to ``adapter/<name>/`` (any name but ``default``; a single adapter too): the run trains what
             one run per adapter with the same seed would (except that a step non-finite in any adapter is
             skipped for all).
-            One process, ``train.max_steps`` set, plain LoRA on linears (no dropout, DoRA, ``lora_bias``,
-            embeddings or experts).
+            One process or several (``distributed.strategy: ddp`` or ``fsdp2``: each rank takes its slice of
+            every adapter's batch; each adapter's loss is normalised by its global target count, so the run
+            trains what one process with the same global batch would). Needs ``train.max_steps`` set, plain
+            LoRA on linears (no dropout, DoRA, ``lora_bias``, embeddings or experts).
     """
 
     path: str | None = None
