@@ -13,7 +13,9 @@ module without one of the adapters gets zeros for it, i.e. its base output, as `
 computes ``y = x W^T + b + (x A_k^T) B_k^T`` with ``k`` the adapter of the row's sequence: the segmented
 kernels (``kernels/segment_mm.py``: rows grouped by an index, as MoE experts are) where they run, else a
 loop over the adapters in PyTorch. Rows are the leading ``batch`` entries of the input (``(B, T, in)``, or
-``(B * T, in)`` batch-major), so the same code serves prefill (T rows per sequence) and decode (one).
+``(B * T, in)`` batch-major), so the same code serves prefill (T rows per sequence) and decode (one); decode
+without gradient takes the gather kernel instead (``kernels/gather_mm.py``: each row reads its own adapter,
+where a block of segmented rows would loop over up to one adapter per row).
 Integer ids index :func:`automodel_lora.adapter_names` (HF / MAX ``lora_ids``), -1 meaning none.
 
 Training several adapters in one batch: with the model in ``train()`` mode every adapter of the batch is
@@ -43,6 +45,7 @@ from .adapter_stacks import padded_adapter, stacked_buffers, stacked_slots, stac
 from .embedding_lora import is_embedding_lora
 from .experts_lora import experts_lora_modules
 from .kernels.backend import use_kernels_for
+from .kernels.gather_mm import gather_mm
 from .kernels.segment_mm import segment_mm
 from .kernels.segmented_lora import segmented_lora
 from .lora import LinearLoRA, lora_modules
@@ -122,10 +125,23 @@ def _stack(module: LinearLoRA, names: list, dtype: torch.dtype) -> tuple[torch.T
     return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
 
-def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: _Rows, fixed: list | None = None):
+DECODE_KERNELS = ("gather", "segmented")
+
+
+def _gathers(rows: _Rows, x: torch.Tensor, grad: bool, decode_kernel: str) -> bool:
+    """Whether a call on the kernels takes the gather kernel (``kernels/gather_mm.py``) rather than the segmented
+    one: decode (one row per sequence) without gradient, unless the block asked for ``"segmented"``. A decode
+    block of rows may hold one adapter per row, which ``segment_mm`` loops over; ``gather_mm`` reads each row's
+    adapter directly. Prefill (many rows per adapter) and training (``segment_tn`` for the weight gradients)
+    keep the segmented kernels."""
+    return decode_kernel == "gather" and not grad and rows._per_seq(x) == 1
+
+
+def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: _Rows, fixed: list | None = None,
+                     decode_kernel: str = "gather"):
     """The block's forward of ``module``: ``names[i]`` is the adapter of row id ``i`` (None: zeros); ``fixed``, the
     detached stacks for calls without gradient (the model's persistent ones, ``adapter_stacks``), else built at
-    the first such call."""
+    the first such call; ``decode_kernel``, the kernel of decode calls (``_gathers``)."""
     fixed = [] if fixed is None else fixed
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +155,9 @@ def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: 
             with torch.no_grad():
                 fixed.extend(_stack(module, names, dtype))
         A, B = _stack(module, names, dtype) if grad else fixed
+        if use_kernels_for(x) and _gathers(rows, x, grad, decode_kernel):
+            xa = gather_mm(x2, A, ids)  # (M, r_max); rows without an adapter stay zero
+            return gather_mm(xa, B, ids, add=y2).view(y.shape)
         if use_kernels_for(x) and not grad:
             xa = segment_mm(x2, A, ids)  # (M, r_max); rows without an adapter stay zero
             return segment_mm(xa, B, ids, add=y2).view(y.shape)
@@ -175,20 +194,27 @@ def _seq_ids(model: nn.Module, adapters: Sequence, known: list[str]) -> tuple[li
 
 
 @contextlib.contextmanager
-def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None]) -> Iterator[nn.Module]:
+def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None], *,
+                  decode_kernel: str = "gather") -> Iterator[nn.Module]:
     """Run ``model`` with one adapter per sequence of the batch inside the block (see the module docstring).
 
     Args:
         model: a model with named adapters (``apply_lora_to_linear_modules`` / ``load_adapter(adapter_name=)``).
         adapters: one entry per sequence: an adapter name, its index in ``adapter_names(model)``, or None / -1
             for the base model.
+        decode_kernel: the kernel of calls with one row per sequence and no gradient (decode): ``"gather"`` (the
+            default: each row reads its own adapter, ``kernels/gather_mm.py``) or ``"segmented"`` (the kernel
+            prefill uses), to compare the two; the results agree to rounding.
 
     Raises:
-        ValueError: an unknown name or id, a merged model, DoRA / ``lora_bias`` / embedding / expert adapters,
-            adapters with dropout on a model in training mode, a module with a forward of its own on the
-            instance (a hook, or a block already open), a call inside ``disable_adapter``, or (at a call inside
-            the block) an input that is not the batch's sequences.
+        ValueError: an unknown name or id, a ``decode_kernel`` other than ``"gather"`` / ``"segmented"``, a
+            merged model, DoRA / ``lora_bias`` / embedding / expert adapters, adapters with dropout on a model
+            in training mode, a module with a forward of its own on the instance (a hook, or a block already
+            open), a call inside ``disable_adapter``, or (at a call inside the block) an input that is not the
+            batch's sequences.
     """
+    if decode_kernel not in DECODE_KERNELS:
+        raise ValueError(f"adapter_batch: decode_kernel={decode_kernel!r}; pass one of {DECODE_KERNELS}")
     known = adapter_names(model)
     names, seq_ids = _seq_ids(model, adapters, known)
     if experts_lora_modules(model):
@@ -210,7 +236,8 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None]) -> Ite
         for m in linears:
             dtype = m.weight.dtype if m.weight.is_floating_point() else m.lora_A.weight.dtype
             fixed = list(stacked_buffers(m)) if slots is not None else None
-            m.forward = _batched_forward(m, names, dtype, rows, fixed)  # the instance's forward, for the block only
+            # the instance's forward, for the block only
+            m.forward = _batched_forward(m, names, dtype, rows, fixed, decode_kernel)
         yield model
     finally:
         for m in linears:

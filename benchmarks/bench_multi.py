@@ -2,7 +2,8 @@
 Llama-8B-shaped model, bf16, r = 16 on all 7 projections, interleaved in one run, ratio to the base model:
 
   prefill   8 sequences x 1024 tokens, forward only, with 1, 4 and 8 distinct adapters (``prefill_k``)
-  decode    64 sequences, one token each, forward only, with 1 and 64 distinct adapters (``decode_k``)
+  decode    64 sequences, one token each, forward only, with 1 and 64 distinct adapters (``decode_k``: the gather
+            kernel, ``kernels/gather_mm.py``; ``decode_k_segmented``: the segmented kernel prefill uses)
   train     fwd + bwd of 8 x 1024 tokens with 4 adapters (two sequences each, grouped), against the same
             step with one adapter through the single-adapter path (``train_single``) and the base model
 Beside them: ``prefill_merged`` / ``decode_merged`` (one adapter merged into the weights: the base model's cost
@@ -56,9 +57,9 @@ def _names(model, k: int, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def check(model, ids, names) -> float:
+def check(model, ids, names, decode_kernel: str = "gather") -> float:
     """max |mixed - one at a time| / max |logit| of the batch."""
-    with al.adapter_batch(model, names):
+    with al.adapter_batch(model, names, decode_kernel=decode_kernel):
         mixed = model(input_ids=ids).logits.float()
     worst = 0.0
     for i, name in enumerate(names):
@@ -69,11 +70,11 @@ def check(model, ids, names) -> float:
     return worst
 
 
-def _forward_arm(model, ids, names, contexts: contextlib.ExitStack):
+def _forward_arm(model, ids, names, contexts: contextlib.ExitStack, decode_kernel: str = "gather"):
     """Forward of a copy of ``model`` inside an ``adapter_batch`` entered once (the stacks built outside the
-    timing, as in generation, where one block serves every decode step)."""
+    timing, as in generation, where one block serves every decode step), decode on ``decode_kernel``."""
     own = copy.deepcopy(model)
-    contexts.enter_context(al.adapter_batch(own, names))
+    contexts.enter_context(al.adapter_batch(own, names, decode_kernel=decode_kernel))
 
     def step(i):
         with torch.no_grad():
@@ -106,8 +107,9 @@ def arms(model, base, cfg, smoke: bool, contexts: contextlib.ExitStack) -> tuple
         checks[f"prefill_{k}"] = check(model, pre_ids, names)
     for k in (1, N_ADAPTERS) if not smoke else (1, 2):
         names = _names(model, k, dec[0])
-        steps[f"decode_{k}"] = _forward_arm(model, dec_ids, names, contexts)
-        checks[f"decode_{k}"] = check(model, dec_ids, names)
+        for kernel, arm in (("gather", f"decode_{k}"), ("segmented", f"decode_{k}_segmented")):
+            steps[arm] = _forward_arm(model, dec_ids, names, contexts, kernel)
+            checks[arm] = check(model, dec_ids, names, kernel)
     merged = copy.deepcopy(model)
     al.merge_lora(merged)  # a0, the adapter in use
     steps["prefill_merged"] = _base_arm(merged, pre_ids, False)

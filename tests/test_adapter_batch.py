@@ -1,6 +1,7 @@
 """Many adapters in one batch (``adapter_batch``): every sequence's logits equal those of the model running
 that sequence's adapter alone (``set_adapter``; the base model for None), in float64 on the CPU, on the
-PyTorch loop and (under ``TRITON_INTERPRET=1``) on the segmented kernels; greedy generation likewise;
+PyTorch loop and (under ``TRITON_INTERPRET=1``) on the segmented kernels and, for decode, the gather kernel;
+greedy generation likewise;
 ranks that differ between adapters; modules that lack one of the adapters; integer ids; refusals.
 
 float64 models, but HF's RMSNorm normalises in float32 whatever the model's dtype: the mixed batch and the
@@ -99,6 +100,9 @@ def test_refusals_name_the_problem():
     with al.adapter_batch(model, ["b", "c"]):
         with pytest.raises(ValueError, match=r"input of shape \(3, 4, 32\) is not 2 sequences"):
             model(input_ids=torch.randint(0, 128, (3, 4)))
+    with pytest.raises(ValueError, match=r"decode_kernel='bgmv'; pass one of \('gather', 'segmented'\)"):
+        with al.adapter_batch(model, ["b"], decode_kernel="bgmv"):
+            pass
 
 
 def test_float32_mixed_batch_on_the_kernel_path_equals_each_alone():
@@ -118,6 +122,58 @@ def test_float32_mixed_batch_on_the_kernel_path_equals_each_alone():
     with al.adapter_batch(model, batch):
         stacked = model(input_ids=ids).logits
     assert (stacked - mixed).abs().max() <= 1e-4 * mixed.abs().max()
+
+
+def _decode_step(model, prompt, nxt, **block):
+    """(the logits of one decode step after ``prompt``, through the KV cache), inside ``adapter_batch(**block)``
+    when given, else with the adapter in use."""
+    def step():
+        cache = model(input_ids=prompt, use_cache=True).cache
+        return model(input_ids=nxt, cache=cache).logits[:, -1]  # (batch, V)
+    if not block:
+        return step()
+    with al.adapter_batch(model, **block):
+        return step()
+
+
+def test_float32_decode_on_the_gather_kernel_equals_each_alone_and_the_segmented_kernel(monkeypatch):
+    """Decode (one row per sequence, no gradient) takes ``gather_mm`` where the kernels run (TRITON_INTERPRET=1
+    or CUDA), prefill the segmented kernel; ``decode_kernel="segmented"`` keeps decode on it too. Adapters
+    unsorted, repeated, a sequence without one, one adapter of the model in no sequence. Against each sequence
+    alone: the float32 bound of the prefill test above (1e-4). Gather against segmented: the same sums in
+    other orders, fp32 roundings through two layers and the head: 1e-5."""
+    from automodel_lora import mixed_adapters
+    from automodel_lora.kernels.backend import use_kernels_for
+    from automodel_lora.kernels.gather_mm import gather_mm
+
+    rows = []  # the row count of every gather_mm call of the blocks
+
+    def spy(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return gather_mm(x, *args, **kwargs)
+
+    monkeypatch.setattr(mixed_adapters, "gather_mm", spy)
+    model = _model_with_adapters().float()
+    g = torch.Generator().manual_seed(8)
+    prompt, nxt = torch.randint(0, 128, (5, 6), generator=g), torch.randint(0, 128, (5, 1), generator=g)
+    batch = ["c", None, "c", "default", "c"]  # "b" in no sequence
+    with torch.no_grad():
+        got = _decode_step(model, prompt, nxt, adapters=batch)
+        gathered = len(rows)
+        seg = _decode_step(model, prompt, nxt, adapters=batch, decode_kernel="segmented")
+        assert len(rows) == gathered  # the segmented block calls no gather_mm
+        for i, name in enumerate(batch):
+            if name is None:
+                with al.disable_adapter(model):
+                    want = _decode_step(model, prompt[i : i + 1], nxt[i : i + 1])[0]
+            else:
+                al.set_adapter(model, name)
+                want = _decode_step(model, prompt[i : i + 1], nxt[i : i + 1])[0]
+                al.set_adapter(model, "default")
+            assert (got[i] - want).abs().max() <= 1e-4 * want.abs().max(), (i, name)
+    assert (got - seg).abs().max() <= 1e-5 * seg.abs().max()
+    kernels = use_kernels_for(prompt.float())
+    assert set(rows) == ({5} if kernels else set()) and (gathered > 0) == kernels  # decode's 5 rows, never prefill's 30
 
 
 def _grads_alone(model, name, ids):

@@ -16,7 +16,8 @@ autograd.Function and the public functions).
 
 Rows grouped by an index (MoE experts, adapters per sequence): ``segment_mm`` (each row times its group's
 matrix, added into another tensor), ``segment_tn`` (per-group weight gradients), ``segmented_lora`` (the
-two as one autograd.Function).
+two as one autograd.Function); ``gather_mm`` (each row times its own id's matrix, rows in any order: the decode
+step of a batch mixing adapters).
 
 Beside the LoRA linear: ``silu_mul`` (a gated MLP's ``act(g) * u`` keeping only g and u for backward; its
 kernels, autograd.Function and public function in one file) and ``embedding_lora`` (LoRA on an embedding: the

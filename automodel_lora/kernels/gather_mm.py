@@ -1,0 +1,136 @@
+"""Gathered product (Punica's BGMV): every row times the matrix its own id picks, optionally added to another tensor.
+
+    out[i] = add[i] + x[i] @ w[ids[i]]^T          x (M, K), w (G, N, K), ids (M,) in any order
+
+The same math and conventions as ``segment_mm`` (``w`` stacked (G, N, K) and read through its strides; a row
+with a negative id, or one of G or more, gets no product: ``add`` alone, or zero; the result is a new tensor in
+``add``'s dtype, else ``x``'s; ``add`` is read, not written), for rows that do not come in runs of one id: the
+decode step of a batch mixing adapters, one row per sequence, up to one adapter per row. ``segment_mm`` gives a
+block of rows one pass per id present in it (64 passes for 64 rows of 64 adapters); here each program reads its
+row's matrix directly.
+
+One program per (row, BN columns): it loads the row's id and, for a real one, walks K in BK steps, multiplying
+the row's slice of ``x`` (BK,) by the (BN, BK) tile of ``w[id]`` elementwise and summing over K in fp32 (a
+matrix-vector product: no ``tl.dot``, which needs 16 rows). A row without an id skips the loop. No atomics:
+deterministic.
+
+Memory floor: each distinct id's matrix read once (G_used * N * K elements), ``x`` read once per column block,
+``add`` read and ``out`` written once (M * N each). Rows sharing an id re-read its matrix, from L2 when the
+programs of those rows run close together. For the decode shrink (N = r small, K = hidden) that is each
+adapter's ``A``; for the expand (K = r, N = out) each adapter's ``B`` plus the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import HAS_TRITON, KERNEL_DTYPES, on_device_of, use_kernels_for
+
+__all__ = ["gather_mm"]
+
+if HAS_TRITON:  # without triton gather_mm takes its PyTorch path
+    import triton
+    import triton.language as tl
+
+    from .launch import INTERPRET, cdiv, next_pow2
+
+    @triton.jit
+    def _gather_mm_kernel(x_ptr, w_ptr, ids_ptr, add_ptr, out_ptr, N, K, G,
+                          sxm, sxk, swg, swn, swk, sam, san, som, son,
+                          HAS_ADD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        m = tl.program_id(0).to(tl.int64)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        col_ok = rn < N
+        g = tl.load(ids_ptr + m).to(tl.int64)
+        valid = (g >= 0) & (g < G)
+        k_end = tl.where(valid, K, 0)  # a row without an id: no loop, no product
+        w_row = w_ptr + tl.where(valid, g, 0) * swg
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for k0 in range(0, k_end, BK):
+            rk = k0 + tl.arange(0, BK)
+            k_ok = rk < K
+            xt = tl.load(x_ptr + m * sxm + rk * sxk, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
+            wt = tl.load(w_row + rn[:, None] * swn + rk[None, :] * swk,
+                         mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # (BN, BK)
+            acc += tl.sum(wt * xt[None, :], axis=1)
+        if HAS_ADD:
+            acc += tl.load(add_ptr + m * sam + rn * san, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * som + rn * son, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _tiles(N: int, K: int) -> tuple[int, int]:
+    """(BN, BK): the (BN, BK) weight tile of one step holds at most 8192 elements (64 fp32 registers a thread
+    at 4 warps); a skinny N (the shrink) takes long K steps, a skinny K (the expand) wide column blocks."""
+    if INTERPRET:
+        return 16, 16
+    bn = min(max(next_pow2(N), 16), 256)
+    bk = min(max(next_pow2(K), 16), 8192 // bn)
+    return bn, bk
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None) -> None:
+    """ValueError naming the argument that does not fit and what would."""
+    shapes = (f"x {tuple(x.shape)}, w {tuple(w.shape)}, ids {tuple(ids.shape)}"
+              f"{'' if add is None else f', add {tuple(add.shape)}'}")
+    if x.dim() != 2 or w.dim() != 3 or ids.dim() != 1:
+        raise ValueError(f"gather_mm: {shapes}; expected x (M, K), w (G, N, K), ids (M,)")
+    M, K = x.shape
+    G, N, K2 = w.shape
+    if K2 != K or ids.shape[0] != M or (add is not None and tuple(add.shape) != (M, N)):
+        raise ValueError(f"gather_mm: {shapes} do not chain; expected x (M, K), w (G, N, K) with the same K, "
+                         "ids (M,), add (M, N)")
+    if not x.is_floating_point() or not w.is_floating_point() or (add is not None and not add.is_floating_point()):
+        raise ValueError(f"gather_mm: x {x.dtype}, w {w.dtype}{'' if add is None else f', add {add.dtype}'}; "
+                         "x, w and add must be floating point (cast them, e.g. .to(torch.bfloat16))")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"gather_mm: ids has dtype {ids.dtype}; pass integer ids (e.g. ids.long()), -1 for none")
+    others = [("w", w), ("ids", ids)] + ([] if add is None else [("add", add)])
+    for name, t in others:
+        if t.device != x.device:
+            raise ValueError(f"gather_mm: {name} is on {t.device} and x on {x.device}; move them to one device "
+                             f"(e.g. {name}.to(x.device))")
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None,
+               out: torch.Tensor) -> torch.Tensor:
+    """The PyTorch path (the CPU without the interpreter, dtypes the kernel does not compute in): one product
+    per distinct id present, in at least fp32, written into ``out`` (M, N)."""
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    acc = add.to(acc_dtype, copy=True) if add is not None else torch.zeros(out.shape, dtype=acc_dtype, device=x.device)
+    valid = (ids >= 0) & (ids < w.shape[0])
+    for g in ids[valid].unique().tolist():
+        sel = (ids == g).nonzero().squeeze(1)  # (rows of id g,)
+        acc.index_add_(0, sel, x[sel].to(acc_dtype) @ w[g].T.to(acc_dtype))
+    return out.copy_(acc)
+
+
+def gather_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``out (M, N) = add + x[i] @ w[ids[i]]^T`` per row (see the module docstring); fp32 accumulation.
+
+    Args:
+        x: (M, K) rows, any order. w: (G, N, K), any strides. ids: (M,) int in [0, G); a negative id (or one of G
+            or more) gives the row no product.
+        add: (M, N) added to the product (the base output), or None; read, not written.
+
+    Returns:
+        A new (M, N) tensor in ``add``'s dtype when given, else ``x``'s (as ``segment_mm``).
+
+    Raises:
+        ValueError: shapes that do not chain, non-floating ``x`` / ``w`` / ``add``, non-integer ``ids``, or
+            tensors on different devices.
+    """
+    _check(x, w, ids, add)
+    M, K = x.shape
+    N = w.shape[1]
+    out = torch.empty(M, N, device=x.device, dtype=add.dtype if add is not None else x.dtype)
+    if M == 0 or N == 0:
+        return out
+    if not use_kernels_for(x) or w.dtype not in KERNEL_DTYPES or (add is not None and add.dtype not in KERNEL_DTYPES):
+        return _reference(x, w, ids, add, out)
+    BN, BK = _tiles(N, K)
+    a = add if add is not None else out  # a placeholder pointer when HAS_ADD is off
+    grid = (M, cdiv(N, BN))
+    on_device_of(x, lambda: _gather_mm_kernel[grid](
+        x, w, ids, a, out, N, K, w.shape[0], x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        a.stride(0), a.stride(1), out.stride(0), out.stride(1), HAS_ADD=add is not None, BN=BN, BK=BK))
+    return out
