@@ -15,7 +15,9 @@ kernels (``kernels/segment_mm.py``: rows grouped by an index, as MoE experts are
 loop over the adapters in PyTorch. Rows are the leading ``batch`` entries of the input (``(B, T, in)``, or
 ``(B * T, in)`` batch-major), so the same code serves prefill (T rows per sequence) and decode (one); decode
 without gradient takes the gather kernel instead (``kernels/gather_mm.py``: each row reads its own adapter,
-where a block of segmented rows would loop over up to one adapter per row).
+where a block of segmented rows would loop over up to one adapter per row). Without gradient, the adapted
+``q_proj`` / ``k_proj`` / ``v_proj`` of one attention block share one shrink of their common input
+(``fused_shrink.py``; ``fuse_qkv=False`` turns it off).
 Integer ids index :func:`automodel_lora.adapter_names` (HF / MAX ``lora_ids``), -1 meaning none.
 
 Training several adapters in one batch: with the model in ``train()`` mode every adapter of the batch is
@@ -35,7 +37,8 @@ nothing changes outside it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -44,6 +47,7 @@ from .adapter_slots import adapter_names, adapter_weights, check_not_in_disabled
 from .adapter_stacks import padded_adapter, stacked_buffers, stacked_slots, stacks_for
 from .embedding_lora import is_embedding_lora
 from .experts_lora import experts_lora_modules
+from .fused_shrink import SharedShrink, qkv_groups
 from .kernels.backend import use_kernels_for
 from .kernels.gather_mm import gather_mm
 from .kernels.segment_mm import segment_mm
@@ -137,12 +141,55 @@ def _gathers(rows: _Rows, x: torch.Tensor, grad: bool, decode_kernel: str) -> bo
     return decode_kernel == "gather" and not grad and rows._per_seq(x) == 1
 
 
-def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: _Rows, fixed: list | None = None,
-                     decode_kernel: str = "gather"):
+def _kernel(rows: _Rows, x: torch.Tensor, grad: bool, decode_kernel: str) -> str | None:
+    """The kernel of a call's shrink and expand: ``"gather"`` (``_gathers``), ``"segment"`` (without gradient),
+    or None: the PyTorch loop (no kernels, or a gradient the grouped ``segmented_lora`` does not take)."""
+    if grad or not use_kernels_for(x):
+        return None
+    return "gather" if _gathers(rows, x, grad, decode_kernel) else "segment"
+
+
+def _shrink(x2: torch.Tensor, A: torch.Tensor, ids: torch.Tensor, kernel: str | None) -> torch.Tensor:
+    """(M, r) ``x2[i] A_{ids[i]}^T`` for x2 (M, in), A (K, r, in); rows without an adapter stay zero."""
+    if kernel == "gather":
+        return gather_mm(x2, A, ids)
+    if kernel == "segment":
+        return segment_mm(x2, A, ids)
+    xa = x2.new_zeros(x2.shape[0], A.shape[1])
+    for k in range(A.shape[0]):
+        sel = (ids == k).nonzero().squeeze(1)
+        xa = xa.index_add(0, sel, x2[sel] @ A[k].T.to(x2.dtype))
+    return xa
+
+
+def _expand(xa: torch.Tensor, B: torch.Tensor, ids: torch.Tensor, y2: torch.Tensor,
+            kernel: str | None) -> torch.Tensor:
+    """(M, out) ``y2 + xa[i] B_{ids[i]}^T`` for xa (M, r) (any strides), B (K, out, r), y2 (M, out)."""
+    if kernel == "gather":
+        return gather_mm(xa, B, ids, add=y2)
+    if kernel == "segment":
+        return segment_mm(xa, B, ids, add=y2)
+    out = y2
+    for k in range(B.shape[0]):
+        sel = (ids == k).nonzero().squeeze(1)
+        out = out.index_add(0, sel, (xa[sel] @ B[k].T.to(xa.dtype)).to(out.dtype))
+    return out
+
+
+def _fixed(module: LinearLoRA, names: list, dtype: torch.dtype, fixed: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The detached (A, B) for calls without gradient: ``fixed`` (the persistent stacks), else built into it."""
+    if not fixed:
+        with torch.no_grad():
+            fixed.extend(_stack(module, names, dtype))
+    return fixed[0], fixed[1]
+
+
+def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: _Rows, fixed: list,
+                     decode_kernel: str = "gather", shared: tuple[SharedShrink, int] | None = None):
     """The block's forward of ``module``: ``names[i]`` is the adapter of row id ``i`` (None: zeros); ``fixed``, the
     detached stacks for calls without gradient (the model's persistent ones, ``adapter_stacks``), else built at
-    the first such call; ``decode_kernel``, the kernel of decode calls (``_gathers``)."""
-    fixed = [] if fixed is None else fixed
+    the first such call; ``decode_kernel``, the kernel of decode calls (``_gathers``); ``shared``, the q / k / v
+    group whose shrink calls without gradient share, and this module's index in it (``fused_shrink.py``)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = module.base_forward(x)
@@ -151,23 +198,15 @@ def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: 
         ids = rows.of(x)  # (M,)
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         grad = torch.is_grad_enabled() and (rows.train or x.requires_grad)
-        if not grad and not fixed:
-            with torch.no_grad():
-                fixed.extend(_stack(module, names, dtype))
-        A, B = _stack(module, names, dtype) if grad else fixed
-        if use_kernels_for(x) and _gathers(rows, x, grad, decode_kernel):
-            xa = gather_mm(x2, A, ids)  # (M, r_max); rows without an adapter stay zero
-            return gather_mm(xa, B, ids, add=y2).view(y.shape)
-        if use_kernels_for(x) and not grad:
-            xa = segment_mm(x2, A, ids)  # (M, r_max); rows without an adapter stay zero
-            return segment_mm(xa, B, ids, add=y2).view(y.shape)
-        if use_kernels_for(x) and rows.grouped:
+        A, B = _stack(module, names, dtype) if grad else _fixed(module, names, dtype, fixed)
+        if grad and use_kernels_for(x) and rows.grouped:
             return segmented_lora(x2, A, B, y2, ids, rows.offsets(x), 1.0).view(y.shape)
-        out = y2
-        for k in range(A.shape[0]):
-            sel = (ids == k).nonzero().squeeze(1)
-            out = out.index_add(0, sel, ((x2[sel] @ A[k].T.to(x2.dtype)) @ B[k].T.to(x2.dtype)).to(out.dtype))
-        return out.view(y.shape)
+        kernel = _kernel(rows, x, grad, decode_kernel)
+        if shared is None or grad:
+            xa = _shrink(x2, A, ids, kernel)  # (M, r_max)
+        else:
+            xa = shared[0].shrink(shared[1], x, A, lambda w: _shrink(x2, w, ids, kernel))
+        return _expand(xa, B, ids, y2, kernel).view(y.shape)
 
     return forward
 
@@ -195,7 +234,7 @@ def _seq_ids(model: nn.Module, adapters: Sequence, known: list[str]) -> tuple[li
 
 @contextlib.contextmanager
 def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None], *,
-                  decode_kernel: str = "gather") -> Iterator[nn.Module]:
+                  decode_kernel: str = "gather", fuse_qkv: bool = True) -> Iterator[nn.Module]:
     """Run ``model`` with one adapter per sequence of the batch inside the block (see the module docstring).
 
     Args:
@@ -205,6 +244,9 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None], *,
         decode_kernel: the kernel of calls with one row per sequence and no gradient (decode): ``"gather"`` (the
             default: each row reads its own adapter, ``kernels/gather_mm.py``) or ``"segmented"`` (the kernel
             prefill uses), to compare the two; the results agree to rounding.
+        fuse_qkv: outside training, the adapted ``q_proj`` / ``k_proj`` / ``v_proj`` of one attention block share
+            one shrink of their common input (``fused_shrink.py``); False gives each its own, to compare (the
+            results agree to rounding).
 
     Raises:
         ValueError: an unknown name or id, a ``decode_kernel`` other than ``"gather"`` / ``"segmented"``, a
@@ -224,7 +266,8 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None], *,
     check_not_in_disabled_block(modules, "run adapter_batch")
     for fqn, module in modules:
         _check_module(fqn, module, names, model.training)
-    linears = [m for _, m in modules if isinstance(m, LinearLoRA)]
+    named = [(fqn, m) for fqn, m in modules if isinstance(m, LinearLoRA)]
+    linears = [m for _, m in named]
     slots = None if model.training else stacks_for(model, linears, names)  # the model's persistent stacks
     if slots is not None:  # row ids are slots; the stacks' names by slot
         by_slot = {slot: name for name, slot in stacked_slots(model).items()}
@@ -232,18 +275,36 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None], *,
         names = [by_slot.get(i) for i in range(stacked_buffers(linears[0])[0].shape[0])]
     rows = _Rows(seq_ids, len(names), model.training)
     trainable = _train_all(model, names) if model.training else []
+    forwards, groups = _forwards(named, names, rows, slots is not None, decode_kernel,
+                                 fuse_qkv and not model.training)
     try:
         for m in linears:
-            dtype = m.weight.dtype if m.weight.is_floating_point() else m.lora_A.weight.dtype
-            fixed = list(stacked_buffers(m)) if slots is not None else None
-            # the instance's forward, for the block only
-            m.forward = _batched_forward(m, names, dtype, rows, fixed, decode_kernel)
+            m.forward = forwards[m]  # the instance's forward, for the block only
         yield model
     finally:
         for m in linears:
             m.__dict__.pop("forward", None)
+        for group in groups:
+            group.clear()
         for p, flag in trainable:
             p.requires_grad_(flag)
+
+
+def _forwards(named: list[tuple[str, LinearLoRA]], names: list, rows: _Rows, stacked: bool, decode_kernel: str,
+              fuse: bool) -> tuple[dict[LinearLoRA, Callable], list[SharedShrink]]:
+    """({module: the block's forward}, the q / k / v groups sharing a shrink, when ``fuse``); ``stacked``: the
+    model's persistent stacks serve the calls without gradient."""
+    dtypes = {m: m.weight.dtype if m.weight.is_floating_point() else m.lora_A.weight.dtype for _, m in named}
+    fixed = {m: list(stacked_buffers(m)) if stacked else [] for _, m in named}
+    shared: dict[LinearLoRA, tuple[SharedShrink, int]] = {}
+    groups = []
+    for members in qkv_groups(named, dtypes) if fuse and names else []:
+        group = SharedShrink([partial(lambda m: _fixed(m, names, dtypes[m], fixed[m])[0], m) for m in members])
+        shared.update({m: (group, i) for i, m in enumerate(members)})
+        groups.append(group)
+    forwards = {m: _batched_forward(m, names, dtypes[m], rows, fixed[m], decode_kernel, shared.get(m))
+                for _, m in named}
+    return forwards, groups
 
 
 def _train_all(model: nn.Module, names: list) -> list:
