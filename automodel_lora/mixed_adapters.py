@@ -132,21 +132,15 @@ def _stack(module: LinearLoRA, names: list, dtype: torch.dtype) -> tuple[torch.T
 DECODE_KERNELS = ("gather", "segmented")
 
 
-def _gathers(rows: _Rows, x: torch.Tensor, grad: bool, decode_kernel: str) -> bool:
-    """Whether a call on the kernels takes the gather kernel (``kernels/gather_mm.py``) rather than the segmented
-    one: decode (one row per sequence) without gradient, unless the block asked for ``"segmented"``. A decode
-    block of rows may hold one adapter per row, which ``segment_mm`` loops over; ``gather_mm`` reads each row's
-    adapter directly. Prefill (many rows per adapter) and training (``segment_tn`` for the weight gradients)
-    keep the segmented kernels."""
-    return decode_kernel == "gather" and not grad and rows._per_seq(x) == 1
-
-
 def _kernel(rows: _Rows, x: torch.Tensor, grad: bool, decode_kernel: str) -> str | None:
-    """The kernel of a call's shrink and expand: ``"gather"`` (``_gathers``), ``"segment"`` (without gradient),
-    or None: the PyTorch loop (no kernels, or a gradient the grouped ``segmented_lora`` does not take)."""
+    """The kernel of a call's shrink and expand, or None: the PyTorch loop (no kernels, or a gradient, which the
+    grouped ``segmented_lora`` takes where rows are grouped). ``"gather"`` (``kernels/gather_mm.py``) for decode
+    (one row per sequence) unless the block asked for ``"segmented"``: a decode block of rows may hold one adapter
+    per row, which ``segment_mm`` loops over, where ``gather_mm`` reads each row's adapter directly; else
+    ``"segment"`` (prefill: many rows per adapter)."""
     if grad or not use_kernels_for(x):
         return None
-    return "gather" if _gathers(rows, x, grad, decode_kernel) else "segment"
+    return "gather" if decode_kernel == "gather" and rows._per_seq(x) == 1 else "segment"
 
 
 def _shrink(x2: torch.Tensor, A: torch.Tensor, ids: torch.Tensor, kernel: str | None) -> torch.Tensor:
@@ -188,7 +182,7 @@ def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: 
                      decode_kernel: str = "gather", shared: tuple[SharedShrink, int] | None = None):
     """The block's forward of ``module``: ``names[i]`` is the adapter of row id ``i`` (None: zeros); ``fixed``, the
     detached stacks for calls without gradient (the model's persistent ones, ``adapter_stacks``), else built at
-    the first such call; ``decode_kernel``, the kernel of decode calls (``_gathers``); ``shared``, the q / k / v
+    the first such call; ``decode_kernel``, the kernel of decode calls (``_kernel``); ``shared``, the q / k / v
     group whose shrink calls without gradient share, and this module's index in it (``fused_shrink.py``)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from .data import IGNORE_INDEX, collate
 from .distributed import DistEnv, all_reduce_sum
 from .fused_loss import fused_causal_lm_loss_sum
 
-__all__ = ["lr_lambda", "causal_lm_loss_sum", "loss_sum", "n_targets", "SignalFlag", "use_bf16", "evaluate"]
+__all__ = ["lr_lambda", "causal_lm_loss_sum", "loss_sum", "n_targets", "global_counts", "clip_grad_norm", "SignalFlag",
+           "use_bf16", "evaluate"]
 
 
 def lr_lambda(step: int, total: int, warmup: int, scheduler: str, min_ratio: float) -> float:
@@ -49,6 +50,18 @@ def loss_sum(model: nn.Module, batch: dict, autocast, fused: bool) -> torch.Tens
 def n_targets(batch: dict) -> int:
     """Target tokens of a collated batch (the positions whose next token carries loss)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def global_counts(local: list[int], env: DistEnv) -> list[float]:
+    """This rank's counts (target tokens, tokens, ...) summed over the ranks in one collective."""
+    return all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=env.device), env).tolist()
+
+
+def clip_grad_norm(params, max_norm: float | None) -> torch.Tensor:
+    """Clip the gradients of ``params`` to ``max_norm`` (None: no clipping); their norm, global over the ranks
+    (DDP's gradients are all-reduced already; FSDP2's norm is a DTensor over every shard, gathered here)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 class SignalFlag:

@@ -29,7 +29,7 @@ from ..mixed_adapters import adapter_batch
 from ..named_adapters import set_adapter
 from .data import collate
 from .distributed import all_reduce_sum, no_sync
-from .loop import causal_lm_loss_sum, evaluate, n_targets
+from .loop import causal_lm_loss_sum, clip_grad_norm, evaluate, global_counts, n_targets
 from .model import train_adapters
 
 __all__ = ["mixed_micro_batches", "multi_train_step", "evaluate_adapters"]
@@ -62,9 +62,8 @@ def multi_train_step(recipe, step: int):
     micro = mixed_micro_batches(recipe, step)
     names = list(recipe.adapter_data)
     # every adapter's target count and the tokens, summed over the ranks in one collective, before any forward
-    counts = torch.tensor([*(sum(n_targets({"labels": b["labels"][rows[k]]}) for b, _, rows in micro) for k in names),
-                           sum(int(b["attention_mask"].sum()) for b, _, _ in micro)], dtype=torch.float64)
-    *n_tgt, n_tok = all_reduce_sum(counts.to(env.device), env).tolist()
+    *n_tgt, n_tok = global_counts([*(sum(n_targets({"labels": b["labels"][rows[k]]}) for b, _, rows in micro)
+                                      for k in names), sum(int(b["attention_mask"].sum()) for b, _, _ in micro)], env)
     n_tgt = {k: max(1.0, v) for k, v in zip(names, n_tgt, strict=True)}
     # DDP / FSDP2 average the gradients over the ranks: world_size / n_tgt makes the average that of the CE sums
     scale = torch.tensor([env.world_size / n_tgt[k] for k in names], dtype=torch.float32).to(env.device, non_blocking=True)
@@ -72,7 +71,8 @@ def multi_train_step(recipe, step: int):
     for m, (batch, seq_names, rows) in enumerate(micro):
         loss_sum += _forward_backward(recipe, batch, seq_names, rows, scale, sync=m == len(micro) - 1)
     all_reduce_sum(loss_sum, env)
-    norms = _clip_each(recipe, names)
+    max_norm = recipe.cfg.train.max_grad_norm
+    norms = torch.stack([clip_grad_norm(recipe.adapter_params[k], max_norm).double() for k in names])
     values = torch.cat([norms, loss_sum]).tolist()  # one host sync for all of them
     losses = {k: v / n_tgt[k] for k, v in zip(names, values[len(names):], strict=True)}
     # the mean and the norm are finite only where every adapter's are: end_step skips the step otherwise
@@ -94,18 +94,6 @@ def _forward_backward(recipe, batch: dict, seq_names: list[str], rows: dict[str,
         ce = torch.stack([causal_lm_loss_sum(logits[r], b["labels"][r]) for r in rows.values()])
         (ce * scale).sum().backward()
     return ce.detach().double()
-
-
-def _clip_each(recipe, names: list[str]) -> torch.Tensor:
-    """(K,) float64: each adapter's gradient norm, global over the ranks (DDP's gradients are all-reduced
-    already; FSDP2's are DTensors, whose norm torch computes over every shard), its gradients clipped by it."""
-    tc = recipe.cfg.train
-    clip = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
-    norms = []
-    for k in names:
-        norm = torch.nn.utils.clip_grad_norm_(recipe.adapter_params[k], clip)
-        norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double())
-    return torch.stack(norms)
 
 
 def evaluate_adapters(recipe) -> tuple[float | None, dict[str, float]]:

@@ -129,23 +129,15 @@ class Recipe(RecipeSetup):
         t0 = time.perf_counter()
         pad = self.tokenizer.pad_token_id
         micro = [collate([self.train_set[i] for i in idx], pad) for idx in self.sampler.micro_batches(step, env.rank)]
-        counts = torch.tensor(
-            [sum(loop.n_targets(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)],
-            dtype=torch.float64,
-            device=env.device,
-        )
-        all_reduce_sum(counts, env)
-        n_tgt, n_tok = counts.tolist()
+        n_tgt, n_tok = loop.global_counts(
+            [sum(loop.n_targets(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)], env)
         n_tgt = max(1.0, n_tgt)
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         scale = torch.full((), env.world_size / n_tgt, dtype=torch.float32).to(env.device, non_blocking=True)
         for m, b in enumerate(micro):
             loss_sum += self._forward_backward(b, scale, sync=(m == len(micro) - 1)).double()
         all_reduce_sum(loss_sum, env)
-        clip = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = loop.clip_grad_norm(self.params, tc.max_grad_norm)
         result = StepResult(float(loss_sum) / n_tgt, float(grad_norm), self.optimizer.param_groups[0]["lr"], n_tok, 0.0)
         return self.end_step(result, t0)
 
