@@ -169,3 +169,14 @@ def free_device_memory() -> None:
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     a, ref = a.detach().double(), ref.detach().double()
     return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def fmt(value, spec: str, none: str = "-") -> str:
+    """``value`` formatted by ``spec``, or ``none`` where it is None."""
+    return none if value is None else format(value, spec)
+
+
+def md_table(title: str, header: list[str], rows: list[list]) -> list[str]:
+    """A section of the printed results: ``## title``, then a markdown table of ``rows`` (cells as strings)."""
+    return [f"\n## {title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from bench_common import DEV, interleaved, peak_delta_mib
+from bench_common import DEV, interleaved, md_table, peak_delta_mib
 from torch import nn
 
 import automodel_lora as al
@@ -99,10 +99,8 @@ def run(args) -> dict:
 def table(results: dict) -> list[str]:
     if not results.get("embedding"):
         return []
-    lines = ["\n## Embedding LoRA: fwd+bwd, r=16, ratio to the frozen embedding",
-             "| variant | ms | ratio | peak MiB | max diff vs torch |", "|---|---|---|---|---|"]
-    for r in results["embedding"]:
-        flag = "" if r["out_ok"] in (None, True) else " (DISAGREES)"
-        lines.append(f"| {r['variant']} | {r['ms']:.3f} | {r['ratio']:.3f}x | {r['peak_mib']:.0f} | "
-                     f"{r['out_max_diff']:.3g}{flag} |")
-    return lines
+    rows = [[r["variant"], f"{r['ms']:.3f}", f"{r['ratio']:.3f}x", f"{r['peak_mib']:.0f}",
+             f"{r['out_max_diff']:.3g}" + ("" if r["out_ok"] in (None, True) else " (DISAGREES)")]
+            for r in results["embedding"]]
+    return md_table("Embedding LoRA: fwd+bwd, r=16, ratio to the frozen embedding",
+                    ["variant", "ms", "ratio", "peak MiB", "max diff vs torch"], rows)

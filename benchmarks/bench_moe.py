@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from bench_common import DEV, interleaved, peak_delta_mib
+from bench_common import DEV, fmt, interleaved, md_table, peak_delta_mib
 from torch import nn
 
 import automodel_lora as al
@@ -170,12 +170,9 @@ def time_variants(arms: dict, xs: list, idx, w, args) -> tuple[dict, dict]:
 def table(results: dict) -> list[str]:
     if not results.get("moe"):
         return []
-    lines = ["\n## MoE experts layer: fwd+bwd, bf16, r=16 on both expert weights, ratio to the frozen experts",
-             "| shape | variant | ms | ratio | peak MiB | max diff vs torch |", "|---|---|---|---|---|---|"]
-    for r in results["moe"]:
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}x"
-        diff = "-" if r["out_max_diff"] is None else f"{r['out_max_diff']:.3g}"
-        lines.append(f"| {r['shape']} | {r['variant']} | {r['ms']:.3f} | {ratio} | {r['peak_mib']:.0f} | {diff} |")
-    for s in results.get("moe_skipped", []):
-        lines.append(f"| {s['shape']} | {s['variant']} | not timed: {s['reason'][:120]} | | | |")
-    return lines
+    rows = [[r["shape"], r["variant"], f"{r['ms']:.3f}", fmt(r["ratio"], ".3f") + ("x" if r["ratio"] else ""),
+             f"{r['peak_mib']:.0f}", fmt(r["out_max_diff"], ".3g")] for r in results["moe"]]
+    rows += [[s["shape"], s["variant"], f"not timed: {s['reason'][:120]}", "", "", ""]
+             for s in results.get("moe_skipped", [])]
+    return md_table("MoE experts layer: fwd+bwd, bf16, r=16 on both expert weights, ratio to the frozen experts",
+                    ["shape", "variant", "ms", "ratio", "peak MiB", "max diff vs torch"], rows)

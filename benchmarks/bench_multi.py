@@ -20,7 +20,7 @@ import copy
 
 import bench_model_shapes
 import torch
-from bench_common import DEV, interleaved, peak_delta_mib
+from bench_common import DEV, fmt, interleaved, md_table, peak_delta_mib
 
 import automodel_lora as al
 
@@ -202,10 +202,9 @@ def run(args) -> dict:
 def table(results: dict) -> list[str]:
     if not results.get("multi"):
         return []
-    lines = ["\n## Many adapters in one batch: 8b-shaped model, bf16, r=16 on 7 projections, ratio to the base model",
-             "| arm | ms | ratio to base | peak MiB | logits vs one at a time |", "|---|---|---|---|---|"]
-    for r in results["multi"]:
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}x"
-        diff = "-" if r["logits_rel_diff"] is None else f"{r['logits_rel_diff']:.2e}" + ("" if r["logits_ok"] else " (DISAGREES)")
-        lines.append(f"| {r['variant']} | {r['ms']:.3f} | {ratio} | {r['peak_mib']:.0f} | {diff} |")
-    return lines
+    rows = [[r["variant"], f"{r['ms']:.3f}", fmt(r["ratio"], ".3f") + ("x" if r["ratio"] else ""),
+             f"{r['peak_mib']:.0f}",
+             fmt(r["logits_rel_diff"], ".2e") + ("" if r["logits_ok"] in (None, True) else " (DISAGREES)")]
+            for r in results["multi"]]
+    return md_table("Many adapters in one batch: 8b-shaped model, bf16, r=16 on 7 projections, ratio to the base model",
+                    ["arm", "ms", "ratio to base", "peak MiB", "logits vs one at a time"], rows)
