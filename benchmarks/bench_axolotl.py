@@ -27,6 +27,7 @@ import logging
 import sys
 import types
 
+import torch
 from bench_common import DEV
 from torch import nn
 
@@ -129,3 +130,22 @@ def patch_model(model: nn.Module, kernels, qkv: str = "fused") -> int:
                 proj.forward = functools.partial(kernels.apply_lora_linear, proj)
         attn.o_proj.forward = functools.partial(kernels.apply_lora_o, attn)
     return len(layers)
+
+
+def invalidate_dora_cache_each_step(model: nn.Module) -> int:
+    """Make axolotl's DoRA arms recompute their norms every step, as they do in training; returns the count.
+
+    axolotl keeps ``||W + s B A||_row`` on the magnitude, keyed on ``A._version`` and ``B._version``, so a
+    benchmark that repeats fwd+bwd without an optimizer step would find it cached and skip the norm that every
+    training step pays (the optimizer's in-place update bumps both versions). A forward pre-hook on ``model``
+    bumps each DoRA layer's ``lora_A`` version with one in-place multiply by 1 (one fused launch for all)."""
+    As = [m.lora_A[name].weight for m in model.modules() if getattr(m, "lora_magnitude_vector", None)
+          for name in m.lora_magnitude_vector]
+
+    def bump(module, inputs):
+        with torch.no_grad():
+            torch._foreach_mul_(As, 1.0)
+
+    if As:
+        model.register_forward_pre_hook(bump)
+    return len(As)

@@ -9,6 +9,7 @@ import copy
 import statistics
 import time
 
+import bench_axolotl
 import torch
 import torch.nn.functional as F
 from bench_common import DEV, rel_err, sync, time_block
@@ -18,7 +19,7 @@ from torch import nn
 from automodel_lora import kernels as K
 
 # DoRA arms (benchmarks/DESIGN.md section 10): PEFT's, the reference PyTorch layer, the fused one
-DORA_VARIANTS = ("peft_dora", "torch_dora", "triton_dora")
+DORA_VARIANTS = ("peft_dora", "torch_dora", "triton_dora", "axolotl_dora")
 
 
 def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Tensor, want: list[str]):
@@ -51,22 +52,40 @@ def build_layer_variants(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Ten
         if name in want:
             out[name] = lora_copy(lin, r, A0, B0, use_triton, share_weight=True, use_dora=True)
     if "peft_dora" in want:
-        out["peft_dora"] = _peft_dora(lin, r, A0, B0)
+        out["peft_dora"] = peft_dora(lin, r, A0, B0)
+    if "axolotl_dora" in want:
+        out.update(axolotl_dora(lin, r, A0, B0))
     return out
 
 
-def _peft_dora(lin: nn.Linear, r: int, A0: torch.Tensor, B0: torch.Tensor):
+def peft_dora(lin: nn.Module, r: int, A0: torch.Tensor, B0: torch.Tensor, fp32_adapters: bool = True):
     """HF PEFT's DoRA on a copy of ``lin`` set to A0, B0: (module, [A, B, magnitude])."""
     import peft
 
     m = peft.get_peft_model(Wrap(copy.deepcopy(lin)),
-                            peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], use_dora=True))
+                            peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], use_dora=True),
+                            autocast_adapter_dtype=fp32_adapters)
     pl = m.base_model.model.lin
     with torch.no_grad():
         pl.lora_A["default"].weight.copy_(A0)
         pl.lora_B["default"].weight.copy_(B0)
     return m, [pl.lora_A["default"].weight, pl.lora_B["default"].weight,
                pl.lora_magnitude_vector["default"].weight]
+
+
+def axolotl_dora(lin: nn.Module, r: int, A0: torch.Tensor, B0: torch.Tensor) -> dict:
+    """{"axolotl_dora": (x -> y, [A, B, magnitude])}: PEFT's DoRA layer (bf16 adapters, as axolotl trains)
+    run through axolotl's ``LoRA_O`` node (``apply_lora_linear``), its norm recomputed each step as in
+    training; {} (with the reason printed) where axolotl cannot run here."""
+    why = bench_axolotl.unavailable()
+    if why:
+        print(f"[layer] axolotl_dora skipped: {why}")
+        return {}
+    m, params = peft_dora(lin, r, A0, B0, fp32_adapters=False)
+    bench_axolotl.invalidate_dora_cache_each_step(m)
+    pl, kernels = m.base_model.model.lin, bench_axolotl.load_kernels()
+    m.forward = lambda x: kernels.apply_lora_linear(pl, x)  # the pre-hook still runs (nn.Module.__call__)
+    return {"axolotl_dora": (m, params)}
 
 
 def _references(lin, A0, B0, x, g, magnitude=None) -> dict:

@@ -21,8 +21,9 @@ of each step synchronized (``ratio_sync``):
               KernelOptions(base_gemm="triton"))
   triton_proj_pass  the default kernels with a proj pass over x / dy before the TMA GEMM instead of
               xa / dyB made inside it (KernelOptions(fuse_proj=False))
-  peft_dora / torch_dora / triton_dora  DoRA (use_dora): HF PEFT's, automodel_lora's PyTorch layer, its
-              fused layer (DESIGN.md section 10); errors against fp32 DoRA, with the magnitude's (dm)
+  peft_dora / torch_dora / triton_dora / axolotl_dora  DoRA (use_dora): HF PEFT's, automodel_lora's
+              PyTorch layer, its fused layer (DESIGN.md section 10), PEFT's layer (bf16 adapters) through axolotl's
+              LoRA_O node with its norm recomputed each step; errors against fp32 DoRA, with the magnitude's (dm)
 Model arms (--model-variants; bench_model_arms.py): frozen, triton, peft, peft_bf16 (PEFT, bf16 adapters),
 axolotl (PEFT + axolotl's LoRA_MLP / LoRA_QKV / LoRA_O; needs axolotl on the path and CUDA); optional torch,
 triton_no_recompute (PeftConfig.recompute_mlp_input=False), axolotl_o and the triton_* option variants;

@@ -17,8 +17,9 @@ that arm's model under ``torch.compile`` (its eager arm must be listed too). Opt
 ``torch`` (automodel_lora's PyTorch path), ``triton_no_recompute``
 (``recompute_mlp_input=False``), ``triton_act_kept`` (the recompute, with the MLP product as ``act_fn(g) * u``
 so autograd keeps act(g) too: the product before ``silu_mul``), ``axolotl_o`` (axolotl with ``LoRA_O`` on each
-of q/k/v/o instead of ``LoRA_QKV``), ``torch_dora`` / ``triton_dora`` / ``peft_dora`` (DoRA on the 7 projections:
-our PyTorch path, our kernels, HF PEFT; checked against ``torch_dora``), and the kernel-option variants of
+of q/k/v/o instead of ``LoRA_QKV``), ``torch_dora`` / ``triton_dora`` / ``peft_dora`` / ``axolotl_dora`` (DoRA on the 7
+projections: our PyTorch path, our kernels, HF PEFT, PEFT + axolotl's kernels with their norm cache invalidated
+each step as an optimizer step does; checked against ``torch_dora``), and the kernel-option variants of
 bench_variants.SHARED_TRITON (the ``triton`` model run under other ``KernelOptions``).
 
 The adapters are drawn once, on the reference (automodel_lora's PyTorch path, ``LinearLoRA``: the base
@@ -39,7 +40,7 @@ from automodel_lora import PeftConfig, apply_lora_to_linear_modules, lora_module
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_ARMS = ["frozen", "triton", "peft", "peft_bf16", "axolotl", "frozen_graphed", "triton_graphed"]
 OPTIONAL_ARMS = ["torch", "triton_no_recompute", "triton_act_kept", "axolotl_o", "torch_dora", "triton_dora", "peft_dora",
-                 *SHARED_TRITON]
+                 "axolotl_dora", *SHARED_TRITON]
 DORA_REFERENCE = "torch_dora"  # the arm the other DoRA arms' logits are checked against
 GRAPHED = "_graphed"  # suffix: the arm before it, its steps replayed as a CUDA graph
 COMPILED = "_compiled"  # suffix: the arm before it, its model under torch.compile
@@ -130,13 +131,16 @@ class ArmUnavailable(RuntimeError):
 
 
 def peer_arm(name: str, base: nn.Module, r: int, pairs: dict) -> nn.Module:
-    """A peer's arm: peft, peft_bf16, axolotl, axolotl_o."""
+    """A peer's arm: peft, peft_bf16, axolotl, axolotl_o, peft_dora, axolotl_dora."""
     if name.startswith("axolotl"):
         why = bench_axolotl.unavailable()
         if why:
             raise ArmUnavailable(why)
-        m = peft_arm(base, r, pairs, fp32_adapters=False)  # bf16 adapters, as axolotl gives them
+        dora = name.endswith("_dora")
+        m = peft_arm(base, r, pairs, fp32_adapters=False, use_dora=dora)  # bf16 adapters, as axolotl gives them
         bench_axolotl.patch_model(m, bench_axolotl.load_kernels(), qkv="linear" if name == "axolotl_o" else "fused")
+        if dora:
+            bench_axolotl.invalidate_dora_cache_each_step(m)
         return m
     return peft_arm(base, r, pairs, fp32_adapters=name == "peft", use_dora=name.endswith("_dora"))
 

@@ -8,6 +8,7 @@ import copy
 
 import torch
 from bench_common import DEV, rel_err
+from bench_layer import axolotl_dora, peft_dora
 from bench_variants import BNB_DEQUANT, NF4, Wrap, fwd_bwd, lora_copy, time_layer_variants
 from torch import nn
 
@@ -22,7 +23,7 @@ def nf4_copy(bnb, lin: nn.Linear) -> nn.Module:
 
 def qlora_variants(lin: nn.Linear, q: nn.Module, r: int, A0: torch.Tensor, B0: torch.Tensor, dora: bool = True) -> dict:
     """Each variant: (callable x -> y, list of trainable params); with ``dora`` also QDoRA's (``torch_dora``,
-    ``triton_dora``, ``peft_dora``: the issue's QDoRA layer rows)."""
+    ``triton_dora``, ``peft_dora``, ``axolotl_dora``: the QDoRA layer rows)."""
     variants = {"frozen_bf16": (lin, []), "frozen_nf4": (q, [])}
     try:
         import peft
@@ -38,17 +39,10 @@ def qlora_variants(lin: nn.Linear, q: nn.Module, r: int, A0: torch.Tensor, B0: t
         for name, use_triton in (("torch_dora", False), ("triton_dora", True)):
             variants[name] = lora_copy(q, r, A0, B0, use_triton, use_dora=True)
         try:
-            import peft
-
-            m = peft.get_peft_model(Wrap(copy.deepcopy(q)), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"],
-                                                                              use_dora=True))
-            pl = m.base_model.model.lin
-            with torch.no_grad():
-                pl.lora_A["default"].weight.copy_(A0)
-                pl.lora_B["default"].weight.copy_(B0)
-            variants["peft_dora"] = (m, [p_ for p_ in m.parameters() if p_.requires_grad])
+            variants["peft_dora"] = peft_dora(q, r, A0, B0)
         except Exception as e:  # pragma: no cover - a peer's failure is reported, the others still measured
             print(f"[qlora] peft DoRA unavailable: {e!r}")
+        variants.update(axolotl_dora(q, r, A0, B0))
     return variants
 
 
@@ -67,7 +61,7 @@ def qlora_errors(bnb, variants: dict, q, A0: torch.Tensor, B0: torch.Tensor, x, 
         x.grad = None
         want_y = fwd_bwd("torch_dora", variants["torch_dora"][0], x, g).detach()
         want_dx = x.grad.clone()
-        for name in ("triton_dora", "peft_dora"):
+        for name in ("triton_dora", "peft_dora", "axolotl_dora"):
             if name in variants:
                 x.grad = None
                 y = fwd_bwd(name, variants[name][0], x, g)
