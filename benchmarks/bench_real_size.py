@@ -35,6 +35,9 @@ checkpointing is ~1-2 s, so 50 steps take ~1-2 min per arm plus ~20 s of model b
 
     python benchmarks/bench_real_size.py --runs llama3_8b_lora --steps 50 --out $OUT
     python benchmarks/bench_real_size.py --smoke          # tiny configs on the CPU, < 1 minute
+
+``--max-seq 4096,8192,16384,32768`` probes instead the longest sequence each arm trains at on this GPU (3 steps
+per length, the recipe's batch and checkpointing), written to ``max_seq_<gpu>_<date>.json``.
 """
 
 from __future__ import annotations
@@ -87,12 +90,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--out", default=None, help="a directory or a .json file (default: $OUT, else benchmarks/results/)")
     p.add_argument("--smoke", action="store_true", help="tiny configs, CPU, fp32, 4 steps of 64 tokens")
+    p.add_argument("--max-seq", metavar="LENS", default=None,
+                   help="instead of the timed runs: the longest of these sequence lengths (comma-separated, "
+                        "ascending) each arm trains at, 3 steps each, stopping at the first out-of-memory")
     p.add_argument("--table", metavar="JSON", help="print the README's markdown table of a results file and exit")
     args = p.parse_args(argv)
     if args.table:
         return args
     if args.smoke:
         args.steps, args.warmup_steps, args.seq_len = min(args.steps, 4), 1, 64
+    if args.max_seq:
+        try:
+            args.max_seq = [int(x) for x in args.max_seq.split(",")]
+        except ValueError:
+            p.error(f"--max-seq: comma-separated integers, got {args.max_seq!r}")
+        if args.max_seq != sorted(args.max_seq) or args.max_seq[0] < 1:
+            p.error(f"--max-seq: positive lengths in ascending order, got {args.max_seq}")
+        args.steps, args.warmup_steps = 3, 1
     runs, arms = args.runs.split(","), args.arms.split(",")
     for name, given, valid in (("--runs", runs, RUNS), ("--arms", arms, ARMS)):
         bad = [x for x in given if x not in valid]
@@ -266,14 +280,49 @@ def run_peft_trainer(cfg, args, work: Path) -> dict:
     return row
 
 
+def run_arm(run: str, arm: str, args, work: Path) -> dict:
+    """One (run, arm) at ``args.seq_len``: its row (tok/s, memory, MFU, losses); device memory freed after."""
+    cfg = recipe_for(run, args, work, OUR_ARMS.get(arm, []))
+    try:
+        row = run_ours(cfg, args) if arm in OUR_ARMS else run_peft_trainer(cfg, args, work / run)
+    finally:
+        free_device_memory()
+    row["mfu"] = mfu(row["flops_per_token"], row["tok_s"], row["peak_flops"])
+    return row
+
+
+def probe_lengths(run: str, arm: str, args, work: Path):
+    """Rows ``{"seq_len", "fits", ...}`` for ``args.max_seq`` in turn (3 steps each) up to the first length that
+    runs out of device memory (its row has ``fits: false`` and the error's first line)."""
+    for seq_len in args.max_seq:
+        args.seq_len = seq_len
+        try:
+            yield {"seq_len": seq_len, "fits": True, **run_arm(run, arm, args, work)}
+        except torch.OutOfMemoryError as e:
+            free_device_memory()
+            yield {"seq_len": seq_len, "fits": False, "error": str(e).splitlines()[0]}
+            return
+
+
+def print_max_seq(rows: list[dict]) -> None:
+    """The longest length that fitted per (run, arm), with its peak memory and tok/s."""
+    best: dict = {}
+    for r in rows:
+        if r.get("fits") and r.get("seq_len", 0) >= best.get((r["run"], r["arm"]), {}).get("seq_len", 0):
+            best[(r["run"], r["arm"])] = r
+    print(f"{'run':<18} {'arm':<13} {'max seq':>8} {'peak MiB':>9} {'tok/s':>9}")
+    for (run, arm), r in best.items():
+        print(f"{run:<18} {arm:<13} {r['seq_len']:>8} {r['peak_mib'] or 0:>9.0f} {r['tok_s']:>9.0f}")
+
+
 def gpu_slug(name: str) -> str:
     """``NVIDIA H100 80GB HBM3`` -> ``h100``; the CPU -> ``cpu``."""
     m = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]?)\b", name)
     return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
-def output_path(out: str | None, gpu: str) -> Path:
-    name = f"real_size_{gpu_slug(gpu)}_{datetime.date.today().isoformat()}.json"
+def output_path(out: str | None, gpu: str, kind: str = "real_size") -> Path:
+    name = f"{kind}_{gpu_slug(gpu)}_{datetime.date.today().isoformat()}.json"
     base = Path(out or os.environ.get("OUT") or REPO / "benchmarks" / "results")
     return base if base.suffix == ".json" else base / name
 
@@ -290,7 +339,7 @@ def main(argv=None) -> dict:
         return results
     env = run_env()
     settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "seq_len", "grad_accum", "smoke")}
-    path = output_path(args.out, env["gpu"])
+    path = output_path(args.out, env["gpu"], "max_seq" if args.max_seq else "real_size")
     # Rows of the runs not run this time are kept from an earlier file of the same name.
     kept = [r for r in json.loads(path.read_text()).get("rows", []) if r["run"] not in args.runs] if path.is_file() else []
     results = {**env, "settings": settings, "rows": kept}
@@ -298,13 +347,11 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="real_size_") as tmp:
         for run in args.runs:
             for arm in args.arms:
-                cfg = recipe_for(run, args, Path(tmp), OUR_ARMS.get(arm, []))
-                row = run_ours(cfg, args) if arm in OUR_ARMS else run_peft_trainer(cfg, args, Path(tmp) / run)
-                row["mfu"] = mfu(row["flops_per_token"], row["tok_s"], row["peak_flops"])
-                results["rows"].append({"run": run, "arm": arm, **row})
-                path.write_text(json.dumps(results, indent=1, default=str) + "\n")
-                free_device_memory()
-    print_table(results["rows"])
+                for row in (probe_lengths(run, arm, args, Path(tmp)) if args.max_seq else
+                            [run_arm(run, arm, args, Path(tmp))]):
+                    results["rows"].append({"run": run, "arm": arm, **row})
+                    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (print_max_seq if args.max_seq else print_table)(results["rows"])
     print(f"wrote {path}")
     return results
 

@@ -83,6 +83,8 @@ def test_readme_real_size_table_is_the_one_the_script_prints(bench):
         (["--arms", "unsloth"], "--arms: unknown 'unsloth'"),
         (["--steps", "5", "--warmup-steps", "5"], "--steps 5 must be larger than --warmup-steps 5"),
         (["--warmup-steps", "0"], "--warmup-steps must be at least 1"),
+        (["--max-seq", "4096,2048"], "--max-seq: positive lengths in ascending order"),
+        (["--max-seq", "4k"], "--max-seq: comma-separated integers"),
     ],
 )
 def test_bad_arguments_name_the_flag(bench, capsys, argv, message):
@@ -94,3 +96,24 @@ def test_bad_arguments_name_the_flag(bench, capsys, argv, message):
 @pytest.mark.parametrize("name, slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("cpu", "cpu")])
 def test_gpu_slug(bench, name, slug):
     assert bench.gpu_slug(name) == slug
+
+
+def test_max_seq_stops_at_the_first_length_out_of_memory(bench, monkeypatch, tmp_path):
+    """Each length runs in turn until one raises OutOfMemoryError: that row says so and no longer length runs."""
+    tried = []
+
+    def fake_arm(run, arm, args, work):
+        tried.append(args.seq_len)
+        if args.seq_len >= 8192:
+            raise bench.torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+        return {"tok_s": 1000.0, "peak_mib": args.seq_len / 100}
+
+    monkeypatch.setattr(bench, "run_arm", fake_arm)
+    results = bench.main(["--runs", "llama3_8b_lora", "--arms", "ours", "--max-seq", "2048,4096,8192,16384",
+                          "--out", str(tmp_path)])
+    assert tried == [2048, 4096, 8192]
+    rows = results["rows"]
+    assert [(r["seq_len"], r["fits"]) for r in rows] == [(2048, True), (4096, True), (8192, False)]
+    assert rows[-1]["error"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    written = json.loads(next(tmp_path.glob("max_seq_*.json")).read_text())
+    assert written["rows"] == rows
