@@ -22,14 +22,18 @@ a linear adapter on a weight stored `(in, out)`: `lora_A.weight` is `lora_embedd
 
 DoRA (`use_dora`, HF PEFT's `DoraEmbeddingLayer`): a magnitude `lora_magnitude_vector` `(embedding_dim,)` and
 `y = m / ||E^T + s B A||_row * (E[x] + s A^T[x] B^T)`, the norm over the vocabulary per embedding dimension, detached
-(`automodel_lora.dora`; the PyTorch path). Not supported on embeddings: `lora_bias`, and a second named adapter on
-the same module.
+(`automodel_lora.dora.row_norms`: low-rank, no `(embedding_dim, num_embeddings)` tensor), on the fused kernel where
+plain LoRA runs on it (the scale in its forward epilogue, `dm` recovered from the saved output), else the PyTorch
+path. Not supported on embeddings: `lora_bias`, and a second named adapter on the same module.
 
 `use_triton` (`lora_use_triton`, default True) runs the fused kernel of `kernels/embedding_lora.py` where
 `use_kernels_for` holds (CUDA, or the CPU under `TRITON_INTERPRET=1`; fp32 / fp16 / bf16 tables and adapters):
 one forward launch gathers E's row and A's column per token and writes `y` once, and the backward reduces `dA`
 per id over sorted tokens (deterministic). A plain `nn.Embedding` forward is gathered in the kernel; a
 subclass's own forward (Gemma's scaled embeddings) runs first and the kernel adds the adapter term to its output.
+With DoRA the kernel applies `m / ||.||` per column as it writes `y`, the backward scales `dy` by it as it loads
+`dy` and sums `dm` from the saved `y` (a subclass's forward is called again in backward only where some magnitude
+is 0, after one host sync; do not modify a DoRA embedding's output in place before backward).
 The PyTorch path runs with `max_norm` (its in-place renorm of A's columns) or `sparse`, with a table that
 requires grad, under `torch.compile`, and where the kernels do not run.
 """
@@ -44,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraSettings
-from .dora import MAGNITUDE, dora_scale, new_magnitude
+from .dora import MAGNITUDE, dora_scale, new_magnitude, row_norms
 from .kernels.embedding_lora import embedding_lora
 from .matcher import is_adaptable, is_conv1d
 from .patching import is_swapped_class, swapped_class, swapped_reduce
@@ -116,17 +120,23 @@ class EmbeddingLoRA(nn.Embedding):
         """`(...) int64 -> (..., embedding_dim)`: base lookup plus the scaled adapter term."""
         if self.lora_merged or not self.lora_enabled:
             return self.base_forward(x)
-        if self._parameters.get(MAGNITUDE) is not None:  # DoRA: the direction's lookup, rescaled per dimension
-            out = self.base_forward(x)
-            return dora_scale(self, out.dtype) * (out + self.lora_delta(x, out.dtype))
+        magnitude = self._parameters.get(MAGNITUDE)
         if self.lora_use_triton and self.max_norm is None and not self.sparse:
             # a plain embedding's lookup is gathered in the kernel; a subclass's forward runs first
             plain = self._lora_base_cls.forward is nn.Embedding.forward
+            dora = {}
+            if magnitude is not None:  # DoRA: f = m / ||E^T + s B A||_row applied in the kernel's epilogue
+                dora = dict(magnitude=magnitude, weight_norm=row_norms(self, self.lora_A.weight, self.lora_B.weight,
+                                                                       self.lora_settings.scale))
+                if not plain:  # backward looks the base up again only where some f is 0
+                    dora["recompute_base"] = lambda: self.base_forward(x)
             return embedding_lora(x, self.weight, self.lora_embedding_A, self.lora_embedding_B, self.lora_settings.scale,
                                   padding_idx=self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq,
                                   embed_scale=getattr(self, "embed_scale", None),
-                                  base_out=None if plain else self.base_forward(x))
+                                  base_out=None if plain else self.base_forward(x), **dora)
         out = self.base_forward(x)
+        if magnitude is not None:  # DoRA: the direction's lookup, rescaled per dimension
+            return dora_scale(self, out.dtype) * (out + self.lora_delta(x, out.dtype))
         return out + self.lora_delta(x, out.dtype)
 
     def lora_delta(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
