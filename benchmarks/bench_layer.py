@@ -84,7 +84,9 @@ def axolotl_dora(lin: nn.Module, r: int, A0: torch.Tensor, B0: torch.Tensor) -> 
     m, params = peft_dora(lin, r, A0, B0, fp32_adapters=False)
     bench_axolotl.invalidate_dora_cache_each_step(m)
     pl, kernels = m.base_model.model.lin, bench_axolotl.load_kernels()
-    m.forward = lambda x: kernels.apply_lora_linear(pl, x)  # the pre-hook still runs (nn.Module.__call__)
+    # LoRA_O's backward unpacks (batch, seq, hidden): the layer's (M, K) rows as one sequence; the pre-hook
+    # still runs (nn.Module.__call__)
+    m.forward = lambda x: kernels.apply_lora_linear(pl, x.unsqueeze(0)).squeeze(0)
     return {"axolotl_dora": (m, params)}
 
 
