@@ -100,7 +100,7 @@ def test_refusals_name_the_problem():
     with al.adapter_batch(model, ["b", "c"]):
         with pytest.raises(ValueError, match=r"input of shape \(3, 4, 32\) is not 2 sequences"):
             model(input_ids=torch.randint(0, 128, (3, 4)))
-    with pytest.raises(ValueError, match=r"decode_kernel='bgmv'; pass one of \('gather', 'segmented'\)"):
+    with pytest.raises(ValueError, match=r"decode_kernel='bgmv'; pass one of \('auto', 'gather', 'segmented'\)"):
         with al.adapter_batch(model, ["b"], decode_kernel="bgmv"):
             pass
 
@@ -158,7 +158,8 @@ def test_float32_decode_on_the_gather_kernel_equals_each_alone_and_the_segmented
     prompt, nxt = torch.randint(0, 128, (5, 6), generator=g), torch.randint(0, 128, (5, 1), generator=g)
     batch = ["c", None, "c", "default", "c"]  # "b" in no sequence
     with torch.no_grad():
-        got = _decode_step(model, prompt, nxt, adapters=batch)
+        got = _decode_step(model, prompt, nxt, adapters=batch)  # "auto": two adapters in the batch, gather
+        assert (got - _decode_step(model, prompt, nxt, adapters=batch, decode_kernel="gather")).abs().max() == 0
         gathered = len(rows)
         seg = _decode_step(model, prompt, nxt, adapters=batch, decode_kernel="segmented")
         assert len(rows) == gathered  # the segmented block calls no gather_mm
@@ -303,3 +304,23 @@ def test_persistent_stacks_give_the_same_logits_fill_free_slots_in_place_and_ref
         al.stack_adapters(model, ["b"], max_num_loras=1)
     al.unstack_adapters(model)
     assert "lora_stack" not in q.__dict__ and al.adapter_stacks.stacked_slots(model) == {}
+
+
+def test_auto_decode_kernel_is_segmented_for_one_adapter_and_gather_for_several(monkeypatch):
+    """``decode_kernel="auto"`` (the default) resolves per block from the batch's adapters: one distinct adapter
+    (sequences without one aside) takes the segmented kernel, several the gather kernel."""
+    from automodel_lora import mixed_adapters
+
+    seen = []
+    monkeypatch.setattr(mixed_adapters, "_batched_forward",
+                        lambda *args, **kwargs: seen.append(args[5]) or (lambda x: x))
+    model = _model_with_adapters().float()
+    for batch, want in ((["c", None, "c"], "segmented"), ([None, None], "segmented"), (["c", "b"], "gather"),
+                        (["b", "c", "b"], "gather")):
+        seen.clear()
+        with al.adapter_batch(model, batch):
+            pass
+        assert seen and set(seen) == {want}, (batch, seen)
+    with al.adapter_batch(model, ["c", "b"], decode_kernel="segmented"):
+        pass
+    assert set(seen[-1:]) == {"segmented"}
