@@ -95,7 +95,7 @@ def is_kernel(y):
 
 @interp_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rank", [1, 3, 16])
+@pytest.mark.parametrize("rank", [1, 3, 16, 70])  # 70: several rank blocks (dm from the first one only)
 @pytest.mark.parametrize("padding_idx,freq", [(None, False), (3, True)])
 def test_dora_kernel_matches_the_float64_reference_interp(dtype, rank, padding_idx, freq):
     ids = ids_with_repeats((3, 29), V, padding_idx)  # 87 tokens: several tiles and dB / dm splits
@@ -181,7 +181,7 @@ def test_the_dora_module_runs_the_kernel_interp(cls, monkeypatch):
     agrees with float64 PEFT math (the norm dense in float64) and with `use_triton=False`."""
     seen = []
     fwd, bwd = EK.embedding_lora_forward, EK.embedding_lora_backward
-    monkeypatch.setattr(EK, "embedding_lora_forward", lambda *a: seen.append(("fwd", a[-1] is not None)) or fwd(*a))
+    monkeypatch.setattr(EK, "embedding_lora_forward", lambda *a: seen.append(("fwd", a[7] is not None)) or fwd(*a))
     monkeypatch.setattr(EK, "embedding_lora_backward", lambda *a: seen.append(("bwd", a[-2] is not None)) or bwd(*a))
     es = 3.0 if cls is ScaledEmbedding else 1.0
     kwargs = {"embed_scale": es} if cls is ScaledEmbedding else {}
@@ -205,6 +205,48 @@ def test_the_dora_module_runs_the_kernel_interp(cls, monkeypatch):
         check_all((y, *torch.autograd.grad(y, params, dy)), expected, torch.float32)
         assert emb.weight.grad is None
     assert seen == [("fwd", True), ("bwd", True)], seen
+
+
+@interp_only
+def test_the_table_never_goes_through_saved_tensor_hooks_interp():
+    """The frozen table E (needed in backward only for a zero magnitude's column) is held, not saved: a
+    saved-tensor hook (``save_on_cpu``, offloading) never packs a (V, D) tensor, and the gradients still match."""
+    E, A, B, m, norm = inputs(torch.float32, 3)
+    ids = ids_with_repeats((2, 19), V)
+    packed = []
+
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = embedding_lora(ids, E, A, B, 0.7, magnitude=m, weight_norm=norm)
+    assert is_kernel(y) and packed and (V, D) not in packed, packed
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (A, B, m), dy)
+    check_all((y, *grads), reference(ids, E[ids], A.detach(), B.detach(), 0.7, m.detach(), norm, dy),
+              torch.float32)
+
+
+@interp_only
+def test_outputs_written_in_place_interp():
+    """Plain LoRA's output is no view: a caller may write rows in place (multimodal models put image features
+    into the embeddings so), and the gradients are those of the rows left. DoRA keeps its output for backward:
+    writing it in place is autograd's error at backward, never a silent wrong gradient."""
+    E, A, B, m, norm = inputs(torch.float32, 3)
+    ids = ids_with_repeats((2, 19), V)
+    y = embedding_lora(ids, E, A, B, 0.7)
+    y[0, :5] = 1.0  # what `inputs_embeds[image_mask] = features` does
+    dy = torch.randn_like(y)
+    dA, dB = torch.autograd.grad(y, (A, B), dy)
+    kept = dy.clone()
+    kept[0, :5] = 0
+    want = torch.autograd.grad(embedding_lora(ids, E, A, B, 0.7), (A, B), kept)
+    torch.testing.assert_close((dA, dB), want)
+    y = embedding_lora(ids, E, A, B, 0.7, magnitude=m, weight_norm=norm)
+    y[0, :5] = 1.0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, (A, B, m), dy)
 
 
 def test_dora_module_without_the_kernels_takes_the_pytorch_path():

@@ -253,28 +253,30 @@ def _check_ids(ids: torch.Tensor, V: int) -> None:
 
 def embedding_lora_forward(ids: torch.Tensor, base: torch.Tensor, gather: bool, lora_A: torch.Tensor,
                            lora_B: torch.Tensor, scale: float, es: torch.Tensor | None,
-                           f: torch.Tensor | None = None) -> torch.Tensor:
-    """y ``(T, D)`` in base's dtype for flat contiguous ``ids`` (T,): ``base`` is the table E ``(V, D)``
-    (``gather``) or a base output ``(T, D)``; ``es`` a one-element fp32 tensor or None; ``f`` DoRA's column
-    scale ``(D,)`` fp32 contiguous (y = f * z) or None."""
+                           f: torch.Tensor | None = None, shape: tuple = ()) -> torch.Tensor:
+    """y ``(*shape, D)`` (default ``(T, D)``) in base's dtype for flat contiguous ``ids`` (T,): ``base`` is the
+    table E ``(V, D)`` (``gather``) or a base output ``(T, D)``; ``es`` a one-element fp32 tensor or None; ``f``
+    DoRA's column scale ``(D,)`` fp32 contiguous (y = f * z) or None. Allocated in its final shape, so the
+    caller's output is no view (callers may write it in place, as they may a lookup's)."""
     T, (R, V), D = ids.numel(), lora_A.shape, lora_B.shape[0]
     _check_ids(ids, V)
-    y = torch.empty(T, D, device=base.device, dtype=base.dtype)
+    out = torch.empty(*(shape or (T,)), D, device=base.device, dtype=base.dtype)
+    y = out.view(T, D)  # the kernel's (T, D) rows of the same storage
     if T == 0 or D == 0:
-        return y
+        return out
     BT, BD = _FWD["BT"], _FWD["BD"]
     grid = (cdiv(T, BT), cdiv(D, BD))
     _fwd_kernel[grid](ids, base, lora_A, lora_B, base if es is None else es, y if f is None else f, y, T, V, D, R,
                       float(scale), base.stride(0), base.stride(1), lora_A.stride(0), lora_A.stride(1),
                       lora_B.stride(0), lora_B.stride(1), GATHER=gather, ES=es is not None, DORA=f is not None,
                       PREC=_prec(lora_A.dtype, lora_B.dtype), BT=BT, BD=BD, BR=rank_block(R))
-    return y
+    return out
 
 
 class DoraSaved(NamedTuple):
-    """What DoRA's backward reads: f ``(D,)`` fp32, the layer's output y ``(T, D)``, and for the columns whose f
-    is 0 the base z is recomputed from: E ``(V, D)`` (``gather``) or the base output ``(T, D)`` (None: there is
-    no such column, or dm is not needed)."""
+    """What DoRA's backward reads: f ``(D,)`` fp32, the layer's output y ``(T, D)``, and what the base z of the
+    columns whose f is 0 is recomputed from: E ``(V, D)`` (``gather``: always), else the base output ``(T, D)``
+    (the caller's, or ``recompute_base``'s where some f is 0; None where no f is 0)."""
 
     f: torch.Tensor
     y: torch.Tensor
@@ -352,9 +354,11 @@ def embedding_lora_backward(dy: torch.Tensor, ids: torch.Tensor, lora_A: torch.T
 
 class _EmbeddingLoRAFunction(torch.autograd.Function):
     """ids ``(...)`` int, base ``(V, D)`` (gather) or ``(..., D)``, lora_A ``(r, V)``, lora_B ``(D, r)`` (DoRA:
-    magnitude, weight_norm ``(D,)``) -> y ``(..., D)``. Saves the ids, A, B (and embed_scale's tensor): nothing of
-    shape (T, r) or (T, D); DoRA also saves f, its own output y and the table E (parameters), or a base output
-    the caller gave without ``recompute_base``."""
+    magnitude, weight_norm ``(D,)``) -> y ``(..., D)``. Saves the ids, A, B (and embed_scale's tensor), nothing
+    of shape (T, r) or (T, D). DoRA also saves f, the norm and its own output y (so y must not be written in
+    place before backward), and a base output the caller gave without ``recompute_base``; the frozen table E is
+    held on ``ctx`` (a parameter the module keeps anyway), not saved, so saved-tensor hooks (``save_on_cpu``,
+    offloading) never copy the whole table."""
 
     @staticmethod
     def forward(ctx, ids, base, gather: bool, lora_A, lora_B, scale: float, es, padding_idx, scale_grad_by_freq,
@@ -365,12 +369,13 @@ class _EmbeddingLoRAFunction(torch.autograd.Function):
         f = None
         if magnitude is not None:  # detached: the norm is a constant, dm comes from backward
             f = (magnitude.detach().to(torch.float32) / weight_norm.to(torch.float32)).contiguous()
-        y = on_device_of(flat, embedding_lora_forward, flat, base2, gather, lora_A, lora_B, scale, es, f)
-        out = y.view(*ids.shape, D)
+        out = on_device_of(flat, embedding_lora_forward, flat, base2, gather, lora_A, lora_B, scale, es, f,
+                           tuple(ids.shape))
         saved = (None,) * 4
-        if f is not None:  # E is a parameter; a caller's base output only where it cannot be recomputed
-            saved = (out, f, weight_norm, base if gather or recompute_base is None else None)
+        if f is not None:  # a caller's base output only where it cannot be recomputed
+            saved = (out, f, weight_norm, None if gather or recompute_base is not None else base)
         ctx.save_for_backward(flat, lora_A, lora_B, es, *saved)
+        ctx.table = base if f is not None and gather else None
         ctx.scale, ctx.padding_idx, ctx.freq, ctx.gather = scale, padding_idx, scale_grad_by_freq, gather
         ctx.recompute_base = recompute_base
         ctx.magnitude_dtype = None if magnitude is None else magnitude.dtype
@@ -380,6 +385,7 @@ class _EmbeddingLoRAFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         flat, lora_A, lora_B, es, y, f, norm, base = ctx.saved_tensors
+        base = ctx.table if ctx.gather else base
         nig = ctx.needs_input_grad
         need_dA, need_dB, need_dm = nig[3], nig[4], f is not None and nig[9]
         D = lora_B.shape[0]
