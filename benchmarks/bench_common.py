@@ -96,6 +96,25 @@ def time_block(step, n: int, prep=None) -> list[float]:
     return [a.elapsed_time(b) for a, b in ev]
 
 
+def kernel_profile(step, n: int = 5, prep=None, lines: int = 16) -> str:
+    """Where ``n`` calls of ``step`` spend their time, after one warm call: torch.profiler's table by total
+    device time (CPU time off CUDA), its first ``lines`` rows (kernel names against DESIGN.md's floors)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = DEV == "cuda"
+    if prep:
+        prep(0)
+    step(0)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(n):
+            if prep:
+                prep(i)
+            step(i)
+        sync()
+    return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=lines)
+
+
 def peak_delta_mib(step, prep=None) -> float:
     """MiB allocated at the peak of one step above what was allocated before it (nan off CUDA)."""
     if DEV != "cuda":

@@ -12,8 +12,8 @@ import time
 import bench_axolotl
 import torch
 import torch.nn.functional as F
-from bench_common import DEV, rel_err, sync, time_block
-from bench_variants import SHARED_TRITON, Wrap, fwd_bwd, lora_copy, time_layer_variants
+from bench_common import DEV, kernel_profile, rel_err, sync, time_block
+from bench_variants import SHARED_TRITON, Wrap, fwd_bwd, layer_steps, lora_copy, time_layer_variants
 from torch import nn
 
 from automodel_lora import kernels as K
@@ -147,10 +147,14 @@ def run(args) -> dict:
             times, mem = time_layer_variants(variants, xs, gs, args)
             times_sync, _ = time_layer_variants(variants, xs, gs, args, sync_each=True)
             f, fs = times["frozen"], times_sync["frozen"]
+            steps, prep = layer_steps(variants, xs, gs)
             for name in variants:
                 row = dict(K=Kd, N=N, r=r, variant=name, ms=times[name], ratio=times[name] / f,
                            ms_sync=times_sync[name], ratio_sync=times_sync[name] / fs, peak_mib=mem[name],
                            err=errs[name])
+                if name in args.profile:
+                    row["profile"] = kernel_profile(steps[name], prep=prep)
+                    print(f"[layer] K={Kd} N={N} r={r} profile of {name}:\n{row['profile']}", flush=True)
                 rows.append(row)
             print(f"[layer] K={Kd} N={N} r={r} (GPU time; synchronized wall time): "
                   + ", ".join(f"{n}={times[n]:.3f}ms ({times[n] / f:.2f}x; {times_sync[n] / fs:.2f}x)" for n in times),

@@ -106,8 +106,11 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (script check, any device)")
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_lora.json or benchmarks/results/)")
+    ap.add_argument("--profile", default="", help="layer and multi sections: comma-separated variants / arms whose "
+                    "step is also profiled per kernel (torch.profiler's table, printed and kept in the JSON)")
     args = ap.parse_args(argv)
     args.variants = args.variants.split(",")
+    args.profile = [v for v in args.profile.split(",") if v]
     args.model_shapes = args.model_shapes.split(",")
     args.model_variants = args.model_variants.split(",")
     args.moe_shapes, args.moe_variants = args.moe_shapes.split(","), args.moe_variants.split(",")

@@ -20,7 +20,7 @@ import copy
 
 import bench_model_shapes
 import torch
-from bench_common import DEV, fmt, interleaved, md_table, peak_delta_mib
+from bench_common import DEV, fmt, interleaved, kernel_profile, md_table, peak_delta_mib
 
 import automodel_lora as al
 
@@ -187,6 +187,7 @@ def run(args) -> dict:
 
         times = interleaved(steps, n=args.n, rounds=args.rounds, warmup=args.warmup, prep=prep)
         mem = {k: peak_delta_mib(s, prep) for k, s in steps.items()}
+        profiles = {k: kernel_profile(steps[k], prep=prep) for k in args.profile if k in steps}
     rows = []
     for k, ms in times.items():
         protocol = k.removeprefix("peft_").split("_")[0]
@@ -196,7 +197,9 @@ def run(args) -> dict:
         if k == "train_4":  # the goal for training is against our single-adapter step
             rows[-1]["ratio_to_single"] = ms / times["train_single"]
         print(f"[multi] {k}: {ms:.3f} ms" + (f", {ms / ref:.3f}x of base" if ref else ""), flush=True)
-    return {"multi": rows}
+    for k, text in profiles.items():
+        print(f"[multi] profile of {k}:\n{text}", flush=True)
+    return {"multi": rows, **({"multi_profile": profiles} if profiles else {})}
 
 
 def table(results: dict) -> list[str]:

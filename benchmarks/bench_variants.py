@@ -92,10 +92,8 @@ def fwd_bwd(name: str, fn, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return y
 
 
-def time_layer_variants(variants: dict, xs: list, gs: list, args, sync_each: bool = False) -> tuple[dict, dict]:
-    """(median ms, peak MiB) of each variant's fwd+bwd step, alternating two (x, g) buffers, interleaved;
-    ``sync_each``: the step's host wall time with the GPU synchronized around it instead of its GPU time
-    (see ``interleaved``)."""
+def layer_steps(variants: dict, xs: list, gs: list) -> tuple[dict, object]:
+    """({name: step(i), each variant's fwd+bwd on the i-th of two (x, g) buffers}, prep(i): grads to None)."""
     plist = [p_ for _, ps in variants.values() for p_ in ps]
 
     def prep(i):
@@ -109,7 +107,14 @@ def time_layer_variants(variants: dict, xs: list, gs: list, args, sync_each: boo
             fwd_bwd(name, fn, xs[i % 2], gs[i % 2])
         return step
 
-    steps = {name: make_step(name, fn) for name, (fn, _) in variants.items()}
+    return {name: make_step(name, fn) for name, (fn, _) in variants.items()}, prep
+
+
+def time_layer_variants(variants: dict, xs: list, gs: list, args, sync_each: bool = False) -> tuple[dict, dict]:
+    """(median ms, peak MiB) of each variant's fwd+bwd step, alternating two (x, g) buffers, interleaved;
+    ``sync_each``: the step's host wall time with the GPU synchronized around it instead of its GPU time
+    (see ``interleaved``)."""
+    steps, prep = layer_steps(variants, xs, gs)
     times = interleaved(steps, n=args.n, rounds=args.rounds, warmup=args.warmup, prep=prep, sync_each=sync_each)
     return times, {name: peak_delta_mib(step, prep) for name, step in steps.items()}
 
