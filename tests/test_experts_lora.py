@@ -67,7 +67,7 @@ def _reference_experts(module, x, top_k_index, top_k_weights):
     return out
 
 
-@pytest.mark.parametrize("experts, top_k, rank", [(5, 2, 4), (7, 3, 1), (3, 1, 16)])
+@pytest.mark.parametrize("experts, top_k, rank", [(5, 2, 4), (7, 3, 1), (3, 1, 16), (3, 2, 128)])
 def test_adapted_experts_equal_a_float64_loop_over_experts(experts, top_k, rank):
     model = _qwen3_moe(experts, top_k)
     module = model.model.layers[0].mlp.experts

@@ -64,6 +64,7 @@ def _check(ids, offsets, x, A, B, base, dy, scale=0.7):
     (50, 20, 33, 1, 7, (0, 6)),   # rank 1, the first and last groups empty
     (23, 64, 16, 16, 1, ()),      # one group (a plain LoRA)
     (19, 17, 70, 64, 3, ()),      # rank 64 wider than N
+    (26, 33, 21, 128, 2, ()),     # rank 128: several rank blocks, wider than K and N
 ])
 def test_segmented_lora_matches_float64(dtype, S, K, N, r, G, empty):
     _check(*_case(S, K, N, r, G, dtype, empty=empty))
