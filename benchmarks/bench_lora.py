@@ -43,6 +43,8 @@ list; the timing harness is bench_common.py, the variants' kernel options bench_
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 import bench_embedding
 import bench_layer
@@ -105,7 +107,8 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (script check, any device)")
-    ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_lora.json or benchmarks/results/)")
+    ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_lora.json or benchmarks/results/; "
+                    "--smoke: the system's temporary directory)")
     ap.add_argument("--profile", default="", help="layer and multi sections: comma-separated variants / arms whose "
                     "step is also profiled per kernel (torch.profiler's table, printed and kept in the JSON)")
     args = ap.parse_args(argv)
@@ -120,6 +123,8 @@ def parse_args(argv=None):
     if args.smoke:
         args.M, args.shapes, args.ranks, args.n, args.rounds, args.warmup = 64, [(48, 40)], [4], 3, 1, 1
         args.qlora_shapes = [(64, 48)]
+        if args.out is None and not os.environ.get("OUT"):  # a script check's figures are no result to keep
+            args.out = os.path.join(tempfile.gettempdir(), "bench_lora_smoke.json")
     return args
 
 
