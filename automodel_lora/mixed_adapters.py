@@ -49,7 +49,7 @@ from .embedding_lora import is_embedding_lora
 from .experts_lora import experts_lora_modules
 from .fused_shrink import SharedShrink, qkv_groups
 from .kernels.backend import use_kernels_for
-from .kernels.gather_mm import gather_mm
+from .kernels.gather_mm import gather_mm, gathered_product
 from .kernels.segment_mm import segment_mm
 from .kernels.segmented_lora import segmented_lora
 from .lora import LinearLoRA, lora_modules
@@ -154,31 +154,15 @@ def _kernel(rows: _Rows, x: torch.Tensor, grad: bool, decode_kernel: str) -> str
     return "gather" if decode_kernel == "gather" and rows._per_seq(x) == 1 else "segment"
 
 
-def _shrink(x2: torch.Tensor, A: torch.Tensor, ids: torch.Tensor, kernel: str | None) -> torch.Tensor:
-    """(M, r) ``x2[i] A_{ids[i]}^T`` for x2 (M, in), A (K, r, in); rows without an adapter stay zero."""
+def _product(x2: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, kernel: str | None,
+             add: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, N) ``add + x2[i] w_{ids[i]}^T`` for x2 (M, K) (any strides), w (G, N, K): the shrink (w = A) and the
+    expand (w = B, added into the base output); rows without an adapter get ``add`` alone (or zero)."""
     if kernel == "gather":
-        return gather_mm(x2, A, ids)
+        return gather_mm(x2, w, ids, add=add)
     if kernel == "segment":
-        return segment_mm(x2, A, ids)
-    xa = x2.new_zeros(x2.shape[0], A.shape[1])
-    for k in range(A.shape[0]):
-        sel = (ids == k).nonzero().squeeze(1)
-        xa = xa.index_add(0, sel, x2[sel] @ A[k].T.to(x2.dtype))
-    return xa
-
-
-def _expand(xa: torch.Tensor, B: torch.Tensor, ids: torch.Tensor, y2: torch.Tensor,
-            kernel: str | None) -> torch.Tensor:
-    """(M, out) ``y2 + xa[i] B_{ids[i]}^T`` for xa (M, r) (any strides), B (K, out, r), y2 (M, out)."""
-    if kernel == "gather":
-        return gather_mm(xa, B, ids, add=y2)
-    if kernel == "segment":
-        return segment_mm(xa, B, ids, add=y2)
-    out = y2
-    for k in range(B.shape[0]):
-        sel = (ids == k).nonzero().squeeze(1)
-        out = out.index_add(0, sel, (xa[sel] @ B[k].T.to(xa.dtype)).to(out.dtype))
-    return out
+        return segment_mm(x2, w, ids, add=add)
+    return gathered_product(x2, w, ids, add)
 
 
 def _fixed(module: LinearLoRA, names: list, dtype: torch.dtype, fixed: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,10 +192,10 @@ def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: 
             return segmented_lora(x2, A, B, y2, ids, rows.offsets(x), 1.0).view(y.shape)
         kernel = _kernel(rows, x, grad, decode_kernel)
         if shared is None or grad:
-            xa = _shrink(x2, A, ids, kernel)  # (M, r_max)
+            xa = _product(x2, A, ids, kernel)  # (M, r_max)
         else:
-            xa = shared[0].shrink(shared[1], x, A, lambda w: _shrink(x2, w, ids, kernel))
-        return _expand(xa, B, ids, y2, kernel).view(y.shape)
+            xa = shared[0].shrink(shared[1], x, A, lambda w: _product(x2, w, ids, kernel))
+        return _product(xa, B, ids, kernel, add=y2).view(y.shape)
 
     return forward
 

@@ -31,15 +31,16 @@ FUSED = 7 + 4 + 7
 def shrinks(monkeypatch):
     """The rank width of every shrink of the blocks, and a weak reference to each result."""
     calls, refs = [], []
-    real = mixed_adapters._shrink
+    real = mixed_adapters._product
 
-    def spy(x2, A, ids, kernel):
-        xa = real(x2, A, ids, kernel)
-        calls.append(A.shape[1])
-        refs.append(weakref.ref(xa))
-        return xa
+    def spy(x2, w, ids, kernel, add=None):
+        out = real(x2, w, ids, kernel, add=add)
+        if add is None:  # a shrink (the expand adds into the base output)
+            calls.append(w.shape[1])
+            refs.append(weakref.ref(out))
+        return out
 
-    monkeypatch.setattr(mixed_adapters, "_shrink", spy)
+    monkeypatch.setattr(mixed_adapters, "_product", spy)
     return calls, refs
 
 

@@ -26,7 +26,7 @@ import torch
 
 from .backend import HAS_TRITON, KERNEL_DTYPES, on_device_of, use_kernels_for
 
-__all__ = ["gather_mm"]
+__all__ = ["gather_mm", "gathered_product"]
 
 if HAS_TRITON:  # without triton gather_mm takes its PyTorch path
     import triton
@@ -91,17 +91,19 @@ def _check(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Tenso
                              f"(e.g. {name}.to(x.device))")
 
 
-def _reference(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None,
-               out: torch.Tensor) -> torch.Tensor:
-    """The PyTorch path (the CPU without the interpreter, dtypes the kernel does not compute in): one product
-    per distinct id present, in at least fp32, written into ``out`` (M, N)."""
+def gathered_product(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+                     add: torch.Tensor | None = None) -> torch.Tensor:
+    """``gather_mm``'s math in PyTorch, differentiable: one product per distinct id present (a host sync reads
+    them), in at least fp32; the result in ``add``'s dtype, else ``x``'s. The path where the kernel does not run
+    (the CPU without the interpreter, other dtypes), and the one gradients take."""
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    acc = add.to(acc_dtype, copy=True) if add is not None else torch.zeros(out.shape, dtype=acc_dtype, device=x.device)
+    M, N = x.shape[0], w.shape[1]
+    acc = add.to(acc_dtype, copy=True) if add is not None else torch.zeros(M, N, dtype=acc_dtype, device=x.device)
     valid = (ids >= 0) & (ids < w.shape[0])
     for g in ids[valid].unique().tolist():
         sel = (ids == g).nonzero().squeeze(1)  # (rows of id g,)
-        acc.index_add_(0, sel, x[sel].to(acc_dtype) @ w[g].T.to(acc_dtype))
-    return out.copy_(acc)
+        acc = acc.index_add(0, sel, x[sel].to(acc_dtype) @ w[g].T.to(acc_dtype))
+    return acc.to(add.dtype if add is not None else x.dtype)
 
 
 def gather_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,11 +124,11 @@ def gather_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Te
     _check(x, w, ids, add)
     M, K = x.shape
     N = w.shape[1]
+    if not use_kernels_for(x) or w.dtype not in KERNEL_DTYPES or (add is not None and add.dtype not in KERNEL_DTYPES):
+        return gathered_product(x, w, ids, add)
     out = torch.empty(M, N, device=x.device, dtype=add.dtype if add is not None else x.dtype)
     if M == 0 or N == 0:
         return out
-    if not use_kernels_for(x) or w.dtype not in KERNEL_DTYPES or (add is not None and add.dtype not in KERNEL_DTYPES):
-        return _reference(x, w, ids, add, out)
     BN, BK = _tiles(N, K)
     a = add if add is not None else out  # a placeholder pointer when HAS_ADD is off
     grid = (M, cdiv(N, BN))
