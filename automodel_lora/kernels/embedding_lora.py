@@ -305,8 +305,10 @@ def _db_dm(dy, ids, lora_A, lora_B, scale, es, dora: DoraSaved | None, need_dB: 
         out = torch.empty(D, R, device=dy.device, dtype=lora_B.dtype)[None]
     else:
         out = torch.empty(splits, D, R, device=dy.device, dtype=torch.float32)
-    part = torch.zeros(splits if need_dm else 0, D, device=dy.device, dtype=torch.float32)  # dm's partials
-    if T and D and (R or not need_dB):
+    runs = bool(T and D and (R or not need_dB))
+    # dm's partials: the kernel writes every one; zeros only where it does not run
+    part = (torch.empty if runs else torch.zeros)(splits if need_dm else 0, D, device=dy.device, dtype=torch.float32)
+    if runs:
         base = dy if dora is None or dora.base is None else dora.base
         prec = _prec(dy.dtype, lora_A.dtype) if dora is None else _prec(dy.dtype, lora_A.dtype, lora_B.dtype)
         _db_kernel[(cdiv(D, BD), rank_tiles, splits)](
