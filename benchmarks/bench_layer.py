@@ -147,7 +147,7 @@ def run(args) -> dict:
             times, mem = time_layer_variants(variants, xs, gs, args)
             times_sync, _ = time_layer_variants(variants, xs, gs, args, sync_each=True)
             f, fs = times["frozen"], times_sync["frozen"]
-            steps, prep = layer_steps(variants, xs, gs)
+            steps, prep = layer_steps(variants, xs, gs) if args.profile else ({}, None)
             for name in variants:
                 row = dict(K=Kd, N=N, r=r, variant=name, ms=times[name], ratio=times[name] / f,
                            ms_sync=times_sync[name], ratio_sync=times_sync[name] / fs, peak_mib=mem[name],
