@@ -36,7 +36,7 @@ from automodel_lora.kernels import embedding_lora as EK
 from automodel_lora.kernels.embedding_lora import embedding_lora
 
 from .conftest import reference_check
-from .test_embedding_kernels import ScaledEmbedding, ids_with_repeats
+from .test_embedding_kernels import ScaledEmbedding, ids_with_repeats, llama3_vocabulary_case
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 interp_only = pytest.mark.skipif(not (INTERPRET and HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
@@ -260,18 +260,12 @@ def test_dora_module_without_the_kernels_takes_the_pytorch_path():
 @cuda_only
 def test_dora_bf16_at_llama3_s_vocabulary_cuda():
     """bf16, vocab 128256 x 4096, 2 x 2048 tokens, r = 16, one magnitude 0, against float64 on the same inputs."""
-    dev, dtype, vocab, dim, rank = "cuda", torch.bfloat16, 128256, 4096, 16
-    E = torch.randn(vocab, dim, device=dev, dtype=dtype)
-    A = torch.randn(rank, vocab, device=dev, dtype=dtype, requires_grad=True)
-    B = (torch.randn(dim, rank, device=dev) / 4).to(dtype).requires_grad_()
-    m = (torch.rand(dim, device=dev) + 0.5).to(dtype)
+    dev, dtype = "cuda", torch.bfloat16
+    E, A, B, ids, dy = llama3_vocabulary_case(dtype, dev)
+    m = (torch.rand(E.shape[1], device=dev) + 0.5).to(dtype)
     m[ZERO] = 0
     m.requires_grad_()
     norm = E.float().norm(dim=0) * 1.1  # (dim,) any detached positive vector
-    ids = torch.randint(0, vocab, (2, 2048), device=dev)
-    ids[0, :300] = 128000  # a repeated id (a BOS-like token)
-    ids[1, ::9] = 0
-    dy = torch.randn(2, 2048, dim, device=dev, dtype=dtype)
     y = embedding_lora(ids, E, A, B, 2.0, padding_idx=0, magnitude=m, weight_norm=norm)
     assert is_kernel(y)
     grads = [torch.autograd.grad(y, (A, B, m), dy, retain_graph=True) for _ in range(2)]

@@ -217,17 +217,24 @@ def test_max_norm_sparse_and_use_triton_false_take_the_pytorch_path():
         assert not type(emb(ids).grad_fn).__name__.startswith("_EmbeddingLoRAFunction"), kwargs
 
 
-@cuda_only
-def test_bf16_at_llama3_s_vocabulary_cuda():
-    """bf16, vocab 128256 x 4096, 2 x 2048 tokens, r = 16 (the shape of benchmarks/DESIGN.md section 13)."""
-    dev, dtype, vocab, dim, rank = "cuda", torch.bfloat16, 128256, 4096, 16
+def llama3_vocabulary_case(dtype=torch.bfloat16, dev="cuda", rank=16):
+    """(E, A, B, ids, dy) at vocab 128256 x 4096, 2 x 2048 tokens (the shape of benchmarks/DESIGN.md section 13):
+    A and B requiring grad, id 128000 repeated (a BOS-like token), every 9th id of the second row 0 (padding)."""
+    vocab, dim = 128256, 4096
     E = torch.randn(vocab, dim, device=dev, dtype=dtype)
     A = torch.randn(rank, vocab, device=dev, dtype=dtype, requires_grad=True)
     B = (torch.randn(dim, rank, device=dev) / 4).to(dtype).requires_grad_()
     ids = torch.randint(0, vocab, (2, 2048), device=dev)
-    ids[0, :300] = 128000  # a repeated id (a BOS-like token)
+    ids[0, :300] = 128000
     ids[1, ::9] = 0
-    dy = torch.randn(2, 2048, dim, device=dev, dtype=dtype)
+    return E, A, B, ids, torch.randn(2, 2048, dim, device=dev, dtype=dtype)
+
+
+@cuda_only
+def test_bf16_at_llama3_s_vocabulary_cuda():
+    """bf16, vocab 128256 x 4096, 2 x 2048 tokens, r = 16 (the shape of benchmarks/DESIGN.md section 13)."""
+    dtype, dim = torch.bfloat16, 4096
+    E, A, B, ids, dy = llama3_vocabulary_case(dtype)
     y = embedding_lora(ids, E, A, B, 2.0, padding_idx=0)
     assert type(y.grad_fn).__name__.startswith("_EmbeddingLoRAFunction")
     grads = [torch.autograd.grad(y, (A, B), dy, retain_graph=True) for _ in range(2)]
