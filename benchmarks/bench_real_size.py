@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 from bench_common import free_device_memory, run_env
+from step_profile import StepProfile, print_profile
 
 from automodel_lora.recipe import Recipe, load_recipe
 from automodel_lora.recipe.data import StepSampler, build_datasets, collate
@@ -93,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seq", metavar="LENS", default=None,
                    help="instead of the timed runs: the longest of these sequence lengths (comma-separated, "
                         "ascending) each arm trains at, 3 steps each, stopping at the first out-of-memory")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the timed runs: profile 2 steps of each arm after --warmup-steps (device time per "
+                        "kind of kernel against the wall time), written to step_profile_<gpu>_<date>.json")
     p.add_argument("--table", metavar="JSON", help="print the README's markdown table of a results file and exit")
     args = p.parse_args(argv)
     if args.table:
@@ -107,6 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.max_seq != sorted(args.max_seq) or args.max_seq[0] < 1:
             p.error(f"--max-seq: positive lengths in ascending order, got {args.max_seq}")
         args.steps, args.warmup_steps = 3, 1
+    if args.profile and args.max_seq:
+        p.error("--profile and --max-seq are separate measurements: give one")
+    if args.profile:
+        args.steps = args.warmup_steps + 2
     runs, arms = args.runs.split(","), args.arms.split(",")
     for name, given, valid in (("--runs", runs, RUNS), ("--arms", arms, ARMS)):
         bad = [x for x in given if x not in valid]
@@ -144,6 +152,9 @@ def recipe_for(run: str, args, work: Path, arm_overrides: list[str] = ()):
         f"train.max_steps={args.steps}", f"train.grad_accum_steps={args.grad_accum}", "train.eval_every=0",
         "train.log_every=10", f"checkpoint.output_dir={work / run}", "checkpoint.save_every=0",
         "checkpoint.resume=null", "checkpoint.save_base_model=false",
+        # PEFT's default init of lora_A (the recipe's default is xavier, a larger spread at these shapes): both
+        # arms then train adapters drawn alike, so their loss curves compare; speed and memory do not depend on it
+        "peft.lora_A_init=kaiming",
     ]
     if args.smoke:  # the CPU: fp32 throughout
         overrides += ["model.dtype=float32", "train.bf16=false", "train.device=cpu",
@@ -176,11 +187,14 @@ def run_ours(cfg, args) -> dict:
     recipe = Recipe(cfg, env, stream=sys.stderr)
     step_ends, losses, tokens = [], [], []
     after_step = recipe._after_step
+    profiler = StepProfile(args.warmup_steps) if args.profile else None
 
     def stamped(step, result):  # train_step synchronized the device before returning `result`
         step_ends.append(time.perf_counter())
         losses.append(result.loss)
         tokens.append(int(result.n_tokens))
+        if profiler:
+            profiler.tick()
         after_step(step, result)
 
     recipe._after_step = stamped
@@ -190,6 +204,8 @@ def run_ours(cfg, args) -> dict:
         recipe.train()
         row = _summary(step_ends, tokens, losses, args.warmup_steps, _peak(env.device), start_mib)
         row["flops_per_token"], row["peak_flops"] = recipe.flops_per_token, recipe.peak_flops
+        if profiler:
+            row["profile"] = profiler.result()
         return row
     finally:
         recipe.cleanup()
@@ -251,6 +267,8 @@ def run_peft_trainer(cfg, args, work: Path) -> dict:
     n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pad = ByteTokenizer.pad_token_id
 
+    profiler = StepProfile(args.warmup_steps) if args.profile else None
+
     class Clock(TrainerCallback):
         def __init__(self):
             self.step_ends, self.losses = [], []
@@ -259,6 +277,8 @@ def run_peft_trainer(cfg, args, work: Path) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             self.step_ends.append(time.perf_counter())
+            if profiler:
+                profiler.tick()
 
         def on_log(self, args_, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -276,6 +296,8 @@ def run_peft_trainer(cfg, args, work: Path) -> dict:
     row = _summary(clock.step_ends, tokens, clock.losses, args.warmup_steps, _peak(device), start_mib)
     row["flops_per_token"] = train_flops_per_token(load_model_config(cfg.model), cfg.data.seq_len, n_adapter)
     row["peak_flops"] = peak_bf16_flops(device)
+    if profiler:
+        row["profile"] = profiler.result()
     del trainer, model
     return row
 
@@ -339,7 +361,7 @@ def main(argv=None) -> dict:
         return results
     env = run_env()
     settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "seq_len", "grad_accum", "smoke")}
-    path = output_path(args.out, env["gpu"], "max_seq" if args.max_seq else "real_size")
+    path = output_path(args.out, env["gpu"], "max_seq" if args.max_seq else "step_profile" if args.profile else "real_size")
     # Rows of the runs not run this time are kept from an earlier file of the same name.
     kept = [r for r in json.loads(path.read_text()).get("rows", []) if r["run"] not in args.runs] if path.is_file() else []
     results = {**env, "settings": settings, "rows": kept}
@@ -351,6 +373,8 @@ def main(argv=None) -> dict:
                             [run_arm(run, arm, args, Path(tmp))]):
                     results["rows"].append({"run": run, "arm": arm, **row})
                     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    for row in results["rows"] if args.profile else ():
+        print_profile(f"{row['run']} {row['arm']}", row.get("profile"))
     (print_max_seq if args.max_seq else print_table)(results["rows"])
     print(f"wrote {path}")
     return results
