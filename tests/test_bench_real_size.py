@@ -85,6 +85,7 @@ def test_readme_real_size_table_is_the_one_the_script_prints(bench):
         (["--warmup-steps", "0"], "--warmup-steps must be at least 1"),
         (["--max-seq", "4096,2048"], "--max-seq: positive lengths in ascending order"),
         (["--max-seq", "4k"], "--max-seq: comma-separated integers"),
+        (["--profile", "--max-seq", "4096"], "--profile and --max-seq are separate measurements"),
     ],
 )
 def test_bad_arguments_name_the_flag(bench, capsys, argv, message):
@@ -117,3 +118,49 @@ def test_max_seq_stops_at_the_first_length_out_of_memory(bench, monkeypatch, tmp
     assert rows[-1]["error"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
     written = json.loads(next(tmp_path.glob("max_seq_*.json")).read_text())
     assert written["rows"] == rows
+
+
+@pytest.mark.slow
+def test_profile_mode_splits_two_steps_of_each_arm_by_kind(bench, tmp_path):
+    """``--profile``: warmup + 2 steps per arm; each row's profile covers the 2 steps after the warmup, its kinds
+    add up to its kernel time, and the file is ``step_profile_*`` (not the timed results)."""
+    results = bench.main(["--smoke", "--runs", "llama3_8b_lora", "--warmup-steps", "1", "--profile",
+                          "--out", str(tmp_path)])
+    assert [p.name.split("_cpu_")[0] for p in tmp_path.iterdir()] == ["step_profile"]
+    for row in results["rows"]:
+        p = row["profile"]
+        assert row["steps"] == 3 and p["steps"] == 2
+        assert sum(p["by_kind"].values()) == pytest.approx(p["kernel_ms"])
+        assert 0 < p["kernel_ms"] and 0 < p["wall_ms"] and len(p["top"]) > 0
+        assert "gemm" in p["by_kind"] or "other" in p["by_kind"]
+
+
+@pytest.mark.slow
+def test_both_arms_follow_one_loss_curve(bench, tmp_path):
+    """Same model, data, schedule and adapter init distribution: after 4 steps (the smoke's cap) the two arms' losses agree to
+    within the run-to-run spread of different random adapter draws (far below what the recipe's default
+    xavier init, which moves faster, gives against PEFT's kaiming)."""
+    results = bench.main(["--smoke", "--runs", "llama3_8b_lora", "--steps", "4", "--out", str(tmp_path)])
+    ours, peft = (r["losses"] for r in results["rows"])
+    drop_ours, drop_peft = ours[0] - ours[-1], peft[0] - peft[-1]
+    assert drop_ours > 0 and drop_peft > 0
+    assert abs(drop_ours - drop_peft) < 0.25 * drop_peft, (ours, peft)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_relu_bf16_32x32_128x1_tn_align8>", "gemm"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "gemm"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
+    ("_lora_fwd_kernel", "lora_triton"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>", "other"),
+    ("_liger_cross_entropy_kernel", "loss"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdam>", "optimizer"),
+    ("void at::native::elementwise_kernel<128, 2, at::native::copy_>", "copy_cast"),
+])
+def test_kernel_kinds(name, kind):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from step_profile import kind_of
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert kind_of(name) == kind
