@@ -16,7 +16,7 @@ import time
 import bench_axolotl
 import bench_model_shapes
 import torch
-from bench_common import DEV, free_device_memory, interleaved, peak_delta_mib
+from bench_common import DEV, free_device_memory, interleaved, kernel_profile, peak_delta_mib
 from bench_model_arms import COMPILED, DORA_REFERENCE, GRAPHED, build_arms, eager_arm
 from bench_variants import base_gemm_for, forget_options
 from torch import nn
@@ -81,6 +81,7 @@ def run_shape(shape, args) -> tuple[list, list, dict]:
             diffs[k] = diffs[eager_arm(k)]
     skipped.update(failed)
     arms = {k: m for k, m in arms.items() if k not in skipped}
+    args.model_profiles = {}  # arm -> torch.profiler's table of its step, for the arms in args.profile
     times, mem, weights, replay_diff = time_arms(arms, ids, args)
     rows = arm_rows(shape.name, times, mem, weights, diffs, scale, bsz * seq)
     for row in rows:
@@ -88,7 +89,7 @@ def run_shape(shape, args) -> tuple[list, list, dict]:
             row["replay_loss_rel_diff"] = replay_diff[row["variant"]]
     info = dict(shape=shape.name, title=shape.title(), arch=arch, tokens=bsz * seq, r=R,
                 attn_implementation=getattr(cfg, "_attn_implementation", None), max_abs_ref_logit=scale,
-                logits_tol=LOGITS_RTOL * scale)
+                logits_tol=LOGITS_RTOL * scale, **({"profiles": args.model_profiles} if args.model_profiles else {}))
     skipped = [dict(shape=shape.name, variant=k, reason=v) for k, v in skipped.items()]
     return rows, skipped, info
 
@@ -164,6 +165,9 @@ def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict, dict]:
     steps = {k: make_step(k, m) for k, m in arms.items()}
     n = SMOKE_STEPS if args.smoke else args.model_n
     times = interleaved(steps, n=n, rounds=args.rounds, warmup=1 if args.smoke else MODEL_WARMUP, prep=prep)
+    for k in [k for k in getattr(args, "profile", ()) if k in steps]:
+        args.model_profiles[k] = kernel_profile(steps[k], prep=prep, lines=30)
+        print(f"[model] profile of {k}:\n{args.model_profiles[k]}", flush=True)
     replay_diff = {k: replay_check(step, arms[k], ids[0]) for k, step in steps.items() if k.endswith(GRAPHED)}
     steps = None  # the graphs' memory pools go; each graphed arm's peak is taken from a capture of its own
     mem = {k: peak_delta_mib(memory_step(k, m, make_step), prep) for k, m in arms.items()}
