@@ -7,6 +7,8 @@ For each run (``--runs``, default all three), on one GPU:
   (``configs/models/...``): the published architecture, random weights, no download.
 - ``ours_liger`` (not in the default arms): ``ours`` with ``train.fused_loss: liger`` (Liger-Kernel's fused
   linear + cross-entropy; needs ``liger_kernel`` on the path), to measure that switch.
+- ``ours_liger_norm``, ``ours_liger_both`` (not in the default arms): ``ours`` with ``train.fused_norm: liger``
+  (Liger-Kernel's RMSNorm kernel), and with both Liger switches.
 - ``ours_compile`` (not in the default arms): ``ours`` with ``train.compile: true`` (the model under
   ``torch.compile``: Inductor fuses the frozen model's norms, rotary embedding and residual adds).
 - ``peft_trainer``: what a user would otherwise run: the same model (built by the same function
@@ -75,7 +77,8 @@ RUNS = {  # run -> (recipe, config-only model directory)
     "qwen2_5_7b_lora": ("qwen2_5_7b_lora.yaml", "qwen2.5-7b"),
 }
 # Arms: ours (with the recipe overrides of each switch measured), or HF PEFT + transformers.Trainer.
-OUR_ARMS = {"ours": [], "ours_liger": ["train.fused_loss=liger"], "ours_compile": ["train.compile=true"]}
+OUR_ARMS = {"ours": [], "ours_liger": ["train.fused_loss=liger"], "ours_liger_norm": ["train.fused_norm=liger"],
+            "ours_liger_both": ["train.fused_loss=liger", "train.fused_norm=liger"], "ours_compile": ["train.compile=true"]}
 ARMS = (*OUR_ARMS, "peft_trainer")
 # --smoke: each architecture shrunk to a few hundred thousand parameters (the same model classes).
 SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -86,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
     p.add_argument("--arms", default="ours,peft_trainer", help=f"comma-separated, of: {', '.join(ARMS)} "
-                   "(ours_liger: ours with train.fused_loss=liger; ours_compile: ours with train.compile=true)")
+                   "(ours_liger: ours with train.fused_loss=liger; ours_liger_norm: train.fused_norm=liger; "
+                   "ours_liger_both: both; ours_compile: train.compile=true)")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps per arm")
     p.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of tokens/s")
     p.add_argument("--seq-len", type=int, default=2048)

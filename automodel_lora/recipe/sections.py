@@ -281,6 +281,9 @@ class TrainConfig:
             installed, one process on CUDA, a head that is a plain ``nn.Linear`` (a LoRA adapter on it is fine;
             DoRA is not) and no logit softcapping or scaling in the model; not with ``compile``,
             ``cuda_graphs: true`` (Liger reads the target count on the host) or ``data.adapters``.
+        fused_norm: false (the default: the model's own RMSNorm) | liger (each RMSNorm of the Llama, Mistral,
+            Mixtral, Phi-3, Qwen2 and Qwen3 families runs Liger-Kernel's one-pass kernel, swapped in place:
+            ``recipe.fused_norm``). Needs ``liger_kernel`` and CUDA; not with ``compile``.
         device: auto | cpu | cuda.
         nonfinite: What a step with a non-finite loss or gradient norm does: skip (the optimizer
             does not step; the data and the lr schedule move on; counted in ``metrics.jsonl`` as
@@ -311,6 +314,7 @@ class TrainConfig:
     compile: bool = False
     cuda_graphs: bool | str = False
     fused_loss: bool | str = False
+    fused_norm: bool | str = False
     device: str = "auto"
     nonfinite: str = "skip"
     max_nonfinite_skips: int = 5
@@ -341,6 +345,7 @@ class TrainConfig:
         if isinstance(self.cuda_graphs, str) and self.cuda_graphs != "auto":
             raise ConfigError(f"`train.cuda_graphs` must be true, false or auto; got {self.cuda_graphs!r}")
         _check_fused_loss(self)
+        _check_fused_norm(self)
         _positive("train.max_grad_norm", self.max_grad_norm, allow_none=True)
         _positive("train.eval_every", self.eval_every, allow_zero=True)
         _positive("train.eval_batch_size", self.eval_batch_size, allow_none=True)
@@ -370,6 +375,23 @@ def _check_fused_loss(tc: TrainConfig) -> None:
         raise ConfigError("`train.fused_loss: liger` with `train.cuda_graphs: true`: Liger counts the target tokens on "
                           "the host, which a CUDA graph capture cannot hold; set train.cuda_graphs=auto (off with "
                           "the fused loss) or false, or train.fused_loss=false")
+
+
+def _check_fused_norm(tc: TrainConfig) -> None:
+    """``train.fused_norm``: false or liger; liger importable, and not under ``train.compile``."""
+    from .fused_loss import LIGER_INSTALL, liger_available
+
+    if tc.fused_norm is False:
+        return
+    if tc.fused_norm != "liger":
+        raise ConfigError(f"`train.fused_norm` must be false or liger; got {tc.fused_norm!r}. Set train.fused_norm=liger "
+                          "(Liger-Kernel's RMSNorm kernel) or false (the model's own norm)")
+    if not liger_available():
+        raise ConfigError(f"`train.fused_norm: liger` needs the liger_kernel package, which is not installed: run "
+                          f"`{LIGER_INSTALL}`, or set train.fused_norm=false")
+    if tc.compile:
+        raise ConfigError("`train.fused_norm: liger` with `train.compile: true`: Inductor fuses the model's own norm "
+                          "already; set train.compile=false or train.fused_norm=false")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from .errors import CheckpointError, RunDirError
 from .files import atomic_write_text, clean_stale, writing
 from .flops import peak_bf16_flops, train_flops_per_token
 from .fused_loss import check_fused_loss
+from .fused_norm import use_fused_norm
 from .graphs import recipe_step, use_cuda_graphs
 from .loop import use_bf16
 from .model import load_model_config, prepare_model
@@ -299,6 +300,9 @@ class RecipeSetup:
         if cfg.train.fused_loss:
             check_fused_loss(model, self.env.world_size, self.env.device)
             self.say("[loss] fused linear + cross-entropy (Liger): no (tokens, vocab) logits in the training step")
+        if cfg.train.fused_norm:
+            n_norms = use_fused_norm(model, self.env.device)
+            self.say(f"[norm] {n_norms} RMSNorm modules run Liger-Kernel's RMSNorm kernel")
         self.raw_model = model
         # Counted on the unsharded model, before FSDP2 splits the adapters over the ranks.
         n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
