@@ -16,6 +16,7 @@ What you run is ``scripts/finetune.py`` / ``automodel-lora finetune``; what you 
 - ``setup_phase`` / ``train``: the ``Recipe`` in phases (setup, train, evaluate, save_checkpoint,
   finish, cleanup) and ``finetune(cfg)``; ``loop``: loss, lr schedule, evaluation, signals.
 - ``fused_loss``: ``train.fused_loss: liger``, the loss from the hidden states and the head's weight (Liger-Kernel).
+- ``fused_norm``: ``train.fused_norm: liger``, the model's RMSNorm modules on Liger-Kernel's kernel, swapped in place.
 - ``errors``: how a run ends when it can't go on (exit code 2 for its files, 3 for non-finite values).
 """
 
