@@ -186,8 +186,6 @@ def test_liger_not_installed_names_the_pip_install(tmp_path, monkeypatch):
     [
         ({"train": {"compile": True}}, "train.compile: true"),
         ({"train": {"cuda_graphs": True}}, "Liger counts the target tokens on the host"),
-        ({"distributed": {"strategy": "fsdp2"}}, "distributed.strategy: fsdp2"),
-        ({"distributed": {"strategy": "ddp"}}, "distributed.strategy: ddp"),
     ],
 )
 def test_settings_it_cannot_run_under_are_refused(tmp_path, liger_installed, sections, message):
@@ -195,6 +193,15 @@ def test_settings_it_cannot_run_under_are_refused(tmp_path, liger_installed, sec
     raw["train"]["fused_loss"] = "liger"
     with pytest.raises(ConfigError, match=message):
         RecipeConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_multi_process_strategy_is_accepted_for_one_process(tmp_path, liger_installed, strategy):
+    """One process ignores ``distributed.strategy`` (the QLoRA recipe names ddp for torchrun): the config takes it,
+    and only a run of several processes is refused (``check_fused_loss``, when the world size is known)."""
+    raw = tiny_raw_recipe(tmp_path, distributed={"strategy": strategy})
+    raw["train"]["fused_loss"] = "liger"
+    assert RecipeConfig.from_dict(raw).distributed.strategy == strategy
 
 
 def test_several_adapters_are_refused(tmp_path, liger_installed):

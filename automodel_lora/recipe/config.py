@@ -244,12 +244,6 @@ class RecipeConfig:
             )
         if self.model.tiny is not None and self.data.tokenizer is None:
             raise ConfigError("`model.tiny` has no tokenizer of its own: set `data.tokenizer: byte` (or a tokenizer directory)")
-        if self.train.fused_loss and self.distributed.strategy in ("fsdp2", "ddp"):
-            raise ConfigError(
-                f"`train.fused_loss: liger` with `distributed.strategy: {self.distributed.strategy}`: the fused loss "
-                "calls the decoder without the wrapper's forward; train in one process (distributed.strategy: none) "
-                "or set train.fused_loss=false"
-            )
         if self.data.adapters is not None:
             self._check_multi_adapter()
 
