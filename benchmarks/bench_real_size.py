@@ -5,12 +5,12 @@ For each run (``--runs``, default all three), on one GPU:
 - ``ours``: the recipe YAML (``configs/<run>.yaml``) through its Python entry point (the ``Recipe``
   phases, in this process), with ``model.random_init: true`` on the shipped config-only directory
   (``configs/models/...``): the published architecture, random weights, no download.
-- ``ours_liger`` (not in the default arms): ``ours`` with ``train.fused_loss: liger`` (Liger-Kernel's fused
-  linear + cross-entropy; needs ``liger_kernel`` on the path), to measure that switch.
-- ``ours_liger_norm``, ``ours_liger_both`` (not in the default arms): ``ours`` with ``train.fused_norm: liger``
-  (Liger-Kernel's RMSNorm kernel), and with both Liger switches.
-- ``ours_compile`` (not in the default arms): ``ours`` with ``train.compile: true`` (the model under
-  ``torch.compile``: Inductor fuses the frozen model's norms, rotary embedding and residual adds).
+  The three recipes set ``train.fused_loss: auto`` and ``train.fused_norm: auto``: with ``liger_kernel`` on
+  the path that is Liger's fused linear + cross-entropy and its RMSNorm kernel.
+- Not in the default arms, each switch alone: ``ours_plain`` (both off: the model's logits and norms),
+  ``ours_liger`` (the fused loss only), ``ours_liger_norm`` (the RMSNorm kernel only), ``ours_compile`` (both
+  off, the model under ``torch.compile``: Inductor fuses the frozen model's norms, rotary embedding and
+  residual adds).
 - ``peft_trainer``: what a user would otherwise run: the same model (built by the same function
   from the same ``config.json`` and seed, NF4-quantized by the same function for the QLoRA run),
   ``peft.get_peft_model`` with the recipe's rank, alpha, dropout and target modules (PEFT's
@@ -77,8 +77,10 @@ RUNS = {  # run -> (recipe, config-only model directory)
     "qwen2_5_7b_lora": ("qwen2_5_7b_lora.yaml", "qwen2.5-7b"),
 }
 # Arms: ours (with the recipe overrides of each switch measured), or HF PEFT + transformers.Trainer.
-OUR_ARMS = {"ours": [], "ours_liger": ["train.fused_loss=liger"], "ours_liger_norm": ["train.fused_norm=liger"],
-            "ours_liger_both": ["train.fused_loss=liger", "train.fused_norm=liger"], "ours_compile": ["train.compile=true"]}
+OUR_ARMS = {"ours": [], "ours_plain": ["train.fused_loss=false", "train.fused_norm=false"],
+            "ours_liger": ["train.fused_loss=liger", "train.fused_norm=false"],
+            "ours_liger_norm": ["train.fused_loss=false", "train.fused_norm=liger"],
+            "ours_compile": ["train.compile=true", "train.fused_loss=false", "train.fused_norm=false"]}
 ARMS = (*OUR_ARMS, "peft_trainer")
 # --smoke: each architecture shrunk to a few hundred thousand parameters (the same model classes).
 SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -89,8 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
     p.add_argument("--arms", default="ours,peft_trainer", help=f"comma-separated, of: {', '.join(ARMS)} "
-                   "(ours_liger: ours with train.fused_loss=liger; ours_liger_norm: train.fused_norm=liger; "
-                   "ours_liger_both: both; ours_compile: train.compile=true)")
+                   "(the recipe's Liger switches: ours_plain both off, ours_liger the fused loss only, "
+                   "ours_liger_norm the norm only; ours_compile: both off under train.compile=true)")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps per arm")
     p.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of tokens/s")
     p.add_argument("--seq-len", type=int, default=2048)

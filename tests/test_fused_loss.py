@@ -155,7 +155,7 @@ def test_a_recipe_run_gives_the_losses_of_the_plain_loss_interp(liger, tmp_path)
         summary, log = run_recipe(raw)
         runs[setting] = (summary, step_losses(out), log)
     (plain_summary, plain, _), (fused_summary, fused, log) = runs[False], runs["liger"]
-    assert "[loss] fused linear + cross-entropy (Liger)" in log
+    assert "[fused_loss] fused linear + cross-entropy (Liger)" in log
     assert plain.keys() == fused.keys() == {1, 2, 3}
     for step in plain:  # the loss's rounding (rtol above), carried by AdamW into two steps: measured <= 1e-7
         assert fused[step] == pytest.approx(plain[step], rel=RTOL), step
@@ -167,7 +167,7 @@ def test_a_recipe_run_gives_the_losses_of_the_plain_loss_interp(liger, tmp_path)
 
 @pytest.mark.parametrize("value", ["chunked", True, "Liger"])
 def test_an_unknown_value_names_it_and_the_fix(tmp_path, value):
-    with pytest.raises(ConfigError, match=r"`train.fused_loss` must be false or liger; got .*Set train.fused_loss=liger"):
+    with pytest.raises(ConfigError, match=r"`train.fused_loss` must be false, liger or auto; got .*Set train.fused_loss=liger"):
         RecipeConfig.from_dict(tiny_raw_recipe(tmp_path, train={"fused_loss": value}))
 
 

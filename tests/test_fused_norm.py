@@ -130,7 +130,7 @@ def test_a_recipe_run_gives_the_plain_norms_losses_interp(liger, tmp_path):
         summary, log = run_recipe(raw)
         runs[setting] = (summary, step_losses(out), log)
     (plain_summary, plain, _), (fused_summary, fused, log) = runs[False], runs["liger"]
-    assert "[norm] 5 RMSNorm modules run Liger-Kernel's RMSNorm kernel" in log
+    assert "[fused_norm] 5 RMSNorm modules run Liger-Kernel's RMSNorm kernel" in log
     assert plain.keys() == fused.keys() == {1, 2}
     for step in plain:
         assert fused[step] == pytest.approx(plain[step], rel=RTOL), step
@@ -178,7 +178,7 @@ def test_liger_not_installed_is_refused(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("value", ["rms", True, "Liger"])
 def test_an_unknown_value_names_it_and_the_fix(tmp_path, value):
-    with pytest.raises(ConfigError, match=r"`train.fused_norm` must be false or liger; got .*Set train.fused_norm=liger"):
+    with pytest.raises(ConfigError, match=r"`train.fused_norm` must be false, liger or auto; got .*Set train.fused_norm=liger"):
         RecipeConfig.from_dict(tiny_raw_recipe(tmp_path, train={"fused_norm": value}))
 
 
@@ -189,3 +189,45 @@ def test_compile_is_refused(tmp_path, liger_installed):
 
 def test_the_default_is_false(tmp_path):
     assert RecipeConfig.from_dict(tiny_raw_recipe(tmp_path)).train.fused_norm is False
+
+
+# ------------------------------------------------------------------------------------- auto: both switches
+
+
+def _auto_run(tmp_path, **train):
+    raw = tiny_raw_recipe(tmp_path, train={"max_steps": 1, "batch_size": 2, "eval_max_batches": 1,
+                                           "fused_loss": "auto", "fused_norm": "auto", **train},
+                          peft={"match_all_linear": False, "target_modules": ["q_proj"]},
+                          checkpoint={"output_dir": str(tmp_path / "run")})
+    raw["data"]["seq_len"] = 16
+    return run_recipe(raw)[1]
+
+
+@pytest.mark.skipif(INTERPRET, reason="the CPU without the interpreter: auto finds no device for Liger")
+def test_auto_on_the_cpu_runs_the_plain_paths_and_says_why(tmp_path, liger_installed):
+    log = _auto_run(tmp_path)
+    assert "[fused_loss] plain (train.fused_loss=auto, no Liger here: " in log and "the device is cpu" in log
+    assert "[fused_norm] plain (train.fused_norm=auto, no Liger here: " in log
+
+
+def test_auto_without_liger_installed_runs_the_plain_paths(tmp_path, monkeypatch):
+    monkeypatch.setattr("automodel_lora.recipe.setup_phase.liger_available", lambda: False)
+    log = _auto_run(tmp_path)
+    assert "[fused_loss] plain (train.fused_loss=auto, no Liger here: liger_kernel is not installed)" in log
+    assert "[fused_norm] plain (train.fused_norm=auto, no Liger here: liger_kernel is not installed)" in log
+
+
+def test_auto_with_compile_runs_the_plain_paths(tmp_path, liger_installed, monkeypatch):
+    monkeypatch.setattr("automodel_lora.recipe.setup_phase.liger_available", lambda: True)
+    from automodel_lora.recipe.config import RecipeConfig as Config
+
+    raw = tiny_raw_recipe(tmp_path, train={"fused_loss": "auto", "fused_norm": "auto", "compile": True})
+    assert Config.from_dict(raw).train.fused_norm == "auto"  # accepted: it resolves to the plain path at setup
+
+
+@interp_only
+@pytest.mark.slow
+def test_auto_under_the_interpreter_takes_both_liger_kernels_interp(liger, tmp_path):
+    log = _auto_run(tmp_path)
+    assert "[fused_loss] fused linear + cross-entropy (Liger)" in log
+    assert "[fused_norm] 5 RMSNorm modules run Liger-Kernel's RMSNorm kernel" in log

@@ -280,10 +280,12 @@ class TrainConfig:
             no (tokens, vocab) logits in memory; ``recipe.fused_loss``). ``liger`` needs ``liger_kernel``
             installed, one process on CUDA, a head that is a plain ``nn.Linear`` (a LoRA adapter on it is fine;
             DoRA is not) and no logit softcapping or scaling in the model; not with ``compile``,
-            ``cuda_graphs: true`` (Liger reads the target count on the host) or ``data.adapters``.
+            ``cuda_graphs: true`` (Liger reads the target count on the host) or ``data.adapters``. auto: liger
+            where all of that holds, the plain loss otherwise (the run prints which, and why).
         fused_norm: false (the default: the model's own RMSNorm) | liger (each RMSNorm of the Llama, Mistral,
             Mixtral, Phi-3, Qwen2 and Qwen3 families runs Liger-Kernel's one-pass kernel, swapped in place:
-            ``recipe.fused_norm``). Needs ``liger_kernel`` and CUDA; not with ``compile``.
+            ``recipe.fused_norm``). Needs ``liger_kernel`` and CUDA; not with ``compile``. auto: liger where
+            that holds and the model has such norms, the model's own norm otherwise (the run prints which).
         device: auto | cpu | cuda.
         nonfinite: What a step with a non-finite loss or gradient norm does: skip (the optimizer
             does not step; the data and the lr schedule move on; counted in ``metrics.jsonl`` as
@@ -360,11 +362,12 @@ def _check_fused_loss(tc: TrainConfig) -> None:
     """``train.fused_loss``: false or liger; liger importable, and not with the settings it can't run under."""
     from .fused_loss import LIGER_INSTALL, liger_available
 
-    if tc.fused_loss is False:
+    if tc.fused_loss is False or tc.fused_loss == "auto":  # auto: resolved at setup, where the run is known
         return
     if tc.fused_loss != "liger":
-        raise ConfigError(f"`train.fused_loss` must be false or liger; got {tc.fused_loss!r}. Set train.fused_loss=liger "
-                          "(Liger-Kernel's fused linear + cross-entropy, no logits in memory) or false (the plain loss)")
+        raise ConfigError(f"`train.fused_loss` must be false, liger or auto; got {tc.fused_loss!r}. Set "
+                          "train.fused_loss=liger (Liger-Kernel's fused linear + cross-entropy, no logits in memory), "
+                          "auto (liger where it can run) or false (the plain loss)")
     if not liger_available():
         raise ConfigError(f"`train.fused_loss: liger` needs the liger_kernel package, which is not installed: run "
                           f"`{LIGER_INSTALL}`, or set train.fused_loss=false")
@@ -381,11 +384,12 @@ def _check_fused_norm(tc: TrainConfig) -> None:
     """``train.fused_norm``: false or liger; liger importable, and not under ``train.compile``."""
     from .fused_loss import LIGER_INSTALL, liger_available
 
-    if tc.fused_norm is False:
+    if tc.fused_norm is False or tc.fused_norm == "auto":
         return
     if tc.fused_norm != "liger":
-        raise ConfigError(f"`train.fused_norm` must be false or liger; got {tc.fused_norm!r}. Set train.fused_norm=liger "
-                          "(Liger-Kernel's RMSNorm kernel) or false (the model's own norm)")
+        raise ConfigError(f"`train.fused_norm` must be false, liger or auto; got {tc.fused_norm!r}. Set "
+                          "train.fused_norm=liger (Liger-Kernel's RMSNorm kernel), auto (liger where it can run) or "
+                          "false (the model's own norm)")
     if not liger_available():
         raise ConfigError(f"`train.fused_norm: liger` needs the liger_kernel package, which is not installed: run "
                           f"`{LIGER_INSTALL}`, or set train.fused_norm=false")

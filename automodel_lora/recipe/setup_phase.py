@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from ..adapter_slots import adapter_weights
 from .checkpoint import CheckpointManager, LoadedCheckpoint, agree
@@ -31,7 +32,7 @@ from .distributed import DistEnv, barrier, wrap_model
 from .errors import CheckpointError, RunDirError
 from .files import atomic_write_text, clean_stale, writing
 from .flops import peak_bf16_flops, train_flops_per_token
-from .fused_loss import check_fused_loss
+from .fused_loss import check_fused_loss, liger_available
 from .fused_norm import use_fused_norm
 from .graphs import recipe_step, use_cuda_graphs
 from .loop import use_bf16
@@ -82,6 +83,7 @@ class RecipeSetup:
         self.metrics = None
         self.model = self.raw_model = self.fwd_model = self.optimizer = self.scheduler = None
         self.graphed = None  # the GraphedStep of train.cuda_graphs, when on
+        self.fused_loss = self.fused_norm = False  # train.fused_loss / fused_norm as resolved at setup
         self.said_eager: set = set()  # its input signatures whose eager fallback was said
         self.val_by_adapter: dict = {}  # with data.adapters: {"val_loss/<name>": loss} of the last evaluation
         self.loaded: LoadedCheckpoint | None = None
@@ -297,17 +299,47 @@ class RecipeSetup:
         )
         model, description = prepare_model(cfg, self.env.device, save_base_to=self.base_dir if write_base else None)
         self.say(f"[model] {description}")
-        if cfg.train.fused_loss:
-            check_fused_loss(model, self.env.world_size, self.env.device)
-            self.say("[loss] fused linear + cross-entropy (Liger): no (tokens, vocab) logits in the training step")
-        if cfg.train.fused_norm:
-            n_norms = use_fused_norm(model, self.env.device)
-            self.say(f"[norm] {n_norms} RMSNorm modules run Liger-Kernel's RMSNorm kernel")
+        self._liger_switches(model)
         self.raw_model = model
         # Counted on the unsharded model, before FSDP2 splits the adapters over the ranks.
         n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.flops_per_token = train_flops_per_token(load_model_config(cfg.model), cfg.data.seq_len, n_adapter)
         self.peak_flops = peak_bf16_flops(self.env.device)
+
+    def _liger_switches(self, model: nn.Module) -> None:
+        """``train.fused_loss`` / ``train.fused_norm``: ``liger`` is checked (a ConfigError where it can't run),
+        ``auto`` is resolved to liger where it can run and to the plain path otherwise; the run says which."""
+        tc, env = self.cfg.train, self.env
+
+        def resolve(setting: str, value, blockers: list[str], check) -> bool:
+            if value is False:
+                return False
+            if value == "auto":
+                blockers = [b for b, on in blockers if on]
+                if not blockers:
+                    try:
+                        check()
+                    except ConfigError as e:
+                        blockers = [str(e).split(": ", 1)[-1]]
+                if blockers:
+                    self.say(f"[{setting}] plain (train.{setting}=auto, no Liger here: {'; '.join(blockers)})")
+                    return False
+                return True
+            check()
+            return True
+
+        not_installed = ("liger_kernel is not installed", not liger_available())
+        self.fused_loss = resolve("fused_loss", tc.fused_loss, [
+            not_installed, ("train.compile is on", tc.compile), ("train.cuda_graphs is true", tc.cuda_graphs is True),
+            ("data.adapters is set", bool(self.cfg.data.adapters))],
+            lambda: check_fused_loss(model, env.world_size, env.device))
+        if self.fused_loss:
+            self.say("[fused_loss] fused linear + cross-entropy (Liger): no (tokens, vocab) logits in the training step")
+        norms = []
+        self.fused_norm = resolve("fused_norm", tc.fused_norm, [not_installed, ("train.compile is on", tc.compile)],
+                                  lambda: norms.append(use_fused_norm(model, env.device)))
+        if self.fused_norm:
+            self.say(f"[fused_norm] {norms[0]} RMSNorm modules run Liger-Kernel's RMSNorm kernel")
 
     def _restore_adapter(self) -> None:
         """Load the picked checkpoint's adapter; a damaged one is skipped for the next older one."""
@@ -361,7 +393,8 @@ class RecipeSetup:
         else:
             torch.manual_seed(tc.seed + env.rank)  # dropout differs per rank
         self.fwd_model = torch.compile(self.model) if tc.compile else self.model
-        on, why = use_cuda_graphs(env, tc, cfg.data)
+        resolved = replace(tc, fused_loss="liger" if self.fused_loss else False, fused_norm=False)  # as resolved above
+        on, why = use_cuda_graphs(env, resolved, cfg.data)
         self.graphed = recipe_step(self.fwd_model, self.params, self.use_bf16, fallback=tc.cuda_graphs == "auto") \
             if on else None
         if env.device.type == "cuda":

@@ -166,7 +166,7 @@ class Recipe(RecipeSetup):
             return ce
         b = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
         with no_sync(self.model, env, sync=sync):
-            ce = loop.loss_sum(self.fwd_model, b, self.autocast, fused=bool(self.cfg.train.fused_loss))
+            ce = loop.loss_sum(self.fwd_model, b, self.autocast, fused=self.fused_loss)
             (ce * scale).backward()
         return ce.detach()
 
