@@ -33,6 +33,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         )
 
 
+def scaled_check(rtol: float, atol: float):
+    """``check(actual, expected, what)``: elementwise ``|a - e| <= rtol |e| + atol max|e|``, all finite, naming the
+    worst difference (the tolerances derived by the calling test file)."""
+
+    def check(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+        a, e = actual.detach().double(), expected.detach().double()
+        assert a.shape == e.shape and torch.isfinite(a).all(), what
+        excess = (a - e).abs() - (rtol * e.abs() + atol * e.abs().max())
+        assert excess.max() <= 0, f"{what}: off by {(a - e).abs().max().item():.3g} (max |e| {e.abs().max().item():.3g})"
+
+    return check
+
+
 def reference_check(tolerances: dict):
     """``check(actual, expected, dtype, what)``: a normwise (``tolerances[dtype][0]``, relative to the reference's
     norm) and elementwise (``[1]``, relative to its largest value) comparison against a float64 reference,

@@ -29,7 +29,7 @@ from automodel_lora.recipe.config import ConfigError, RecipeConfig
 from automodel_lora.recipe.data import IGNORE_INDEX
 from automodel_lora.recipe.loop import causal_lm_loss_sum
 
-from .conftest import tiny_llama
+from .conftest import scaled_check, tiny_llama
 from .recipe_helpers import TINY_MODEL, run_recipe, step_losses, tiny_raw_recipe
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -49,12 +49,7 @@ def liger_installed(monkeypatch):
     monkeypatch.setattr("automodel_lora.recipe.fused_loss.liger_available", lambda: True)
 
 
-def check(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """``|a - e| <= RTOL |e| + ATOL max|e|``, naming the worst element."""
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape and torch.isfinite(a).all(), what
-    excess = (a - e).abs() - (RTOL * e.abs() + ATOL * e.abs().max())
-    assert excess.max() <= 0, f"{what}: off by {(a - e).abs().max().item():.3g} (max |e| {e.abs().max().item():.3g})"
+check = scaled_check(RTOL, ATOL)
 
 
 def adapted_llama(head: str, dropout: float = 0.0) -> nn.Module:

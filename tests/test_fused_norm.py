@@ -27,7 +27,7 @@ from automodel_lora import PeftConfig, apply_lora_to_linear_modules
 from automodel_lora.recipe.config import ConfigError, RecipeConfig
 from automodel_lora.recipe.fused_norm import FUSED_NORM_CLASSES, use_fused_norm
 
-from .conftest import ToyModel, tiny_llama
+from .conftest import ToyModel, scaled_check, tiny_llama
 from .recipe_helpers import run_recipe, step_losses, tiny_raw_recipe
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -66,11 +66,7 @@ def liger_installed(monkeypatch):
     monkeypatch.setattr("automodel_lora.recipe.fused_loss.liger_available", lambda: True)
 
 
-def check(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape and torch.isfinite(a).all(), what
-    excess = (a - e).abs() - (RTOL * e.abs() + ATOL * e.abs().max())
-    assert excess.max() <= 0, f"{what}: off by {(a - e).abs().max().item():.3g} (max |e| {e.abs().max().item():.3g})"
+check = scaled_check(RTOL, ATOL)
 
 
 def adapted(arch: str) -> nn.Module:

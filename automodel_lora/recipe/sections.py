@@ -358,22 +358,31 @@ class TrainConfig:
         _positive("train.max_nonfinite_skips", self.max_nonfinite_skips)
 
 
-def _check_fused_loss(tc: TrainConfig) -> None:
-    """``train.fused_loss``: false or liger; liger importable, and not with the settings it can't run under."""
+def _check_liger_switch(tc: TrainConfig, setting: str, liger_does: str, plain_does: str, compile_why: str) -> bool:
+    """``train.<setting>``: false, liger or auto (resolved at setup, where the run is known); liger importable and
+    not under ``train.compile``. True when it is liger (the caller checks what else it needs)."""
     from .fused_loss import LIGER_INSTALL, liger_available
 
-    if tc.fused_loss is False or tc.fused_loss == "auto":  # auto: resolved at setup, where the run is known
-        return
-    if tc.fused_loss != "liger":
-        raise ConfigError(f"`train.fused_loss` must be false, liger or auto; got {tc.fused_loss!r}. Set "
-                          "train.fused_loss=liger (Liger-Kernel's fused linear + cross-entropy, no logits in memory), "
-                          "auto (liger where it can run) or false (the plain loss)")
+    value = getattr(tc, setting)
+    if value is False or value == "auto":
+        return False
+    if value != "liger":
+        raise ConfigError(f"`train.{setting}` must be false, liger or auto; got {value!r}. Set train.{setting}=liger "
+                          f"({liger_does}), auto (liger where it can run) or false ({plain_does})")
     if not liger_available():
-        raise ConfigError(f"`train.fused_loss: liger` needs the liger_kernel package, which is not installed: run "
-                          f"`{LIGER_INSTALL}`, or set train.fused_loss=false")
+        raise ConfigError(f"`train.{setting}: liger` needs the liger_kernel package, which is not installed: run "
+                          f"`{LIGER_INSTALL}`, or set train.{setting}=false")
     if tc.compile:
-        raise ConfigError("`train.fused_loss: liger` with `train.compile: true`: the fused loss calls the decoder "
-                          "outside the compiled model; set train.compile=false or train.fused_loss=false")
+        raise ConfigError(f"`train.{setting}: liger` with `train.compile: true`: {compile_why}; set "
+                          f"train.compile=false or train.{setting}=false")
+    return True
+
+
+def _check_fused_loss(tc: TrainConfig) -> None:
+    """``train.fused_loss``: as ``_check_liger_switch``, and not with ``cuda_graphs: true``."""
+    if not _check_liger_switch(tc, "fused_loss", "Liger-Kernel's fused linear + cross-entropy, no logits in memory",
+                               "the plain loss", "the fused loss calls the decoder outside the compiled model"):
+        return
     if tc.cuda_graphs is True:
         raise ConfigError("`train.fused_loss: liger` with `train.cuda_graphs: true`: Liger counts the target tokens on "
                           "the host, which a CUDA graph capture cannot hold; set train.cuda_graphs=auto (off with "
@@ -381,21 +390,9 @@ def _check_fused_loss(tc: TrainConfig) -> None:
 
 
 def _check_fused_norm(tc: TrainConfig) -> None:
-    """``train.fused_norm``: false or liger; liger importable, and not under ``train.compile``."""
-    from .fused_loss import LIGER_INSTALL, liger_available
-
-    if tc.fused_norm is False or tc.fused_norm == "auto":
-        return
-    if tc.fused_norm != "liger":
-        raise ConfigError(f"`train.fused_norm` must be false, liger or auto; got {tc.fused_norm!r}. Set "
-                          "train.fused_norm=liger (Liger-Kernel's RMSNorm kernel), auto (liger where it can run) or "
-                          "false (the model's own norm)")
-    if not liger_available():
-        raise ConfigError(f"`train.fused_norm: liger` needs the liger_kernel package, which is not installed: run "
-                          f"`{LIGER_INSTALL}`, or set train.fused_norm=false")
-    if tc.compile:
-        raise ConfigError("`train.fused_norm: liger` with `train.compile: true`: Inductor fuses the model's own norm "
-                          "already; set train.compile=false or train.fused_norm=false")
+    """``train.fused_norm``: as ``_check_liger_switch``."""
+    _check_liger_switch(tc, "fused_norm", "Liger-Kernel's RMSNorm kernel", "the model's own norm",
+                        "Inductor fuses the model's own norm already")
 
 
 @dataclass
