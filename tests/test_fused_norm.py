@@ -227,3 +227,26 @@ def test_auto_under_the_interpreter_takes_both_liger_kernels_interp(liger, tmp_p
     log = _auto_run(tmp_path)
     assert "[fused_loss] fused linear + cross-entropy (Liger)" in log
     assert "[fused_norm] 5 RMSNorm modules run Liger-Kernel's RMSNorm kernel" in log
+
+
+_NORM_MODULES = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "mistral", "Qwen2RMSNorm": "qwen2",
+                 "Qwen3RMSNorm": "qwen3", "Qwen3MoeRMSNorm": "qwen3_moe", "MixtralRMSNorm": "mixtral",
+                 "Phi3RMSNorm": "phi3"}
+
+
+@pytest.mark.parametrize("name", FUSED_NORM_CLASSES)
+def test_each_listed_norm_computes_what_the_kernel_is_told(name):
+    """Each listed class, as the installed transformers defines it, computes ``w * (x * rsqrt(mean(x^2) + eps))``
+    with the statistics in fp32 and the cast to x's dtype before the weight (Liger's "llama" mode, no offset):
+    equal to the bit in bf16, the same operations in the same order."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{_NORM_MODULES[name]}.modeling_{_NORM_MODULES[name]}")
+    norm = getattr(module, name)(24, eps=1e-5).to(torch.bfloat16)
+    torch.manual_seed(0)
+    nn.init.normal_(norm.weight, mean=1.0, std=0.3)
+    x = torch.randn(5, 24, dtype=torch.bfloat16) * 3
+    x32 = x.float()
+    expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert norm.variance_epsilon == 1e-5
+    assert torch.equal(norm(x), expected)
