@@ -213,7 +213,7 @@ def test_cuda_graphs_auto_is_off_with_the_fused_loss(liger_installed):
     class Env:
         device, world_size = torch.device("cuda"), 1
 
-    assert graphs_blockers(Env(), TrainConfig(cuda_graphs="auto", fused_loss="liger", max_steps=1)) == [
+    assert graphs_blockers(Env(), TrainConfig(cuda_graphs="auto", fused_loss="liger", max_steps=1), fused_loss=True) == [
         "train.fused_loss is on (Liger counts the target tokens on the host, which a capture can't hold)"
     ]
 

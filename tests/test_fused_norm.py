@@ -207,14 +207,14 @@ def test_auto_on_the_cpu_runs_the_plain_paths_and_says_why(tmp_path, liger_insta
 
 
 def test_auto_without_liger_installed_runs_the_plain_paths(tmp_path, monkeypatch):
-    monkeypatch.setattr("automodel_lora.recipe.setup_phase.liger_available", lambda: False)
+    monkeypatch.setattr("automodel_lora.recipe.fused_loss.liger_available", lambda: False)
     log = _auto_run(tmp_path)
-    assert "[fused_loss] plain (train.fused_loss=auto, no Liger here: liger_kernel is not installed)" in log
-    assert "[fused_norm] plain (train.fused_norm=auto, no Liger here: liger_kernel is not installed)" in log
+    for setting in ("fused_loss", "fused_norm"):
+        assert (f"[{setting}] plain (train.{setting}=auto, no Liger here: `train.{setting}: liger` needs the "
+                "liger_kernel package, which is not installed") in log
 
 
-def test_auto_with_compile_runs_the_plain_paths(tmp_path, liger_installed, monkeypatch):
-    monkeypatch.setattr("automodel_lora.recipe.setup_phase.liger_available", lambda: True)
+def test_auto_with_compile_runs_the_plain_paths(tmp_path, liger_installed):
     from automodel_lora.recipe.config import RecipeConfig as Config
 
     raw = tiny_raw_recipe(tmp_path, train={"fused_loss": "auto", "fused_norm": "auto", "compile": True})

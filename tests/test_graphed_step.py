@@ -111,7 +111,7 @@ def test_where_the_recipe_replays_cuda_graphs(setting, env, packing, compile_, o
     from automodel_lora.recipe.sections import DataConfig, TrainConfig
 
     tc = TrainConfig(cuda_graphs=setting, compile=compile_, max_steps=1)
-    got_on, got_why = use_cuda_graphs(env, tc, DataConfig(path="x.jsonl", packing=packing))
+    got_on, got_why = use_cuda_graphs(env, tc, DataConfig(path="x.jsonl", packing=packing), fused_loss=False)
     assert got_on is on and why in got_why
 
 
@@ -120,9 +120,10 @@ def test_cuda_graphs_true_where_they_cannot_run_is_a_config_error():
     from automodel_lora.recipe.sections import DataConfig, TrainConfig
 
     with pytest.raises(ConfigError, match="`train.cuda_graphs: true` can't run here: the device is cpu"):
-        use_cuda_graphs(_Env("cpu"), TrainConfig(cuda_graphs=True, max_steps=1), DataConfig(path="x.jsonl"))
+        use_cuda_graphs(_Env("cpu"), TrainConfig(cuda_graphs=True, max_steps=1), DataConfig(path="x.jsonl"), fused_loss=False)
     with pytest.raises(ConfigError, match="can't run here: data.packing is off"):
-        use_cuda_graphs(_Env(), TrainConfig(cuda_graphs=True, max_steps=1), DataConfig(path="x.jsonl", packing=False))
+        use_cuda_graphs(_Env(), TrainConfig(cuda_graphs=True, max_steps=1), DataConfig(path="x.jsonl", packing=False),
+                        fused_loss=False)
     assert TrainConfig(max_steps=1).cuda_graphs is False  # off by default until measured on a GPU
     with pytest.raises(ConfigError, match="train.cuda_graphs` must be true, false or auto"):
         TrainConfig(cuda_graphs="yes", max_steps=1)

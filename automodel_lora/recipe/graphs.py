@@ -23,8 +23,9 @@ from .sections import DataConfig, TrainConfig
 __all__ = ["graphs_blockers", "use_cuda_graphs", "recipe_step", "graph_inputs"]
 
 
-def graphs_blockers(env: DistEnv, tc: TrainConfig) -> list[str]:
-    """Why CUDA graphs can't run here at all (empty where they can)."""
+def graphs_blockers(env: DistEnv, tc: TrainConfig, fused_loss: bool) -> list[str]:
+    """Why CUDA graphs can't run here at all (empty where they can); ``fused_loss``: whether the run takes the fused
+    loss (``train.fused_loss`` as the setup resolved it)."""
     why = []
     if env.device.type != "cuda":
         why.append(f"the device is {env.device.type}, not CUDA")
@@ -32,20 +33,20 @@ def graphs_blockers(env: DistEnv, tc: TrainConfig) -> list[str]:
         why.append(f"{env.world_size} processes: DDP / FSDP2 collectives are not captured")
     if tc.compile:
         why.append("train.compile is on (torch.compile's own CUDA graphs: mode='reduce-overhead')")
-    if tc.fused_loss:
+    if fused_loss:
         why.append("train.fused_loss is on (Liger counts the target tokens on the host, which a capture can't hold)")
     return why
 
 
-def use_cuda_graphs(env: DistEnv, tc: TrainConfig, data: DataConfig) -> tuple[bool, str]:
-    """(on, a line saying why) for ``train.cuda_graphs``.
+def use_cuda_graphs(env: DistEnv, tc: TrainConfig, data: DataConfig, fused_loss: bool) -> tuple[bool, str]:
+    """(on, a line saying why) for ``train.cuda_graphs``; ``fused_loss`` as for ``graphs_blockers``.
 
     Raises:
         ConfigError: ``train.cuda_graphs: true`` where graphs can't run (names why and the fix).
     """
     if tc.cuda_graphs is False:
         return False, "off (train.cuda_graphs=false)"
-    blockers = graphs_blockers(env, tc)
+    blockers = graphs_blockers(env, tc, fused_loss)
     if data.adapters:
         blockers.append("data.adapters (mixed batches run eagerly)")
     if not data.packing:  # a padded batch's mask is read on the host by transformers: no capture holds that

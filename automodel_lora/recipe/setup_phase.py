@@ -32,7 +32,7 @@ from .distributed import DistEnv, barrier, wrap_model
 from .errors import CheckpointError, RunDirError
 from .files import atomic_write_text, clean_stale, writing
 from .flops import peak_bf16_flops, train_flops_per_token
-from .fused_loss import check_fused_loss, liger_available
+from .fused_loss import check_fused_loss
 from .fused_norm import use_fused_norm
 from .graphs import recipe_step, use_cuda_graphs
 from .loop import use_bf16
@@ -307,39 +307,39 @@ class RecipeSetup:
         self.peak_flops = peak_bf16_flops(self.env.device)
 
     def _liger_switches(self, model: nn.Module) -> None:
-        """``train.fused_loss`` / ``train.fused_norm``: ``liger`` is checked (a ConfigError where it can't run),
-        ``auto`` is resolved to liger where it can run and to the plain path otherwise; the run says which."""
-        tc, env = self.cfg.train, self.env
+        """``train.fused_loss`` / ``train.fused_norm`` as this run takes them (see ``_liger_switch``)."""
+        env = self.env
 
-        def resolve(setting: str, value, blockers: list[str], check) -> bool:
-            if value is False:
-                return False
-            if value == "auto":
-                blockers = [b for b, on in blockers if on]
-                if not blockers:
-                    try:
-                        check()
-                    except ConfigError as e:
-                        blockers = [str(e).split(": ", 1)[-1]]
-                if blockers:
-                    self.say(f"[{setting}] plain (train.{setting}=auto, no Liger here: {'; '.join(blockers)})")
-                    return False
-                return True
-            check()
-            return True
-
-        not_installed = ("liger_kernel is not installed", not liger_available())
-        self.fused_loss = resolve("fused_loss", tc.fused_loss, [
-            not_installed, ("train.compile is on", tc.compile), ("train.cuda_graphs is true", tc.cuda_graphs is True),
-            ("data.adapters is set", bool(self.cfg.data.adapters))],
-            lambda: check_fused_loss(model, env.world_size, env.device))
-        if self.fused_loss:
+        def take_loss():
+            if self.cfg.data.adapters:  # the config refuses liger with them; auto turns it off
+                raise ConfigError("`data.adapters`: each adapter's loss is taken from its rows of the logits")
+            check_fused_loss(model, env.world_size, env.device)
             self.say("[fused_loss] fused linear + cross-entropy (Liger): no (tokens, vocab) logits in the training step")
-        norms = []
-        self.fused_norm = resolve("fused_norm", tc.fused_norm, [not_installed, ("train.compile is on", tc.compile)],
-                                  lambda: norms.append(use_fused_norm(model, env.device)))
-        if self.fused_norm:
-            self.say(f"[fused_norm] {norms[0]} RMSNorm modules run Liger-Kernel's RMSNorm kernel")
+
+        def take_norm():
+            n_norms = use_fused_norm(model, env.device)
+            self.say(f"[fused_norm] {n_norms} RMSNorm modules run Liger-Kernel's RMSNorm kernel")
+
+        self.fused_loss = self._liger_switch("fused_loss", take_loss)
+        self.fused_norm = self._liger_switch("fused_norm", take_norm)
+
+    def _liger_switch(self, setting: str, take) -> bool:
+        """Whether the run takes ``train.<setting>``: false no; liger yes (``take()`` checks the model and device,
+        a ConfigError where they can't run it); auto where the config's conditions for liger and ``take()`` both
+        hold, else the plain path, and the run says why."""
+        value = getattr(self.cfg.train, setting)
+        if value is False:
+            return False
+        try:
+            if value == "auto":
+                replace(self.cfg.train, **{setting: "liger"})  # the config's own conditions for liger
+            take()
+        except ConfigError as e:
+            if value != "auto":
+                raise
+            self.say(f"[{setting}] plain (train.{setting}=auto, no Liger here: {e})")
+            return False
+        return True
 
     def _restore_adapter(self) -> None:
         """Load the picked checkpoint's adapter; a damaged one is skipped for the next older one."""
@@ -393,8 +393,7 @@ class RecipeSetup:
         else:
             torch.manual_seed(tc.seed + env.rank)  # dropout differs per rank
         self.fwd_model = torch.compile(self.model) if tc.compile else self.model
-        resolved = replace(tc, fused_loss="liger" if self.fused_loss else False, fused_norm=False)  # as resolved above
-        on, why = use_cuda_graphs(env, resolved, cfg.data)
+        on, why = use_cuda_graphs(env, tc, cfg.data, self.fused_loss)
         self.graphed = recipe_step(self.fwd_model, self.params, self.use_bf16, fallback=tc.cuda_graphs == "auto") \
             if on else None
         if env.device.type == "cuda":
