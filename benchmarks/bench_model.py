@@ -81,15 +81,14 @@ def run_shape(shape, args) -> tuple[list, list, dict]:
             diffs[k] = diffs[eager_arm(k)]
     skipped.update(failed)
     arms = {k: m for k, m in arms.items() if k not in skipped}
-    args.model_profiles = {}  # arm -> torch.profiler's table of its step, for the arms in args.profile
-    times, mem, weights, replay_diff = time_arms(arms, ids, args)
+    times, mem, weights, replay_diff, profiles = time_arms(arms, ids, args)
     rows = arm_rows(shape.name, times, mem, weights, diffs, scale, bsz * seq)
     for row in rows:
         if row["variant"] in replay_diff:
             row["replay_loss_rel_diff"] = replay_diff[row["variant"]]
     info = dict(shape=shape.name, title=shape.title(), arch=arch, tokens=bsz * seq, r=R,
                 attn_implementation=getattr(cfg, "_attn_implementation", None), max_abs_ref_logit=scale,
-                logits_tol=LOGITS_RTOL * scale, **({"profiles": args.model_profiles} if args.model_profiles else {}))
+                logits_tol=LOGITS_RTOL * scale, **({"profiles": profiles} if profiles else {}))
     skipped = [dict(shape=shape.name, variant=k, reason=v) for k, v in skipped.items()]
     return rows, skipped, info
 
@@ -140,9 +139,10 @@ def trial_steps(arms: dict, ids: torch.Tensor) -> dict:
     return failed
 
 
-def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict, dict]:
+def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict, dict, dict]:
     """(median ms per step, peak MiB of a step above what was allocated before it, MiB of weights) per arm, and
-    per graphed arm the relative difference of a replay's loss from the eager model's (``replay_check``)."""
+    per graphed arm the relative difference of a replay's loss from the eager model's (``replay_check``), and per
+    arm in ``args.profile`` torch.profiler's table of its step."""
     def make_step(name, m):
         if name.endswith(GRAPHED):
             graphed = graphed_step(m)
@@ -165,9 +165,9 @@ def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict, dict]:
     steps = {k: make_step(k, m) for k, m in arms.items()}
     n = SMOKE_STEPS if args.smoke else args.model_n
     times = interleaved(steps, n=n, rounds=args.rounds, warmup=1 if args.smoke else MODEL_WARMUP, prep=prep)
-    for k in [k for k in getattr(args, "profile", ()) if k in steps]:
-        args.model_profiles[k] = kernel_profile(steps[k], prep=prep, lines=30)
-        print(f"[model] profile of {k}:\n{args.model_profiles[k]}", flush=True)
+    profiles = {k: kernel_profile(steps[k], prep=prep, lines=30) for k in args.profile if k in steps}
+    for k, table in profiles.items():
+        print(f"[model] profile of {k}:\n{table}", flush=True)
     replay_diff = {k: replay_check(step, arms[k], ids[0]) for k, step in steps.items() if k.endswith(GRAPHED)}
     steps = None  # the graphs' memory pools go; each graphed arm's peak is taken from a capture of its own
     mem = {k: peak_delta_mib(memory_step(k, m, make_step), prep) for k, m in arms.items()}
@@ -175,7 +175,7 @@ def time_arms(arms: dict, ids: list, args) -> tuple[dict, dict, dict, dict]:
     # the arm's own weights (a tied head counted once; PEFT's fp32 adapters at 4 bytes)
     weights = {k: sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())) / 2**20
                for k, m in arms.items()}
-    return times, mem, weights, replay_diff
+    return times, mem, weights, replay_diff, profiles
 
 
 def replay_check(graphed_call, model: nn.Module, ids: torch.Tensor) -> float:
