@@ -8,7 +8,8 @@ For each run (``--runs``, default all three), on one GPU:
   The three recipes set ``train.fused_loss: auto`` and ``train.fused_norm: auto``: with ``liger_kernel`` on
   the path that is Liger's fused linear + cross-entropy and its RMSNorm kernel.
 - Not in the default arms, each switch alone: ``ours_plain`` (both off: the model's logits and norms),
-  ``ours_liger`` (the fused loss only), ``ours_liger_norm`` (the RMSNorm kernel only), ``ours_compile`` (both
+  ``ours_liger`` (the fused loss only), ``ours_liger_norm`` (the RMSNorm kernel only), ``ours_pre`` (the
+  adapter's dropout on its input, where PEFT puts it, instead of the recipes' ``post``), ``ours_compile`` (both
   off, the model under ``torch.compile``: Inductor fuses the frozen model's norms, rotary embedding and
   residual adds).
 - ``peft_trainer``: what a user would otherwise run: the same model (built by the same function
@@ -93,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
     p.add_argument("--arms", default="ours,peft_trainer", help=f"comma-separated, of: {', '.join(ARMS)} "
                    "(the recipe's Liger switches: ours_plain both off, ours_liger the fused loss only, "
-                   "ours_liger_norm the norm only; ours_compile: both off under train.compile=true)")
+                   "ours_liger_norm the norm only; ours_pre: dropout_position=pre; ours_compile: both off under "
+                   "train.compile=true)")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps per arm")
     p.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of tokens/s")
     p.add_argument("--seq-len", type=int, default=2048)

@@ -24,11 +24,14 @@ import torch
 
 KINDS = (  # (kind, regex over the kernel name), first match wins
     ("attention", r"flash|fmha|attention|sdpa|efficient_attention"),
-    ("lora_triton", r"^_?lora|_lora_|lora_|segment_mm|gather_mm|dora"),
     ("loss", r"cross_entropy|log_softmax|softmax_backward|nll_loss|logsumexp|liger|flce"),
     ("norm", r"rms|layer_norm|norm_kernel"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("quant", r"dequant|nf4|kdequantize|bnb|4bit"),
+    # this library's Triton kernels (`_<name>_kernel`: the LoRA GEMM, proj, expand, tn2, segmented, gather,
+    # DoRA, embedding, gated product); Liger's were matched above
+    ("ours", r"^_\w+_kernel$"),
+    ("inductor", r"^triton_"),  # torch.compile's generated kernels
     ("gemm", r"gemm|nvjet|cutlass|xmma|sm90_|cublas|matmul|_mm_|splitk"),
     ("copy_cast", r"copy|cast|convert|fill|memcpy|memset|cat_|to_copy"),
 )
