@@ -13,6 +13,8 @@ import warnings
 # `automodel-lora` console script's --help / --version / recipes / cp -- load no torch.
 _LAZY = {
     "AdapterFormatError": ".adapter_format",
+    "CAUSAL_SDPA": ".sdpa_capture",
+    "causal_sdpa": ".sdpa_capture",
     "adapter_batch": ".mixed_adapters",
     "stack_adapters": ".adapter_stacks",
     "unstack_adapters": ".adapter_stacks",
@@ -52,6 +54,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFormatError",
+    "CAUSAL_SDPA",
     "EmbeddingLoRA",
     "FusedLinearLoRA",
     "GraphCaptureError",
@@ -66,6 +69,7 @@ __all__ = [
     "adapter_names",
     "add_weighted_adapter",
     "apply_lora_to_linear_modules",
+    "causal_sdpa",
     "delete_adapter",
     "disable_adapter",
     "grouped_lora_linear",

@@ -21,7 +21,7 @@ from bench_model_arms import COMPILED, DORA_REFERENCE, GRAPHED, build_arms, eage
 from bench_variants import base_gemm_for, forget_options
 from torch import nn
 
-from automodel_lora import GraphedStep
+from automodel_lora import GraphedStep, causal_sdpa
 
 R = 16
 # Agreement of an arm's logits with the reference: max |difference| <= LOGITS_RTOL * max |reference logit|.
@@ -193,8 +193,11 @@ def graphed_step(m: nn.Module) -> GraphedStep:
     """The bench step of ``m`` (loss on labels = inputs, backward) as a GraphedStep: warm-up calls eager, then
     one capture, then replays. Its gradients stay in the step's buffers (``prep`` setting them to None is
     undone by the step, as an optimizer's ``zero_grad`` would be)."""
-    return GraphedStep(lambda x: m(input_ids=x, labels=x).loss, [p_ for p_ in m.parameters() if p_.requires_grad],
-                       warmup=GRAPH_WARMUP)
+    def loss(x):
+        with causal_sdpa(m):  # as the recipe's graphed step: SDPA's causal path inside the capture
+            return m(input_ids=x, labels=x).loss
+
+    return GraphedStep(loss, [p_ for p_ in m.parameters() if p_.requires_grad], warmup=GRAPH_WARMUP)
 
 
 def memory_step(name: str, m: nn.Module, make_step):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..graphed_step import GraphedStep
+from ..sdpa_capture import causal_sdpa
 from .distributed import DistEnv
 from .errors import ConfigError
 from .loop import causal_lm_loss_sum
@@ -63,13 +64,15 @@ def use_cuda_graphs(env: DistEnv, tc: TrainConfig, data: DataConfig, fused_loss:
 def recipe_step(model: nn.Module, params: list, bf16: bool, fallback: bool) -> GraphedStep:
     """The recipe's micro-batch as a :class:`GraphedStep`: inputs ``(ids, labels, scale[, mask])``, all on
     the device; reports the unscaled CE sum. Autocast's weight cache is off inside (a capture may not
-    keep tensors made under it across replays)."""
+    keep tensors made under it across replays). The model runs :func:`causal_sdpa` inside: a packed micro-batch
+    passes no position ids, so the capture keeps SDPA's causal path as the eager step does, instead of the
+    masked kernels transformers picks when it can't read them."""
     device_type = next(iter(params)).device.type if params else "cuda"
 
     def micro_batch(ids, labels, scale, *mask):
         cast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, cache_enabled=False) if bf16 \
             else nullcontext()
-        with cast:
+        with cast, causal_sdpa(model):
             logits = model(input_ids=ids, attention_mask=mask[0] if mask else None).logits
         ce = causal_lm_loss_sum(logits, labels)
         return ce * scale, ce
