@@ -368,7 +368,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.table:
         results = json.loads(Path(args.table).read_text())
-        print(markdown_table(results))
+        is_max_seq = any("seq_len" in r for r in results.get("rows", []))
+        print((markdown_max_seq if is_max_seq else markdown_table)(results))
         return results
     env = run_env()
     settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "seq_len", "grad_accum", "smoke")}
@@ -431,6 +432,32 @@ def markdown_table(results: dict) -> str:
             f"{ratio('peak_mib', '.2f')} | {get(ours, 'mfu', '.1%')} | {get(peft, 'mfu', '.1%')} "
             f"| {get(ours, 'final_loss', '.3f')} / {get(peft, 'final_loss', '.3f')} |"
         )
+    return "\n".join(lines)
+
+
+def markdown_max_seq(results: dict) -> str:
+    """The README's longest-sequence table from a ``--max-seq`` file: per run and arm, the longest length that
+    trained, its peak memory and tok/s, and the first length that ran out of memory (``none tried`` where every length tried fitted)."""
+    longest: dict = {}
+    oom: dict = {}
+    for r in results.get("rows", []):
+        key = (r["run"], r["arm"])
+        if r.get("fits") and r["seq_len"] > longest.get(key, {}).get("seq_len", 0):
+            longest[key] = r
+        elif not r.get("fits"):
+            oom[key] = min(r["seq_len"], oom.get(key, r["seq_len"]))
+    gpu = f"{results.get('gpu', '?')}, {str(results.get('date', '?'))[:10]}"
+    lines = ["| run | arm | GPU | longest sequence trained | peak GiB there | tok/s there | out of memory at |",
+             "|---|---|---|---|---|---|---|"]
+    for run in RUNS:
+        for arm in ("ours", "peft_trainer"):
+            r = longest.get((run, arm))
+            if r is None:
+                lines.append(f"| {run} | {arm} | " + " | ".join(["not measured yet"] * 5) + " |")
+                continue
+            first_oom = oom.get((run, arm))
+            lines.append(f"| {run} | {arm} | {gpu} | {r['seq_len']:,} | {r['peak_mib'] / 1024:.1f} | "
+                         f"{r['tok_s']:,.0f} | {f'{first_oom:,}' if first_oom else 'none tried'} |")
     return "\n".join(lines)
 
 

@@ -167,3 +167,21 @@ def test_kernel_kinds(name, kind):
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     assert kind_of(name) == kind
+
+
+def test_readme_max_seq_table_is_generated_from_the_committed_results(bench):
+    """The README's longest-sequence table is what ``--table`` prints from the committed ``--max-seq`` file."""
+    results = json.loads((REPO / "benchmarks" / "results" / "max_seq_h100_2026-12-06.json").read_text())
+    assert bench.markdown_max_seq(results) in (REPO / "README.md").read_text()
+
+
+def test_max_seq_table_names_the_longest_fit_and_the_first_out_of_memory(bench):
+    rows = [{"run": "llama3_8b_lora", "arm": "ours", "seq_len": n, "fits": True, "peak_mib": n, "tok_s": 1000.0}
+            for n in (4096, 8192)]
+    rows += [{"run": "llama3_8b_lora", "arm": "peft_trainer", "seq_len": 4096, "fits": True, "peak_mib": 2048.0,
+              "tok_s": 900.0},
+             {"run": "llama3_8b_lora", "arm": "peft_trainer", "seq_len": 8192, "fits": False, "error": "OOM"}]
+    lines = bench.markdown_max_seq({"gpu": "G", "date": "2026-12-06", "rows": rows}).splitlines()
+    assert lines[2] == "| llama3_8b_lora | ours | G, 2026-12-06 | 8,192 | 8.0 | 1,000 | none tried |"
+    assert lines[3] == "| llama3_8b_lora | peft_trainer | G, 2026-12-06 | 4,096 | 2.0 | 900 | 8,192 |"
+    assert lines[4].startswith("| llama3_8b_qlora | ours | not measured yet |")
