@@ -129,6 +129,24 @@ def _stack(module: LinearLoRA, names: list, dtype: torch.dtype) -> tuple[torch.T
     return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
 
+def _trained_stacks(module: LinearLoRA, names: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A (K, r, in), B (K, out, r), scale) for a training call on the segmented kernels. Where every adapter of the
+    batch is on ``module`` with one rank, one scale and one weight dtype (the usual case), the stacks are the
+    weights as they are, two ops, and the scale goes to the kernels: the padded, scaled, cast copies ``_stack``
+    makes cost ~10 ops and ~10 autograd nodes per adapter per call, host time a short step waits for. The
+    kernels cast weights of another dtype (fp32 masters) per tile."""
+    holders = [holder_of(module, name) for name in names]
+    first = holders[0]
+    uniform = first is not None and all(
+        h is not None and h.lora_settings.dim == first.lora_settings.dim
+        and h.lora_settings.scale == first.lora_settings.scale
+        and h.lora_A.weight.dtype == first.lora_A.weight.dtype == h.lora_B.weight.dtype for h in holders)
+    if not uniform:
+        return *_stack(module, names, dtype), 1.0
+    return (torch.stack([h.lora_A.weight for h in holders]), torch.stack([h.lora_B.weight for h in holders]),
+            first.lora_settings.scale)
+
+
 DECODE_KERNELS = ("auto", "gather", "segmented")
 
 
@@ -187,9 +205,10 @@ def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: 
         ids = rows.of(x)  # (M,)
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         grad = torch.is_grad_enabled() and (rows.train or x.requires_grad)
-        A, B = _stack(module, names, dtype) if grad else _fixed(module, names, dtype, fixed)
         if grad and use_kernels_for(x) and rows.grouped:
-            return segmented_lora(x2, A, B, y2, ids, rows.offsets(x), 1.0).view(y.shape)
+            A, B, scale = _trained_stacks(module, names, dtype)
+            return segmented_lora(x2, A, B, y2, ids, rows.offsets(x), scale).view(y.shape)
+        A, B = _stack(module, names, dtype) if grad else _fixed(module, names, dtype, fixed)
         kernel = _kernel(rows, x, grad, decode_kernel)
         if shared is None or grad:
             xa = _product(x2, A, ids, kernel)  # (M, r_max)

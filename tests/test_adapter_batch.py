@@ -16,13 +16,17 @@ import pytest
 import torch
 
 import automodel_lora as al
+from automodel_lora import mixed_adapters
+from automodel_lora.kernels.backend import use_kernels_for
 
 from .conftest import tiny_llama
 
 TOL = 1e-6
 
 
-def _model_with_adapters():
+def _model_with_adapters(twin: bool = False):
+    """Adapters ``"default"`` (rank 4 on every linear), ``"b"`` (rank 7 on three), ``"c"`` (rank 2, rsLoRA), and with
+    ``twin`` ``"d"``: the rank, scale and modules of ``"default"``, other weights."""
     torch.manual_seed(0)
     model = tiny_llama()
     al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_linear=True, dim=4, alpha=8))
@@ -30,6 +34,8 @@ def _model_with_adapters():
                                                          alpha=3), adapter_name="b")
     al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_linear=True, dim=2, alpha=4, use_rslora=True),
                                     adapter_name="c")
+    if twin:
+        al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_linear=True, dim=4, alpha=8), adapter_name="d")
     model.double()  # every adapter in float64 too
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -203,21 +209,32 @@ def _holder_grads(model, name):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, TOL), (torch.float32, 1e-4)])
-def test_training_a_mixed_batch_gives_each_adapter_the_gradient_of_its_own_sequences(dtype, tol):
+@pytest.mark.parametrize("batch", [["b", "b", "c", None, None], ["default", "d", "d", None, None]],
+                         ids=["ranks-differ", "one-rank-and-scale"])
+def test_training_a_mixed_batch_gives_each_adapter_the_gradient_of_its_own_sequences(dtype, tol, batch, monkeypatch):
     """Loss = the sum over sequences of each sequence's mean token loss, so each adapter's gradient is that of
     its own sequences run alone. float64 on the PyTorch loop; float32 on the segmented kernels under
-    TRITON_INTERPRET=1 (float32 roundings through two layers and the head, 1e-4 of the largest gradient)."""
-    model = _model_with_adapters().to(dtype).train()
+    TRITON_INTERPRET=1 (float32 roundings through two layers and the head, 1e-4 of the largest gradient). With one
+    rank and scale the kernels get the weights as they are and the scale (``_trained_stacks``), else the padded,
+    scaled stacks and scale 1."""
+    model = _model_with_adapters(twin=True).to(dtype).train()
     ids = torch.randint(0, 128, (5, 8), generator=torch.Generator().manual_seed(4))
-    batch = ["b", "b", "c", None, None]  # grouped by adapter, the base-only sequences last
+    scales = []
+    real = mixed_adapters.segmented_lora
+    monkeypatch.setattr(mixed_adapters, "segmented_lora", lambda *a: scales.append(a[-1]) or real(*a))
     model.zero_grad(set_to_none=True)
-    with al.adapter_batch(model, batch):
+    with al.adapter_batch(model, batch):  # grouped by adapter, the base-only sequences last
         logits = model(input_ids=ids).logits
         losses = [torch.nn.functional.cross_entropy(logits[i, :-1], ids[i, 1:]) for i in range(len(batch))]
         sum(losses[:3]).backward()
-    mixed = {name: _holder_grads(model, name) for name in ("b", "c")}
-    assert not _holder_grads(model, "default")  # not in the batch: no gradient
-    for name, rows in (("b", slice(0, 2)), ("c", slice(2, 3))):
+    if use_kernels_for(logits):
+        assert set(scales) == ({2.0} if batch[0] == "default" else {1.0}), scales
+    names = list(dict.fromkeys(b for b in batch if b))
+    mixed = {name: _holder_grads(model, name) for name in names}
+    for other in {"default", "b", "c", "d"} - set(names):
+        assert not _holder_grads(model, other)  # not in the batch: no gradient
+    for name in names:
+        rows = slice(batch.index(name), len(batch) - batch[::-1].index(name))
         want = {}
         for i in range(rows.start, rows.stop):  # the mean loss per sequence, as above
             for k, g in _grads_alone(model, name, ids[i : i + 1]).items():

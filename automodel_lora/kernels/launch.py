@@ -212,6 +212,20 @@ def launch(name, tuned, raw, grid, fixed, key, tensors, scalars, consts, sig, fa
                 tensors[0].get_device(), fast)
 
 
+def launch_fixed(raw, grid: tuple, tiles: dict, ptrs: tuple, scalars: tuple, consts: dict, sig: tuple,
+                 fast: bool = True) -> None:
+    """Launch ``raw[grid](*ptrs, *scalars, **consts, **tiles)``, a kernel with fixed tiles (not autotuned): a repeat of
+    ``sig`` through :func:`run_cached`, else through the jit function with Triton's default warps and stages,
+    recorded under ``sig`` for the next call (when ``fast`` and every pointer is 16-byte aligned)."""
+    if run_cached(sig, ptrs, fast=fast):
+        return
+    if INTERPRET:
+        raw[grid](*ptrs, *scalars, **consts, **tiles)
+        return
+    launch_plan(raw, lambda _: grid, (tiles, 4, 3), (*ptrs, *scalars), consts, len(ptrs),
+                sig if aligned(ptrs) else None, ptrs[0].get_device(), fast)
+
+
 def launch_plan(raw, grid, plan, args, consts, n_ptrs: int, sig, device_index: int, fast: bool = True):
     """Launch ``raw`` with ``plan`` = (config kwargs, warps, stages) through the jit function; with ``sig``
     (not None: every pointer argument 16-byte aligned) and ``fast``, record the compiled kernel, its grid

@@ -25,7 +25,7 @@ if HAS_TRITON:  # the callers check use_kernels_for() first: without triton noth
     import triton
     import triton.language as tl
 
-    from .launch import INTERPRET, cdiv, dot_prec
+    from .launch import INTERPRET, cdiv, dot_prec, launch_fixed
 
     @triton.jit
     def _segment_mm_kernel(x_ptr, w_ptr, ids_ptr, add_ptr, out_ptr, S, N, K, G, scale,
@@ -66,13 +66,15 @@ def _tiles(N: int, K: int) -> tuple[int, int, int]:
 
 
 def segment_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: float = 1.0,
-               add: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               add: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+               fast_launch: bool = True) -> torch.Tensor:
     """``out (S, N) = add + scale * x[s] @ w[ids[s]]^T`` (see the module docstring); fp32 accumulation.
 
     Args:
         x: (S, K) rows, best sorted by group. w: (G, N, K), any strides. ids: (S,) int in [0, G), or < 0 for none.
         add: (S, N) added to the product (the base output), or None.
         out_dtype: the result's dtype (default: ``add``'s, else ``x``'s).
+        fast_launch: as ``KernelOptions.fast_launch`` (a repeat call launches the compiled kernel directly).
 
     Raises:
         ValueError: shapes that do not chain.
@@ -88,9 +90,9 @@ def segment_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: float
         return out
     BM, BN, BK = _tiles(N, K)
     a = add if add is not None else out  # a placeholder pointer when HAS_ADD is off
-    grid = (cdiv(S, BM), cdiv(N, BN))
-    on_device_of(x, lambda: _segment_mm_kernel[grid](
-        x, w, ids, a, out, S, N, K, G, float(scale), x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        a.stride(0), a.stride(1), out.stride(0), out.stride(1), HAS_ADD=add is not None, PREC=dot_prec(x.dtype),
-        BM=BM, BN=BN, BK=BK))
+    ptrs = (x, w, ids, a, out)
+    scalars = (S, N, K, G, float(scale), *x.stride(), *w.stride(), *a.stride(), *out.stride())
+    sig = ("segment_mm", x.get_device(), scalars, tuple(t.dtype for t in ptrs), add is not None)
+    on_device_of(x, launch_fixed, _segment_mm_kernel, (cdiv(S, BM), cdiv(N, BN)), dict(BM=BM, BN=BN, BK=BK), ptrs,
+                 scalars, dict(HAS_ADD=add is not None, PREC=dot_prec(x.dtype)), sig, fast_launch)
     return out

@@ -22,7 +22,7 @@ if HAS_TRITON:  # the callers check use_kernels_for() first: without triton noth
     import triton
     import triton.language as tl
 
-    from .launch import INTERPRET, cdiv, dot_prec
+    from .launch import INTERPRET, cdiv, dot_prec, launch_fixed
 
     @triton.jit
     def _segment_tn_kernel(a_ptr, b_ptr, offsets_ptr, out_ptr, N, K, scale,
@@ -48,12 +48,13 @@ if HAS_TRITON:  # the callers check use_kernels_for() first: without triton noth
 
 
 def segment_tn(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, scale: float = 1.0,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, fast_launch: bool = True) -> torch.Tensor:
     """``out (G, N, K)``: per group g, ``scale * a[rows of g]^T b[rows of g]`` (see the module docstring).
 
     Args:
         a: (S, N). b: (S, K), rows in the same order. offsets: (G,) int cumulative row counts.
         out_dtype: default ``a``'s dtype.
+        fast_launch: as ``KernelOptions.fast_launch`` (a repeat call launches the compiled kernel directly).
 
     Raises:
         ValueError: shapes that do not chain.
@@ -67,8 +68,9 @@ def segment_tn(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, scale: f
     if G == 0 or N == 0 or K == 0:
         return out
     BM, BN, BK = (16, 16, 16) if INTERPRET else (64, 16 if N <= 16 else 64, 16 if K <= 16 else 64)
-    grid = (G, cdiv(N, BN), cdiv(K, BK))
-    on_device_of(a, lambda: _segment_tn_kernel[grid](
-        a, b, offsets, out, N, K, float(scale), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), PREC=dot_prec(a.dtype), BM=BM, BN=BN, BK=BK))
+    ptrs = (a, b, offsets, out)
+    scalars = (N, K, float(scale), *a.stride(), *b.stride(), *out.stride())
+    sig = ("segment_tn", a.get_device(), G, scalars, tuple(t.dtype for t in ptrs))
+    on_device_of(a, launch_fixed, _segment_tn_kernel, (G, cdiv(N, BN), cdiv(K, BK)), dict(BM=BM, BN=BN, BK=BK), ptrs,
+                 scalars, dict(PREC=dot_prec(a.dtype)), sig, fast_launch)
     return out
