@@ -2,18 +2,18 @@
 
 transformers decides at every forward whether an unpadded batch needs a materialized attention mask.
 Eagerly it reads the position ids on the host, finds one sequence per row, and calls SDPA with
-``is_causal=True`` and no mask. During a capture it may not read a tensor, so it assumes packed
-sequences and builds a ``(B, 1, T, T)`` boolean mask, and SDPA runs its masked kernels. On an H100
-that made cuDNN's attention 2.5-3x slower in a captured step than in the eager step, which was the
-whole of the gap between a replayed and an eager frozen model.
+``is_causal=True`` and no mask. During a capture it may not read a tensor, so it builds a
+``(B, 1, T, T)`` boolean mask (it assumes packed sequences, and releases up to at least 5.17 refuse the
+causal skip outright while a capture is underway), and SDPA runs its masked kernels: on an H100 cuDNN's
+attention took 2.5-3x as long in a captured step as in the eager one.
 
 ``causal_sdpa(model)`` switches the model, for the duration of a ``with``, to an attention
 implementation registered under :data:`CAUSAL_SDPA`: transformers' own SDPA function, with a mask
-function that lets SDPA's ``is_causal`` stand for the mask wherever transformers' own rules allow
-(no padding, query length equal to key length or one, no sliding window in reach). A padding mask
-is still honoured. What it changes is only the packed-sequence guess, so it is for steps that
-pass no ``position_ids`` (one sequence per row, as the recipe's packed batches are) and no
-inputs that make a model mask across modalities::
+function that lets SDPA's ``is_causal`` stand for the mask where its arguments say it can (no padding
+mask, queries and keys over the same positions, no sliding window or chunk as short as the
+sequence). A padding mask is still honoured. It decides from those arguments alone, so it is for steps
+that pass no ``position_ids`` (one sequence per row, as the recipe's packed batches are) and no inputs
+that make a model overlay a mask of its own (image tokens, blocks)::
 
     step = GraphedStep(lambda ids: run(ids), params)
     def run(ids):
@@ -35,13 +35,21 @@ __all__ = ["CAUSAL_SDPA", "causal_sdpa"]
 CAUSAL_SDPA = "automodel_lora_causal_sdpa"
 
 
-def _causal_sdpa_mask(*args, **kwargs):
-    """transformers' ``sdpa_mask`` with its causal skip allowed: None (SDPA's ``is_causal`` stands for the mask) where
-    transformers' own test says so, else the ``(B, 1, Tq, Tkv)`` boolean mask."""
+def _causal_sdpa_mask(**kwargs):
+    """None (SDPA's ``is_causal`` stands for the mask) for a causal mask over the same positions as the queries: no
+    padding mask, ``q_length == kv_length`` at offset 0, no sliding window or chunk as short as the keys; else
+    transformers' ``sdpa_mask`` with its own skip allowed (the ``(B, 1, Tq, Tkv)`` boolean mask, or None where its
+    rules allow). Decided from the arguments: transformers releases up to at least 5.17 refuse the skip whenever a
+    capture is underway, whatever the arguments."""
     from transformers.masking_utils import sdpa_mask
 
+    q_length, kv_length, local = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("local_size")
+    at_start = all(isinstance(kwargs.get(k, 0), int) and kwargs.get(k, 0) == 0 for k in ("q_offset", "kv_offset"))
+    window_reaches_all = local is None or kv_length < local  # transformers' own bound for a window or chunk
+    if kwargs.get("attention_mask") is None and q_length == kv_length and at_start and window_reaches_all:
+        return None
     kwargs["allow_is_causal_skip"] = True
-    return sdpa_mask(*args, **kwargs)
+    return sdpa_mask(**kwargs)
 
 
 def _register() -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from automodel_lora import CAUSAL_SDPA, causal_sdpa  # noqa: E402
+from automodel_lora.sdpa_capture import _causal_sdpa_mask  # noqa: E402
 
 
 def _model(kind: str = "llama", attn: str = "sdpa"):
@@ -49,9 +50,13 @@ def _capturing(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_capture_keeps_the_causal_path_without_a_mask(kind, sdpa_calls, monkeypatch):
+@pytest.mark.parametrize("release", ["current", "older"])
+def test_capture_keeps_the_causal_path_without_a_mask(kind, release, sdpa_calls, monkeypatch):
+    """``older``: transformers releases whose own causal-skip test refuses during any capture (as 5.17 does)."""
     model, ids = _model(kind), torch.randint(0, 97, (2, 12))
     _capturing(monkeypatch)
+    if release == "older":
+        monkeypatch.setattr(transformers.masking_utils, "_ignore_causal_mask_sdpa", lambda *a, **k: False)
     with causal_sdpa(model) as switched:
         assert switched and model.config._attn_implementation == CAUSAL_SDPA
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -100,3 +105,23 @@ def test_the_implementation_is_set_back_after_an_error():
     with pytest.raises(RuntimeError, match="inside"), causal_sdpa(model):
         raise RuntimeError("inside")
     assert model.config._attn_implementation == "sdpa"
+
+
+def _mask_args(**over):
+    args = dict(batch_size=2, q_length=8, kv_length=8, q_offset=0, kv_offset=0, attention_mask=None,
+                allow_is_causal_skip=False, device="cpu")
+    return {**args, **over}
+
+
+@pytest.mark.parametrize("over, skipped", [
+    ({}, True),
+    ({"local_size": 16}, True),  # a window longer than the keys: causal
+    ({"local_size": 8}, False),  # the window cuts in
+    ({"attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3], dtype=torch.bool)}, False),
+    ({"q_length": 4, "q_offset": 4}, False),  # queries at later positions than the first keys
+])
+def test_the_mask_is_skipped_only_where_sdpas_causal_flag_is_the_mask(over, skipped):
+    mask = _causal_sdpa_mask(**_mask_args(**over))
+    assert (mask is None) == skipped
+    if mask is not None:
+        assert mask.shape[0] == 2 and mask.shape[-1] == 8 and mask.dtype == torch.bool
