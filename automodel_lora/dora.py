@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .kernels.backend import DORA_NORM_MAX_RANK, dora_norm, on_device_of, use_kernels_for
 from .matcher import is_conv1d
 from .quant import is_quantized_linear
 
@@ -118,9 +119,12 @@ def row_norms(module: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     lora_A `(r, K)`, lora_B `(N, r)` (any float dtype; used in fp32 except in `W A^T`)."""
     weight = dense_weight(module)  # (N, K)
     acc = _acc(weight)
-    A, B = lora_A.to(acc), lora_B.to(acc)
-    wa = (weight @ lora_A.to(weight.dtype).t()).to(acc)  # (N, r): the one pass over W per step
+    A = lora_A.to(acc)
+    wa = weight @ lora_A.to(weight.dtype).t()  # (N, r): the one pass over W per step
     aat = A @ A.t()  # (r, r)
+    if use_kernels_for(wa) and lora_A.shape[0] <= DORA_NORM_MAX_RANK and not torch.compiler.is_compiling():
+        return on_device_of(wa, dora_norm, weight_sq_norms(module), wa, lora_B, aat, scale)  # the rest: one launch
+    B, wa = lora_B.to(acc), wa.to(acc)
     sq = weight_sq_norms(module) + (2.0 * scale) * (B * wa).sum(1) + (scale * scale) * ((B @ aat) * B).sum(1)
     # rounding can take a row whose norm is ~0 slightly below zero; PEFT's dense norm is 0 there as well
     return sq.clamp_min(0).sqrt()

@@ -379,3 +379,38 @@ def test_bf16_real_shape_against_fp32(base_gemm, p, kernel_options):
         assert err < 1e-2, f"{base_gemm} p={p} {name}: rel err {err:.2e}"
     zero_err = (m.grad[ZERO].float() - mr.grad[ZERO]).abs() / mr.grad.abs().max()
     assert zero_err < 1e-2, f"{base_gemm} p={p} dm[{ZERO}] (magnitude 0): error {zero_err.item():.2e} of max|dm|"
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the norm kernel runs under TRITON_INTERPRET=1 on the CPU (CUDA: the GPU tests)")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r", [1, 5, 16, 70])
+def test_the_norm_kernel_matches_the_dense_norm_in_float64(dtype, r):
+    """``dora_norm`` (one launch after ``W A^T`` and ``A A^T``) against ``||W + s B A||_row`` built densely in float64
+    from the same rounded W, A, B. The kernel's inputs carry ``wa``'s rounding to ``dtype`` (W A^T is computed in
+    W's dtype, as ``row_norms`` does): the norm is off by about that rounding relative to ``||W_j||``, so the
+    tolerance is the dtype's (elementwise bound of ``check``)."""
+    from automodel_lora.kernels.dora_norm import dora_norm
+
+    g = torch.Generator().manual_seed(r)
+    W = torch.randn(N, K, generator=g).to(dtype)
+    A = (torch.randn(r, K, generator=g) / K ** 0.5).to(dtype)
+    Bw = torch.randn(N, r, generator=g).to(dtype)
+    Bw[ZERO] = 0  # a row whose norm is W's own
+    want = (W.double() + SCALE * Bw.double() @ A.double()).norm(dim=1)
+    wsq = W.float().square().sum(1)
+    aat = A.float() @ A.float().t()
+    got = dora_norm(wsq, W @ A.t(), Bw.t().contiguous().t(), aat, SCALE)  # B through its strides
+    assert got.dtype == torch.float32 and got.shape == (N,)
+    check(got, want, dtype, f"norm r={r}")
+
+
+def test_the_norm_kernel_refuses_shapes_that_do_not_chain():
+    if not B.HAS_TRITON:
+        pytest.skip("needs triton")
+    from automodel_lora.kernels.dora_norm import MAX_RANK, dora_norm
+
+    with pytest.raises(ValueError, match="do not chain"):
+        dora_norm(torch.zeros(4), torch.zeros(4, 3), torch.zeros(4, 2), torch.zeros(3, 3), 1.0)
+    r = MAX_RANK + 1
+    with pytest.raises(ValueError, match=f"r <= {MAX_RANK}"):
+        dora_norm(torch.zeros(4), torch.zeros(4, r), torch.zeros(4, r), torch.zeros(r, r), 1.0)

@@ -7,7 +7,8 @@ says how the Triton path runs.
 Modules, in the order the math runs: ``options`` (the settings), ``launch`` (the launch cache),
 ``dropout`` (Philox keep-masks), ``proj`` (x A^T, dy B), ``expand`` (the low-rank term at full width),
 ``grad_ab`` (dA, dB), ``gemm`` / ``tma_gemm`` / ``tma_desc`` (the base GEMM with the low-rank term as
-a K step), ``dora_grad`` (DoRA's dy * f and magnitude gradient from the output), ``nf4`` (4-bit weights),
+a K step), ``dora_grad`` (DoRA's dy * f and magnitude gradient from the output), ``dora_norm`` (DoRA's
+row norms from low-rank pieces), ``nf4`` (4-bit weights),
 ``dispatch`` (which kernels a call takes), ``lora_bias`` (PEFT's bias
 on lora_B, folded into the base bias), ``reference`` (the
 pure-PyTorch math every kernel is checked against, and the CPU path), ``backend`` (whether Triton runs,

@@ -24,11 +24,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 try:  # triton is optional: without it the reference path runs everywhere
     from .dispatch import triton_backward, triton_forward
     from .dora_grad import dora_grad
+    from .dora_norm import MAX_RANK as DORA_NORM_MAX_RANK
+    from .dora_norm import dora_norm
     from .dropout import keep_mask
 
     HAS_TRITON = True
 except ImportError as _e:  # pragma: no cover - depends on the environment
-    triton_forward = triton_backward = keep_mask = dora_grad = None
+    triton_forward = triton_backward = keep_mask = dora_grad = dora_norm = None
+    DORA_NORM_MAX_RANK = 0
     HAS_TRITON = False
     if torch.cuda.is_available():
         warnings.warn(f"Triton is not importable ({_e}); LoRA layers on CUDA run the slower PyTorch reference path",
