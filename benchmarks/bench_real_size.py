@@ -437,7 +437,8 @@ def markdown_table(results: dict) -> str:
 
 def markdown_max_seq(results: dict) -> str:
     """The README's longest-sequence table from a ``--max-seq`` file: per run and arm, the longest length that
-    trained, its peak memory and tok/s, and the first length that ran out of memory (``none tried`` where every length tried fitted)."""
+    trained, its peak memory and tok/s, and the first length that ran out of memory (``none tried`` where every
+    length tried fitted)."""
     longest: dict = {}
     oom: dict = {}
     for r in results.get("rows", []):
