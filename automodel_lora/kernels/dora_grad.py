@@ -171,7 +171,6 @@ def _zero_f_partials(dy, f, part, x, weight, xa, lora_B, scale: float, seed, p: 
     ptrs = (dy, f, part, x, weight, xa, lora_B, seed_tensor(seed, dy.device))
     scalars = (M, N, K, R, ROWS, *dy.stride(), *x.stride(), *weight.stride(), *xa.stride(), *lora_B.stride(),
                float(scale), float(p), 1.0 / (1.0 - p) if drop else 1.0)
-    sig = ("dora_zero_f", dy.get_device(), scalars, tuple(t.dtype for t in ptrs))
     grid = (part.shape[0], cdiv(N, ZERO_F_TILES["BN"]))
     launch_fixed(_dora_zero_f_kernel, grid, {**ZERO_F_TILES, "BR": rank_block(R)}, ptrs, scalars,
-                 dict(DROP=drop, DOT_PREC=dot_prec(x.dtype)), sig, fast_launch)
+                 dict(DROP=drop, DOT_PREC=dot_prec(x.dtype)), fast_launch)

@@ -61,6 +61,5 @@ def dora_norm(wsq: torch.Tensor, wa: torch.Tensor, lora_B: torch.Tensor, aat: to
     BN = 64 if BR <= 32 else 16
     ptrs = (wsq, wa, lora_B, aat, out)
     scalars = (N, R, *wa.stride(), *lora_B.stride(), float(scale))
-    sig = ("dora_norm", wa.get_device(), scalars, tuple(t.dtype for t in ptrs))
-    launch_fixed(_dora_norm_kernel, (cdiv(N, BN),), dict(BN=BN, BR=BR), ptrs, scalars, {}, sig, fast_launch)
+    launch_fixed(_dora_norm_kernel, (cdiv(N, BN),), dict(BN=BN, BR=BR), ptrs, scalars, {}, fast_launch)
     return out

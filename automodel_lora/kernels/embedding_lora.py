@@ -76,7 +76,7 @@ if HAS_TRITON:  # triton is optional: without it the PyTorch math runs everywher
     import triton
     import triton.language as tl
 
-    from .launch import INTERPRET, cdiv, rank_block, sm_count
+    from .launch import INTERPRET, cdiv, launch_fixed, rank_block, sm_count
 
     # (BT tokens, BD columns) per program. GPU: a (32, 128) tile is 8 KB of bf16 rows per operand (not tuned
     # yet); the interpreter's small tiles make the test shapes span several programs and rank blocks.
@@ -264,12 +264,11 @@ def embedding_lora_forward(ids: torch.Tensor, base: torch.Tensor, gather: bool, 
     y = out.view(T, D)  # the kernel's (T, D) rows of the same storage
     if T == 0 or D == 0:
         return out
-    BT, BD = _FWD["BT"], _FWD["BD"]
-    grid = (cdiv(T, BT), cdiv(D, BD))
-    _fwd_kernel[grid](ids, base, lora_A, lora_B, base if es is None else es, y if f is None else f, y, T, V, D, R,
-                      float(scale), base.stride(0), base.stride(1), lora_A.stride(0), lora_A.stride(1),
-                      lora_B.stride(0), lora_B.stride(1), GATHER=gather, ES=es is not None, DORA=f is not None,
-                      PREC=_prec(lora_A.dtype, lora_B.dtype), BT=BT, BD=BD, BR=rank_block(R))
+    ptrs = (ids, base, lora_A, lora_B, base if es is None else es, y if f is None else f, y)
+    scalars = (T, V, D, R, float(scale), *base.stride(), *lora_A.stride(), *lora_B.stride())
+    consts = dict(GATHER=gather, ES=es is not None, DORA=f is not None, PREC=_prec(lora_A.dtype, lora_B.dtype))
+    launch_fixed(_fwd_kernel, (cdiv(T, _FWD["BT"]), cdiv(D, _FWD["BD"])), {**_FWD, "BR": rank_block(R)}, ptrs,
+                 scalars, consts)
     return out
 
 
@@ -311,12 +310,12 @@ def _db_dm(dy, ids, lora_A, lora_B, scale, es, dora: DoraSaved | None, need_dB: 
     if runs:
         base = dy if dora is None or dora.base is None else dora.base
         prec = _prec(dy.dtype, lora_A.dtype) if dora is None else _prec(dy.dtype, lora_A.dtype, lora_B.dtype)
-        _db_kernel[(cdiv(D, BD), rank_tiles, splits)](
-            dy, ids, lora_A, lora_B, base, dy if es is None else es, dy if dora is None else dora.f,
-            dy if dora is None else dora.y, out, part, T, V, D, R, float(scale), chunk,
-            lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), base.stride(0), base.stride(1),
-            out.stride(0), out.stride(1), out.stride(2), DB=need_dB, DORA=dora is not None, DM=need_dm,
-            GATHER=dora is not None and dora.gather, ES=es is not None, PREC=prec, BT=BT, BD=BD, BR=BR)
+        ptrs = (dy, ids, lora_A, lora_B, base, dy if es is None else es, dy if dora is None else dora.f,
+                dy if dora is None else dora.y, out, part)
+        scalars = (T, V, D, R, float(scale), chunk, *lora_A.stride(), *lora_B.stride(), *base.stride(), *out.stride())
+        consts = dict(DB=need_dB, DORA=dora is not None, DM=need_dm, GATHER=dora is not None and dora.gather,
+                      ES=es is not None, PREC=prec)
+        launch_fixed(_db_kernel, (cdiv(D, BD), rank_tiles, splits), {**_DB, "BR": BR}, ptrs, scalars, consts)
     elif need_dB:
         out.zero_()
     dB = None
@@ -339,18 +338,15 @@ def embedding_lora_backward(dy: torch.Tensor, ids: torch.Tensor, lora_A: torch.T
         dA = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
         if T and D and R:
             g = torch.empty(T, R, device=dy.device, dtype=torch.float32)  # c * dz B, (T, r)
-            BT, BD = _DYB["BT"], _DYB["BD"]
-            _dyb_kernel[(cdiv(T, BT), cdiv(R, BR))](dy, lora_B, dy if es is None else es,
-                                                     dy if dora is None else dora.f, g, T, D, R, float(scale),
-                                                     lora_B.stride(0), lora_B.stride(1), ES=es is not None,
-                                                     DORA=dora is not None, PREC=_prec(dy.dtype, lora_B.dtype),
-                                                     BT=BT, BD=BD, BR=BR)
+            launch_fixed(_dyb_kernel, (cdiv(T, _DYB["BT"]), cdiv(R, BR)), {**_DYB, "BR": BR},
+                         (dy, lora_B, dy if es is None else es, dy if dora is None else dora.f, g),
+                         (T, D, R, float(scale), *lora_B.stride()),
+                         dict(ES=es is not None, DORA=dora is not None, PREC=_prec(dy.dtype, lora_B.dtype)))
             sorted_ids, order = torch.sort(ids.long(), stable=True)  # stable: ties keep token order
             ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # end of each position's run
-            _seg_kernel[(T, cdiv(R, BR))](sorted_ids, order, ends, g, dA, V, R,
-                                          -1 if padding_idx is None else int(padding_idx), dA.stride(0), dA.stride(1),
-                                          PAD=padding_idx is not None, FREQ=bool(scale_grad_by_freq), BM=_SEG_BM,
-                                          BR=BR)
+            launch_fixed(_seg_kernel, (T, cdiv(R, BR)), dict(BM=_SEG_BM, BR=BR), (sorted_ids, order, ends, g, dA),
+                         (V, R, -1 if padding_idx is None else int(padding_idx), *dA.stride()),
+                         dict(PAD=padding_idx is not None, FREQ=bool(scale_grad_by_freq)))
     return dA, dB, dm_sum
 
 

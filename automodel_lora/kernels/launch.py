@@ -212,11 +212,13 @@ def launch(name, tuned, raw, grid, fixed, key, tensors, scalars, consts, sig, fa
                 tensors[0].get_device(), fast)
 
 
-def launch_fixed(raw, grid: tuple, tiles: dict, ptrs: tuple, scalars: tuple, consts: dict, sig: tuple,
-                 fast: bool = True) -> None:
-    """Launch ``raw[grid](*ptrs, *scalars, **consts, **tiles)``, a kernel with fixed tiles (not autotuned): a repeat of
-    ``sig`` through :func:`run_cached`, else through the jit function with Triton's default warps and stages,
-    recorded under ``sig`` for the next call (when ``fast`` and every pointer is 16-byte aligned)."""
+def launch_fixed(raw, grid: tuple, tiles: dict, ptrs: tuple, scalars: tuple, consts: dict, fast: bool = True) -> None:
+    """Launch ``raw[grid](*ptrs, *scalars, **consts, **tiles)``, a kernel with fixed tiles (not autotuned): a repeat
+    call (same kernel, grid, scalars, pointer dtypes, tiles and constants) through :func:`run_cached`, else through
+    the jit function with Triton's default warps and stages, recorded for the next call (when ``fast`` and every
+    pointer is 16-byte aligned)."""
+    sig = (id(raw), ptrs[0].get_device(), grid, scalars, tuple(t.dtype for t in ptrs), tuple(tiles.items()),
+           tuple(consts.items()))
     if run_cached(sig, ptrs, fast=fast):
         return
     if INTERPRET:

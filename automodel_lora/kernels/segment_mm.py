@@ -92,7 +92,6 @@ def segment_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: float
     a = add if add is not None else out  # a placeholder pointer when HAS_ADD is off
     ptrs = (x, w, ids, a, out)
     scalars = (S, N, K, G, float(scale), *x.stride(), *w.stride(), *a.stride(), *out.stride())
-    sig = ("segment_mm", x.get_device(), scalars, tuple(t.dtype for t in ptrs), add is not None)
     on_device_of(x, launch_fixed, _segment_mm_kernel, (cdiv(S, BM), cdiv(N, BN)), dict(BM=BM, BN=BN, BK=BK), ptrs,
-                 scalars, dict(HAS_ADD=add is not None, PREC=dot_prec(x.dtype)), sig, fast_launch)
+                 scalars, dict(HAS_ADD=add is not None, PREC=dot_prec(x.dtype)), fast_launch)
     return out

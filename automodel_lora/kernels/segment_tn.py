@@ -70,7 +70,6 @@ def segment_tn(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, scale: f
     BM, BN, BK = (16, 16, 16) if INTERPRET else (64, 16 if N <= 16 else 64, 16 if K <= 16 else 64)
     ptrs = (a, b, offsets, out)
     scalars = (N, K, float(scale), *a.stride(), *b.stride(), *out.stride())
-    sig = ("segment_tn", a.get_device(), G, scalars, tuple(t.dtype for t in ptrs))
     on_device_of(a, launch_fixed, _segment_tn_kernel, (G, cdiv(N, BN), cdiv(K, BK)), dict(BM=BM, BN=BN, BK=BK), ptrs,
-                 scalars, dict(PREC=dot_prec(a.dtype)), sig, fast_launch)
+                 scalars, dict(PREC=dot_prec(a.dtype)), fast_launch)
     return out
