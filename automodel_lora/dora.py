@@ -123,7 +123,9 @@ def row_norms(module: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     wa = weight @ lora_A.to(weight.dtype).t()  # (N, r): the one pass over W per step
     aat = A @ A.t()  # (r, r)
     if use_kernels_for(wa) and lora_A.shape[0] <= DORA_NORM_MAX_RANK and not torch.compiler.is_compiling():
-        return on_device_of(wa, dora_norm, weight_sq_norms(module), wa, lora_B, aat, scale)  # the rest: one launch
+        settings = getattr(module, "lora_settings", None)
+        fast = settings.kernels.fast_launch if hasattr(settings, "kernels") else True
+        return on_device_of(wa, dora_norm, weight_sq_norms(module), wa, lora_B, aat, scale, fast)  # one launch
     B, wa = lora_B.to(acc), wa.to(acc)
     sq = weight_sq_norms(module) + (2.0 * scale) * (B * wa).sum(1) + (scale * scale) * ((B @ aat) * B).sum(1)
     # rounding can take a row whose norm is ~0 slightly below zero; PEFT's dense norm is 0 there as well

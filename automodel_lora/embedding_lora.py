@@ -133,7 +133,8 @@ class EmbeddingLoRA(nn.Embedding):
             return embedding_lora(x, self.weight, self.lora_embedding_A, self.lora_embedding_B, self.lora_settings.scale,
                                   padding_idx=self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq,
                                   embed_scale=getattr(self, "embed_scale", None),
-                                  base_out=None if plain else self.base_forward(x), **dora)
+                                  base_out=None if plain else self.base_forward(x),
+                                  fast_launch=self.lora_settings.kernels.fast_launch, **dora)
         out = self.base_forward(x)
         if magnitude is not None:  # DoRA: the direction's lookup, rescaled per dimension
             return dora_scale(self, out.dtype) * (out + self.lora_delta(x, out.dtype))

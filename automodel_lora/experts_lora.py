@@ -92,8 +92,9 @@ class ExpertsLoRA(nn.Module):
         adapted = name in self.lora_A and not self.lora_merged
         A, B = (self.lora_A[name], self.lora_B[name]) if adapted else (None, None)  # (E, r, in), (E, out, r)
         scale = self.lora_settings[name].scale if adapted else 0.0
+        fast = self.lora_settings[name].kernels.fast_launch if adapted else True
         return grouped_rows_lora(x, getattr(self, name), A, B, scale, offsets, expert_ids, bias,
-                                 self.lora_use_triton, transposed=self.is_transposed)
+                                 self.lora_use_triton, transposed=self.is_transposed, fast_launch=fast)
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={self.lora_A[n].shape[1]}, scale={self.lora_settings[n].scale:g}" for n in self.lora_A]

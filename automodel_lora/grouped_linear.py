@@ -23,16 +23,17 @@ __all__ = ["grouped_lora_linear", "grouped_rows_lora"]
 
 def grouped_rows_lora(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
                       scale: float, offsets: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None = None,
-                      use_triton: bool = True, transposed: bool = False) -> torch.Tensor:
+                      use_triton: bool = True, transposed: bool = False, fast_launch: bool = True) -> torch.Tensor:
     """``y`` for rows already grouped (``ids`` (S,) ascending, ``offsets`` (G,) their cumulative counts).
-    ``weight`` is (G, out, in), or (G, in, out) with ``transposed``; no adapter where ``lora_A`` is None."""
+    ``weight`` is (G, out, in), or (G, in, out) with ``transposed``; no adapter where ``lora_A`` is None;
+    ``fast_launch`` as ``KernelOptions.fast_launch``."""
     y = grouped_mm(x, weight if transposed else weight.transpose(1, 2), offsets)  # (S, out)
     if bias is not None:
         y = y + bias[ids]
     if lora_A is None:
         return y
     if use_triton and use_kernels_for(x):
-        return segmented_lora(x, lora_A, lora_B, y, ids, offsets, scale)
+        return segmented_lora(x, lora_A, lora_B, y, ids, offsets, scale, fast_launch)
     xa = grouped_mm(x.to(lora_A.dtype), lora_A.transpose(1, 2), offsets)  # (S, r)
     return y + (grouped_mm(xa, lora_B.transpose(1, 2), offsets) * scale).to(y.dtype)
 

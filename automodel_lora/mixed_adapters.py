@@ -173,13 +173,13 @@ def _kernel(rows: _Rows, x: torch.Tensor, grad: bool, decode_kernel: str) -> str
 
 
 def _product(x2: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, kernel: str | None,
-             add: torch.Tensor | None = None) -> torch.Tensor:
+             add: torch.Tensor | None = None, fast: bool = True) -> torch.Tensor:
     """(M, N) ``add + x2[i] w_{ids[i]}^T`` for x2 (M, K) (any strides), w (G, N, K): the shrink (w = A) and the
     expand (w = B, added into the base output); rows without an adapter get ``add`` alone (or zero)."""
     if kernel == "gather":
         return gather_mm(x2, w, ids, add=add)
     if kernel == "segment":
-        return segment_mm(x2, w, ids, add=add)
+        return segment_mm(x2, w, ids, add=add, fast_launch=fast)
     return gathered_product(x2, w, ids, add)
 
 
@@ -205,16 +205,17 @@ def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: 
         ids = rows.of(x)  # (M,)
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         grad = torch.is_grad_enabled() and (rows.train or x.requires_grad)
+        fast = module.lora_settings.kernels.fast_launch
         if grad and use_kernels_for(x) and rows.grouped:
             A, B, scale = _trained_stacks(module, names, dtype)
-            return segmented_lora(x2, A, B, y2, ids, rows.offsets(x), scale).view(y.shape)
+            return segmented_lora(x2, A, B, y2, ids, rows.offsets(x), scale, fast).view(y.shape)
         A, B = _stack(module, names, dtype) if grad else _fixed(module, names, dtype, fixed)
         kernel = _kernel(rows, x, grad, decode_kernel)
         if shared is None or grad:
-            xa = _product(x2, A, ids, kernel)  # (M, r_max)
+            xa = _product(x2, A, ids, kernel, fast=fast)  # (M, r_max)
         else:
-            xa = shared[0].shrink(shared[1], x, A, lambda w: _product(x2, w, ids, kernel))
-        return _product(xa, B, ids, kernel, add=y2).view(y.shape)
+            xa = shared[0].shrink(shared[1], x, A, lambda w: _product(x2, w, ids, kernel, fast=fast))
+        return _product(xa, B, ids, kernel, add=y2, fast=fast).view(y.shape)
 
     return forward
 

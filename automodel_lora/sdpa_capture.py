@@ -40,9 +40,12 @@ def _causal_sdpa_mask(**kwargs):
     padding mask, ``q_length == kv_length`` at offset 0, no sliding window or chunk as short as the keys; else
     transformers' ``sdpa_mask`` with its own skip allowed (the ``(B, 1, Tq, Tkv)`` boolean mask, or None where its
     rules allow). Decided from the arguments: transformers releases up to at least 5.17 refuse the skip whenever a
-    capture is underway, whatever the arguments."""
+    capture is underway, whatever the arguments. A model overlaying a mask of its own (image tokens: transformers
+    then asks for ``use_vmap``) gets transformers' mask unchanged."""
     from transformers.masking_utils import sdpa_mask
 
+    if kwargs.get("use_vmap"):
+        return sdpa_mask(**kwargs)
     q_length, kv_length, local = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("local_size")
     at_start = all(isinstance(kwargs.get(k, 0), int) and kwargs.get(k, 0) == 0 for k in ("q_offset", "kv_offset"))
     window_reaches_all = local is None or kv_length < local  # transformers' own bound for a window or chunk
@@ -65,14 +68,19 @@ def _register() -> None:
 @contextmanager
 def causal_sdpa(model: nn.Module) -> Iterator[bool]:
     """Inside the ``with``, ``model`` (a transformers model with ``"sdpa"`` attention) runs :data:`CAUSAL_SDPA`; its
-    own implementation is set back on exit. Yields whether it switched (False: not a transformers model, or its
-    attention is not ``"sdpa"``; nothing changes then)."""
+    own implementation is set back on exit. Yields whether it switched (False, nothing changed: not a transformers
+    model, attention other than ``"sdpa"`` in it or a sub-model, or a model that can't switch implementations)."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+    configs = [config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))]
+    if any(getattr(c, "_attn_implementation", None) != "sdpa" for c in configs) \
+            or not hasattr(model, "set_attn_implementation"):
         yield False
         return
     _register()
     model.set_attn_implementation(CAUSAL_SDPA)
+    if config._attn_implementation != CAUSAL_SDPA:  # transformers declined (it logs why)
+        yield False
+        return
     try:
         yield True
     finally:

@@ -125,3 +125,16 @@ def test_the_mask_is_skipped_only_where_sdpas_causal_flag_is_the_mask(over, skip
     assert (mask is None) == skipped
     if mask is not None:
         assert mask.shape[0] == 2 and mask.shape[-1] == 8 and mask.dtype == torch.bool
+
+
+def test_a_mask_overlaid_by_the_model_is_left_to_transformers():
+    """``use_vmap``: transformers' sign of an overlay (image tokens, bidirectional blocks); the mask stays."""
+    mask = _causal_sdpa_mask(**_mask_args(use_vmap=True))
+    assert mask is not None and mask.shape[-1] == 8
+
+
+def test_a_model_that_declines_the_switch_is_reported_unswitched(monkeypatch):
+    model = _model()
+    monkeypatch.setattr(type(model), "set_attn_implementation", lambda self, name: None)  # declines, as transformers may
+    with causal_sdpa(model) as switched:
+        assert not switched and model.config._attn_implementation == "sdpa"

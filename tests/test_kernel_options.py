@@ -346,3 +346,39 @@ def test_lora_add_takes_options(clean_env):
     check(y, ref, torch.float32, "y")
     with pytest.raises(TypeError):
         lora_add(base, x, A, B, 2.0, 0.0, "post", KernelOptions())  # keyword only
+
+
+@interp_only
+def test_fast_launch_off_reaches_the_embedding_segmented_and_dora_norm_kernels(monkeypatch):
+    """``set_kernel_options(fast_launch=False)`` reaches every kernel ``launch_fixed`` launches: the embedding's four,
+    the segmented pair of a mixed-adapter training step, and DoRA's norm (a spy records each launch's ``fast``)."""
+    import automodel_lora as al
+    from automodel_lora.kernels import dora_norm, embedding_lora, launch, segment_mm, segment_tn
+
+    from .conftest import tiny_llama
+
+    seen = []
+    real = launch.launch_fixed
+
+    def spy(raw, *args):
+        seen.append((raw.fn.__name__, args[-1]))
+        return real(raw, *args)
+
+    for module in (embedding_lora, segment_mm, segment_tn, dora_norm):
+        monkeypatch.setattr(module, "launch_fixed", spy)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (2, 8))
+    dora = tiny_llama().float().train()  # the embedding's kernels and, with DoRA, the norm kernel
+    al.apply_lora_to_linear_modules(dora, al.PeftConfig(target_modules=["embed_tokens", "q_proj"], dim=4,
+                                                        use_dora=True))
+    mixed = tiny_llama().float().train()  # a mixed-adapter training step: the segmented kernels
+    for name in ("b", "c"):
+        al.apply_lora_to_linear_modules(mixed, al.PeftConfig(target_modules=["q_proj"], dim=4), adapter_name=name)
+    for model in (dora, mixed):
+        al.set_kernel_options(model, {"fast_launch": False})
+    dora(input_ids=ids).logits.sum().backward()
+    with al.adapter_batch(mixed, ["b", "c"]):
+        mixed(input_ids=ids).logits.sum().backward()
+    names = {name for name, _ in seen}
+    assert {"_fwd_kernel", "_db_kernel", "_dora_norm_kernel", "_segment_mm_kernel", "_segment_tn_kernel"} <= names
+    assert all(fast is False for _, fast in seen), [s for s in seen if s[1] is not False]

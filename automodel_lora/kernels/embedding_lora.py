@@ -253,7 +253,7 @@ def _check_ids(ids: torch.Tensor, V: int) -> None:
 
 def embedding_lora_forward(ids: torch.Tensor, base: torch.Tensor, gather: bool, lora_A: torch.Tensor,
                            lora_B: torch.Tensor, scale: float, es: torch.Tensor | None,
-                           f: torch.Tensor | None = None, shape: tuple = ()) -> torch.Tensor:
+                           f: torch.Tensor | None = None, shape: tuple = (), fast: bool = True) -> torch.Tensor:
     """y ``(*shape, D)`` (default ``(T, D)``) in base's dtype for flat contiguous ``ids`` (T,): ``base`` is the
     table E ``(V, D)`` (``gather``) or a base output ``(T, D)``; ``es`` a one-element fp32 tensor or None; ``f``
     DoRA's column scale ``(D,)`` fp32 contiguous (y = f * z) or None. Allocated in its final shape, so the
@@ -268,7 +268,7 @@ def embedding_lora_forward(ids: torch.Tensor, base: torch.Tensor, gather: bool, 
     scalars = (T, V, D, R, float(scale), *base.stride(), *lora_A.stride(), *lora_B.stride())
     consts = dict(GATHER=gather, ES=es is not None, DORA=f is not None, PREC=_prec(lora_A.dtype, lora_B.dtype))
     launch_fixed(_fwd_kernel, (cdiv(T, _FWD["BT"]), cdiv(D, _FWD["BD"])), {**_FWD, "BR": rank_block(R)}, ptrs,
-                 scalars, consts)
+                 scalars, consts, fast)
     return out
 
 
@@ -288,7 +288,7 @@ def _db_splits(T: int, n_tiles: int, device) -> int:
     return max(1, min(cdiv(2 * sm_count(device), n_tiles), cdiv(T, _DB["BT"])))
 
 
-def _db_dm(dy, ids, lora_A, lora_B, scale, es, dora: DoraSaved | None, need_dB: bool, need_dm: bool):
+def _db_dm(dy, ids, lora_A, lora_B, scale, es, dora: DoraSaved | None, need_dB: bool, need_dm: bool, fast: bool):
     """``(dB (D, r) in B's dtype, sum_t dy * z (D,) fp32)`` (None where not needed) from one ``_db`` launch:
     dy ``(T, D)`` contiguous, ids ``(T,)``; dm's numerator only with ``dora``."""
     T, (R, V), D = ids.numel(), lora_A.shape, lora_B.shape[0]
@@ -315,7 +315,7 @@ def _db_dm(dy, ids, lora_A, lora_B, scale, es, dora: DoraSaved | None, need_dB: 
         scalars = (T, V, D, R, float(scale), chunk, *lora_A.stride(), *lora_B.stride(), *base.stride(), *out.stride())
         consts = dict(DB=need_dB, DORA=dora is not None, DM=need_dm, GATHER=dora is not None and dora.gather,
                       ES=es is not None, PREC=prec)
-        launch_fixed(_db_kernel, (cdiv(D, BD), rank_tiles, splits), {**_DB, "BR": BR}, ptrs, scalars, consts)
+        launch_fixed(_db_kernel, (cdiv(D, BD), rank_tiles, splits), {**_DB, "BR": BR}, ptrs, scalars, consts, fast)
     elif need_dB:
         out.zero_()
     dB = None
@@ -326,14 +326,15 @@ def _db_dm(dy, ids, lora_A, lora_B, scale, es, dora: DoraSaved | None, need_dB: 
 
 def embedding_lora_backward(dy: torch.Tensor, ids: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                             scale: float, es: torch.Tensor | None, padding_idx: int | None, scale_grad_by_freq: bool,
-                            need_dA: bool, need_dB: bool, dora: DoraSaved | None = None, need_dm: bool = False):
+                            need_dA: bool, need_dB: bool, dora: DoraSaved | None = None, need_dm: bool = False,
+                            fast: bool = True):
     """``(dA, dB, sum_t dy * z)`` (None where not needed) for contiguous dy ``(T, D)`` and flat ids ``(T,)``;
     with ``dora`` the LoRA gradients are taken of dz = dy * f, and dm's numerator ``(D,)`` fp32 is summed."""
     T, (R, V), D = ids.numel(), lora_A.shape, lora_B.shape[0]
     BR = rank_block(R)
     dA = dB = dm_sum = None
     if need_dB or need_dm:
-        dB, dm_sum = _db_dm(dy, ids, lora_A, lora_B, scale, es, dora, need_dB, need_dm and dora is not None)
+        dB, dm_sum = _db_dm(dy, ids, lora_A, lora_B, scale, es, dora, need_dB, need_dm and dora is not None, fast)
     if need_dA:
         dA = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
         if T and D and R:
@@ -341,12 +342,12 @@ def embedding_lora_backward(dy: torch.Tensor, ids: torch.Tensor, lora_A: torch.T
             launch_fixed(_dyb_kernel, (cdiv(T, _DYB["BT"]), cdiv(R, BR)), {**_DYB, "BR": BR},
                          (dy, lora_B, dy if es is None else es, dy if dora is None else dora.f, g),
                          (T, D, R, float(scale), *lora_B.stride()),
-                         dict(ES=es is not None, DORA=dora is not None, PREC=_prec(dy.dtype, lora_B.dtype)))
+                         dict(ES=es is not None, DORA=dora is not None, PREC=_prec(dy.dtype, lora_B.dtype)), fast)
             sorted_ids, order = torch.sort(ids.long(), stable=True)  # stable: ties keep token order
             ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # end of each position's run
             launch_fixed(_seg_kernel, (T, cdiv(R, BR)), dict(BM=_SEG_BM, BR=BR), (sorted_ids, order, ends, g, dA),
                          (V, R, -1 if padding_idx is None else int(padding_idx), *dA.stride()),
-                         dict(PAD=padding_idx is not None, FREQ=bool(scale_grad_by_freq)))
+                         dict(PAD=padding_idx is not None, FREQ=bool(scale_grad_by_freq)), fast)
     return dA, dB, dm_sum
 
 
@@ -360,7 +361,7 @@ class _EmbeddingLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids, base, gather: bool, lora_A, lora_B, scale: float, es, padding_idx, scale_grad_by_freq,
-                magnitude=None, weight_norm=None, recompute_base=None):
+                magnitude=None, weight_norm=None, recompute_base=None, fast=True):
         flat = ids.reshape(-1).contiguous()
         D = lora_B.shape[0]
         base2 = base if gather else base.reshape(-1, D)  # any strides: the kernel reads both
@@ -368,14 +369,14 @@ class _EmbeddingLoRAFunction(torch.autograd.Function):
         if magnitude is not None:  # detached: the norm is a constant, dm comes from backward
             f = (magnitude.detach().to(torch.float32) / weight_norm.to(torch.float32)).contiguous()
         out = on_device_of(flat, embedding_lora_forward, flat, base2, gather, lora_A, lora_B, scale, es, f,
-                           tuple(ids.shape))
+                           tuple(ids.shape), fast)
         saved = (None,) * 4
         if f is not None:  # a caller's base output only where it cannot be recomputed
             saved = (out, f, weight_norm, None if gather or recompute_base is not None else base)
         ctx.save_for_backward(flat, lora_A, lora_B, es, *saved)
         ctx.table = base if f is not None and gather else None
         ctx.scale, ctx.padding_idx, ctx.freq, ctx.gather = scale, padding_idx, scale_grad_by_freq, gather
-        ctx.recompute_base = recompute_base
+        ctx.recompute_base, ctx.fast = recompute_base, fast
         ctx.magnitude_dtype = None if magnitude is None else magnitude.dtype
         return out
 
@@ -397,10 +398,10 @@ class _EmbeddingLoRAFunction(torch.autograd.Function):
                 base = base.reshape(-1, D)
             dora = DoraSaved(f, y.reshape(-1, D), base, ctx.gather)
         dA, dB, dm = on_device_of(flat, embedding_lora_backward, dy2, flat, lora_A, lora_B, ctx.scale, es,
-                                  ctx.padding_idx, ctx.freq, need_dA, need_dB, dora, need_dm)
+                                  ctx.padding_idx, ctx.freq, need_dA, need_dB, dora, need_dm, ctx.fast)
         if dm is not None:  # dm = sum_t dy * z / norm, the norm detached
             dm = (dm / norm.to(torch.float32)).to(ctx.magnitude_dtype)
-        return None, None, None, dA, dB, None, None, None, None, dm, None, None
+        return None, None, None, dA, dB, None, None, None, None, dm, None, None, None
 
 
 def reference_embedding_lora(ids, weight, lora_A, lora_B, scale, padding_idx=None, scale_grad_by_freq=False,
@@ -424,7 +425,7 @@ def embedding_lora(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
                    embed_scale: float | torch.Tensor | None = None, base_out: torch.Tensor | None = None,
                    use_triton: bool = True, magnitude: torch.Tensor | None = None,
                    weight_norm: torch.Tensor | None = None,
-                   recompute_base: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+                   recompute_base: Callable[[], torch.Tensor] | None = None, fast_launch: bool = True) -> torch.Tensor:
     """``E[x] + c * A^T[x] B^T`` (c = scale * embed_scale) with a frozen table E, fused where the kernels run;
     with DoRA's ``magnitude``, ``f * (E[x] + c * A^T[x] B^T)``, f = magnitude / weight_norm per column.
 
@@ -447,6 +448,7 @@ def embedding_lora(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
         recompute_base: with ``magnitude`` and ``base_out``: a callable returning ``base_out`` again, called in
             backward only when some f is 0 (y holds no z in those columns; one host sync to find out); None:
             ``base_out`` itself is saved for backward.
+        fast_launch: as ``KernelOptions.fast_launch``.
 
     Returns:
         ``(*ids.shape, D)`` in the base's dtype; gradients flow to lora_A and lora_B (and magnitude) in their dtypes.
@@ -482,4 +484,4 @@ def embedding_lora(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
     elif embed_scale is not None:
         scale = scale * float(embed_scale)
     return _EmbeddingLoRAFunction.apply(ids, base, base_out is None, lora_A, lora_B, float(scale), es, padding_idx,
-                                        scale_grad_by_freq, magnitude, weight_norm, recompute_base)
+                                        scale_grad_by_freq, magnitude, weight_norm, recompute_base, bool(fast_launch))

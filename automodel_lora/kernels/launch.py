@@ -217,8 +217,8 @@ def launch_fixed(raw, grid: tuple, tiles: dict, ptrs: tuple, scalars: tuple, con
     call (same kernel, grid, scalars, pointer dtypes, tiles and constants) through :func:`run_cached`, else through
     the jit function with Triton's default warps and stages, recorded for the next call (when ``fast`` and every
     pointer is 16-byte aligned)."""
-    sig = (id(raw), ptrs[0].get_device(), grid, scalars, tuple(t.dtype for t in ptrs), tuple(tiles.items()),
-           tuple(consts.items()))
+    sig = (id(raw), ptrs[0].get_device(), grid, scalars, tuple(map(type, scalars)), tuple(t.dtype for t in ptrs),
+           tuple(tiles.items()), tuple(consts.items()))
     if run_cached(sig, ptrs, fast=fast):
         return
     if INTERPRET:
