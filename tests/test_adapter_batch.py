@@ -208,17 +208,10 @@ def _holder_grads(model, name):
     return out
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, TOL), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("batch", [["b", "b", "c", None, None], ["default", "d", "d", None, None]],
-                         ids=["ranks-differ", "one-rank-and-scale"])
-def test_training_a_mixed_batch_gives_each_adapter_the_gradient_of_its_own_sequences(dtype, tol, batch, monkeypatch):
-    """Loss = the sum over sequences of each sequence's mean token loss, so each adapter's gradient is that of
-    its own sequences run alone. float64 on the PyTorch loop; float32 on the segmented kernels under
-    TRITON_INTERPRET=1 (float32 roundings through two layers and the head, 1e-4 of the largest gradient). With one
-    rank and scale the kernels get the weights as they are and the scale (``_trained_stacks``), else the padded,
-    scaled stacks and scale 1."""
-    model = _model_with_adapters(twin=True).to(dtype).train()
-    ids = torch.randint(0, 128, (5, 8), generator=torch.Generator().manual_seed(4))
+def _check_mixed_training(model, ids, batch, tol, monkeypatch, uniform_scale: float):
+    """Each adapter of ``batch`` gets the gradient of its own sequences' mean token losses (within ``tol`` of the
+    largest), the others none; where the segmented kernels run, they got ``uniform_scale`` (``_trained_stacks``:
+    the weights as they are) when the batch's adapters share rank and scale, else the scaled stacks and 1."""
     scales = []
     real = mixed_adapters.segmented_lora
     monkeypatch.setattr(mixed_adapters, "segmented_lora", lambda *a: scales.append(a[6]) or real(*a))  # a[6]: scale
@@ -228,7 +221,7 @@ def test_training_a_mixed_batch_gives_each_adapter_the_gradient_of_its_own_seque
         losses = [torch.nn.functional.cross_entropy(logits[i, :-1], ids[i, 1:]) for i in range(len(batch))]
         sum(losses[:3]).backward()
     if use_kernels_for(logits):
-        assert set(scales) == ({2.0} if batch[0] == "default" else {1.0}), scales
+        assert set(scales) == ({uniform_scale} if batch[0] == "default" else {1.0}), scales
     names = list(dict.fromkeys(b for b in batch if b))
     mixed = {name: _holder_grads(model, name) for name in names}
     for other in {"default", "b", "c", "d"} - set(names):
@@ -243,6 +236,36 @@ def test_training_a_mixed_batch_gives_each_adapter_the_gradient_of_its_own_seque
         scale = max(g.abs().max() for g in want.values())
         for k in want:
             assert (mixed[name][k] - want[k]).abs().max() <= tol * scale, (name, k)
+
+
+BATCHES = pytest.mark.parametrize("batch", [["b", "b", "c", None, None], ["default", "d", "d", None, None]],
+                                  ids=["ranks-differ", "one-rank-and-scale"])
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, TOL), (torch.float32, 1e-4)])
+@BATCHES
+def test_training_a_mixed_batch_gives_each_adapter_the_gradient_of_its_own_sequences(dtype, tol, batch, monkeypatch):
+    """Loss = the sum over sequences of each sequence's mean token loss, so each adapter's gradient is that of
+    its own sequences run alone. float64 on the PyTorch loop; float32 on the segmented kernels under
+    TRITON_INTERPRET=1 (float32 roundings through two layers and the head, 1e-4 of the largest gradient)."""
+    model = _model_with_adapters(twin=True).to(dtype).train()
+    ids = torch.randint(0, 128, (5, 8), generator=torch.Generator().manual_seed(4))
+    _check_mixed_training(model, ids, batch, tol, monkeypatch, uniform_scale=2.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@BATCHES
+def test_bf16_training_with_fp32_adapters_on_the_gpu(batch, monkeypatch):
+    """A bf16 base with fp32 master adapters, the recipe's setting, on the segmented kernels (which cast the fp32
+    weights per tile) against each adapter alone on the single-adapter path. Both sides round through bf16
+    activations in two layers and the head, in different orders: 3e-2 of the largest gradient (~4 bf16
+    roundings)."""
+    model = _model_with_adapters(twin=True).to("cuda", torch.bfloat16).train()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    ids = torch.randint(0, 128, (5, 8), generator=torch.Generator().manual_seed(4)).cuda()
+    _check_mixed_training(model, ids, batch, 3e-2, monkeypatch, uniform_scale=2.0)
 
 
 def test_training_restores_the_trainable_flags_and_refuses_dropout():
