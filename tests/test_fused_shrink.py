@@ -33,8 +33,8 @@ def shrinks(monkeypatch):
     calls, refs = [], []
     real = mixed_adapters._product
 
-    def spy(x2, w, ids, kernel, add=None):
-        out = real(x2, w, ids, kernel, add=add)
+    def spy(x2, w, ids, kernel, add=None, **launch):
+        out = real(x2, w, ids, kernel, add=add, **launch)
         if add is None:  # a shrink (the expand adds into the base output)
             calls.append(w.shape[1])
             refs.append(weakref.ref(out))
