@@ -177,7 +177,7 @@ def _product(x2: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, kernel: str |
     """(M, N) ``add + x2[i] w_{ids[i]}^T`` for x2 (M, K) (any strides), w (G, N, K): the shrink (w = A) and the
     expand (w = B, added into the base output); rows without an adapter get ``add`` alone (or zero)."""
     if kernel == "gather":
-        return gather_mm(x2, w, ids, add=add)
+        return gather_mm(x2, w, ids, add=add, fast_launch=fast)
     if kernel == "segment":
         return segment_mm(x2, w, ids, add=add, fast_launch=fast)
     return gathered_product(x2, w, ids, add)

@@ -349,11 +349,12 @@ def test_lora_add_takes_options(clean_env):
 
 
 @interp_only
-def test_fast_launch_off_reaches_the_embedding_segmented_and_dora_norm_kernels(monkeypatch):
+def test_fast_launch_off_reaches_every_kernel_launched_with_fixed_tiles(monkeypatch):
     """``set_kernel_options(fast_launch=False)`` reaches every kernel ``launch_fixed`` launches: the embedding's four,
-    the segmented pair of a mixed-adapter training step, and DoRA's norm (a spy records each launch's ``fast``)."""
+    the segmented pair of a mixed-adapter training step, the gather kernel of a mixed decode step, and DoRA's norm
+    (a spy records each launch's ``fast``)."""
     import automodel_lora as al
-    from automodel_lora.kernels import dora_norm, embedding_lora, launch, segment_mm, segment_tn
+    from automodel_lora.kernels import dora_norm, embedding_lora, gather_mm, launch, segment_mm, segment_tn
 
     from .conftest import tiny_llama
 
@@ -364,7 +365,7 @@ def test_fast_launch_off_reaches_the_embedding_segmented_and_dora_norm_kernels(m
         seen.append((raw.fn.__name__, args[-1]))
         return real(raw, *args)
 
-    for module in (embedding_lora, segment_mm, segment_tn, dora_norm):
+    for module in (embedding_lora, segment_mm, segment_tn, dora_norm, gather_mm):
         monkeypatch.setattr(module, "launch_fixed", spy)
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (2, 8))
@@ -379,6 +380,9 @@ def test_fast_launch_off_reaches_the_embedding_segmented_and_dora_norm_kernels(m
     dora(input_ids=ids).logits.sum().backward()
     with al.adapter_batch(mixed, ["b", "c"]):
         mixed(input_ids=ids).logits.sum().backward()
+    with torch.no_grad(), al.adapter_batch(mixed.eval(), ["b", "c"]):
+        mixed(input_ids=ids[:, :1])  # a decode step: the gather kernel
     names = {name for name, _ in seen}
-    assert {"_fwd_kernel", "_db_kernel", "_dora_norm_kernel", "_segment_mm_kernel", "_segment_tn_kernel"} <= names
+    assert {"_fwd_kernel", "_db_kernel", "_dora_norm_kernel", "_segment_mm_kernel", "_segment_tn_kernel",
+            "_gather_mm_kernel"} <= names
     assert all(fast is False for _, fast in seen), [s for s in seen if s[1] is not False]

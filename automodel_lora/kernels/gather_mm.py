@@ -32,7 +32,7 @@ if HAS_TRITON:  # without triton gather_mm takes its PyTorch path
     import triton
     import triton.language as tl
 
-    from .launch import INTERPRET, cdiv, next_pow2
+    from .launch import INTERPRET, cdiv, launch_fixed, next_pow2
 
     @triton.jit
     def _gather_mm_kernel(x_ptr, w_ptr, ids_ptr, add_ptr, out_ptr, N, K, G,
@@ -106,13 +106,16 @@ def gathered_product(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
     return acc.to(add.dtype if add is not None else x.dtype)
 
 
-def gather_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+def gather_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None = None,
+              fast_launch: bool = True) -> torch.Tensor:
     """``out (M, N) = add + x[i] @ w[ids[i]]^T`` per row (see the module docstring); fp32 accumulation.
 
     Args:
         x: (M, K) rows, any order. w: (G, N, K), any strides. ids: (M,) int in [0, G); a negative id (or one of G
             or more) gives the row no product.
         add: (M, N) added to the product (the base output), or None; read, not written.
+        fast_launch: as ``KernelOptions.fast_launch`` (a repeat call launches the compiled kernel directly: decode
+            steps are short enough for the launch's host time to show).
 
     Returns:
         A new (M, N) tensor in ``add``'s dtype when given, else ``x``'s (as ``segment_mm``).
@@ -131,8 +134,8 @@ def gather_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Te
         return out
     BN, BK = _tiles(N, K)
     a = add if add is not None else out  # a placeholder pointer when HAS_ADD is off
-    grid = (M, cdiv(N, BN))
-    on_device_of(x, lambda: _gather_mm_kernel[grid](
-        x, w, ids, a, out, N, K, w.shape[0], x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        a.stride(0), a.stride(1), out.stride(0), out.stride(1), HAS_ADD=add is not None, BN=BN, BK=BK))
+    ptrs = (x, w, ids, a, out)
+    scalars = (N, K, w.shape[0], *x.stride(), *w.stride(), *a.stride(), *out.stride())
+    on_device_of(x, launch_fixed, _gather_mm_kernel, (M, cdiv(N, BN)), dict(BN=BN, BK=BK), ptrs, scalars,
+                 dict(HAS_ADD=add is not None), fast_launch)
     return out
