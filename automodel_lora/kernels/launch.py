@@ -216,9 +216,10 @@ def launch_fixed(raw, grid: tuple, tiles: dict, ptrs: tuple, scalars: tuple, con
     """Launch ``raw[grid](*ptrs, *scalars, **consts, **tiles)``, a kernel with fixed tiles (not autotuned): a repeat
     call (same kernel, grid, scalars, pointer dtypes, tiles and constants) through :func:`run_cached`, else through
     the jit function with Triton's default warps and stages, recorded for the next call (when ``fast`` and every
-    pointer is 16-byte aligned)."""
-    sig = (id(raw), ptrs[0].get_device(), grid, scalars, tuple(map(type, scalars)), tuple(t.dtype for t in ptrs),
-           tuple(tiles.items()), tuple(consts.items()))
+    pointer is 16-byte aligned). Each position of ``scalars`` has one type at every call site (floats passed
+    through ``float()``), so the values alone key the cache (``1 == 1.0`` could otherwise share an entry)."""
+    sig = (id(raw), ptrs[0].get_device(), grid, scalars, tuple(t.dtype for t in ptrs), tuple(tiles.items()),
+           tuple(consts.items()))
     if run_cached(sig, ptrs, fast=fast):
         return
     if INTERPRET:
