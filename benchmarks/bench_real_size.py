@@ -337,14 +337,23 @@ def probe_lengths(run: str, arm: str, args, work: Path):
             return
 
 
+def longest_fits(rows: list[dict]) -> tuple[dict, dict]:
+    """({(run, arm): the row of the longest length that trained}, {(run, arm): the first length out of memory})."""
+    longest: dict = {}
+    oom: dict = {}
+    for r in rows:
+        key = (r["run"], r["arm"])
+        if r.get("fits") and r["seq_len"] > longest.get(key, {}).get("seq_len", 0):
+            longest[key] = r
+        elif not r.get("fits"):
+            oom[key] = min(r["seq_len"], oom.get(key, r["seq_len"]))
+    return longest, oom
+
+
 def print_max_seq(rows: list[dict]) -> None:
     """The longest length that fitted per (run, arm), with its peak memory and tok/s."""
-    best: dict = {}
-    for r in rows:
-        if r.get("fits") and r.get("seq_len", 0) >= best.get((r["run"], r["arm"]), {}).get("seq_len", 0):
-            best[(r["run"], r["arm"])] = r
     print(f"{'run':<18} {'arm':<13} {'max seq':>8} {'peak MiB':>9} {'tok/s':>9}")
-    for (run, arm), r in best.items():
+    for (run, arm), r in longest_fits(rows)[0].items():
         print(f"{run:<18} {arm:<13} {r['seq_len']:>8} {r['peak_mib'] or 0:>9.0f} {r['tok_s']:>9.0f}")
 
 
@@ -439,14 +448,7 @@ def markdown_max_seq(results: dict) -> str:
     """The README's longest-sequence table from a ``--max-seq`` file: per run and arm, the longest length that
     trained, its peak memory and tok/s, and the first length that ran out of memory (``none tried`` where every
     length tried fitted)."""
-    longest: dict = {}
-    oom: dict = {}
-    for r in results.get("rows", []):
-        key = (r["run"], r["arm"])
-        if r.get("fits") and r["seq_len"] > longest.get(key, {}).get("seq_len", 0):
-            longest[key] = r
-        elif not r.get("fits"):
-            oom[key] = min(r["seq_len"], oom.get(key, r["seq_len"]))
+    longest, oom = longest_fits(results.get("rows", []))
     gpu = f"{results.get('gpu', '?')}, {str(results.get('date', '?'))[:10]}"
     lines = ["| run | arm | GPU | longest sequence trained | peak GiB there | tok/s there | out of memory at |",
              "|---|---|---|---|---|---|---|"]
