@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import bench_model
 import bench_model_shapes
 import torch
 from bench_common import DEV, fmt, interleaved, kernel_profile, md_table, peak_delta_mib
@@ -181,15 +182,10 @@ def train_arms(model, base, ids, smoke: bool) -> tuple[dict, list]:
 def graphed_train_arm(trained, ids, k: int, contexts: contextlib.ExitStack):
     """(``train_4``'s step replayed as a CUDA graph, its model): a copy of the trained model in one ``adapter_batch``
     block entered for the whole run, so the row ids and offsets the graph reads are made once, before the capture,
-    and live as long as it; ``causal_sdpa`` keeps SDPA's causal kernels in the capture."""
+    and live as long as it; the step is the model section's graphed step (``bench_model.graphed_step``)."""
     own = copy.deepcopy(trained)
     contexts.enter_context(al.adapter_batch(own, _names(own, k, ids.shape[0])))
-
-    def loss(x):
-        with al.causal_sdpa(own):
-            return own(input_ids=x, labels=x).loss
-
-    step = al.GraphedStep(loss, [p for p in own.parameters() if p.requires_grad])
+    step = bench_model.graphed_step(own)  # after the block: its adapters are the trainable parameters
     return (lambda i: step(ids)), own
 
 
