@@ -12,6 +12,8 @@ O(0.1) here.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -208,10 +210,11 @@ def _holder_grads(model, name):
     return out
 
 
-def _check_mixed_training(model, ids, batch, tol, monkeypatch, uniform_scale: float):
-    """Each adapter of ``batch`` gets the gradient of its own sequences' mean token losses (within ``tol`` of the
-    largest), the others none; where the segmented kernels run, they got ``uniform_scale`` (``_trained_stacks``:
-    the weights as they are) when the batch's adapters share rank and scale, else the scaled stacks and 1."""
+def _mixed_grads(model, ids, batch, monkeypatch, uniform_scale: float):
+    """{adapter: {param name: grad}} of one mixed step (loss = the sum over sequences of each sequence's mean token
+    loss); adapters outside ``batch`` get none. Where the segmented kernels run, they got ``uniform_scale``
+    (``_trained_stacks``: the weights as they are) when the batch's adapters share rank and scale, else the scaled
+    stacks and 1."""
     scales = []
     real = mixed_adapters.segmented_lora
     monkeypatch.setattr(mixed_adapters, "segmented_lora", lambda *a: scales.append(a[6]) or real(*a))  # a[6]: scale
@@ -223,15 +226,28 @@ def _check_mixed_training(model, ids, batch, tol, monkeypatch, uniform_scale: fl
     if use_kernels_for(logits):
         assert set(scales) == ({uniform_scale} if batch[0] == "default" else {1.0}), scales
     names = list(dict.fromkeys(b for b in batch if b))
-    mixed = {name: _holder_grads(model, name) for name in names}
     for other in {"default", "b", "c", "d"} - set(names):
         assert not _holder_grads(model, other)  # not in the batch: no gradient
-    for name in names:
+    return {name: _holder_grads(model, name) for name in names}
+
+
+def _separate_grads(model, ids, batch):
+    """{adapter: {param name: grad}}: each adapter of ``batch`` run alone on each of its sequences, summed."""
+    out = {}
+    for name in dict.fromkeys(b for b in batch if b):
         rows = slice(batch.index(name), len(batch) - batch[::-1].index(name))
-        want = {}
+        want = out.setdefault(name, {})
         for i in range(rows.start, rows.stop):  # the mean loss per sequence, as above
             for k, g in _grads_alone(model, name, ids[i : i + 1]).items():
                 want[k] = want.get(k, 0) + g
+    return out
+
+
+def _check_mixed_training(model, ids, batch, tol, monkeypatch, uniform_scale: float):
+    """Each adapter of ``batch`` gets the gradient of its own sequences run alone (within ``tol`` of the
+    largest), the others none."""
+    mixed = _mixed_grads(model, ids, batch, monkeypatch, uniform_scale)
+    for name, want in _separate_grads(model, ids, batch).items():
         assert mixed[name].keys() == want.keys() and want
         scale = max(g.abs().max() for g in want.values())
         for k in want:
@@ -257,15 +273,25 @@ def test_training_a_mixed_batch_gives_each_adapter_the_gradient_of_its_own_seque
 @BATCHES
 def test_bf16_training_with_fp32_adapters_on_the_gpu(batch, monkeypatch):
     """A bf16 base with fp32 master adapters, the recipe's setting, on the segmented kernels (which cast the fp32
-    weights per tile) against each adapter alone on the single-adapter path. Both sides round through bf16
-    activations in two layers and the head, in different orders: 3e-2 of the largest gradient (~4 bf16
-    roundings)."""
-    model = _model_with_adapters(twin=True).to("cuda", torch.bfloat16).train()
+    weights per tile) against each adapter alone on the single-adapter path, both measured against the same
+    model in float64: the mixed step's error is at most twice the single-adapter path's, plus 2 bf16 ulps of the
+    largest gradient (both round through bf16 activations in two layers and the head, in different orders)."""
+    model = _model_with_adapters(twin=True)
+    reference = copy.deepcopy(model).to("cuda").train()  # float64 throughout
+    model = model.to("cuda", torch.bfloat16).train()
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
     ids = torch.randint(0, 128, (5, 8), generator=torch.Generator().manual_seed(4)).cuda()
-    _check_mixed_training(model, ids, batch, 3e-2, monkeypatch, uniform_scale=2.0)
+    mixed = _mixed_grads(model, ids, batch, monkeypatch, uniform_scale=2.0)
+    alone = _separate_grads(model, ids, batch)
+    for name, exact in _separate_grads(reference, ids, batch).items():
+        assert mixed[name].keys() == alone[name].keys() == exact.keys()
+        scale = max(g.abs().max() for g in exact.values())
+        for k, g in exact.items():
+            err_mixed = (mixed[name][k].double() - g).abs().max()
+            err_alone = (alone[name][k].double() - g).abs().max()
+            assert err_mixed <= 2 * err_alone + 2 * 2.0**-8 * scale, (name, k, err_mixed, err_alone)
 
 
 def test_training_restores_the_trainable_flags_and_refuses_dropout():

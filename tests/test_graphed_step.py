@@ -124,7 +124,7 @@ def test_cuda_graphs_true_where_they_cannot_run_is_a_config_error():
     with pytest.raises(ConfigError, match="can't run here: data.packing is off"):
         use_cuda_graphs(_Env(), TrainConfig(cuda_graphs=True, max_steps=1), DataConfig(path="x.jsonl", packing=False),
                         fused_loss=False)
-    assert TrainConfig(max_steps=1).cuda_graphs is False  # off by default until measured on a GPU
+    assert TrainConfig(max_steps=1).cuda_graphs == "auto"  # on where it can run
     with pytest.raises(ConfigError, match="train.cuda_graphs` must be true, false or auto"):
         TrainConfig(cuda_graphs="yes", max_steps=1)
 

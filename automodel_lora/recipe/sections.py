@@ -271,10 +271,10 @@ class TrainConfig:
         compile: Wrap the model in ``torch.compile``.
         cuda_graphs: Replay each micro-batch's forward and backward as a CUDA graph
             (:class:`automodel_lora.GraphedStep`): the host work of every kernel launch is paid once,
-            at the capture, which is what a small model's step is short of. false (the default until
-            measured on a GPU) | auto (on for one CUDA process with ``data.packing`` and no ``fused_loss``, off otherwise; a
-            step that cannot be captured runs eagerly and the run says why) | true (one CUDA process
-            and packed data required; a failed capture stops the run).
+            at the capture, which is what a small model's step is short of. auto (the default: on for one
+            CUDA process with ``data.packing`` and no ``fused_loss``, off otherwise; a step that cannot be
+            captured runs eagerly and the run says why) | false | true (one CUDA process and packed data
+            required; a failed capture stops the run).
         fused_loss: false (the default: the model's logits, then the cross-entropy) | liger (Liger-Kernel's
             fused linear + cross-entropy from the decoder's hidden states and the head's weight, chunk by chunk:
             no (tokens, vocab) logits in memory; ``recipe.fused_loss``). ``liger`` needs ``liger_kernel``
@@ -314,7 +314,7 @@ class TrainConfig:
     eval_max_batches: int | None = None
     log_every: int = 10
     compile: bool = False
-    cuda_graphs: bool | str = False
+    cuda_graphs: bool | str = "auto"
     fused_loss: bool | str = False
     fused_norm: bool | str = False
     device: str = "auto"
