@@ -157,11 +157,13 @@ _TN_ROW_QUANT = 128
 
 
 def num_splits(M: int, D: int, R: int, BR: int, n_sm: int) -> int:
-    """Split-M slices of a tn problem on ``n_sm`` SMs: about two programs per SM, at least 512 rows a slice, at
-    most 32 slices."""
+    """Split-M slices of a tn problem on ``n_sm`` SMs: about two programs per SM, at least 256 rows a slice (a
+    slice's fp32 partial, R x D, written and read back once, is then at most 1/4 of its rows' bf16 bytes at
+    r = 16, and stays in L2), at most 32 slices. A small model's products (M = 4096 rows, D ~ 1000-2000) need
+    the slices to fill the GPU."""
     blocks = cdiv(D, 128) * cdiv(R, BR)
     s = max(1, (2 * n_sm) // max(blocks, 1))
-    s = min(s, max(1, M // 512), 32)
+    s = min(s, max(1, M // 256), 32)
     return s
 
 

@@ -68,6 +68,8 @@ _proj_tuned = triton.autotune(
         (dict(BM=128, BK=128), 8, 4),
         (dict(BM=128, BK=64), 4, 5),
         (dict(BM=32, BK=512), 8, 3),
+        (dict(BM=16, BK=256), 4, 4),  # short inputs (a small model's M = 4096 rows): twice the programs of BM=32
+        (dict(BM=16, BK=512), 4, 3),
     ]),
     key=["M", "K", "R", "DROP"], do_bench=bench,
 )(_proj_kernel)
