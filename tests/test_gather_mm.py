@@ -55,6 +55,7 @@ def _case(M, K, N, G, dtype, seed=0):
     (7, 37, 53, 5),     # odd shapes
     (9, 70, 16, 6),     # the shrink: N = r small, K several steps
     (6, 5, 130, 4),     # the expand: K = r below one step, N several column blocks
+    (3, 70, 16, 3),     # few rows, long K: split into slices of K (k_splits), summed by the last slice
 ])
 def test_gather_mm_matches_float64(dtype, M, K, N, G):
     x, w, ids, add = _case(M, K, N, G, dtype)
@@ -132,3 +133,21 @@ def test_gpu_bf16_at_a_decode_shape(N):
     y_ref = base.float() + torch.einsum("mr,mnr->mn", xa_ref, B[ids].float())
     assert ((xa.float() - xa_ref).norm() / xa_ref.norm()).item() < TOL[torch.bfloat16]
     assert ((y.float() - y_ref).norm() / y_ref.norm()).item() < TOL[torch.bfloat16]
+
+
+@kernels
+def test_a_split_k_sums_its_slices_in_order_every_time():
+    """Where rows x column blocks are fewer than two programs per SM, K is split (``k_splits``: at least two
+    slices for 3 rows of 70 on the interpreter's 4 SMs), the last slice of each (row, block) adds the partials
+    in slice order: the result matches float64 and repeats bit for bit."""
+    from automodel_lora.kernels.gather_mm import k_splits
+    from automodel_lora.kernels.launch import sm_count
+
+    x, w, ids, add = _case(3, 70, 16, 3, torch.float32, seed=5)
+    S, kc = k_splits(3, 1, 70, 16, sm_count(x.device))
+    assert S > 1 and kc % 16 == 0 and (S - 1) * kc < 70 <= S * kc
+    assert ((ids >= 0) & (ids < 3)).sum() == 2  # two rows with an adapter, one without
+    first = gather_mm(x, w, ids, add=add)
+    assert _rel(first, _reference(x, w, ids, add)) < TOL[torch.float32]
+    assert torch.equal(gather_mm(x, w, ids, add=add), first)
+    assert k_splits(64, 16, 16, 16, 132) == (1, 16)  # the expand of a decode step: enough programs, one slice

@@ -32,30 +32,52 @@ if HAS_TRITON:  # without triton gather_mm takes its PyTorch path
     import triton
     import triton.language as tl
 
-    from .launch import INTERPRET, cdiv, launch_fixed, next_pow2
+    from .launch import INTERPRET, cdiv, launch_fixed, next_pow2, sm_count, tile_locks
 
     @triton.jit
-    def _gather_mm_kernel(x_ptr, w_ptr, ids_ptr, add_ptr, out_ptr, N, K, G,
+    def _gather_mm_kernel(x_ptr, w_ptr, ids_ptr, add_ptr, out_ptr, part_ptr, lock_ptr, N, K, G, KC, S,
                           sxm, sxk, swg, swn, swk, sam, san, som, son,
                           HAS_ADD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         m = tl.program_id(0).to(tl.int64)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        pid_n = tl.program_id(1)
+        s = tl.program_id(2)
+        rn = pid_n * BN + tl.arange(0, BN)
         col_ok = rn < N
         g = tl.load(ids_ptr + m).to(tl.int64)
         valid = (g >= 0) & (g < G)
-        k_end = tl.where(valid, K, 0)  # a row without an id: no loop, no product
+        k_start = s * KC
+        k_end = tl.where(valid, tl.minimum(k_start + KC, K), k_start)  # a row without an id: no loop, no product
         w_row = w_ptr + tl.where(valid, g, 0) * swg
         acc = tl.zeros((BN,), dtype=tl.float32)
-        for k0 in range(0, k_end, BK):
+        for k0 in range(k_start, k_end, BK):
             rk = k0 + tl.arange(0, BK)
-            k_ok = rk < K
+            k_ok = rk < k_end
             xt = tl.load(x_ptr + m * sxm + rk * sxk, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
             wt = tl.load(w_row + rn[:, None] * swn + rk[None, :] * swk,
                          mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # (BN, BK)
             acc += tl.sum(wt * xt[None, :], axis=1)
-        if HAS_ADD:
-            acc += tl.load(add_ptr + m * sam + rn * san, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * som + rn * son, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+        if S > 1:  # split K: each slice writes its partial, the last of the (row, column block) sums them in order
+            offs = m * N + rn  # (BN,) in one slice's (M, N) partial
+            slice_stride = tl.num_programs(0).to(tl.int64) * N
+            tl.store(part_ptr + s * slice_stride + offs, acc, mask=col_ok)
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            lock = lock_ptr + m * tl.num_programs(1) + pid_n
+            done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+            if done == S - 1:
+                tl.debug_barrier()
+                acc = tl.zeros((BN,), dtype=tl.float32)
+                part_ptrs = part_ptr + offs
+                for _ in range(0, S):
+                    acc += tl.load(part_ptrs, mask=col_ok, other=0.0, cache_modifier=".cg")
+                    part_ptrs += slice_stride
+                if HAS_ADD:
+                    acc += tl.load(add_ptr + m * sam + rn * san, mask=col_ok, other=0.0).to(tl.float32)
+                tl.store(out_ptr + m * som + rn * son, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+                tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        else:
+            if HAS_ADD:
+                acc += tl.load(add_ptr + m * sam + rn * san, mask=col_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + m * som + rn * son, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _tiles(N: int, K: int) -> tuple[int, int]:
@@ -66,6 +88,16 @@ def _tiles(N: int, K: int) -> tuple[int, int]:
     bn = min(max(next_pow2(N), 16), 256)
     bk = min(max(next_pow2(K), 16), 8192 // bn)
     return bn, bk
+
+
+def k_splits(M: int, col_blocks: int, K: int, BK: int, n_sm: int) -> tuple[int, int]:
+    """(slices of K, columns of K per slice, a multiple of BK): about two programs per SM where the (row, column
+    block) programs alone are fewer (the shrink of a decode step: 64 rows x 1 block of r columns, each walking a
+    whole hidden dimension of ``A``), else one slice."""
+    steps = cdiv(K, BK)
+    want = min(cdiv(2 * n_sm, max(M * col_blocks, 1)), steps)
+    kc = cdiv(steps, max(want, 1)) * BK
+    return cdiv(K, kc), kc
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None) -> None:
@@ -133,9 +165,12 @@ def gather_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Te
     if M == 0 or N == 0:
         return out
     BN, BK = _tiles(N, K)
+    nb = cdiv(N, BN)
+    S, KC = k_splits(M, nb, K, BK, sm_count(x.device))
     a = add if add is not None else out  # a placeholder pointer when HAS_ADD is off
-    ptrs = (x, w, ids, a, out)
-    scalars = (N, K, w.shape[0], *x.stride(), *w.stride(), *a.stride(), *out.stride())
-    on_device_of(x, launch_fixed, _gather_mm_kernel, (M, cdiv(N, BN)), dict(BN=BN, BK=BK), ptrs, scalars,
+    part = torch.empty((S, M, N), device=x.device, dtype=torch.float32) if S > 1 else out  # (S, M, N) partials
+    ptrs = (x, w, ids, a, out, part, tile_locks(x.device, M * nb))
+    scalars = (N, K, w.shape[0], KC, S, *x.stride(), *w.stride(), *a.stride(), *out.stride())
+    on_device_of(x, launch_fixed, _gather_mm_kernel, (M, nb, S), dict(BN=BN, BK=BK), ptrs, scalars,
                  dict(HAS_ADD=add is not None), fast_launch)
     return out
