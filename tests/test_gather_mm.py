@@ -21,6 +21,7 @@ from automodel_lora.kernels.gather_mm import gather_mm
 
 RUNS = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 kernels = pytest.mark.skipif(not RUNS, reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -81,7 +82,7 @@ def test_rows_without_an_adapter_get_add_alone_and_add_is_not_written():
 def test_equals_segment_mm_and_reads_w_through_its_strides():
     from automodel_lora.kernels.segment_mm import segment_mm
 
-    x, w, ids, add = _case(11, 29, 21, 5, torch.float32, seed=3)
+    x, w, ids, add = (t.to(DEV) for t in _case(11, 29, 21, 5, torch.float32, seed=3))  # segment_mm: kernels only
     want = segment_mm(x, w, ids, add=add)
     assert _rel(gather_mm(x, w, ids, add=add), want.double()) < TOL[torch.float32]
     wt = w.transpose(1, 2).contiguous().transpose(1, 2)  # (G, N, K) with K-major tiles: a view, not a copy
