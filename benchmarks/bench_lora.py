@@ -29,7 +29,8 @@ axolotl (PEFT + axolotl's LoRA_MLP / LoRA_QKV / LoRA_O; needs axolotl on the pat
 triton_no_recompute (PeftConfig.recompute_mlp_input=False), axolotl_o and the triton_* option variants;
 frozen_graphed and triton_graphed (default too) replay their arm's step as a CUDA graph (GraphedStep).
 Model shapes (--model-shapes; bench_model_shapes.py): 8b (4-layer Llama-3-8B widths), 1b (Llama-3.2-1B),
-0.5b (Qwen2.5-0.5B).
+0.5b (Qwen2.5-0.5B). --model-base nf4: the 7 projections of the base in bitsandbytes NF4 (the QLoRA protocol),
+every arm built on that base.
 Prints the table last; writes the full JSON (GPU, date, commit, autotune choices), and after each section
 (and each model shape) the results so far, with "partial": true, at the same path.
 
@@ -101,6 +102,8 @@ def parse_args(argv=None):
     ap.add_argument("--model-variants", default=",".join(DEFAULT_ARMS),
                     help=f"model section: arms, of {DEFAULT_ARMS + OPTIONAL_ARMS}")
     ap.add_argument("--model-n", type=int, default=10, help="model section: steps per arm per round")
+    ap.add_argument("--model-base", choices=["bf16", "nf4"], default="bf16",
+                    help="model section: the base's projections in bf16, or NF4 (bitsandbytes Linear4bit: QLoRA)")
     ap.add_argument("--moe-shapes", default=",".join(bench_moe.SHAPES), help=f"moe section: of {list(bench_moe.SHAPES)}")
     ap.add_argument("--moe-variants", default=",".join(bench_moe.VARIANTS), help=f"moe section: of {bench_moe.VARIANTS}")
     ap.add_argument("--n", type=int, default=30)
@@ -128,7 +131,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
+    """Run the sections ``argv`` asks for; writes the JSON, prints the tables, returns the results."""
     args = parse_args(argv)
     results = {"env": _env(), "args": {k: v for k, v in vars(args).items()}}
     secs = args.sections.split(",")
@@ -150,6 +154,7 @@ def main(argv=None):
     out = write_results(results, args.out)
     print(f"wrote {out}")
     print_tables(results)
+    return results
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import bench_axolotl
 import bench_model_shapes
 import torch
 from bench_common import DEV, free_device_memory, interleaved, kernel_profile, peak_delta_mib
-from bench_model_arms import COMPILED, DORA_REFERENCE, GRAPHED, build_arms, eager_arm
+from bench_model_arms import COMPILED, DORA_REFERENCE, GRAPHED, PROJ, build_arms, eager_arm
 from bench_variants import base_gemm_for, forget_options
 from torch import nn
 
@@ -68,6 +68,8 @@ def run_shape(shape, args) -> tuple[list, list, dict]:
     with torch.device(DEV):  # random init on the device: seconds on the host for a 1B model otherwise
         base = cls(cfg)
     base = base.to(dtype=torch.bfloat16).requires_grad_(False)
+    if args.model_base == "nf4":
+        quantize_projections(base)
     arms, ref, skipped = build_arms(base, R, args.model_variants)
     ids = [torch.randint(0, cfg.vocab_size, (bsz, seq), device=DEV) for _ in range(2)]
     eager = {k: m for k, m in arms.items() if eager_arm(k) == k}  # a graphed arm is checked as its eager arm
@@ -86,11 +88,34 @@ def run_shape(shape, args) -> tuple[list, list, dict]:
     for row in rows:
         if row["variant"] in replay_diff:
             row["replay_loss_rel_diff"] = replay_diff[row["variant"]]
-    info = dict(shape=shape.name, title=shape.title(), arch=arch, tokens=bsz * seq, r=R,
+    for row in rows:
+        row["base"] = args.model_base
+    info = dict(shape=shape.name, title=shape.title(), arch=arch, base=args.model_base, tokens=bsz * seq, r=R,
                 attn_implementation=getattr(cfg, "_attn_implementation", None), max_abs_ref_logit=scale,
                 logits_tol=LOGITS_RTOL * scale, **({"profiles": profiles} if profiles else {}))
     skipped = [dict(shape=shape.name, variant=k, reason=v) for k, v in skipped.items()]
     return rows, skipped, info
+
+
+def quantize_projections(model: nn.Module) -> int:
+    """The QLoRA protocol's base (``--model-base nf4``): every projection of PROJ replaced in place by a
+    bitsandbytes NF4 ``Linear4bit`` computing in the model's bf16, bias kept; returns the count. Every arm is
+    then built on this base, as a QLoRA user's model is."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in list(model.modules()):
+        for name in PROJ:
+            lin = getattr(module, name, None)
+            if type(lin) is nn.Linear:
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=lin.weight.dtype, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(lin.weight.data.cpu().clone(), requires_grad=False, quant_type="nf4")
+                if lin.bias is not None:
+                    q.bias = nn.Parameter(lin.bias.data.cpu().clone(), requires_grad=False)
+                setattr(module, name, q.to(DEV))  # bitsandbytes quantizes on the move to the device
+                count += 1
+    return count
 
 
 @torch.no_grad()
@@ -235,7 +260,8 @@ def table(results: dict) -> list[str]:
     for info in shapes:
         rows = {r["variant"]: r for r in results["model"] if r.get("shape") == info["shape"]}
         ax = rows.get("axolotl")
-        lines += [f"\n### {info['title']}, {info['tokens']} tokens"
+        lines += [f"\n### {info['title']}" + (", NF4 projections" if info.get("base") == "nf4" else "")
+                  + f", {info['tokens']} tokens"
                   + (f" ({info['wall_s']:.0f} s)" if "wall_s" in info else ""),
                   "| arm | ms/step | tok/s | throughput vs frozen | peak MiB (weights + step) | memory vs frozen | "
                   "logits max diff | throughput: ours / axolotl | memory: ours / axolotl |",
