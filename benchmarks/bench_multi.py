@@ -8,7 +8,8 @@ Llama-8B-shaped model, bf16, r = 16 on all 7 projections, interleaved in one run
             step with one adapter through the single-adapter path (``train_single``) and the base model;
             ``train_4_graphed`` (CUDA only): ``train_4`` replayed as a CUDA graph (``GraphedStep``)
   graphed   (CUDA only) ``decode_base_graphed`` / ``decode_64_graphed``: the decode forwards captured once as a
-            CUDA graph and replayed (what a serving loop does with a fixed batch), ratio to the eager base
+            CUDA graph and replayed (what a serving loop does with a fixed batch), ratio to the eager base; their
+            logits checked against the eager forward's
 Beside them: ``prefill_merged`` / ``decode_merged`` (one adapter merged into the weights: the base model's cost
 with one adapter's effect) and, where PEFT is installed, ``peft_prefill_8`` / ``peft_decode_64`` (HF PEFT's
 mixed-adapter inference, ``adapter_names=`` in forward, the same adapters copied in). Every mixed arm's logits
@@ -87,20 +88,23 @@ def _forward_arm(model, ids, names, contexts: contextlib.ExitStack, decode_kerne
 
 
 def _graphed_forward_arm(model, ids, names, contexts: contextlib.ExitStack):
-    """A forward of a copy of ``model`` (inside an ``adapter_batch`` block open for the run when ``names``) on
-    fixed ``ids``, captured once as a CUDA graph after three eager calls (Triton's autotuning, the block's
-    stacks), then replayed; SDPA's causal path inside the capture as in the eager call (``causal_sdpa``)."""
+    """(the step, its logits' max relative difference from the eager forward's): a forward of a copy of ``model``
+    (inside an ``adapter_batch`` block open for the run when ``names``) on fixed ``ids``, captured once as a CUDA
+    graph after three eager calls (Triton's autotuning, the block's stacks), then replayed; SDPA's causal path
+    inside the capture as in the eager call (``causal_sdpa``)."""
     own = copy.deepcopy(model)
     if names:
         contexts.enter_context(al.adapter_batch(own, names))
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), al.causal_sdpa(own):
         for _ in range(3):
-            own(input_ids=ids)
+            eager = own(input_ids=ids).logits.float()
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
-            own(input_ids=ids)
-    return lambda i: graph.replay()
+            replayed = own(input_ids=ids).logits
+    graph.replay()
+    diff = ((replayed.float() - eager).abs().max() / eager.abs().max()).item()
+    return (lambda i: graph.replay()), diff
 
 
 def _base_arm(base, ids, grad: bool):
@@ -145,8 +149,9 @@ def arms(model, base, cfg, smoke: bool, contexts: contextlib.ExitStack) -> tuple
     memory = {}
     if DEV == "cuda":
         many = 2 if smoke else N_ADAPTERS
-        steps["decode_base_graphed"] = _graphed_forward_arm(base, dec_ids, None, contexts)
-        steps[f"decode_{many}_graphed"] = _graphed_forward_arm(model, dec_ids, _names(model, many, dec[0]), contexts)
+        steps["decode_base_graphed"], checks["decode_base_graphed"] = _graphed_forward_arm(base, dec_ids, None, contexts)
+        steps[f"decode_{many}_graphed"], checks[f"decode_{many}_graphed"] = _graphed_forward_arm(
+            model, dec_ids, _names(model, many, dec[0]), contexts)
         # a replay allocates nothing: the eager forward's peak stands for it
         memory.update({f"{k}_graphed": steps[k] for k in ("decode_base", f"decode_{many}")})
         steps["train_4_graphed"], graphed_model = graphed_train_arm(models[0], pre_ids, 2 if smoke else 4, contexts)

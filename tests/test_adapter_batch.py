@@ -276,24 +276,23 @@ def test_training_a_mixed_batch_gives_each_adapter_the_gradient_of_its_own_seque
 def test_bf16_training_with_fp32_adapters_on_the_gpu(batch, monkeypatch):
     """A bf16 base with fp32 master adapters, the recipe's setting, on the segmented kernels (which cast the fp32
     weights per tile) against each adapter alone on the single-adapter path, both measured against the same
-    model in float64: the mixed step's error is at most twice the single-adapter path's, plus 2 bf16 ulps of the
-    largest gradient (both round through bf16 activations in two layers and the head, in different orders)."""
-    model = _model_with_adapters(twin=True)
-    reference = copy.deepcopy(model).to("cuda").train()  # float64 throughout
-    model = model.to("cuda", torch.bfloat16).train()
+    weights in float64: per gradient tensor, the mixed step's error is at most twice the single-adapter path's
+    plus 4 bf16 ulps of the tensor's largest value (both round through bf16 activations in two layers and the
+    head, in different orders; a wrong row, scale or adapter is off by the gradient itself)."""
+    model = _model_with_adapters(twin=True).to("cuda", torch.bfloat16).train()
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
+    reference = copy.deepcopy(model).double()  # the rounded weights, computed exactly
     ids = torch.randint(0, 128, (5, 8), generator=torch.Generator().manual_seed(4)).cuda()
     mixed = _mixed_grads(model, ids, batch, monkeypatch, uniform_scale=2.0)
     alone = _separate_grads(model, ids, batch)
     for name, exact in _separate_grads(reference, ids, batch).items():
         assert mixed[name].keys() == alone[name].keys() == exact.keys()
-        scale = max(g.abs().max() for g in exact.values())
         for k, g in exact.items():
             err_mixed = (mixed[name][k].double() - g).abs().max()
             err_alone = (alone[name][k].double() - g).abs().max()
-            assert err_mixed <= 2 * err_alone + 2 * 2.0**-8 * scale, (name, k, err_mixed, err_alone)
+            assert err_mixed <= 2 * err_alone + 4 * 2.0**-8 * g.abs().max(), (name, k, err_mixed, err_alone)
 
 
 def test_training_restores_the_trainable_flags_and_refuses_dropout():

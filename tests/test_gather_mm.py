@@ -137,10 +137,11 @@ def test_gpu_bf16_at_a_decode_shape(N):
 
 
 @kernels
-def test_a_split_k_sums_its_slices_in_order_every_time():
-    """Where rows x column blocks are fewer than two programs per SM, K is split (``k_splits``: at least two
-    slices for 3 rows of 70 on the interpreter's 4 SMs), the last slice of each (row, block) adds the partials
-    in slice order: the result matches float64 and repeats bit for bit."""
+def test_a_split_k_sums_its_slices_in_order():
+    """Where rows x column blocks are fewer than two programs per SM, K is split (``k_splits``: three slices for
+    3 rows of 70 on the interpreter's 4 SMs), the last slice of each (row, block) adds the partials in slice
+    order: the result matches float64 (the interpreter runs the programs one after another; the GPU test below
+    races them)."""
     from automodel_lora.kernels.gather_mm import k_splits
     from automodel_lora.kernels.launch import sm_count
 
@@ -148,7 +149,45 @@ def test_a_split_k_sums_its_slices_in_order_every_time():
     S, kc = k_splits(3, 1, 70, 16, sm_count(x.device))
     assert S > 1 and kc % 16 == 0 and (S - 1) * kc < 70 <= S * kc
     assert ((ids >= 0) & (ids < 3)).sum() == 2  # two rows with an adapter, one without
-    first = gather_mm(x, w, ids, add=add)
-    assert _rel(first, _reference(x, w, ids, add)) < TOL[torch.float32]
-    assert torch.equal(gather_mm(x, w, ids, add=add), first)
+    assert _rel(gather_mm(x, w, ids, add=add), _reference(x, w, ids, add)) < TOL[torch.float32]
     assert k_splits(64, 16, 16, 16, 132) == (1, 16)  # the expand of a decode step: enough programs, one slice
+    assert k_splits(5, 1, 0, 16, 132) == (1, 16)  # no K: one slice, nothing to sum
+
+
+@kernels
+def test_an_empty_k_gives_add_alone_or_zero():
+    x, w, ids, add = _case(5, 0, 16, 3, torch.float32)
+    assert torch.equal(gather_mm(x, w, ids, add=add), add)
+    assert gather_mm(x, w, ids).abs().max() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("M", [1, 3, 64])
+def test_gpu_split_k_is_exact_and_repeats_bit_for_bit_across_streams_and_graphs(M):
+    """The decode shrink at K = 4096 (sliced over K on a GPU with programs to spare): against float64, then the
+    same launch 50 times, on a second stream, and captured in a CUDA graph and replayed: equal bit for bit (the
+    slices race; the sum's order does not)."""
+    from automodel_lora.kernels.gather_mm import _tiles, k_splits
+    from automodel_lora.kernels.launch import sm_count
+
+    K, N, G = 4096, 16, 8
+    x, w, ids, add = (t.cuda() for t in _case(M + 2, K, N, G, torch.float32, seed=M))
+    x, add = x[:M].contiguous(), add[:M].contiguous()
+    ids = (torch.arange(M, device="cuda") * 3) % G  # every row with an adapter, some shared
+    BN, BK = _tiles(N, K)
+    assert k_splits(M, 1, K, BK, sm_count(x.device))[0] > 1
+    first = gather_mm(x, w, ids, add=add)
+    assert _rel(first, _reference(x.cpu(), w.cpu(), ids.cpu(), add.cpu()).cuda()) < TOL[torch.float32]
+    assert all(torch.equal(gather_mm(x, w, ids, add=add), first) for _ in range(50))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = gather_mm(x, w, ids, add=add)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gather_mm(x, w, ids, add=add)
+    for _ in range(3):
+        graph.replay()
+        assert torch.equal(captured, first)
+    assert torch.equal(on_side, first)

@@ -95,23 +95,27 @@ class _Env:
 
 
 @pytest.mark.parametrize(
-    "setting, env, packing, compile_, on, why",
+    "setting, env, packing, compile_, hidden, on, why",
     [
-        ("auto", _Env(), True, False, True, "on"),
-        ("auto", _Env("cpu"), True, False, False, "the device is cpu"),
-        ("auto", _Env(world_size=2), True, False, False, "2 processes"),
-        ("auto", _Env(), True, True, False, "train.compile is on"),
-        ("auto", _Env(), False, False, False, "data.packing is off"),
-        (True, _Env(), True, False, True, "on"),
-        (False, _Env(), True, False, False, "train.cuda_graphs=false"),
+        ("auto", _Env(), True, False, 896, True, "on"),
+        ("auto", _Env(), True, False, 2048, True, "on"),
+        ("auto", _Env(), True, False, 4096, False, "hidden size 4096 > 2048"),
+        ("auto", _Env(), True, False, None, False, "hidden size unknown"),
+        ("auto", _Env("cpu"), True, False, 896, False, "the device is cpu"),
+        ("auto", _Env(world_size=2), True, False, 896, False, "2 processes"),
+        ("auto", _Env(), True, True, 896, False, "train.compile is on"),
+        ("auto", _Env(), False, False, 896, False, "data.packing is off"),
+        (True, _Env(), True, False, 4096, True, "on"),
+        (False, _Env(), True, False, 896, False, "train.cuda_graphs=false"),
     ],
 )
-def test_where_the_recipe_replays_cuda_graphs(setting, env, packing, compile_, on, why):
+def test_where_the_recipe_replays_cuda_graphs(setting, env, packing, compile_, hidden, on, why):
     from automodel_lora.recipe.graphs import use_cuda_graphs
     from automodel_lora.recipe.sections import DataConfig, TrainConfig
 
     tc = TrainConfig(cuda_graphs=setting, compile=compile_, max_steps=1)
-    got_on, got_why = use_cuda_graphs(env, tc, DataConfig(path="x.jsonl", packing=packing), fused_loss=False)
+    got_on, got_why = use_cuda_graphs(env, tc, DataConfig(path="x.jsonl", packing=packing), fused_loss=False,
+                                      hidden=hidden)
     assert got_on is on and why in got_why
 
 
@@ -120,10 +124,11 @@ def test_cuda_graphs_true_where_they_cannot_run_is_a_config_error():
     from automodel_lora.recipe.sections import DataConfig, TrainConfig
 
     with pytest.raises(ConfigError, match="`train.cuda_graphs: true` can't run here: the device is cpu"):
-        use_cuda_graphs(_Env("cpu"), TrainConfig(cuda_graphs=True, max_steps=1), DataConfig(path="x.jsonl"), fused_loss=False)
+        use_cuda_graphs(_Env("cpu"), TrainConfig(cuda_graphs=True, max_steps=1), DataConfig(path="x.jsonl"),
+                        fused_loss=False, hidden=896)
     with pytest.raises(ConfigError, match="can't run here: data.packing is off"):
         use_cuda_graphs(_Env(), TrainConfig(cuda_graphs=True, max_steps=1), DataConfig(path="x.jsonl", packing=False),
-                        fused_loss=False)
+                        fused_loss=False, hidden=896)
     assert TrainConfig(max_steps=1).cuda_graphs == "auto"  # on where it can run
     with pytest.raises(ConfigError, match="train.cuda_graphs` must be true, false or auto"):
         TrainConfig(cuda_graphs="yes", max_steps=1)

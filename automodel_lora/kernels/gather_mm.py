@@ -9,10 +9,13 @@ decode step of a batch mixing adapters, one row per sequence, up to one adapter 
 block of rows one pass per id present in it (64 passes for 64 rows of 64 adapters); here each program reads its
 row's matrix directly.
 
-One program per (row, BN columns): it loads the row's id and, for a real one, walks K in BK steps, multiplying
-the row's slice of ``x`` (BK,) by the (BN, BK) tile of ``w[id]`` elementwise and summing over K in fp32 (a
-matrix-vector product: no ``tl.dot``, which needs 16 rows). A row without an id skips the loop. No atomics:
-deterministic.
+One program per (row, BN columns, slice of K): it loads the row's id and, for a real one, walks its slice of K
+in BK steps, multiplying the row's slice of ``x`` (BK,) by the (BN, BK) tile of ``w[id]`` elementwise and summing
+over K in fp32 (a matrix-vector product: no ``tl.dot``, which needs 16 rows). A row without an id skips the loop.
+K is sliced only where (row, column block) programs are fewer than two per SM (``k_splits``: the decode shrink,
+N = r, K = hidden); each slice then writes an fp32 partial, and the last slice of its (row, block) to finish
+(counted on a self-resetting lock, ``launch.tile_locks``) adds the partials in slice order: deterministic for a
+given batch size and GPU (the slicing, so the rounding, depends on both).
 
 Memory floor: each distinct id's matrix read once (G_used * N * K elements), ``x`` read once per column block,
 ``add`` read and ``out`` written once (M * N each). Rows sharing an id re-read its matrix, from L2 when the
@@ -94,10 +97,10 @@ def k_splits(M: int, col_blocks: int, K: int, BK: int, n_sm: int) -> tuple[int, 
     """(slices of K, columns of K per slice, a multiple of BK): about two programs per SM where the (row, column
     block) programs alone are fewer (the shrink of a decode step: 64 rows x 1 block of r columns, each walking a
     whole hidden dimension of ``A``), else one slice."""
-    steps = cdiv(K, BK)
+    steps = max(cdiv(K, BK), 1)  # K = 0: one slice with nothing to sum (add alone, or zero)
     want = min(cdiv(2 * n_sm, max(M * col_blocks, 1)), steps)
-    kc = cdiv(steps, max(want, 1)) * BK
-    return cdiv(K, kc), kc
+    kc = cdiv(steps, want) * BK
+    return max(cdiv(K, kc), 1), kc
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None) -> None:
@@ -168,8 +171,10 @@ def gather_mm(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, add: torch.Te
     nb = cdiv(N, BN)
     S, KC = k_splits(M, nb, K, BK, sm_count(x.device))
     a = add if add is not None else out  # a placeholder pointer when HAS_ADD is off
-    part = torch.empty((S, M, N), device=x.device, dtype=torch.float32) if S > 1 else out  # (S, M, N) partials
-    ptrs = (x, w, ids, a, out, part, tile_locks(x.device, M * nb))
+    # (S, M, N) partials and the locks, where K is sliced; placeholder pointers otherwise
+    part, locks = (torch.empty((S, M, N), device=x.device, dtype=torch.float32), tile_locks(x.device, M * nb)) \
+        if S > 1 else (out, ids)
+    ptrs = (x, w, ids, a, out, part, locks)
     scalars = (N, K, w.shape[0], KC, S, *x.stride(), *w.stride(), *a.stride(), *out.stride())
     on_device_of(x, launch_fixed, _gather_mm_kernel, (M, nb, S), dict(BN=BN, BK=BK), ptrs, scalars,
                  dict(HAS_ADD=add is not None), fast_launch)

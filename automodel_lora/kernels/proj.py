@@ -99,7 +99,7 @@ def proj(x: torch.Tensor, y: torch.Tensor, *, seed=None, p: float = 0.0, fast_la
     nr = cdiv(R, BR)
     launch(
         "proj", _proj_tuned, _proj_kernel,
-        lambda meta: (cdiv(M, meta["BM"]), nr), fixed, (m_bucket(M), K, R, drop, x.dtype),
+        lambda meta: (cdiv(M, meta["BM"]), nr), fixed, (m_bucket(M), K, R, drop, x.dtype, y.dtype),
         ptrs,
         (M, K, R,
          x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),

@@ -393,7 +393,8 @@ class RecipeSetup:
         else:
             torch.manual_seed(tc.seed + env.rank)  # dropout differs per rank
         self.fwd_model = torch.compile(self.model) if tc.compile else self.model
-        on, why = use_cuda_graphs(env, tc, cfg.data, self.fused_loss)
+        on, why = use_cuda_graphs(env, tc, cfg.data, self.fused_loss,
+                                  getattr(getattr(self.raw_model, "config", None), "hidden_size", None))
         self.graphed = recipe_step(self.fwd_model, self.params, self.use_bf16, fallback=tc.cuda_graphs == "auto") \
             if on else None
         if env.device.type == "cuda":
