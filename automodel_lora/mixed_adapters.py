@@ -261,40 +261,70 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None], *,
             open), a call inside ``disable_adapter``, or (at a call inside the block) an input that is not the
             batch's sequences.
     """
-    if decode_kernel not in DECODE_KERNELS:
-        raise ValueError(f"adapter_batch: decode_kernel={decode_kernel!r}; pass one of {DECODE_KERNELS}")
-    known = adapter_names(model)
-    names, seq_ids = _seq_ids(model, adapters, known)
-    if experts_lora_modules(model):
-        raise ValueError("adapter_batch: the model has expert adapters (one adapter on experts per model); mixed "
-                         "batches take linear adapters only")
-    modules = lora_modules(model)
-    check_not_in_disabled_block(modules, "run adapter_batch")
-    for fqn, module in modules:
-        _check_module(fqn, module, names, model.training)
-    named = [(fqn, m) for fqn, m in modules if isinstance(m, LinearLoRA)]
-    linears = [m for _, m in named]
-    slots = None if model.training else stacks_for(model, linears, names)  # the model's persistent stacks
-    if slots is not None:  # row ids are slots; the stacks' names by slot
-        by_slot = {slot: name for name, slot in stacked_slots(model).items()}
-        seq_ids = torch.tensor([-1 if i < 0 else slots[names[i]] for i in seq_ids.tolist()], dtype=torch.int64)
-        names = [by_slot.get(i) for i in range(stacked_buffers(linears[0])[0].shape[0])]
-    rows = _Rows(seq_ids, len(names), model.training)
-    decode_kernel = _decode_kernel(decode_kernel)
-    trainable = _train_all(model, names) if model.training else []
-    forwards, groups = _forwards(named, names, rows, slots is not None, decode_kernel,
-                                 fuse_qkv and not model.training)
+    block = Block(model, adapters, decode_kernel=decode_kernel, fuse_qkv=fuse_qkv)
+    block.install()
     try:
-        for m in linears:
-            m.forward = forwards[m]  # the instance's forward, for the block only
         yield model
     finally:
-        for m in linears:
+        block.remove()
+
+
+class Block:
+    """An ``adapter_batch`` block, built once (the checks, the row ids, the modules' forwards) and installed on
+    the model around the calls it serves: ``adapter_batch`` installs it for its ``with``; the recipe's graphed
+    mixed step for each training step, so that the row tensors a CUDA graph reads stay the same ones from step
+    to step while evaluation and saving in between see the model as it is. Arguments and errors as
+    ``adapter_batch``'s."""
+
+    def __init__(self, model: nn.Module, adapters: Sequence[str | int | None], *, decode_kernel: str = "auto",
+                 fuse_qkv: bool = True):
+        if decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"adapter_batch: decode_kernel={decode_kernel!r}; pass one of {DECODE_KERNELS}")
+        known = adapter_names(model)
+        names, seq_ids = _seq_ids(model, adapters, known)
+        if experts_lora_modules(model):
+            raise ValueError("adapter_batch: the model has expert adapters (one adapter on experts per model); mixed "
+                             "batches take linear adapters only")
+        modules = lora_modules(model)
+        check_not_in_disabled_block(modules, "run adapter_batch")
+        for fqn, module in modules:
+            _check_module(fqn, module, names, model.training)
+        named = [(fqn, m) for fqn, m in modules if isinstance(m, LinearLoRA)]
+        self.linears = [m for _, m in named]
+        slots = None if model.training else stacks_for(model, self.linears, names)  # the model's persistent stacks
+        if slots is not None:  # row ids are slots; the stacks' names by slot
+            by_slot = {slot: name for name, slot in stacked_slots(model).items()}
+            seq_ids = torch.tensor([-1 if i < 0 else slots[names[i]] for i in seq_ids.tolist()], dtype=torch.int64)
+            names = [by_slot.get(i) for i in range(stacked_buffers(self.linears[0])[0].shape[0])]
+        self.model, self.names, self.training = model, names, model.training
+        self.rows = _Rows(seq_ids, len(names), model.training)  # (M,) row ids and offsets: made once per shape
+        self.forwards, self.groups = _forwards(named, names, self.rows, slots is not None,
+                                               _decode_kernel(decode_kernel), fuse_qkv and not model.training)
+        self._trainable: list = []
+
+    def install(self) -> None:
+        """Put the block's forwards on the modules (and, training, every adapter of the batch trainable).
+
+        Raises:
+            ValueError: a module has a forward of its own on the instance (another block, a hook).
+        """
+        taken = [m for m in self.linears if "forward" in m.__dict__]
+        if taken:
+            raise ValueError(f"adapter_batch: a {type(taken[0]).__name__} has a forward of its own on the instance "
+                             "(an adapter_batch block already open, or a hook); do not nest blocks")
+        self._trainable = _train_all(self.model, self.names) if self.training else []
+        for m in self.linears:
+            m.forward = self.forwards[m]  # the instance's forward, while installed
+
+    def remove(self) -> None:
+        """The modules' class forwards and the trainable flags back as they were before :meth:`install`."""
+        for m in self.linears:
             m.__dict__.pop("forward", None)
-        for group in groups:
+        for group in self.groups:
             group.clear()
-        for p, flag in trainable:
+        for p, flag in self._trainable:
             p.requires_grad_(flag)
+        self._trainable = []
 
 
 def _forwards(named: list[tuple[str, LinearLoRA]], names: list, rows: _Rows, stacked: bool, decode_kernel: str,
