@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from automodel_lora.recipe.errors import ConfigError
 
@@ -94,4 +95,72 @@ def test_one_named_adapter_is_saved_in_its_own_directory_too(tmp_path):
     run_recipe(_raw(tmp_path, "one", {"adapters": {"alpha": files["alpha"]}}, max_steps=2))
     assert (tmp_path / "one" / "adapter" / "alpha" / "adapter_config.json").is_file()
     assert not (tmp_path / "one" / "adapter" / "adapter_config.json").exists()
+
+
+def test_the_replayed_mixed_step_keeps_one_block_and_matches_the_eager_run(tmp_path, monkeypatch):
+    """``train.cuda_graphs`` with ``data.adapters`` (``graphs.MixedStep``), its plumbing on the CPU: graphs are
+    forced on, so every capture fails (no CUDA) and the step falls back to eager calls of the same function. The
+    run equals the plain multi-adapter run to float32 rounding (1e-5; SDPA's causal path instead of a mask is
+    the only change), the block is built once for the run and off the model between steps (evaluation and the
+    saves run on the class forwards)."""
+    from automodel_lora.lora import lora_modules
+    from automodel_lora.recipe import graphs, setup_phase
+
+    files = _data(tmp_path)
+    run_recipe(_raw(tmp_path, "eager", {"adapters": files}, eval_every=3))
+    made, installed_between_steps = [], []
+    real_end_step = graphs.MixedStep.end_step
+
+    def end_step(self):
+        made.append(self.block)
+        real_end_step(self)
+        installed_between_steps.append(any("forward" in m.__dict__ for _, m in lora_modules(self.model)))
+
+    monkeypatch.setattr(graphs.MixedStep, "end_step", end_step)
+    monkeypatch.setattr(setup_phase, "use_cuda_graphs", lambda *a, **k: (True, "on (forced)"))
+    summary, log = run_recipe(_raw(tmp_path, "replayed", {"adapters": files}, eval_every=3, cuda_graphs="auto"))
+    assert "run eagerly" in log and "not on a CUDA device" in log  # the captures failed, the steps ran eagerly
+    assert len(made) == 6 and all(b is made[0] for b in made) and not any(installed_between_steps)
+    eager, replayed = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "replayed")
+    for name in files:
+        want = {r["step"]: r[f"loss/{name}"] for r in eager if f"loss/{name}" in r}
+        got = {r["step"]: r[f"loss/{name}"] for r in replayed if f"loss/{name}" in r}
+        assert got.keys() == want.keys() == set(range(1, 7))
+        assert all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want), (name, got, want)
+        a, b = adapter_tensors(tmp_path / "eager" / "adapter" / name), adapter_tensors(tmp_path / "replayed" / "adapter" / name)
+        assert all((b[k] - t).abs().max() <= 1e-4 * t.abs().max() for k, t in a.items()), name
+
+
+def test_a_changed_composition_is_refused_by_the_replayed_step(tmp_path):
+    from automodel_lora.recipe.graphs import MixedStep
+
+    from .test_adapter_batch import _model_with_adapters
+
+    model = _model_with_adapters().float().train()  # adapters "default", "b", "c"
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    step = MixedStep(model, model, params, bf16=False, fallback=True)
+    ids = torch.randint(0, 128, (3, 8))
+    scale = torch.ones(2)
+    step(["default", "default", "b"], {"default": slice(0, 2), "b": slice(2, 3)}, ids, ids, scale)
+    step.end_step()
+    with pytest.raises(RuntimeError, match="the replay needs one composition"):
+        step(["default", "b", "b"], {"default": slice(0, 1), "b": slice(1, 3)}, ids, ids, scale)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_replayed_mixed_batches_match_the_eager_multi_adapter_run(tmp_path):
+    files = _data(tmp_path)
+    losses = {}
+    for setting in (False, True):
+        summary, log = run_recipe(_raw(tmp_path, str(setting), {"adapters": files}, cuda_graphs=setting,
+                                       device="cuda", eval_every=3))
+        assert ("[cuda graphs] on" in log) is setting and "run eagerly" not in log, log
+        losses[setting] = read_metrics(tmp_path / str(setting))
+    for name in files:
+        want = {r["step"]: r[f"loss/{name}"] for r in losses[False] if f"loss/{name}" in r}
+        got = {r["step"]: r[f"loss/{name}"] for r in losses[True] if f"loss/{name}" in r}
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-4) for k in want)
 

@@ -260,8 +260,8 @@ class RecipeConfig:
             why = "`peft.target_parameters` / `match_all_experts`: a model's experts take one adapter"
         elif p.modules_to_save:
             why = "`peft.modules_to_save`: fully trained modules belong to one adapter"
-        elif self.train.cuda_graphs is True or self.train.compile:
-            why = "`train.cuda_graphs: true` / `train.compile: true`: mixed batches run eagerly"
+        elif self.train.compile:
+            why = "`train.compile: true`: mixed batches run eagerly (`train.cuda_graphs: true` replays them instead)"
         elif self.train.fused_loss == "liger":  # auto resolves to the plain loss with data.adapters
             why = "`train.fused_loss: liger`: each adapter's loss is taken from its rows of the logits (set it to false)"
         if why:

@@ -18,13 +18,14 @@ import torch
 import torch.nn as nn
 
 from ..graphed_step import GraphedStep
+from ..mixed_adapters import Block
 from ..sdpa_capture import causal_sdpa
 from .distributed import DistEnv
 from .errors import ConfigError
 from .loop import causal_lm_loss_sum
 from .sections import DataConfig, TrainConfig
 
-__all__ = ["AUTO_MAX_HIDDEN", "graphs_blockers", "use_cuda_graphs", "recipe_step", "graph_inputs"]
+__all__ = ["AUTO_MAX_HIDDEN", "graphs_blockers", "use_cuda_graphs", "recipe_step", "MixedStep", "graph_inputs"]
 
 AUTO_MAX_HIDDEN = 2048  # the widest model ``train.cuda_graphs: auto`` replays (module docstring)
 
@@ -55,8 +56,8 @@ def use_cuda_graphs(env: DistEnv, tc: TrainConfig, data: DataConfig, fused_loss:
     if tc.cuda_graphs is False:
         return False, "off (train.cuda_graphs=false)"
     blockers = graphs_blockers(env, tc, fused_loss)
-    if data.adapters:
-        blockers.append("data.adapters (mixed batches run eagerly)")
+    if data.adapters and tc.cuda_graphs == "auto":
+        blockers.append("data.adapters (auto leaves mixed batches eager; train.cuda_graphs=true replays them)")
     if not data.packing:  # a padded batch's mask is read on the host by transformers: no capture holds that
         blockers.append("data.packing is off (a padded batch's attention mask is read on the host, which a "
                         "capture cannot hold)")
@@ -89,6 +90,62 @@ def recipe_step(model: nn.Module, params: list, bf16: bool, fallback: bool) -> G
         return ce * scale, ce
 
     return GraphedStep(micro_batch, params, fallback=fallback)
+
+
+class MixedStep:
+    """The mixed micro-batch of ``data.adapters`` as a :class:`GraphedStep`: inputs ``(ids, labels, scale[,
+    mask])`` with ``scale`` (K,), one weight per adapter; reports the (K,) CE sums.
+
+    Packed data gives every micro-batch of a run the same composition (each adapter's ``batch_size`` sequences,
+    in the adapters' order), so one ``adapter_batch`` block (``mixed_adapters.Block``) serves the run: built at
+    the first call, installed at each step's first micro-batch, removed by :meth:`end_step`, so evaluation and
+    saving see the model as it is. A graph reads the block's row ids and offsets by address; one block for the
+    run keeps those tensors, made at the eager warm-up calls, the ones every replay reads.
+    """
+
+    def __init__(self, model: nn.Module, fwd_model: nn.Module, params: list, bf16: bool, fallback: bool):
+        self.model, self.fwd_model, self.bf16 = model, fwd_model, bf16
+        self.block: Block | None = None
+        self.names: list[str] = []
+        self.rows: dict[str, slice] = {}
+        self.installed = False
+        self.step = GraphedStep(self._micro_batch, params, fallback=fallback)
+
+    @property
+    def eager_reasons(self) -> dict:
+        """The step's signatures that run eagerly for good, and why (``GraphedStep.eager_reasons``)."""
+        return self.step.eager_reasons
+
+    def __call__(self, seq_names: list[str], rows: dict[str, slice], *inputs: torch.Tensor) -> torch.Tensor:
+        """One micro-batch whose sequences take ``seq_names`` (grouped: adapter k's are ``rows[k]``).
+
+        Raises:
+            RuntimeError: a composition other than the first micro-batch's (unpacked data would do that).
+        """
+        if self.block is None:
+            self.block, self.names, self.rows = Block(self.model, seq_names), list(seq_names), dict(rows)
+        elif list(seq_names) != self.names or dict(rows) != self.rows:
+            raise RuntimeError(f"train.cuda_graphs with data.adapters: a micro-batch of {len(seq_names)} sequences "
+                               f"over {list(rows)} where the first had {len(self.names)} over {list(self.rows)}; the "
+                               "replay needs one composition (data.packing: true)")
+        if not self.installed:
+            self.block.install()
+            self.installed = True
+        return self.step(*inputs)
+
+    def end_step(self) -> None:
+        """The model's own forwards back (evaluation, saving and the next step's set-up run on them)."""
+        if self.installed:
+            self.block.remove()
+            self.installed = False
+
+    def _micro_batch(self, ids, labels, scale, *mask):
+        cast = torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, cache_enabled=False) if self.bf16 \
+            else nullcontext()
+        with cast, causal_sdpa(self.fwd_model):
+            logits = self.fwd_model(input_ids=ids, attention_mask=mask[0] if mask else None).logits
+        ce = torch.stack([causal_lm_loss_sum(logits[r], labels[r]) for r in self.rows.values()])  # (K,)
+        return (ce * scale).sum(), ce
 
 
 def graph_inputs(batch: dict, scale: torch.Tensor, device: torch.device) -> tuple:

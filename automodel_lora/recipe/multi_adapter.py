@@ -29,6 +29,7 @@ from ..mixed_adapters import adapter_batch
 from ..named_adapters import set_adapter
 from .data import collate
 from .distributed import all_reduce_sum, no_sync
+from .graphs import graph_inputs
 from .loop import causal_lm_loss_sum, clip_grad_norm, evaluate, global_counts, n_targets
 from .model import train_adapters
 
@@ -68,8 +69,12 @@ def multi_train_step(recipe, step: int):
     # DDP / FSDP2 average the gradients over the ranks: world_size / n_tgt makes the average that of the CE sums
     scale = torch.tensor([env.world_size / n_tgt[k] for k in names], dtype=torch.float32).to(env.device, non_blocking=True)
     loss_sum = torch.zeros(len(names), dtype=torch.float64, device=env.device)
-    for m, (batch, seq_names, rows) in enumerate(micro):
-        loss_sum += _forward_backward(recipe, batch, seq_names, rows, scale, sync=m == len(micro) - 1)
+    try:
+        for m, (batch, seq_names, rows) in enumerate(micro):
+            loss_sum += _forward_backward(recipe, batch, seq_names, rows, scale, sync=m == len(micro) - 1)
+    finally:
+        if recipe.graphed is not None:
+            recipe.graphed.end_step()
     all_reduce_sum(loss_sum, env)
     max_norm = recipe.cfg.train.max_grad_norm
     norms = torch.stack([clip_grad_norm(recipe.adapter_params[k], max_norm).double() for k in names])
@@ -85,8 +90,13 @@ def _forward_backward(recipe, batch: dict, seq_names: list[str], rows: dict[str,
                       sync: bool) -> torch.Tensor:
     """One mixed micro-batch (a collated CPU batch): backward of ``sum_k CE_k * scale[k]`` (``scale``: (K,) on the
     device, in the order of ``rows``), the gradient all-reduced (DDP) or reduce-scattered (FSDP2) only where
-    ``sync``; returns the (K,) CE sums, detached."""
+    ``sync``; returns the (K,) CE sums, detached. Replayed as a CUDA graph under ``train.cuda_graphs``
+    (``graphs.MixedStep``)."""
     env = recipe.env
+    if recipe.graphed is not None:  # train.cuda_graphs: one process, so no gradient sync to hold back
+        ce = recipe.graphed(seq_names, rows, *graph_inputs(batch, scale, env.device))
+        recipe._say_eager_reasons()
+        return ce.double()
     b = {key: v.to(env.device, non_blocking=True) for key, v in batch.items()}
     with no_sync(recipe.model, env, sync=sync), adapter_batch(recipe.raw_model, seq_names):
         with recipe.autocast():

@@ -34,7 +34,7 @@ from .files import atomic_write_text, clean_stale, writing
 from .flops import peak_bf16_flops, train_flops_per_token
 from .fused_loss import check_fused_loss
 from .fused_norm import use_fused_norm
-from .graphs import recipe_step, use_cuda_graphs
+from .graphs import MixedStep, recipe_step, use_cuda_graphs
 from .loop import use_bf16
 from .model import load_model_config, prepare_model
 from .optim import apply_settings, build_optimizer
@@ -82,7 +82,7 @@ class RecipeSetup:
         self.lock: RunLock | None = None
         self.metrics = None
         self.model = self.raw_model = self.fwd_model = self.optimizer = self.scheduler = None
-        self.graphed = None  # the GraphedStep of train.cuda_graphs, when on
+        self.graphed = None  # train.cuda_graphs, when on: the GraphedStep (a MixedStep with data.adapters)
         self.fused_loss = self.fused_norm = False  # train.fused_loss / fused_norm as resolved at setup
         self.said_eager: set = set()  # its input signatures whose eager fallback was said
         self.val_by_adapter: dict = {}  # with data.adapters: {"val_loss/<name>": loss} of the last evaluation
@@ -395,8 +395,13 @@ class RecipeSetup:
         self.fwd_model = torch.compile(self.model) if tc.compile else self.model
         on, why = use_cuda_graphs(env, tc, cfg.data, self.fused_loss,
                                   getattr(getattr(self.raw_model, "config", None), "hidden_size", None))
-        self.graphed = recipe_step(self.fwd_model, self.params, self.use_bf16, fallback=tc.cuda_graphs == "auto") \
-            if on else None
+        fallback = tc.cuda_graphs == "auto"
+        if not on:
+            self.graphed = None
+        elif cfg.data.adapters:
+            self.graphed = MixedStep(self.raw_model, self.fwd_model, self.params, self.use_bf16, fallback=fallback)
+        else:
+            self.graphed = recipe_step(self.fwd_model, self.params, self.use_bf16, fallback=fallback)
         if env.device.type == "cuda":
             self.say(f"[cuda graphs] {why}")
         return True
