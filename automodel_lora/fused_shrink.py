@@ -83,5 +83,6 @@ class SharedShrink:
         return self._fused
 
     def clear(self) -> None:
-        """Drop what is kept (the block's exit)."""
-        self._kept, self._x = {}, None
+        """Drop what is kept and the fused stack (the block's removal: the weights may change before its next
+        install)."""
+        self._kept, self._x, self._fused = {}, None, None

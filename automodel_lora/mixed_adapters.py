@@ -298,8 +298,9 @@ class Block:
             names = [by_slot.get(i) for i in range(stacked_buffers(self.linears[0])[0].shape[0])]
         self.model, self.names, self.training = model, names, model.training
         self.rows = _Rows(seq_ids, len(names), model.training)  # (M,) row ids and offsets: made once per shape
-        self.forwards, self.groups = _forwards(named, names, self.rows, slots is not None,
-                                               _decode_kernel(decode_kernel), fuse_qkv and not model.training)
+        self.forwards, self.groups, fixed = _forwards(named, names, self.rows, slots is not None,
+                                                      _decode_kernel(decode_kernel), fuse_qkv and not model.training)
+        self._built = [] if slots is not None else list(fixed.values())  # stacks the calls build (not the model's)
         self._trainable: list = []
 
     def install(self) -> None:
@@ -317,20 +318,23 @@ class Block:
             m.forward = self.forwards[m]  # the instance's forward, while installed
 
     def remove(self) -> None:
-        """The modules' class forwards and the trainable flags back as they were before :meth:`install`."""
+        """The modules' class forwards and the trainable flags back as they were before :meth:`install`; the
+        detached stacks the calls built dropped (the weights may change before the next install)."""
         for m in self.linears:
             m.__dict__.pop("forward", None)
         for group in self.groups:
             group.clear()
+        for stacks in self._built:
+            stacks.clear()
         for p, flag in self._trainable:
             p.requires_grad_(flag)
         self._trainable = []
 
 
 def _forwards(named: list[tuple[str, LinearLoRA]], names: list, rows: _Rows, stacked: bool, decode_kernel: str,
-              fuse: bool) -> tuple[dict[LinearLoRA, Callable], list[SharedShrink]]:
-    """({module: the block's forward}, the q / k / v groups sharing a shrink, when ``fuse``); ``stacked``: the
-    model's persistent stacks serve the calls without gradient."""
+              fuse: bool) -> tuple[dict[LinearLoRA, Callable], list[SharedShrink], dict[LinearLoRA, list]]:
+    """({module: the block's forward}, the q / k / v groups sharing a shrink, when ``fuse``, {module: the detached
+    stacks its calls without gradient read}); ``stacked``: the model's persistent stacks serve those calls."""
     dtypes = {m: m.weight.dtype if m.weight.is_floating_point() else m.lora_A.weight.dtype for _, m in named}
     fixed = {m: list(stacked_buffers(m)) if stacked else [] for _, m in named}
     shared: dict[LinearLoRA, tuple[SharedShrink, int]] = {}
@@ -341,7 +345,7 @@ def _forwards(named: list[tuple[str, LinearLoRA]], names: list, rows: _Rows, sta
         groups.append(group)
     forwards = {m: _batched_forward(m, names, dtypes[m], rows, fixed[m], decode_kernel, shared.get(m))
                 for _, m in named}
-    return forwards, groups
+    return forwards, groups, fixed
 
 
 def _train_all(model: nn.Module, names: list) -> list:

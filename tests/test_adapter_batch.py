@@ -390,3 +390,30 @@ def test_auto_decode_kernel_is_gather_and_segmented_can_be_asked_for(monkeypatch
     with al.adapter_batch(model, ["c", "b"], decode_kernel="segmented"):
         pass
     assert set(seen[-1:]) == {"segmented"}
+
+
+def test_a_block_installed_again_reads_the_weights_as_they_are_now():
+    """``mixed_adapters.Block`` (what ``adapter_batch`` installs once, and the recipe's replayed mixed step around
+    each step): after ``remove`` the weights may change; a later install computes with the new ones, as a fresh
+    block does (the detached stacks and fused q / k / v stack of the calls without gradient are dropped)."""
+    from automodel_lora.mixed_adapters import Block
+
+    model = _model_with_adapters()  # eval mode: calls without gradient read the detached stacks
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(2))
+    batch = ["default", "b", None]
+    block = Block(model, batch)
+    block.install()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    block.remove()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    block.install()
+    with torch.no_grad():
+        again = model(input_ids=ids).logits
+    block.remove()
+    with al.adapter_batch(model, batch), torch.no_grad():
+        fresh = model(input_ids=ids).logits
+    assert (again - before).abs().max() > 1e-3 and torch.equal(again, fresh)

@@ -112,7 +112,7 @@ def test_the_replayed_mixed_step_keeps_one_block_and_matches_the_eager_run(tmp_p
     real_end_step = graphs.MixedStep.end_step
 
     def end_step(self):
-        made.append(self.block)
+        made.append((self.block, {k: t.data_ptr() for k, t in self.block.rows._cache.items()}))
         real_end_step(self)
         installed_between_steps.append(any("forward" in m.__dict__ for _, m in lora_modules(self.model)))
 
@@ -120,7 +120,9 @@ def test_the_replayed_mixed_step_keeps_one_block_and_matches_the_eager_run(tmp_p
     monkeypatch.setattr(setup_phase, "use_cuda_graphs", lambda *a, **k: (True, "on (forced)"))
     summary, log = run_recipe(_raw(tmp_path, "replayed", {"adapters": files}, eval_every=3, cuda_graphs="auto"))
     assert "run eagerly" in log and "not on a CUDA device" in log  # the captures failed, the steps ran eagerly
-    assert len(made) == 6 and all(b is made[0] for b in made) and not any(installed_between_steps)
+    # one block for the run, its row tensors (what a graph reads) the same ones from the first step on
+    assert len(made) == 6 and all(b is made[0][0] and rows == made[0][1] for b, rows in made) and made[0][1]
+    assert not any(installed_between_steps)
     eager, replayed = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "replayed")
     for name in files:
         want = {r["step"]: r[f"loss/{name}"] for r in eager if f"loss/{name}" in r}
@@ -131,7 +133,9 @@ def test_the_replayed_mixed_step_keeps_one_block_and_matches_the_eager_run(tmp_p
         assert all((b[k] - t).abs().max() <= 1e-4 * t.abs().max() for k, t in a.items()), name
 
 
-def test_a_changed_composition_is_refused_by_the_replayed_step(tmp_path):
+def test_a_changed_composition_is_refused_and_end_step_puts_the_model_back(tmp_path):
+    """A micro-batch of another composition, within a step (the block installed), is refused; ``end_step`` (the
+    ``finally`` of the recipe's step) then takes the block off and puts back the trainable flags it changed."""
     from automodel_lora.recipe.graphs import MixedStep
 
     from .test_adapter_batch import _model_with_adapters
@@ -140,14 +144,58 @@ def test_a_changed_composition_is_refused_by_the_replayed_step(tmp_path):
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
-    step = MixedStep(model, model, params, bf16=False, fallback=True)
+    b_param = model.model.layers[0].self_attn.q_proj.lora_inactive["b"].lora_A.weight
+    b_param.requires_grad_(False)  # the block makes it trainable while installed
+    step = MixedStep(model, model, [p for p in params if p.requires_grad], bf16=False, fallback=True)
     ids = torch.randint(0, 128, (3, 8))
     scale = torch.ones(2)
     step(["default", "default", "b"], {"default": slice(0, 2), "b": slice(2, 3)}, ids, ids, scale)
-    step.end_step()
+    assert b_param.requires_grad and any("forward" in m.__dict__ for m in model.modules())
     with pytest.raises(RuntimeError, match="the replay needs one composition"):
         step(["default", "b", "b"], {"default": slice(0, 1), "b": slice(1, 3)}, ids, ids, scale)
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    step.end_step()
+    assert not any("forward" in m.__dict__ for m in model.modules()) and not b_param.requires_grad
+
+
+def test_multi_train_step_ends_the_replayed_step_when_a_micro_batch_raises(monkeypatch):
+    from automodel_lora.recipe import multi_adapter
+
+    ended = []
+
+    class Raising:
+        def __call__(self, *args):
+            raise RuntimeError("boom")
+
+        def end_step(self):
+            ended.append(True)
+
+    class Recipe:
+        graphed = Raising()
+
+    batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "labels": torch.ones(1, 4, dtype=torch.long),
+             "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    monkeypatch.setattr(multi_adapter, "mixed_micro_batches", lambda recipe, step: [(batch, ["a"], {"a": slice(0, 1)})])
+    monkeypatch.setattr(multi_adapter, "global_counts", lambda values, env: [1.0, 1.0])
+    monkeypatch.setattr(multi_adapter, "graph_inputs", lambda batch, scale, device: ())
+    recipe = Recipe()
+    recipe.env = type("Env", (), {"world_size": 1, "device": torch.device("cpu")})()
+    recipe.adapter_data = {"a": None}
+    with pytest.raises(RuntimeError, match="boom"):
+        multi_adapter.multi_train_step(recipe, 1)
+    assert ended == [True]
+
+
+def test_auto_leaves_mixed_batches_eager_and_true_replays_them():
+    from automodel_lora.recipe.graphs import use_cuda_graphs
+    from automodel_lora.recipe.sections import DataConfig, TrainConfig
+
+    from .test_graphed_step import _Env
+
+    data = DataConfig(adapters={"a": "a.jsonl", "b": "b.jsonl"})
+    on, why = use_cuda_graphs(_Env(), TrainConfig(max_steps=1), data, fused_loss=False, hidden=896)
+    assert not on and "data.adapters" in why and "train.cuda_graphs=true replays them" in why
+    on, _ = use_cuda_graphs(_Env(), TrainConfig(cuda_graphs=True, max_steps=1), data, fused_loss=False, hidden=896)
+    assert on
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -163,4 +211,7 @@ def test_gpu_replayed_mixed_batches_match_the_eager_multi_adapter_run(tmp_path):
         want = {r["step"]: r[f"loss/{name}"] for r in losses[False] if f"loss/{name}" in r}
         got = {r["step"]: r[f"loss/{name}"] for r in losses[True] if f"loss/{name}" in r}
         assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-4) for k in want)
+        a = adapter_tensors(tmp_path / "False" / "adapter" / name)
+        b = adapter_tensors(tmp_path / "True" / "adapter" / name)
+        assert all((b[k] - t).abs().max() <= 1e-3 * t.abs().max() for k, t in a.items()), name
 
