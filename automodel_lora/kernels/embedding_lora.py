@@ -343,7 +343,8 @@ def embedding_lora_backward(dy: torch.Tensor, ids: torch.Tensor, lora_A: torch.T
                          (dy, lora_B, dy if es is None else es, dy if dora is None else dora.f, g),
                          (T, D, R, float(scale), *lora_B.stride()),
                          dict(ES=es is not None, DORA=dora is not None, PREC=_prec(dy.dtype, lora_B.dtype)), fast)
-            sorted_ids, order = torch.sort(ids.long(), stable=True)  # stable: ties keep token order
+            # 32-bit keys where the vocabulary fits (half the radix passes of int64); stable: ties keep token order
+            sorted_ids, order = torch.sort(ids.int() if V < 2**31 else ids.long(), stable=True)
             ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # end of each position's run
             launch_fixed(_seg_kernel, (T, cdiv(R, BR)), dict(BM=_SEG_BM, BR=BR), (sorted_ids, order, ends, g, dA),
                          (V, R, -1 if padding_idx is None else int(padding_idx), *dA.stride()),
