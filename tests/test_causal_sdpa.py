@@ -138,3 +138,25 @@ def test_a_model_that_declines_the_switch_is_reported_unswitched(monkeypatch):
     monkeypatch.setattr(type(model), "set_attn_implementation", lambda self, name: None)  # declines, as transformers may
     with causal_sdpa(model) as switched:
         assert not switched and model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_gpu_a_real_capture_calls_the_causal_kernels_and_replays_the_eager_logits(kind, sdpa_calls):
+    """On a GPU, in a real CUDA graph capture (not the flag set by hand): inside ``causal_sdpa`` the captured
+    forward calls SDPA with no mask and ``is_causal=True``, and a replay gives the eager model's logits."""
+    model = _model(kind).cuda().eval()
+    ids = torch.randint(0, 97, (2, 64), device="cuda")
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        graph = torch.cuda.CUDAGraph()
+        with causal_sdpa(model):
+            model(input_ids=ids, use_cache=False)  # warm-up outside the capture
+            torch.cuda.synchronize()
+            sdpa_calls.clear()
+            with torch.cuda.graph(graph):
+                got = model(input_ids=ids, use_cache=False).logits
+    assert sdpa_calls == [(None, True)] * 2, sdpa_calls
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
