@@ -73,20 +73,23 @@ def use_cuda_graphs(env: DistEnv, tc: TrainConfig, data: DataConfig, fused_loss:
     return True, "on: each micro-batch's forward and backward replays as one CUDA graph"
 
 
+def _captured_logits(model: nn.Module, bf16: bool, ids: torch.Tensor, mask: tuple) -> torch.Tensor:
+    """``model``'s logits on ``ids`` (and the padding mask, where ``mask`` holds one) as a graphed step computes
+    them. Autocast's weight cache is off (a capture may not keep tensors made under it across replays). The model
+    runs :func:`causal_sdpa`: a packed micro-batch passes no position ids, so the capture keeps SDPA's causal
+    path as the eager step does, instead of the masked kernels transformers picks when it can't read them."""
+    cast = torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 \
+        else nullcontext()
+    with cast, causal_sdpa(model):
+        return model(input_ids=ids, attention_mask=mask[0] if mask else None).logits
+
+
 def recipe_step(model: nn.Module, params: list, bf16: bool, fallback: bool) -> GraphedStep:
     """The recipe's micro-batch as a :class:`GraphedStep`: inputs ``(ids, labels, scale[, mask])``, all on
-    the device; reports the unscaled CE sum. Autocast's weight cache is off inside (a capture may not
-    keep tensors made under it across replays). The model runs :func:`causal_sdpa` inside: a packed micro-batch
-    passes no position ids, so the capture keeps SDPA's causal path as the eager step does, instead of the
-    masked kernels transformers picks when it can't read them."""
-    device_type = next(iter(params)).device.type if params else "cuda"
+    the device; reports the unscaled CE sum (the logits as :func:`_captured_logits` makes them)."""
 
     def micro_batch(ids, labels, scale, *mask):
-        cast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, cache_enabled=False) if bf16 \
-            else nullcontext()
-        with cast, causal_sdpa(model):
-            logits = model(input_ids=ids, attention_mask=mask[0] if mask else None).logits
-        ce = causal_lm_loss_sum(logits, labels)
+        ce = causal_lm_loss_sum(_captured_logits(model, bf16, ids, mask), labels)
         return ce * scale, ce
 
     return GraphedStep(micro_batch, params, fallback=fallback)
@@ -140,10 +143,7 @@ class MixedStep:
             self.installed = False
 
     def _micro_batch(self, ids, labels, scale, *mask):
-        cast = torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, cache_enabled=False) if self.bf16 \
-            else nullcontext()
-        with cast, causal_sdpa(self.fwd_model):
-            logits = self.fwd_model(input_ids=ids, attention_mask=mask[0] if mask else None).logits
+        logits = _captured_logits(self.fwd_model, self.bf16, ids, mask)
         ce = torch.stack([causal_lm_loss_sum(logits[r], labels[r]) for r in self.rows.values()])  # (K,)
         return (ce * scale).sum(), ce
 
