@@ -102,18 +102,14 @@ def quantize_projections(model: nn.Module) -> int:
     bitsandbytes NF4 ``Linear4bit`` computing in the model's bf16, bias kept; returns the count. Every arm is
     then built on this base, as a QLoRA user's model is."""
     import bitsandbytes as bnb
+    from bench_qlora import nf4_copy
 
     count = 0
     for module in list(model.modules()):
         for name in PROJ:
             lin = getattr(module, name, None)
             if type(lin) is nn.Linear:
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=lin.weight.dtype, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(lin.weight.data.cpu().clone(), requires_grad=False, quant_type="nf4")
-                if lin.bias is not None:
-                    q.bias = nn.Parameter(lin.bias.data.cpu().clone(), requires_grad=False)
-                setattr(module, name, q.to(DEV))  # bitsandbytes quantizes on the move to the device
+                setattr(module, name, nf4_copy(bnb, lin))
                 count += 1
     return count
 

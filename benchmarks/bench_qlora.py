@@ -14,10 +14,13 @@ from torch import nn
 
 
 def nf4_copy(bnb, lin: nn.Linear) -> nn.Module:
-    """``lin`` quantized to a bitsandbytes NF4 Linear4bit (compute in ``lin``'s dtype), on the device."""
-    Kd, N = lin.in_features, lin.out_features
-    q = bnb.nn.Linear4bit(Kd, N, bias=False, compute_dtype=lin.weight.dtype, quant_type="nf4")
+    """``lin`` quantized to a bitsandbytes NF4 Linear4bit (compute in ``lin``'s dtype, its bias kept), on the
+    device (bitsandbytes quantizes on the move there)."""
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                          compute_dtype=lin.weight.dtype, quant_type="nf4")
     q.weight = bnb.nn.Params4bit(lin.weight.data.cpu().clone(), requires_grad=False, quant_type="nf4")
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.data.cpu().clone(), requires_grad=False)
     return q.to(DEV)
 
 
