@@ -26,6 +26,11 @@ def _data(tmp_path):
     return {"alpha": str(a), "beta": str(b)}
 
 
+def _losses(metrics: list[dict], name: str) -> dict[int, float]:
+    """{step: adapter ``name``'s training loss} from a multi-adapter run's metrics records."""
+    return {r["step"]: r[f"loss/{name}"] for r in metrics if f"loss/{name}" in r}
+
+
 def _raw(tmp_path, out: str, data: dict, **train):
     raw = tiny_raw_recipe(tmp_path, train={"max_steps": 6, "grad_accum_steps": 2, "batch_size": 2, **train},
                           checkpoint={"output_dir": str(tmp_path / out), "save_every": 0, "resume": None})
@@ -42,7 +47,7 @@ def test_each_adapter_trains_as_a_run_of_its_own(tmp_path):
     for name, path in files.items():
         run_recipe(_raw(tmp_path, name, {"path": path}))
         alone = step_losses(tmp_path / name)
-        mixed = {r["step"]: r[f"loss/{name}"] for r in multi if f"loss/{name}" in r}
+        mixed = _losses(multi, name)
         assert mixed.keys() == alone.keys() == set(range(1, 7))
         for step in alone:
             assert mixed[step] == pytest.approx(alone[step], rel=1e-5), (name, step)
@@ -125,8 +130,8 @@ def test_the_replayed_mixed_step_keeps_one_block_and_matches_the_eager_run(tmp_p
     assert not any(installed_between_steps)
     eager, replayed = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "replayed")
     for name in files:
-        want = {r["step"]: r[f"loss/{name}"] for r in eager if f"loss/{name}" in r}
-        got = {r["step"]: r[f"loss/{name}"] for r in replayed if f"loss/{name}" in r}
+        want = _losses(eager, name)
+        got = _losses(replayed, name)
         assert got.keys() == want.keys() == set(range(1, 7))
         assert all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want), (name, got, want)
         a, b = adapter_tensors(tmp_path / "eager" / "adapter" / name), adapter_tensors(tmp_path / "replayed" / "adapter" / name)
@@ -208,8 +213,8 @@ def test_gpu_replayed_mixed_batches_match_the_eager_multi_adapter_run(tmp_path):
         assert ("[cuda graphs] on" in log) is setting and "run eagerly" not in log, log
         losses[setting] = read_metrics(tmp_path / str(setting))
     for name in files:
-        want = {r["step"]: r[f"loss/{name}"] for r in losses[False] if f"loss/{name}" in r}
-        got = {r["step"]: r[f"loss/{name}"] for r in losses[True] if f"loss/{name}" in r}
+        want = _losses(losses[False], name)
+        got = _losses(losses[True], name)
         assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-4) for k in want)
         a = adapter_tensors(tmp_path / "False" / "adapter" / name)
         b = adapter_tensors(tmp_path / "True" / "adapter" / name)
