@@ -115,6 +115,27 @@ def kernel_profile(step, n: int = 5, prep=None, lines: int = 16) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=lines)
 
 
+def device_us_per_step(step, n: int = 5, prep=None) -> float:
+    """GPU time of one call of ``step`` in microseconds: the kernels' summed device time over ``n`` profiled calls
+    (torch.profiler, after one warm call), divided by ``n``; what the step costs where the host runs ahead (a model
+    step, a CUDA graph). nan off CUDA."""
+    if DEV != "cuda":
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    if prep:
+        prep(0)
+    step(0)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            if prep:
+                prep(i)
+            step(i)
+        sync()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / n
+
+
 def peak_delta_mib(step, prep=None) -> float:
     """MiB allocated at the peak of one step above what was allocated before it (nan off CUDA)."""
     if DEV != "cuda":

@@ -9,6 +9,8 @@
   torch   automodel_lora's PyTorch path (``use_triton=False``)
   triton  automodel_lora's fused lookup (``kernels/embedding_lora.py``)
 The adapters are set identically everywhere (B nonzero); each output is checked against the torch path.
+Two clocks per variant: the interleaved step (CUDA events; a lone op's step waits on its host work) and the
+kernels' summed device time per step (what it costs inside a model step, where the host runs ahead).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from bench_common import DEV, interleaved, md_table, peak_delta_mib
+from bench_common import DEV, device_us_per_step, interleaved, kernel_profile, md_table, peak_delta_mib
 from torch import nn
 
 import automodel_lora as al
@@ -91,7 +93,11 @@ def run(args) -> dict:
     for k, ms in times.items():
         ok = None if k in ("frozen", "trained") else diffs[k] <= OUT_RTOL * scale  # no adapter: no check
         rows.append(dict(variant=k, ms=ms, ratio=ms / times["frozen"], peak_mib=peak_delta_mib(steps[k], prep),
-                         out_max_diff=diffs[k], out_ok=ok, vocab=vocab, tokens=ids[0].numel(), r=R))
+                         device_us=device_us_per_step(steps[k], prep=prep), out_max_diff=diffs[k], out_ok=ok,
+                         vocab=vocab, tokens=ids[0].numel(), r=R))
+        if k in args.profile:
+            rows[-1]["profile"] = kernel_profile(steps[k], prep=prep)
+            print(f"[embedding] profile of {k}:\n{rows[-1]['profile']}", flush=True)
         print(f"[embedding] {k}: {ms:.3f} ms, {ms / times['frozen']:.3f}x, max |diff| {diffs[k]:.3g}", flush=True)
     return {"embedding": rows}
 
@@ -99,8 +105,11 @@ def run(args) -> dict:
 def table(results: dict) -> list[str]:
     if not results.get("embedding"):
         return []
-    rows = [[r["variant"], f"{r['ms']:.3f}", f"{r['ratio']:.3f}x", f"{r['peak_mib']:.0f}",
+    frozen_us = next(r["device_us"] for r in results["embedding"] if r["variant"] == "frozen")
+    rows = [[r["variant"], f"{r['ms']:.3f}", f"{r['ratio']:.3f}x", f"{r['device_us']:.1f}",
+             f"{r['device_us'] / frozen_us:.2f}x", f"{r['peak_mib']:.0f}",
              f"{r['out_max_diff']:.3g}" + ("" if r["out_ok"] in (None, True) else " (DISAGREES)")]
             for r in results["embedding"]]
     return md_table("Embedding LoRA: fwd+bwd, r=16, ratio to the frozen embedding",
-                    ["variant", "ms", "ratio", "peak MiB", "max diff vs torch"], rows)
+                    ["variant", "ms", "ratio", "GPU us (kernels)", "GPU ratio", "peak MiB", "max diff vs torch"],
+                    rows)

@@ -112,8 +112,9 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (script check, any device)")
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_lora.json or benchmarks/results/; "
                     "--smoke: the system's temporary directory)")
-    ap.add_argument("--profile", default="", help="layer, multi and model sections: comma-separated variants / arms whose "
-                    "step is also profiled per kernel (torch.profiler's table, printed and kept in the JSON)")
+    ap.add_argument("--profile", default="", help="layer, multi, model and embedding sections: comma-separated "
+                    "variants / arms whose step is also profiled per kernel (torch.profiler's table, printed and kept in "
+                    "the JSON)")
     args = ap.parse_args(argv)
     args.variants = args.variants.split(",")
     args.profile = [v for v in args.profile.split(",") if v]

@@ -276,9 +276,10 @@ def test_training_a_mixed_batch_gives_each_adapter_the_gradient_of_its_own_seque
 def test_bf16_training_with_fp32_adapters_on_the_gpu(batch, monkeypatch):
     """A bf16 base with fp32 master adapters, the recipe's setting, on the segmented kernels (which cast the fp32
     weights per tile) against each adapter alone on the single-adapter path, both measured against the same
-    weights in float64: per gradient tensor, the mixed step's error is at most twice the single-adapter path's
-    plus 4 bf16 ulps of the tensor's largest value (both round through bf16 activations in two layers and the
-    head, in different orders; a wrong row, scale or adapter is off by the gradient itself)."""
+    weights in float64. Both round through bf16 activations in two layers and the head, in different orders, so
+    their errors are of one size but not one value: per gradient tensor, the mixed step's relative error (Frobenius
+    norm) is at most 3 times the single-adapter path's, and never held below 8 bf16 ulps. A wrong row, scale or
+    adapter is off by the order of the gradient itself (relative error ~1)."""
     model = _model_with_adapters(twin=True).to("cuda", torch.bfloat16).train()
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -290,9 +291,9 @@ def test_bf16_training_with_fp32_adapters_on_the_gpu(batch, monkeypatch):
     for name, exact in _separate_grads(reference, ids, batch).items():
         assert mixed[name].keys() == alone[name].keys() == exact.keys()
         for k, g in exact.items():
-            err_mixed = (mixed[name][k].double() - g).abs().max()
-            err_alone = (alone[name][k].double() - g).abs().max()
-            assert err_mixed <= 2 * err_alone + 4 * 2.0**-8 * g.abs().max(), (name, k, err_mixed, err_alone)
+            rel_mixed = (mixed[name][k].double() - g).norm() / g.norm()
+            rel_alone = (alone[name][k].double() - g).norm() / g.norm()
+            assert rel_mixed <= max(3 * rel_alone, 8 * 2.0**-8), (name, k, rel_mixed, rel_alone)
 
 
 def test_training_restores_the_trainable_flags_and_refuses_dropout():
