@@ -190,17 +190,21 @@ def test_multi_train_step_ends_the_replayed_step_when_a_micro_batch_raises(monke
     assert ended == [True]
 
 
-def test_auto_leaves_mixed_batches_eager_and_true_replays_them():
-    from automodel_lora.recipe.graphs import use_cuda_graphs
+def test_auto_replays_mixed_batches_where_it_replays_one_adapter():
+    """``data.adapters`` changes nothing in the choice: the same blockers and the same width limit."""
+    from automodel_lora.recipe.graphs import AUTO_MAX_HIDDEN, use_cuda_graphs
     from automodel_lora.recipe.sections import DataConfig, TrainConfig
 
     from .test_graphed_step import _Env
 
-    data = DataConfig(adapters={"a": "a.jsonl", "b": "b.jsonl"})
-    on, why = use_cuda_graphs(_Env(), TrainConfig(max_steps=1), data, fused_loss=False, hidden=896)
-    assert not on and "data.adapters" in why and "train.cuda_graphs=true replays them" in why
-    on, _ = use_cuda_graphs(_Env(), TrainConfig(cuda_graphs=True, max_steps=1), data, fused_loss=False, hidden=896)
-    assert on
+    for data in (dict(path="a.jsonl"), dict(adapters={"a": "a.jsonl", "b": "b.jsonl"})):
+        for hidden, want in ((896, True), (AUTO_MAX_HIDDEN + 1, False)):
+            on, why = use_cuda_graphs(_Env(), TrainConfig(max_steps=1), DataConfig(**data), fused_loss=False,
+                                      hidden=hidden)
+            assert on is want, (data, hidden, why)
+        on, why = use_cuda_graphs(_Env(), TrainConfig(max_steps=1), DataConfig(**data, packing=False),
+                                  fused_loss=False, hidden=896)
+        assert not on and "data.packing is off" in why
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

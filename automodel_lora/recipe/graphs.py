@@ -56,8 +56,6 @@ def use_cuda_graphs(env: DistEnv, tc: TrainConfig, data: DataConfig, fused_loss:
     if tc.cuda_graphs is False:
         return False, "off (train.cuda_graphs=false)"
     blockers = graphs_blockers(env, tc, fused_loss)
-    if data.adapters and tc.cuda_graphs == "auto":
-        blockers.append("data.adapters (auto leaves mixed batches eager; train.cuda_graphs=true replays them)")
     if not data.packing:  # a padded batch's mask is read on the host by transformers: no capture holds that
         blockers.append("data.packing is off (a padded batch's attention mask is read on the host, which a "
                         "capture cannot hold)")

@@ -272,10 +272,10 @@ class TrainConfig:
         cuda_graphs: Replay each micro-batch's forward and backward as a CUDA graph
             (:class:`automodel_lora.GraphedStep`): the host work of every kernel launch is paid once,
             at the capture, which is what a small model's step is short of. auto (the default: on for one
-            CUDA process with ``data.packing``, no ``fused_loss`` and a model of hidden size up to 2048, off
-            otherwise, and for ``data.adapters``; a step that cannot be captured runs eagerly and the run says
-            why) | false | true (one CUDA process and packed data required, any width, mixed batches too; a
-            failed capture stops the run).
+            CUDA process with ``data.packing``, no ``fused_loss`` and a model of hidden size up to 2048, mixed
+            batches of ``data.adapters`` included, off otherwise; a step that cannot be captured runs eagerly and
+            the run says why) | false | true (one CUDA process and packed data required, any width; a failed
+            capture stops the run).
         fused_loss: false (the default: the model's logits, then the cross-entropy) | liger (Liger-Kernel's
             fused linear + cross-entropy from the decoder's hidden states and the head's weight, chunk by chunk:
             no (tokens, vocab) logits in memory; ``recipe.fused_loss``). ``liger`` needs ``liger_kernel``
