@@ -96,44 +96,40 @@ def time_block(step, n: int, prep=None) -> list[float]:
     return [a.elapsed_time(b) for a, b in ev]
 
 
-def kernel_profile(step, n: int = 5, prep=None, lines: int = 16) -> str:
-    """Where ``n`` calls of ``step`` spend their time, after one warm call: torch.profiler's table by total
-    device time (CPU time off CUDA), its first ``lines`` rows (kernel names against DESIGN.md's floors)."""
+def _profiled(step, n: int, prep, cpu: bool, cuda: bool):
+    """torch.profiler over ``n`` calls of ``step`` (after one warm call), recording the activities asked for. The
+    device-time sum takes CUDA alone: with CPU ops recorded too, an op's kernels would count under both."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = DEV == "cuda"
     if prep:
         prep(0)
     step(0)
     sync()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    activities = ([ProfilerActivity.CPU] if cpu else []) + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for i in range(n):
             if prep:
                 prep(i)
             step(i)
         sync()
+    return prof
+
+
+def kernel_profile(step, n: int = 5, prep=None, lines: int = 16) -> str:
+    """Where ``n`` calls of ``step`` spend their time, after one warm call: torch.profiler's table by total
+    device time (CPU time off CUDA), its first ``lines`` rows (kernel names against DESIGN.md's floors)."""
+    cuda = DEV == "cuda"
+    prof = _profiled(step, n, prep, True, cuda)
     return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=lines)
 
 
 def device_us_per_step(step, n: int = 5, prep=None) -> float:
     """GPU time of one call of ``step`` in microseconds: the kernels' summed device time over ``n`` profiled calls
-    (torch.profiler, after one warm call), divided by ``n``; what the step costs where the host runs ahead (a model
-    step, a CUDA graph). nan off CUDA."""
+    (after one warm call), divided by ``n``; what the step costs where the host runs ahead (a model step, a CUDA
+    graph). nan off CUDA."""
     if DEV != "cuda":
         return float("nan")
-    from torch.profiler import ProfilerActivity, profile
-
-    if prep:
-        prep(0)
-    step(0)
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(n):
-            if prep:
-                prep(i)
-            step(i)
-        sync()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / n
+    return sum(e.self_device_time_total for e in _profiled(step, n, prep, False, True).key_averages()) / n
 
 
 def peak_delta_mib(step, prep=None) -> float:
