@@ -143,15 +143,22 @@ def test_a_recipe_with_cuda_graphs_true_on_the_cpu_stops_before_training(tmp_pat
 
 
 # ---------------------------------------------------------------- GPU
-def _tiny_lora_model(dropout=0.0, checkpointing=False):
+def _tiny_lora_model(dropout=0.0, checkpointing=False, use_dora=False, nf4=False):
+    """A 3-layer bf16 Llama with LoRA (or DoRA) on every projection; ``nf4``: its projections in bitsandbytes NF4."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=301, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    if nf4:
+        from .test_qlora import to_nf4
+
+        to_nf4(model, compute_dtype=torch.bfloat16)
+    model = model.to("cuda")  # bitsandbytes quantizes on the move
     model.requires_grad_(False)
-    apply_lora_to_linear_modules(model, PeftConfig(match_all_linear=True, dim=8, alpha=16, dropout=dropout))
+    apply_lora_to_linear_modules(model, PeftConfig(match_all_linear=True, dim=8, alpha=16, dropout=dropout,
+                                                   use_dora=use_dora))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -199,6 +206,22 @@ def test_gpu_graphed_training_equals_eager_training(checkpointing):
     eager_losses, eager_params, _ = _train(base, graphed=False)
     graph_losses, graph_params, step = _train(other, graphed=True)
     assert len(step.graphs) == 1 and not step.eager_reasons  # replayed from the third call on
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-5, atol=0)
+    for n, p in eager_params.items():
+        torch.testing.assert_close(graph_params[n].float(), p.float(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+@cuda
+@pytest.mark.parametrize("use_dora, nf4", [(True, False), (False, True), (True, True)], ids=["dora", "qlora", "qdora"])
+def test_gpu_graphed_dora_and_4bit_training_equals_eager_training(use_dora, nf4):
+    """The recipe's ``auto`` replays DoRA and QLoRA steps too: the norms (``||W||^2`` kept per weight, ``W A^T``
+    per step), the magnitude's gradient and the 4-bit dequantize all replay as the eager step runs them."""
+    base = _tiny_lora_model(use_dora=use_dora, nf4=nf4)
+    other = copy.deepcopy(base)
+    eager_losses, eager_params, _ = _train(base, graphed=False)
+    graph_losses, graph_params, step = _train(other, graphed=True)
+    assert len(step.graphs) == 1 and not step.eager_reasons
+    assert any("lora_magnitude_vector" in n for n in eager_params) is use_dora
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-5, atol=0)
     for n, p in eager_params.items():
         torch.testing.assert_close(graph_params[n].float(), p.float(), rtol=1e-5, atol=1e-6, msg=n)
