@@ -28,7 +28,7 @@ quickstart: $(STAMP_QUICKSTART)
 # Everything CI runs: the test suite, then the Triton kernels under the CPU interpreter.
 test: $(STAMP_TEST)
 	$(PYTHON) -m pytest -q tests
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/test_kernels.py tests/test_kernel_options.py tests/test_lora_bias.py tests/test_conv1d.py tests/test_qlora.py tests/test_recompute.py tests/test_silu_mul.py tests/test_dora.py tests/test_dora_kernels.py tests/test_segmented_lora.py tests/test_gather_mm.py tests/test_adapter_batch.py tests/test_fused_shrink.py tests/test_embedding_kernels.py tests/test_embedding_dora_kernels.py tests/test_fused_loss.py tests/test_fused_norm.py
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/test_kernels.py tests/test_kernel_options.py tests/test_lora_bias.py tests/test_conv1d.py tests/test_qlora.py tests/test_recompute.py tests/test_silu_mul.py tests/test_dora.py tests/test_dora_kernels.py tests/test_segmented_lora.py tests/test_gather_mm.py tests/test_adapter_batch.py tests/test_adapter_batch_dora.py tests/test_fused_shrink.py tests/test_embedding_kernels.py tests/test_embedding_dora_kernels.py tests/test_fused_loss.py tests/test_fused_norm.py
 
 lint: $(STAMP_TEST)
 	$(PYTHON) -m ruff check automodel_lora tests scripts benchmarks

@@ -89,19 +89,16 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def adapter_weights(model: nn.Module, names: list[str]) -> dict[str, list]:
-    """{name: the `lora_A` / `lora_B` weights of adapter `name` on every module of `model` that has it}."""
+    """{name: the trainable tensors of adapter `name` on every module of `model` that has it: `lora_A` / `lora_B`
+    weights, and where the adapter has them `lora_B`'s bias (`lora_bias`) and the DoRA magnitude}."""
     out = {name: [] for name in names}
     for _, module in lora_modules(model):
         for name in names:
             holder = holder_of(module, name)
             if holder is not None:
-                out[name] += [holder.lora_A.weight, holder.lora_B.weight]
+                extra = [t for t in (holder.lora_B.bias, magnitude_of(holder)) if t is not None]
+                out[name] += [holder.lora_A.weight, holder.lora_B.weight, *extra]
     return out
-
-
-def is_plain_lora(holder: nn.Module) -> bool:
-    """Whether an adapter holder is plain LoRA: no DoRA magnitude, no `lora_B` bias."""
-    return magnitude_of(holder) is None and holder.lora_B.bias is None
 
 
 def adapter_part_ids(model: nn.Module) -> set[int]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_slots import adapter_names, holder_of, is_plain_lora
+from .adapter_slots import adapter_names, holder_of
 from .lora import LinearLoRA, lora_modules
 
 __all__ = ["stack_adapters", "unstack_adapters", "stacked_slots", "stacks_for", "stacked_buffers", "padded_adapter"]
@@ -82,7 +82,7 @@ def stack_adapters(model: nn.Module, names: list[str], max_num_loras: int | None
             needed now.
 
     Raises:
-        ValueError: an unknown adapter name, a DoRA or lora_bias adapter, or ``max_num_loras`` below the number
+        ValueError: an unknown adapter name, or ``max_num_loras`` below the number
             of adapters to hold.
     """
     known = adapter_names(model)
@@ -97,11 +97,6 @@ def stack_adapters(model: nn.Module, names: list[str], max_num_loras: int | None
                          f"({wanted}); raise it or unstack some first")
     linears = _linears(model)
     ranks = {h.lora_settings.dim for m in linears for n in wanted if (h := holder_of(m, n)) is not None}
-    for m in linears:
-        for n in wanted:
-            h = holder_of(m, n)
-            if h is not None and not is_plain_lora(h):
-                raise ValueError(f"stack_adapters: adapter {n!r} is a DoRA or lora_bias adapter; stacks take plain LoRA")
     rank = max(ranks, default=1)
     current = [getattr(m, STACK, None) for m in linears]
     fits = all(s is not None and s.A.shape[0] >= capacity and s.A.shape[1] >= rank for s in current)

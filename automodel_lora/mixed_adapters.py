@@ -29,9 +29,9 @@ No dropout in training mode (refused): a mask per adapter is not built. Outside 
 no gradient needed) the stacks are built once per block, detached, at the first call. With activation
 checkpointing, run backward inside the block too: the recompute calls the modules' forward again.
 
-Plain LoRA adapters of linear modules only: DoRA, ``lora_bias``, embedding and expert adapters are refused,
-as is a merged model. Each module's ``forward`` is overridden on the instance for the block only, so
-nothing changes outside it.
+Adapters of linear modules: plain LoRA, DoRA and ``lora_bias`` (their row scales and shifts per sequence,
+``mixed_epilogue.py``); embedding and expert adapters are refused, as is a merged model. Each module's
+``forward`` is overridden on the instance for the block only, so nothing changes outside it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .adapter_slots import adapter_names, adapter_weights, check_not_in_disabled_block, holder_of, is_plain_lora
+from .adapter_slots import adapter_names, adapter_weights, check_not_in_disabled_block, holder_of
 from .adapter_stacks import padded_adapter, stacked_buffers, stacked_slots, stacks_for
 from .embedding_lora import is_embedding_lora
 from .experts_lora import experts_lora_modules
@@ -53,6 +53,7 @@ from .kernels.gather_mm import gather_mm, gathered_product
 from .kernels.segment_mm import segment_mm
 from .kernels.segmented_lora import segmented_lora
 from .lora import LinearLoRA, lora_modules
+from .mixed_epilogue import Epilogue
 
 __all__ = ["adapter_batch"]
 
@@ -68,6 +69,7 @@ class _Rows:
         known = seq_ids[seq_ids >= 0]
         self.grouped = bool((known[1:] >= known[:-1]).all()) and bool((seq_ids[: known.numel()] >= 0).all())
         self.counts = torch.bincount(known, minlength=groups)  # (K,) sequences per adapter
+        self.groups = groups
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def _per_seq(self, x: torch.Tensor) -> int:
@@ -88,6 +90,13 @@ class _Rows:
         key = ("ids", self._per_seq(x), x.device)
         if key not in self._cache:
             self._cache[key] = self.seq_ids.to(x.device).repeat_interleave(key[1])
+        return self._cache[key]
+
+    def table_rows(self, device: torch.device) -> torch.Tensor:
+        """(batch,) each sequence's row of an ``Epilogue`` table: its adapter index, K for none."""
+        key = ("table", device)
+        if key not in self._cache:
+            self._cache[key] = torch.where(self.seq_ids < 0, self.groups, self.seq_ids).to(device)
         return self._cache[key]
 
     def offsets(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,9 +120,6 @@ def _check_module(fqn: str, module: nn.Module, names: list, training: bool) -> N
         raise ValueError("adapter_batch: the model's adapter is merged; call unmerge_lora(model) first")
     for name in names:
         holder = holder_of(module, name)
-        if holder is not None and not is_plain_lora(holder):
-            raise ValueError(f"adapter_batch: adapter {name!r} of {fqn!r} is a DoRA or lora_bias adapter; mixed "
-                             "batches take plain LoRA adapters (run it alone with set_adapter)")
         if training and holder is not None and holder.lora_dropout.p > 0:
             raise ValueError(f"adapter_batch: adapter {name!r} of {fqn!r} has dropout {holder.lora_dropout.p} and "
                              "the model is training; mixed batches train without dropout (set the adapters' dropout "
@@ -188,19 +194,26 @@ def _fixed(module: LinearLoRA, names: list, dtype: torch.dtype, fixed: list) -> 
 
 
 def _batched_forward(module: LinearLoRA, names: list, dtype: torch.dtype, rows: _Rows, fixed: list,
-                     decode_kernel: str = "gather", shared: tuple[SharedShrink, int] | None = None):
+                     epilogue: Epilogue, decode_kernel: str = "gather",
+                     shared: tuple[SharedShrink, int] | None = None):
     """The block's forward of ``module``: ``names[i]`` is the adapter of row id ``i`` (None: zeros); ``fixed``, the
     detached stacks for calls without gradient (the model's persistent ones, ``adapter_stacks``), else built at
-    the first such call; ``decode_kernel``, the kernel of decode calls (``_kernel``); ``shared``, the q / k / v
-    group whose shrink calls without gradient share, and this module's index in it (``fused_shrink.py``)."""
+    the first such call; ``epilogue``, the DoRA / ``lora_bias`` rows' finish (``mixed_epilogue.py``);
+    ``decode_kernel``, the kernel of decode calls (``_kernel``); ``shared``, the q / k / v group whose shrink calls
+    without gradient share, and this module's index in it (``fused_shrink.py``)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = module.base_forward(x)
         if not names:  # every sequence runs the base model
             return y
+        grad = torch.is_grad_enabled() and (rows.train or x.requires_grad)
+        out = _plain_sum(x, y, grad)
+        return epilogue(out, rows.table_rows(x.device), grad) if epilogue.active else out
+
+    def _plain_sum(x: torch.Tensor, y: torch.Tensor, grad: bool) -> torch.Tensor:
+        """``y`` plus each row's low-rank term (module docstring), (..., N)."""
         ids = rows.of(x)  # (M,)
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        grad = torch.is_grad_enabled() and (rows.train or x.requires_grad)
         fast = module.lora_settings.kernels.fast_launch
         if grad and use_kernels_for(x) and rows.grouped:
             A, B, scale = _trained_stacks(module, names, dtype)
@@ -256,7 +269,7 @@ def adapter_batch(model: nn.Module, adapters: Sequence[str | int | None], *,
 
     Raises:
         ValueError: an unknown name or id, a ``decode_kernel`` other than ``"auto"`` / ``"gather"`` / ``"segmented"``, a
-            merged model, DoRA / ``lora_bias`` / embedding / expert adapters, adapters with dropout on a model
+            merged model, embedding / expert adapters, adapters with dropout on a model
             in training mode, a module with a forward of its own on the instance (a hook, or a block already
             open), a call inside ``disable_adapter``, or (at a call inside the block) an input that is not the
             batch's sequences.
@@ -298,7 +311,8 @@ class Block:
             names = [by_slot.get(i) for i in range(stacked_buffers(self.linears[0])[0].shape[0])]
         self.model, self.names, self.training = model, names, model.training
         self.rows = _Rows(seq_ids, len(names), model.training)  # (M,) row ids and offsets: made once per shape
-        self.forwards, self.groups, fixed = _forwards(named, names, self.rows, slots is not None,
+        self.epilogues = {m: Epilogue(m, names) for m in self.linears}
+        self.forwards, self.groups, fixed = _forwards(named, names, self.rows, slots is not None, self.epilogues,
                                                       _decode_kernel(decode_kernel), fuse_qkv and not model.training)
         self._built = [] if slots is not None else list(fixed.values())  # stacks the calls build (not the model's)
         self._trainable: list = []
@@ -326,15 +340,19 @@ class Block:
             group.clear()
         for stacks in self._built:
             stacks.clear()
+        for epilogue in self.epilogues.values():
+            epilogue.clear()
         for p, flag in self._trainable:
             p.requires_grad_(flag)
         self._trainable = []
 
 
-def _forwards(named: list[tuple[str, LinearLoRA]], names: list, rows: _Rows, stacked: bool, decode_kernel: str,
+def _forwards(named: list[tuple[str, LinearLoRA]], names: list, rows: _Rows, stacked: bool,
+              epilogues: dict[LinearLoRA, Epilogue], decode_kernel: str,
               fuse: bool) -> tuple[dict[LinearLoRA, Callable], list[SharedShrink], dict[LinearLoRA, list]]:
     """({module: the block's forward}, the q / k / v groups sharing a shrink, when ``fuse``, {module: the detached
-    stacks its calls without gradient read}); ``stacked``: the model's persistent stacks serve those calls."""
+    stacks its calls without gradient read}); ``stacked``: the model's persistent stacks serve those calls;
+    ``epilogues``: each module's DoRA / ``lora_bias`` finish."""
     dtypes = {m: m.weight.dtype if m.weight.is_floating_point() else m.lora_A.weight.dtype for _, m in named}
     fixed = {m: list(stacked_buffers(m)) if stacked else [] for _, m in named}
     shared: dict[LinearLoRA, tuple[SharedShrink, int]] = {}
@@ -343,7 +361,7 @@ def _forwards(named: list[tuple[str, LinearLoRA]], names: list, rows: _Rows, sta
         group = SharedShrink([partial(lambda m: _fixed(m, names, dtypes[m], fixed[m])[0], m) for m in members])
         shared.update({m: (group, i) for i, m in enumerate(members)})
         groups.append(group)
-    forwards = {m: _batched_forward(m, names, dtypes[m], rows, fixed[m], decode_kernel, shared.get(m))
+    forwards = {m: _batched_forward(m, names, dtypes[m], rows, fixed[m], epilogues[m], decode_kernel, shared.get(m))
                 for _, m in named}
     return forwards, groups, fixed
 

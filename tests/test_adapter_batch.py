@@ -381,7 +381,7 @@ def test_auto_decode_kernel_is_gather_and_segmented_can_be_asked_for(monkeypatch
 
     seen = []
     monkeypatch.setattr(mixed_adapters, "_batched_forward",
-                        lambda *args, **kwargs: seen.append(args[5]) or (lambda x: x))
+                        lambda *args, **kwargs: seen.append(args[6]) or (lambda x: x))
     model = _model_with_adapters().float()
     for batch in (["c", None, "c"], [None, None], ["c", "b"], ["b", "c", "b"]):
         seen.clear()

@@ -31,21 +31,24 @@ def _losses(metrics: list[dict], name: str) -> dict[int, float]:
     return {r["step"]: r[f"loss/{name}"] for r in metrics if f"loss/{name}" in r}
 
 
-def _raw(tmp_path, out: str, data: dict, **train):
+def _raw(tmp_path, out: str, data: dict, peft: dict | None = None, **train):
     raw = tiny_raw_recipe(tmp_path, train={"max_steps": 6, "grad_accum_steps": 2, "batch_size": 2, **train},
-                          checkpoint={"output_dir": str(tmp_path / out), "save_every": 0, "resume": None})
+                          checkpoint={"output_dir": str(tmp_path / out), "save_every": 0, "resume": None},
+                          peft=peft or {})
     raw["data"].pop("path")
     raw["data"].update(data)
     return raw
 
 
-def test_each_adapter_trains_as_a_run_of_its_own(tmp_path):
+@pytest.mark.parametrize("peft", [{}, {"use_dora": True}, {"lora_bias": True}], ids=["lora", "dora", "lora_bias"])
+def test_each_adapter_trains_as_a_run_of_its_own(tmp_path, peft):
+    """Plain, DoRA (the magnitudes trained and saved too) and ``lora_bias`` adapters alike."""
     files = _data(tmp_path)
-    summary, log = run_recipe(_raw(tmp_path, "multi", {"adapters": files}))
+    summary, log = run_recipe(_raw(tmp_path, "multi", {"adapters": files}, peft))
     assert "x 2 adapters (alpha, beta)" in log and "[data] adapter beta:" in log
     multi = read_metrics(tmp_path / "multi")
     for name, path in files.items():
-        run_recipe(_raw(tmp_path, name, {"path": path}))
+        run_recipe(_raw(tmp_path, name, {"path": path}, peft))
         alone = step_losses(tmp_path / name)
         mixed = _losses(multi, name)
         assert mixed.keys() == alone.keys() == set(range(1, 7))
@@ -54,6 +57,8 @@ def test_each_adapter_trains_as_a_run_of_its_own(tmp_path):
         want = adapter_tensors(tmp_path / name / "adapter")
         got = adapter_tensors(tmp_path / "multi" / "adapter" / name)
         assert got.keys() == want.keys()
+        assert any("lora_magnitude_vector" in k for k in want) is bool(peft.get("use_dora"))
+        assert any("lora_B.bias" in k for k in want) is bool(peft.get("lora_bias"))
         for key, t in want.items():
             assert (got[key] - t).abs().max() <= 1e-4 * t.abs().max(), (name, key)
     a, b = adapter_tensors(tmp_path / "alpha" / "adapter"), adapter_tensors(tmp_path / "beta" / "adapter")
@@ -80,7 +85,6 @@ def test_a_resumed_multi_adapter_run_ends_where_an_uninterrupted_one_does(tmp_pa
 @pytest.mark.parametrize("change, message", [
     ({"train": {"max_steps": None, "epochs": 1}}, "set `train.max_steps`"),
     ({"peft": {"dropout": 0.1}}, "mixed batches train without dropout"),
-    ({"peft": {"use_dora": True}}, "plain LoRA adapters"),
     ({"data": {"path": "x.jsonl"}}, "`data.path` and `data.adapters` both set"),
     ({"data": {"adapters": {"bad.name": "x.jsonl"}}}, "cannot name an adapter"),
     ({"data": {"adapters": {"default": "x.jsonl"}}}, "'default' is the name of a plain run's adapter"),

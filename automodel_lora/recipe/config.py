@@ -254,8 +254,6 @@ class RecipeConfig:
             why = "set `train.max_steps` (each adapter's data has its own length, so epochs name no common end)"
         elif p.dropout:
             why = f"`peft.dropout: {p.dropout}`: mixed batches train without dropout (set it to 0)"
-        elif p.use_dora or p.lora_bias:
-            why = "`peft.use_dora` / `peft.lora_bias`: mixed batches take plain LoRA adapters"
         elif p.adapts_experts:
             why = "`peft.target_parameters` / `match_all_experts`: a model's experts take one adapter"
         elif p.modules_to_save:

@@ -187,8 +187,8 @@ class DataConfig:
             skipped for all).
             One process or several (``distributed.strategy: ddp`` or ``fsdp2``: each rank takes its slice of
             every adapter's batch; each adapter's loss is normalised by its global target count, so the run
-            trains what one process with the same global batch would). Needs ``train.max_steps`` set, plain
-            LoRA on linears (no dropout, DoRA, ``lora_bias``, embeddings or experts).
+            trains what one process with the same global batch would). Needs ``train.max_steps`` set and
+            adapters on linears (LoRA, DoRA, ``lora_bias``; no dropout, embeddings or experts).
     """
 
     path: str | None = None
