@@ -311,7 +311,9 @@ class Block:
             names = [by_slot.get(i) for i in range(stacked_buffers(self.linears[0])[0].shape[0])]
         self.model, self.names, self.training = model, names, model.training
         self.rows = _Rows(seq_ids, len(names), model.training)  # (M,) row ids and offsets: made once per shape
-        self.epilogues = {m: Epilogue(m, names) for m in self.linears}
+        taken = set(self.rows.seq_ids[self.rows.seq_ids >= 0].tolist())  # the adapters some sequence runs
+        self.epilogues = {m: Epilogue(m, [n if i in taken else None for i, n in enumerate(names)])
+                          for m in self.linears}
         self.forwards, self.groups, fixed = _forwards(named, names, self.rows, slots is not None, self.epilogues,
                                                       _decode_kernel(decode_kernel), fuse_qkv and not model.training)
         self._built = [] if slots is not None else list(fixed.values())  # stacks the calls build (not the model's)

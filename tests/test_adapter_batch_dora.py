@@ -22,9 +22,10 @@ from .conftest import tiny_llama
 TOL = 1e-6
 
 
-def _model():
+def _model(dora2: bool = False):
     """Adapters ``"default"`` (plain, rank 4), ``"dora"`` (DoRA, rank 3, magnitudes moved off their initial norms)
-    and ``"biased"`` (``lora_bias``, rank 2, on three projections), on a Llama whose projections have biases."""
+    and ``"biased"`` (``lora_bias``, rank 2, on three projections), on a Llama whose projections have biases; with
+    ``dora2`` a second DoRA adapter (rank 2)."""
     torch.manual_seed(0)
     model = tiny_llama(attention_bias=True, mlp_bias=True)
     al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_linear=True, dim=4, alpha=8))
@@ -32,6 +33,9 @@ def _model():
                                     adapter_name="dora")
     al.apply_lora_to_linear_modules(model, al.PeftConfig(target_modules=["q_proj", "v_proj", "down_proj"], dim=2,
                                                          alpha=4, lora_bias=True), adapter_name="biased")
+    if dora2:
+        al.apply_lora_to_linear_modules(model, al.PeftConfig(match_all_linear=True, dim=2, alpha=4, use_dora=True),
+                                        adapter_name="dora2")
     model.double()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -69,13 +73,63 @@ def test_dora_and_lora_bias_rows_equal_each_adapter_alone(batch):
     _check_logits(_model(), batch, TOL)
 
 
-def test_a_wrong_scale_would_be_seen():
-    """The check can fail: the DoRA adapter's rows against the plain adapter alone differ by far more than TOL."""
-    model = _model()
-    ids = torch.randint(0, 128, (1, 7))
-    with al.adapter_batch(model, ["dora"]):
-        mixed = model(input_ids=ids).logits
-    assert (mixed[0] - _alone(model, "default", ids)[0]).abs().max() > 1e3 * TOL * mixed.abs().max()
+def test_the_check_sees_rows_left_unfinished(monkeypatch):
+    """The check can fail: with the finish switched off, the DoRA and lora_bias rows miss by far more than TOL."""
+    from automodel_lora import mixed_epilogue
+
+    monkeypatch.setattr(mixed_epilogue.Epilogue, "__call__", lambda self, y, rows, grad: y)
+    with pytest.raises(AssertionError):
+        _check_logits(_model(), ["dora"], 1e3 * TOL)
+    with pytest.raises(AssertionError):
+        _check_logits(_model(), ["biased"], 1e3 * TOL)
+
+
+def test_a_block_kept_across_set_adapter_and_in_place_updates_reads_the_adapters_as_they_are():
+    """The recipe's replayed mixed step keeps one block for the run while evaluation calls ``set_adapter`` for each
+    adapter in between (which moves adapters between holder objects), and an optimizer updates magnitudes and
+    biases in place: the finish looks its adapters up by name and rebuilds its no-gradient tables when a tensor
+    changed."""
+    from automodel_lora.mixed_adapters import Block
+
+    model = _model(dora2=True)
+    batch = ["dora", "dora2", "biased", None]
+    ids = torch.randint(0, 128, (len(batch), 6), generator=torch.Generator().manual_seed(7))
+
+    def check(mixed):
+        for i, name in enumerate(batch):
+            want = _alone(model, name, ids[i : i + 1])[0]
+            assert (mixed[i] - want).abs().max() <= TOL * want.abs().max(), (i, name)
+
+    def run(block, between=None):
+        """The block's logits, installed once: with ``between``, one call before it and the logits after it."""
+        block.install()
+        try:
+            with torch.no_grad():
+                if between is not None:
+                    model(input_ids=ids)
+                    between()
+                return model(input_ids=ids).logits
+        finally:
+            block.remove()
+
+    def optimizer_step():  # in place, on the magnitudes and biases alone
+        with torch.no_grad():
+            for _, module in al.lora_modules(model):
+                for name in ("dora", "biased"):
+                    h = holder_of(module, name)
+                    if h is not None and magnitude_of(h) is not None:
+                        magnitude_of(h).mul_(1.3)
+                    if h is not None and h.lora_B.bias is not None:
+                        h.lora_B.bias.add_(0.5)
+
+    block = Block(model, batch)
+    check(run(block))
+    for name in ("dora2", "biased", "dora", "default"):  # what evaluating each adapter does
+        al.set_adapter(model, name)
+    check(run(block))
+    mixed = run(block, between=optimizer_step)  # the tables built at the first call are rebuilt at the second
+    al.set_adapter(model, "default")
+    check(mixed)
 
 
 def test_persistent_stacks_serve_dora_and_lora_bias_adapters():

@@ -212,11 +212,12 @@ def test_auto_replays_mixed_batches_where_it_replays_one_adapter():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_replayed_mixed_batches_match_the_eager_multi_adapter_run(tmp_path):
+@pytest.mark.parametrize("peft", [{}, {"use_dora": True}, {"lora_bias": True}], ids=["lora", "dora", "lora_bias"])
+def test_gpu_replayed_mixed_batches_match_the_eager_multi_adapter_run(tmp_path, peft):
     files = _data(tmp_path)
     losses = {}
     for setting in (False, True):
-        summary, log = run_recipe(_raw(tmp_path, str(setting), {"adapters": files}, cuda_graphs=setting,
+        summary, log = run_recipe(_raw(tmp_path, str(setting), {"adapters": files}, peft, cuda_graphs=setting,
                                        device="cuda", eval_every=3))
         assert ("[cuda graphs] on" in log) is setting and "run eagerly" not in log, log
         losses[setting] = read_metrics(tmp_path / str(setting))
