@@ -18,6 +18,7 @@ from automodel_lora.adapter_slots import holder_of
 from automodel_lora.dora import magnitude_of
 
 from .conftest import tiny_llama
+from .test_adapter_batch import _alone
 
 TOL = 1e-6
 
@@ -44,17 +45,6 @@ def _model(dora2: bool = False):
             if "lora_magnitude_vector" in n:
                 p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
     return model.eval()
-
-
-def _alone(model, name, ids):
-    if name is None:
-        with al.disable_adapter(model):
-            return model(input_ids=ids).logits
-    al.set_adapter(model, name)
-    try:
-        return model(input_ids=ids).logits
-    finally:
-        al.set_adapter(model, "default")
 
 
 def _check_logits(model, batch, tol, seed=1, stacked=()):
