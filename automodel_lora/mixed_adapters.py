@@ -69,7 +69,6 @@ class _Rows:
         known = seq_ids[seq_ids >= 0]
         self.grouped = bool((known[1:] >= known[:-1]).all()) and bool((seq_ids[: known.numel()] >= 0).all())
         self.counts = torch.bincount(known, minlength=groups)  # (K,) sequences per adapter
-        self.groups = groups
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def _per_seq(self, x: torch.Tensor) -> int:
@@ -96,7 +95,7 @@ class _Rows:
         """(batch,) each sequence's row of an ``Epilogue`` table: its adapter index, K for none."""
         key = ("table", device)
         if key not in self._cache:
-            self._cache[key] = torch.where(self.seq_ids < 0, self.groups, self.seq_ids).to(device)
+            self._cache[key] = torch.where(self.seq_ids < 0, self.counts.numel(), self.seq_ids).to(device)
         return self._cache[key]
 
     def offsets(self, x: torch.Tensor) -> torch.Tensor:

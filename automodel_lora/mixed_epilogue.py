@@ -87,23 +87,25 @@ class Epilogue:
         self._fixed = None
 
     def _tables(self, holders: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(scales (K + 1, N) or None, shifts (K + 1, N) or None), fp32 (fp64 for an fp64 base); row K: none."""
-        module, N = self.module, self.module.out_features
-        zeros = torch.zeros(N, device=module.lora_A.weight.device,
-                            dtype=torch.promote_types(module.lora_A.weight.dtype, torch.float32))
-        scales, shifts = [], []
-        for h in holders:
+        """(scales (K + 1, N) or None, shifts (K + 1, N) or None), fp32 (fp64 for fp64 adapters); row K: none."""
+        module = self.module
+        zero = torch.zeros(module.out_features, device=module.lora_A.weight.device,
+                           dtype=torch.promote_types(module.lora_A.weight.dtype, torch.float32))
+
+        def scale(h):  # f = m / ||W + s B A||_row, the norm detached; 1 without a magnitude
             m = None if h is None else magnitude_of(h)
             if m is None:
-                scales.append(zeros + 1)
-            else:
-                norm = row_norms(module, h.lora_A.weight, h.lora_B.weight, h.lora_settings.scale)  # detached
-                scales.append((m.to(norm.dtype) / norm).to(zeros.dtype))
+                return zero + 1
+            norm = row_norms(module, h.lora_A.weight, h.lora_B.weight, h.lora_settings.scale)
+            return (m.to(norm.dtype) / norm).to(zero.dtype)
+
+        def shift(h):  # s c, or 0 without a lora_B bias
             bias = None if h is None else h.lora_B.bias
-            shifts.append(zeros if bias is None else bias.to(zeros.dtype) * h.lora_settings.scale)
-        scales.append(zeros + 1)
-        shifts.append(zeros)
-        return (torch.stack(scales) if self.dora else None), (torch.stack(shifts) if self.shift else None)
+            return zero if bias is None else bias.to(zero.dtype) * h.lora_settings.scale
+
+        scales = torch.stack([scale(h) for h in holders] + [zero + 1]) if self.dora else None
+        shifts = torch.stack([shift(h) for h in holders] + [zero]) if self.shift else None
+        return scales, shifts
 
     def __call__(self, y: torch.Tensor, seq_rows: torch.Tensor, grad: bool) -> torch.Tensor:
         """``y`` (..., N) with the rows of each sequence finished (module docstring); ``seq_rows`` (batch,) int64,
